@@ -1,0 +1,217 @@
+"""The megatron-core engine: TP x PP (1F1B, interleaved) x DP with the distributed optimizer.
+
+Order of construction matters and mirrors megatron's own ``get_model`` / ``setup_model_and_optimizer``:
+
+1. build one chunk per virtual pipeline stage (the family decides what a chunk is);
+2. draw the weights layout-invariantly (before DDP, which moves params into its buffers);
+3. wrap in ``Float16Module`` for bf16 (fp32 master weights live in the optimizer);
+4. wrap in megatron DDP (bucketed, fp32 gradient reduction), broadcast from DP rank 0;
+5. build the optimizer over the DDP chunks (distributed optimizer = ZeRO-1);
+6. hand the DDP hooks (no_sync, grad/param sync, finalize) to the schedules via the config.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from fmtrain.config import Config, num_microbatches
+from fmtrain.engine import StepResult
+from fmtrain.models.init import initialize_layout_invariant
+from fmtrain.models.registry import ModelFamily
+from fmtrain.parallel import Topology
+
+
+def resolve_params_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+class MegatronEngine:
+    def __init__(self, cfg: Config, topo: Topology, family: ModelFamily):
+        self.cfg = cfg
+        self.topo = topo
+        self.family = family
+        self.params_dtype = resolve_params_dtype(cfg, topo.device)
+        self.tconfig = family.transformer_config(
+            cfg, params_dtype=self.params_dtype, use_cpu=topo.device.type == "cpu")
+        p = cfg.parallel
+
+        chunks = []
+        for vp in range(p.vpp):
+            vp_stage = vp if p.vpp > 1 else None
+            chunk = family.build_chunk(
+                cfg, self.tconfig,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage)
+            chunk.model_type = getattr(chunk, "model_type", None) or _encoder_or_decoder()
+            for param in chunk.parameters():
+                tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+            chunks.append(chunk.to(topo.device))
+        initialize_layout_invariant(chunks, cfg.run.seed, family.init_rule(cfg))
+
+        if self.params_dtype == torch.bfloat16:
+            chunks = [Float16Module(self.tconfig, chunk) for chunk in chunks]
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            overlap_param_gather=p.overlap_param_gather,
+            use_distributed_optimizer=p.distributed_optimizer,
+            bucket_size=max(1, int(p.bucket_size_mb * 2**20 / 4)),
+            check_for_nan_in_grad=False,
+        )
+        self.chunks = [
+            DistributedDataParallel(
+                config=self.tconfig, ddp_config=ddp_config, module=chunk,
+                # Only the first chunk's buckets overlap with the backward of later chunks.
+                disable_bucketing=i > 0)
+            for i, chunk in enumerate(chunks)
+        ]
+        for chunk in self.chunks:
+            chunk.broadcast_params()
+
+        t = cfg.train
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
+                clip_grad=t.grad_clip, bf16=self.params_dtype == torch.bfloat16,
+                params_dtype=self.params_dtype, use_distributed_optimizer=p.distributed_optimizer,
+            ),
+            self.chunks,
+        )
+        self._install_schedule_hooks(ddp_config)
+        self.forward_backward = get_forward_backward_func()
+        self.num_microbatches = num_microbatches(cfg, topo.dp)
+
+    def _install_schedule_hooks(self, ddp_config: DistributedDataParallelConfig) -> None:
+        """What megatron's training.py hands to the schedules through the model config."""
+        c = self.tconfig
+        many = len(self.chunks) > 1
+        no_sync = [chunk.no_sync for chunk in self.chunks]
+        c.no_sync_func = no_sync if many else no_sync[0]
+        if ddp_config.overlap_grad_reduce:
+            sync = [chunk.start_grad_sync for chunk in self.chunks]
+            c.grad_sync_func = sync if many else sync[0]
+        if ddp_config.overlap_param_gather and ddp_config.use_distributed_optimizer:
+            sync = [chunk.start_param_sync for chunk in self.chunks]
+            c.param_sync_func = sync if many else sync[0]
+        c.finalize_model_grads_func = finalize_model_grads
+
+    # ------------------------------------------------------------------ steps
+
+    def _run(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
+        if len(microbatches) != self.num_microbatches and not forward_only:
+            raise ValueError(f"expected {self.num_microbatches} microbatches, got {len(microbatches)}")
+        # Interleaved schedules read one iterator per chunk.
+        iterators = [iter(microbatches) for _ in self.chunks]
+        m = self.cfg.model
+        return self.forward_backward(
+            forward_step_func=self.family.forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.chunks,
+            num_microbatches=len(microbatches),
+            seq_length=m.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _reduce_reports(self, reports: list[dict]) -> dict[str, tuple[float, float]]:
+        """Sum each reported [sum, count] pair over microbatches and over the whole job.
+
+        Reports exist on the last pipeline stage only, once per tensor-parallel rank; the
+        tensor-parallel rank 0 copies are summed over all ranks so every rank gets the result.
+        """
+        names = sorted(reports[0]) if reports else []
+        # The set of names is the family's; every rank must agree on it before reducing.
+        names_holder = [names]
+        dist.broadcast_object_list(names_holder, src=dist.get_world_size() - 1)
+        names = names_holder[0]
+        totals = torch.zeros(len(names), 2, dtype=torch.float64, device=self.topo.device)
+        if self.topo.is_last_stage and self.topo.tp_rank == 0:
+            for report in reports:
+                for i, name in enumerate(names):
+                    totals[i] += report[name].to(totals)
+        dist.all_reduce(totals)
+        return {name: (float(totals[i, 0]), float(totals[i, 1])) for i, name in enumerate(names)}
+
+    def train_step(self, microbatches: list[dict], lr: float) -> StepResult:
+        for chunk in self.chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        reports = self._run(microbatches, forward_only=False)
+        update_applied, grad_norm, _ = self.optimizer.step()
+        sums = self._reduce_reports(reports)
+        loss_sum, tokens = sums.pop("loss")
+        return StepResult(
+            loss=loss_sum / max(tokens, 1.0),
+            tokens=int(tokens),
+            grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+            update_applied=bool(update_applied),
+            extra={name: s / max(n, 1.0) for name, (s, n) in sums.items()},
+        )
+
+    @torch.no_grad()
+    def eval_step(self, microbatches: list[dict]) -> dict[str, float]:
+        for chunk in self.chunks:
+            chunk.eval()
+        reports = self._run(microbatches, forward_only=True)
+        for chunk in self.chunks:
+            chunk.train()
+        return {name: s / max(n, 1.0) for name, (s, n) in self._reduce_reports(reports).items()}
+
+    # ------------------------------------------------------------------ state
+
+    def model_sharded_state_dict(self) -> dict[str, Any]:
+        if len(self.chunks) == 1:
+            return self.chunks[0].sharded_state_dict()
+        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(self.chunks)}
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd = self.model_sharded_state_dict()
+        return {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        model_sd = state["model"]
+        if len(self.chunks) == 1:
+            self.chunks[0].load_state_dict(model_sd, strict=True)
+        else:
+            for i, chunk in enumerate(self.chunks):
+                chunk.load_state_dict(model_sd[f"model{i}"], strict=True)
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for chunk in self.chunks for p in chunk.parameters())
+
+    def unwrapped_chunks(self) -> list[torch.nn.Module]:
+        """The family's modules without DDP / Float16Module wrappers."""
+        out = []
+        for chunk in self.chunks:
+            module = chunk.module
+            if isinstance(module, Float16Module):
+                module = module.module
+            out.append(module)
+        return out
+
+
+def _encoder_or_decoder():
+    from megatron.core.enums import ModelType
+
+    return ModelType.encoder_or_decoder

@@ -1,0 +1,202 @@
+"""The Yi family: decoder-only LLMs (Yi-6B, Yi-34B) as megatron-core GPTModel.
+
+Architecture (REFERENCE.md, from the Hugging Face config of 01-ai/Yi-6B): pre-norm RMSNorm
+(eps 1e-5), grouped-query attention, RoPE (theta 5e6, rotate-half layout as in Llama),
+SwiGLU MLP, no biases, untied input embedding and output layer. Core attention runs on
+Transformer Engine when importable, otherwise on SDPA (:mod:`fmtrain.models.attention`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_layer_local_spec,
+    get_gpt_layer_with_transformer_engine_spec,
+)
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from fmtrain.config import Config, ConfigError
+from fmtrain.models.attention import SDPACoreAttention
+from fmtrain.models.init import InitRule
+from fmtrain.models.layers import RMSNorm
+from fmtrain.models.registry import ModelFamily, register
+from fmtrain.train.flops import transformer_param_count, transformer_training_flops_per_token
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def resolve_attention_backend(cfg: Config) -> str:
+    backend = cfg.model.attention_backend
+    if backend == "auto":
+        return "te" if transformer_engine_available() else "sdpa"
+    if backend == "te" and not transformer_engine_available():
+        raise ConfigError("model.attention_backend=te but transformer_engine is not importable")
+    return backend
+
+
+def transformer_config(cfg: Config, *, params_dtype: torch.dtype, use_cpu: bool) -> TransformerConfig:
+    m, p = cfg.model, cfg.parallel
+    recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
+                 "full": {"recompute_granularity": "full", "recompute_method": "uniform",
+                          "recompute_num_layers": 1}}[m.recompute]
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=m.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=m.init_method_std,
+        # Layout: without these megatron silently builds every layer on every stage.
+        tensor_model_parallel_size=p.tp,
+        pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        # fmtrain.models.init redraws every weight layout-invariantly afterwards; megatron's
+        # own (per-rank, local-shard) initialisation still runs because it is what marks the
+        # parameters as tensor-parallel (perform_initialization=False skips that).
+        perform_initialization=True,
+        use_cpu_initialization=False,
+        # The loss is a sum over tokens divided by the step's token count, so any split into
+        # microbatches and data-parallel ranks gives the same number.
+        calculate_per_token_loss=True,
+        # Fused kernels come from apex / TE / jit; keep the plain ops where those are absent.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        **recompute,
+    )
+
+
+def layer_spec(cfg: Config) -> ModuleSpec:
+    backend = resolve_attention_backend(cfg)
+    if backend == "te":
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = spec.submodules
+    layer.input_layernorm = RMSNorm
+    layer.pre_mlp_layernorm = RMSNorm
+    if backend == "sdpa":
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def build_chunk(cfg: Config, tconfig: TransformerConfig, *, pre_process: bool,
+                post_process: bool, vp_stage: Optional[int]) -> torch.nn.Module:
+    m = cfg.model
+    # A block spec (not just a layer spec) so the final norm is fmtrain's RMSNorm too.
+    block = TransformerBlockSubmodules(
+        layer_specs=[layer_spec(cfg)] * get_num_layers_to_build(tconfig, vp_stage=vp_stage),
+        layer_norm=RMSNorm)
+    return GPTModel(
+        config=tconfig,
+        transformer_layer_spec=block,
+        vocab_size=m.vocab_size,
+        max_sequence_length=m.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(m.rotary_base),
+        vp_stage=vp_stage,
+    )
+
+
+def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Sum of masked token losses and the token count (megatron divides by the step total)."""
+    mask = loss_mask.reshape(-1).float()
+    loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach().clone(), mask.sum()])
+    return loss_sum, num_tokens, {"loss": report}
+
+
+def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+    batch = next(data_iterator)
+    device = next(model.parameters()).device
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    labels = batch["labels"].to(device, non_blocking=True)
+    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+    position_ids = batch.get("position_ids")
+    if position_ids is None:
+        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    else:
+        position_ids = position_ids.to(device, non_blocking=True)
+    # [b, s] per-token cross entropy on the last stage, hidden states elsewhere.
+    output = model(tokens, position_ids, None, labels=labels)
+    return output, functools.partial(_loss, loss_mask)
+
+
+def init_rule(cfg: Config) -> Callable[[str], InitRule]:
+    """megatron's GPT initialisation: N(0, std), output projections scaled by 1/sqrt(2L)."""
+    std = cfg.model.init_method_std
+    scaled = std / math.sqrt(2.0 * cfg.model.num_layers)
+
+    def rule(key: str) -> InitRule:
+        if key.endswith(("layer_norm_weight", "layernorm.weight", "norm.weight")):
+            return InitRule("ones")
+        if key.endswith("bias"):
+            return InitRule("zeros")
+        if key.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            return InitRule("normal", scaled)
+        return InitRule("normal", std)
+
+    return rule
+
+
+def _shape_args(cfg: Config) -> dict:
+    m = cfg.model
+    return dict(num_layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads,
+                kv_heads=m.num_query_groups, head_dim=cfg.head_dim, ffn=m.ffn_hidden_size,
+                vocab=m.vocab_size)
+
+
+def flops_per_sample(cfg: Config) -> float:
+    return cfg.model.seq_length * transformer_training_flops_per_token(
+        **_shape_args(cfg), seq_len=cfg.model.seq_length, swiglu=True, causal=True)
+
+
+def param_count(cfg: Config) -> int:
+    return transformer_param_count(**_shape_args(cfg), swiglu=True, tied=cfg.model.tie_embeddings)
+
+
+YI = register(ModelFamily(
+    name="yi",
+    transformer_config=transformer_config,
+    build_chunk=build_chunk,
+    forward_step=forward_step,
+    init_rule=init_rule,
+    flops_per_sample=flops_per_sample,
+    tokens_per_sample=lambda cfg: cfg.model.seq_length,
+    param_count=param_count,
+))

@@ -1,0 +1,1 @@
+"""Training-loop helpers: LR schedules, FLOP/memory arithmetic and metrics logging."""

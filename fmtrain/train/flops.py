@@ -1,0 +1,256 @@
+"""FLOP and memory arithmetic for decoder-only transformers, on plain numbers.
+
+Used by MFU reporting and ``fmtrain info``; formulas follow /work/shared/REFERENCE.md
+("Formulas for FLOPs and memory"). Everything is a pure function so it can be tested by
+hand and evaluated for layouts far larger than the machine running it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from fmtrain.config import Config
+
+# Families whose layout matches the GPT/Llama decoder these wrappers assume
+# (SwiGLU MLP, GQA attention, RMSNorm, causal mask).
+DECODER_FAMILIES = ("yi", "llama")
+
+
+def _attention_widths(heads: int, kv_heads: int, head_dim: int) -> int:
+    """Sum of the q, k, v and o projection output widths (o maps heads*head_dim back to h)."""
+    q = heads * head_dim
+    kv = kv_heads * head_dim
+    return q + kv + kv + q
+
+
+def _layer_linear_params(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int,
+                         swiglu: bool) -> int:
+    """Weights of one layer's linear layers: these are the ones tensor parallelism shards."""
+    attn = hidden * _attention_widths(heads, kv_heads, head_dim)
+    mlp = hidden * ffn * (3 if swiglu else 2)
+    return attn + mlp
+
+
+def transformer_param_count(num_layers: int, hidden: int, heads: int, kv_heads: int,
+                            head_dim: int, ffn: int, vocab: int, swiglu: bool = True,
+                            tied: bool = False, bias: bool = False) -> int:
+    """Exact parameter count of a pre-norm decoder (Llama layout).
+
+    Per layer: q/k/v/o projections, a gated (SwiGLU: gate, up, down) or plain (fc1, fc2)
+    MLP and two RMSNorm weight vectors; then a final RMSNorm, the input embedding and,
+    unless ``tied``, a separate output layer. ``bias`` adds biases to the linear layers
+    only (RMSNorm has none).
+    """
+    per_layer = _layer_linear_params(hidden, heads, kv_heads, head_dim, ffn, swiglu) + 2 * hidden
+    if bias:
+        per_layer += (heads + 2 * kv_heads) * head_dim + hidden  # qkv + o biases
+        per_layer += (2 * ffn if swiglu else ffn) + hidden  # up(+gate) + down biases
+    embeddings = vocab * hidden * (1 if tied else 2)
+    return num_layers * per_layer + hidden + embeddings
+
+
+def transformer_training_flops_per_token(num_layers: int, hidden: int, heads: int,
+                                         kv_heads: int, head_dim: int, ffn: int, vocab: int,
+                                         seq_len: int, swiglu: bool = True,
+                                         causal: bool = True) -> int:
+    """Model FLOPs per trained token (forward + backward = 3x forward, recompute excluded).
+
+    Per layer: ``6*h*(q+k+v+o widths)`` for the projections, ``6*h*ffn*(3|2)`` for the MLP,
+    and ``6*2*s*(heads*head_dim)`` for QK^T and attention*V, halved for a causal mask
+    because only the lower triangle of the score matrix is needed (Megatron counts it
+    halved since March 2025; older published TFLOP/s count it in full). Plus ``6*h*V``
+    for the output layer. Integer arithmetic: the result is exact.
+    """
+    proj = 6 * hidden * _attention_widths(heads, kv_heads, head_dim)
+    mlp = 6 * hidden * ffn * (3 if swiglu else 2)
+    core = 6 * 2 * seq_len * heads * head_dim
+    if causal:
+        core //= 2  # 12*s*q_width is even, so this is exact
+    return num_layers * (proj + mlp + core) + 6 * hidden * vocab
+
+
+def _check_family(cfg: Config) -> None:
+    if cfg.model.family not in DECODER_FAMILIES:
+        raise ValueError(
+            f"model.family={cfg.model.family!r}: the FLOP/parameter formulas here assume a "
+            f"decoder-only SwiGLU transformer ({', '.join(DECODER_FAMILIES)})")
+
+
+def model_flops_per_token_from_config(cfg: Config) -> int:
+    """Training FLOPs per token of the configured Yi-family model (SwiGLU, causal)."""
+    _check_family(cfg)
+    m = cfg.model
+    return transformer_training_flops_per_token(
+        m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, cfg.head_dim,
+        m.ffn_hidden_size, m.vocab_size, m.seq_length, swiglu=True, causal=True)
+
+
+def param_count_from_config(cfg: Config) -> int:
+    """Parameter count of the configured Yi-family model (untied unless tie_embeddings)."""
+    _check_family(cfg)
+    m = cfg.model
+    return transformer_param_count(
+        m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, cfg.head_dim,
+        m.ffn_hidden_size, m.vocab_size, swiglu=True, tied=m.tie_embeddings)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def state_bytes_per_param(bf16: bool, distributed_optimizer: bool, dp: int) -> float:
+    """Weights + gradients + Adam state per parameter (Megatron distributed-optimizer docs).
+
+    bf16 params with fp32 main grads: 2 + 4 + (4 master + 4 m + 4 v) = 18, or 6 + 12/d when
+    the last 12 are sharded over d data-parallel ranks. fp32: 4 + 4 + (4 m + 4 v) = 16, or
+    8 + 8/d.
+    """
+    if bf16:
+        return 6 + 12 / dp if distributed_optimizer else 18.0
+    return 8 + 8 / dp if distributed_optimizer else 16.0
+
+
+def activation_bytes_per_layer(seq_len: int, micro_batch_size: int, hidden: int, heads: int,
+                               tp: int = 1, sequence_parallel: bool = False,
+                               recompute: str = "none", flash_attention: bool = False) -> float:
+    """Activation bytes one transformer layer keeps for backward, per microbatch.
+
+    Korthikanti et al. 2022, Table 2, which assumes 16-bit activations (1-byte dropout
+    masks) and a GPT layer with a 4h MLP; a SwiGLU MLP of width ~8h/3 stores about as much.
+    ``5*a*s/h`` is the score matrix; flash attention never stores it, and selective
+    recompute recomputes it, so both drop that term. Full recompute keeps only the layer
+    input (2 bytes per value), which sequence parallelism shards over t.
+    """
+    s, b, h, a, t = seq_len, micro_batch_size, hidden, heads, tp
+    if recompute not in ("none", "selective", "full"):
+        raise ValueError(f"recompute={recompute!r} is not one of none, selective, full")
+    sbh = s * b * h
+    if recompute == "full":
+        return 2 * sbh / (t if sequence_parallel else 1)
+    scores = 0.0 if (flash_attention or recompute == "selective") else 5 * a * s / h
+    if sequence_parallel:
+        return sbh / t * (34 + scores)
+    # Without SP only the 24 sbh inside the TP regions (and the scores) are split over t;
+    # the LayerNorm/dropout 10 sbh are replicated. At t = 1 this is 34 + 5as/h.
+    return sbh * (10 + 24 / t + scores / t)
+
+
+def in_flight_layer_microbatches(rank: int, num_layers: int, pp: int, vpp: int = 1,
+                                 num_microbatches: Optional[int] = None) -> float:
+    """Layer-microbatches of activations pipeline rank ``rank`` holds at its peak under 1F1B.
+
+    Non-interleaved: rank r runs p - r warm-up forwards before its first backward, each
+    over l/p layers, so rank 0 holds l layers' worth (Korthikanti 4.2.3). Interleaved with
+    v chunks of l/(p*v) layers: Megatron's warm-up is 2(p-r-1) + (v-1)p chunk-forwards plus
+    the one in steady state; at r = 0 that is l*(1 + (p-1)/(p*v)). Fewer microbatches than
+    the warm-up caps the count.
+    """
+    if vpp == 1:
+        count = pp - rank
+        if num_microbatches is not None:
+            count = min(count, num_microbatches)
+        return count * num_layers / pp
+    chunks = 2 * (pp - rank - 1) + (vpp - 1) * pp + 1
+    if num_microbatches is not None:
+        chunks = min(chunks, num_microbatches * vpp)
+    return chunks * num_layers / (pp * vpp)
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated peak bytes on the most loaded GPU of a layout (16-bit activations)."""
+
+    params_per_gpu: int
+    weights_grads_optimizer_bytes: float
+    activation_bytes: float
+    total_bytes: float
+
+    def format(self) -> str:
+        gib = 2**30
+        return (f"{self.params_per_gpu / 1e6:,.1f}M params/GPU | "
+                f"weights+grads+optimizer {self.weights_grads_optimizer_bytes / gib:.2f} GiB | "
+                f"activations {self.activation_bytes / gib:.2f} GiB | "
+                f"total {self.total_bytes / gib:.2f} GiB "
+                "(estimate; excludes CUDA context, allocator fragmentation and comm buffers)")
+
+
+def memory_per_gpu(num_layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                   ffn: int, vocab: int, seq_len: int, micro_batch_size: int, *, tp: int = 1,
+                   pp: int = 1, vpp: int = 1, dp: int = 1, sequence_parallel: bool = False,
+                   recompute: str = "none", flash_attention: bool = True,
+                   distributed_optimizer: bool = True, bf16: bool = True,
+                   num_microbatches: Optional[int] = None, swiglu: bool = True,
+                   tied: bool = False) -> MemoryEstimate:
+    """Estimate the peak memory of the worst pipeline stage (first or last) of a layout.
+
+    Parameters per GPU: l/p layers with their linear weights split over tp (norms
+    replicated); the first stage adds the input embedding, the last the output layer
+    (a second copy of the embedding when tied and pp > 1, as Megatron keeps) and the final
+    norm. Activations: ``activation_bytes_per_layer`` times the layer-microbatches in
+    flight (``in_flight_layer_microbatches``); the last stage adds the fp32 softmax of one
+    microbatch's logits that vocab-parallel cross-entropy saves (4*s*b*V/t bytes).
+
+    Activation numbers assume 16-bit activations (Korthikanti Table 2); with
+    ``bf16=False`` they are doubled as an approximation of fp32 training.
+    """
+    if num_layers % (pp * vpp):
+        raise ValueError(f"num_layers={num_layers} is not divisible by pp*vpp={pp * vpp}")
+    layers = num_layers // pp
+    layer_params = (_layer_linear_params(hidden, heads, kv_heads, head_dim, ffn, swiglu) // tp
+                    + 2 * hidden)
+    embedding = vocab * hidden // tp
+    per_layer_act = activation_bytes_per_layer(seq_len, micro_batch_size, hidden, heads, tp,
+                                               sequence_parallel, recompute, flash_attention)
+    act_scale = 1 if bf16 else 2
+    logits = 4 * seq_len * micro_batch_size * vocab / tp
+    per_param = state_bytes_per_param(bf16, distributed_optimizer, dp)
+
+    def stage(rank: int) -> MemoryEstimate:
+        params = layers * layer_params
+        act = per_layer_act * in_flight_layer_microbatches(rank, num_layers, pp, vpp,
+                                                          num_microbatches) * act_scale
+        if rank == 0:
+            params += embedding
+        if rank == pp - 1:
+            params += hidden  # final norm
+            if not tied or pp > 1:
+                params += embedding  # output layer (or the tied copy on the last stage)
+            act += logits
+        state = params * per_param
+        return MemoryEstimate(params, state, act, state + act)
+
+    stages = [stage(0)] + ([stage(pp - 1)] if pp > 1 else [])
+    return max(stages, key=lambda e: e.total_bytes)
+
+
+def memory_per_gpu_from_config(cfg: Config, dp: int,
+                               num_microbatches: Optional[int] = None,
+                               flash_attention: Optional[bool] = None,
+                               bf16: Optional[bool] = None) -> MemoryEstimate:
+    """``memory_per_gpu`` for a Config and a data-parallel size.
+
+    ``flash_attention`` defaults to every backend but ``local`` (megatron's own core
+    attention materialises the score matrix; TE and SDPA fused kernels do not).
+    ``bf16`` defaults to the configured precision, ``auto`` counting as bf16 (GPU).
+    """
+    _check_family(cfg)
+    m, p = cfg.model, cfg.parallel
+    if flash_attention is None:
+        flash_attention = m.attention_backend != "local"
+    if bf16 is None:
+        bf16 = cfg.train.precision != "fp32"
+    return memory_per_gpu(
+        m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, cfg.head_dim,
+        m.ffn_hidden_size, m.vocab_size, m.seq_length, cfg.train.micro_batch_size,
+        tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp, sequence_parallel=p.sequence_parallel,
+        recompute=m.recompute, flash_attention=flash_attention,
+        distributed_optimizer=p.distributed_optimizer, bf16=bf16,
+        num_microbatches=num_microbatches, swiglu=True, tied=m.tie_embeddings)
+
+
+__all__ = [
+    "DECODER_FAMILIES", "MemoryEstimate", "activation_bytes_per_layer",
+    "in_flight_layer_microbatches", "memory_per_gpu", "memory_per_gpu_from_config",
+    "model_flops_per_token_from_config", "param_count_from_config", "state_bytes_per_param",
+    "transformer_param_count", "transformer_training_flops_per_token",
+]
