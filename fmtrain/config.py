@@ -128,6 +128,9 @@ class CheckpointConfig:
     interval: int = 0
     """Save every this many steps (0: only at the end of the run)."""
     save_at_end: bool = True
+    load: str = ""
+    """Checkpoint directory to start from (any run, any layout); empty resumes from
+    RUN_DIR/checkpoints/latest when it exists."""
 
 
 @dataclass

@@ -34,7 +34,7 @@ class Engine(Protocol):
 
     def eval_step(self, microbatches: list[dict]) -> dict[str, float]: ...
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, for_loading: bool = False) -> dict[str, Any]:
         """Sharded state (model, optimizer) in distributed-checkpoint form."""
         ...
 

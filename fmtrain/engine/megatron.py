@@ -179,20 +179,51 @@ class MegatronEngine:
     # ------------------------------------------------------------------ state
 
     def model_sharded_state_dict(self) -> dict[str, Any]:
-        if len(self.chunks) == 1:
-            return self.chunks[0].sharded_state_dict()
-        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(self.chunks)}
+        chunks = self.unwrapped_chunks()
+        if len(chunks) == 1:
+            return chunks[0].sharded_state_dict()
+        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, for_loading: bool = False) -> dict[str, Any]:
+        """Model and optimizer in distributed-checkpoint form (resharding across layouts)."""
         model_sd = self.model_sharded_state_dict()
-        return {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd)}
+        # "fully_reshardable": optimizer state in model-parameter space, so it loads under any
+        # other (TP, PP, VPP, DP); the flattened "model space" default is refused by the
+        # checkpoint layer of megatron-core 0.16.
+        metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+        if for_loading:
+            self._materialize_optimizer_state()
+        return {"model": model_sd,
+                "optimizer": self.optimizer.sharded_state_dict(
+                    model_sd, is_loading=for_loading, metadata=metadata)}
+
+    def _materialize_optimizer_state(self) -> None:
+        """Give a fresh optimizer the state tensors a checkpoint is loaded into.
+
+        megatron's distributed optimizer reads Adam's ``step`` from torch's per-parameter state,
+        which torch only creates on the first step. One step with zero gradients and lr=0 creates
+        it without moving any weight (decoupled weight decay is scaled by lr too); the loaded
+        checkpoint then overwrites every value.
+        """
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            if inner is None or len(inner.state) > 0 or not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+                continue
+            saved_lrs = [group["lr"] for group in inner.param_groups]
+            for group in inner.param_groups:
+                group["lr"] = 0.0
+            opt._init_optimizer_states_with_dummy_values()
+            for group, lr in zip(inner.param_groups, saved_lrs):
+                group["lr"] = lr
+            _keep_step_out_of_tensor_state(opt)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        chunks = self.unwrapped_chunks()
         model_sd = state["model"]
-        if len(self.chunks) == 1:
-            self.chunks[0].load_state_dict(model_sd, strict=True)
+        if len(chunks) == 1:
+            chunks[0].load_state_dict(model_sd, strict=True)
         else:
-            for i, chunk in enumerate(self.chunks):
+            for i, chunk in enumerate(chunks):
                 chunk.load_state_dict(model_sd[f"model{i}"], strict=True)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -209,6 +240,26 @@ class MegatronEngine:
                 module = module.module
             out.append(module)
         return out
+
+
+def _keep_step_out_of_tensor_state(opt) -> None:
+    """Load per-parameter state without a ``step`` tensor into torch's Adam (megatron-core 0.16).
+
+    With torch's own Adam (no Apex / Transformer Engine) each parameter's state carries a
+    ``step`` tensor, but the reshardable checkpoint format stores ``step`` once in the param
+    groups (restored by ``load_state_dict``) and not per tensor; megatron's loader then looks
+    for a ``step`` tensor that is not there. Copy the tensors the checkpoint has and leave
+    ``step`` to ``load_state_dict``.
+    """
+    def set_states(model_param, tensors):
+        group_index, group_order = opt.model_param_group_index_map[model_param]
+        main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
+        destination = {"param": main_param, **opt.optimizer.state[main_param]}
+        for key, tensor in tensors.items():
+            destination[key].copy_(tensor)
+
+    if not opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        opt._set_main_param_and_optimizer_states = set_states
 
 
 def _encoder_or_decoder():

@@ -1,0 +1,24 @@
+"""Data: corpora and tokenizers, packed text windows, and per-rank microbatch sampling.
+
+``fmtrain.data.text`` covers plain-text corpora (``builtin:shakespeare``, ``.txt``, ``.jsonl``).
+"""
+
+from fmtrain.data.text import (
+    BOS_ID,
+    BUILTIN_CORPORA,
+    EOS_ID,
+    UNK_ID,
+    MicrobatchSampler,
+    PackedTextDataset,
+    build_text_datasets,
+    default_tokenizer_path,
+    ensure_tokenizer,
+    load_tokenizer,
+    read_documents,
+    split_documents,
+    train_tokenizer,
+)
+
+__all__ = ["BOS_ID", "BUILTIN_CORPORA", "EOS_ID", "UNK_ID", "MicrobatchSampler", "PackedTextDataset",
+           "build_text_datasets", "default_tokenizer_path", "ensure_tokenizer", "load_tokenizer",
+           "read_documents", "split_documents", "train_tokenizer"]

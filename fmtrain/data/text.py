@@ -1,0 +1,370 @@
+"""Text data: read a corpus, train or load a SentencePiece tokenizer, pack, and sample.
+
+The path from a corpus to one data-parallel rank's microbatches:
+
+    read_documents(cfg.data.corpus)            -> list[str], one entry per document
+    split_documents(docs, valid_fraction, seed) -> (train docs, validation docs)
+    ensure_tokenizer(cfg, run_dir)              -> tokenizer.model (rank 0 only; it may train)
+    build_text_datasets(cfg, tokenizer_path)    -> (train PackedTextDataset, valid or None)
+    MicrobatchSampler(ds, gbs, mbs, dp, seed).microbatches(global_step, dp_rank)
+                                                -> [{"tokens", "labels", "loss_mask"}] * (gbs / (mbs * dp))
+
+The sampler is a pure function of (global_step, dp_rank): resuming at step N needs no saved
+sampler state, only N.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
+
+import sentencepiece as spm
+import torch
+
+if TYPE_CHECKING:
+    from fmtrain.config import Config
+
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+"""Yi's special-token ids, which every tokenizer trained here uses."""
+UNK_PIECE, BOS_PIECE, EOS_PIECE = "<unk>", "<|startoftext|>", "<|endoftext|>"
+
+BUILTIN_CORPORA = {"shakespeare": "shakespeare.jsonl.gz"}
+"""``builtin:NAME`` corpora shipped in fmtrain/data/corpus/ (see its README.md)."""
+
+_MAX_SENTENCE_BYTES = 1 << 16
+"""Training lines longer than this are skipped by SentencePiece (its default is 4192)."""
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def read_documents(corpus: str) -> list[str]:
+    """Documents of a corpus, in file order.
+
+    ``builtin:NAME``: a corpus shipped with fmtrain (``builtin:shakespeare``: one document per
+    scene). ``*.txt``: one document per block of lines separated by blank lines.
+    ``*.jsonl``: one JSON object per line, the document in its ``"text"`` field. Either file
+    may be gzipped (``.txt.gz``, ``.jsonl.gz``). Blank documents are skipped.
+    """
+    if corpus.startswith("builtin:"):
+        name = corpus.split(":", 1)[1]
+        if name not in BUILTIN_CORPORA:
+            raise ValueError(f"unknown built-in corpus '{corpus}'; known: "
+                             + ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_CORPORA)))
+        resource = resources.files("fmtrain.data").joinpath("corpus", BUILTIN_CORPORA[name])
+        documents = _parse_jsonl(gzip.decompress(resource.read_bytes()).decode("utf-8"), corpus)
+    else:
+        path = Path(corpus)
+        if not path.exists():
+            raise FileNotFoundError(f"corpus not found: {path}")
+        if not path.is_file():
+            raise ValueError(f"corpus {path} is not a file")
+        suffixes = path.name.lower().split(".")[1:]
+        gzipped = bool(suffixes) and suffixes[-1] == "gz"
+        kind = (suffixes[-2] if gzipped and len(suffixes) > 1 else suffixes[-1]) if suffixes else ""
+        if kind not in ("txt", "jsonl"):
+            raise ValueError(f"corpus {path}: unsupported file type; expected .txt or .jsonl "
+                             "(optionally .gz), or builtin:NAME")
+        raw = path.read_bytes()
+        try:
+            text = (gzip.decompress(raw) if gzipped else raw).decode("utf-8")
+        except (OSError, EOFError) as exc:
+            raise ValueError(f"corpus {path}: not a readable gzip file: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"corpus {path}: not UTF-8 text (byte {exc.start}): {exc.reason}") from None
+        documents = _parse_txt(text) if kind == "txt" else _parse_jsonl(text, str(path))
+    if not documents:
+        raise ValueError(f"corpus {corpus} has no documents")
+    return documents
+
+
+def _parse_txt(text: str) -> list[str]:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    blocks = re.split(r"\n[ \t]*\n", text)
+    return [block.strip("\n") for block in blocks if block.strip()]
+
+
+def _parse_jsonl(text: str, source: str) -> list[str]:
+    documents = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}:{lineno}: not valid JSON: {exc.msg}") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"{source}:{lineno}: expected an object with a string 'text' field")
+        if record["text"].strip():
+            documents.append(record["text"])
+    return documents
+
+
+def split_documents(documents: Sequence[str], valid_fraction: float,
+                    seed: int) -> tuple[list[str], list[str]]:
+    """Shuffle document order with ``seed``, then hold out the last ``valid_fraction`` of them.
+
+    Returns (train, valid). At least one document is held out when ``valid_fraction`` > 0;
+    validation is empty when it is 0.
+    """
+    n = len(documents)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    shuffled = [documents[i] for i in order]
+    n_valid = max(1, round(n * valid_fraction)) if valid_fraction > 0 else 0
+    if n_valid >= n:
+        raise ValueError(f"data.valid_fraction={valid_fraction} holds out {n_valid} of the corpus's "
+                         f"{n} documents, leaving none for training; lower it or use 0")
+    return shuffled[:n - n_valid], shuffled[n - n_valid:]
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def _training_lines(documents: Iterable[str]) -> Iterator[str]:
+    for document in documents:
+        for line in document.split("\n"):
+            if line.strip():
+                yield line
+
+
+def train_tokenizer(documents: Iterable[str], vocab_size: int, model_prefix: str | Path) -> Path:
+    """Train a byte-fallback BPE SentencePiece model on ``documents``; write ``{prefix}.model``.
+
+    The model follows Llama's SentencePiece settings (identity normalisation, a dummy prefix
+    space, digits split, whitespace kept as is) with Yi's special pieces: ``<unk>``=0,
+    ``<|startoftext|>``=1 (BOS), ``<|endoftext|>``=2 (EOS), no padding piece. Each non-blank
+    line of a document is one training sentence; newlines encode through byte fallback.
+    Training is single-threaded over every line in order, so the same documents give a
+    byte-identical model. Also writes ``{prefix}.vocab`` (piece and score per line).
+    Returns the path of the ``.model`` file.
+    """
+    model_path = Path(f"{model_prefix}.model")
+    model_path.parent.mkdir(parents=True, exist_ok=True)
+    documents = list(documents)
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines(documents),
+            model_writer=buffer,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            byte_fallback=True,
+            split_digits=True,
+            allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            normalization_rule_name="identity",
+            character_coverage=0.99995,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+            unk_piece=UNK_PIECE, bos_piece=BOS_PIECE, eos_piece=EOS_PIECE,
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise ValueError(f"training a {vocab_size}-piece tokenizer for {model_path} on "
+                         f"{len(documents)} documents failed: {exc}") from None
+    model = buffer.getvalue()
+    processor = spm.SentencePieceProcessor(model_proto=model)
+    vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
+                    for i in range(processor.vocab_size()))
+    _write_atomic(model_path.with_suffix(".vocab"), vocab.encode("utf-8"))
+    _write_atomic(model_path, model)
+    return model_path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    """Load a SentencePiece model file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer model not found: {path}")
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.Load(str(path))
+    except (RuntimeError, OSError) as exc:
+        raise ValueError(f"{path}: not a SentencePiece model: {exc}") from None
+    return processor
+
+
+# --------------------------------------------------------------------------- packing
+
+
+class PackedTextDataset:
+    """Documents joined into one token stream and cut into training windows.
+
+    Each document is followed by ``eos_id``; the stream is cut into consecutive,
+    non-overlapping windows of ``seq_length + 1`` tokens, and the last partial window is
+    dropped. A window yields ``tokens = window[:-1]`` and ``labels = window[1:]``.
+    """
+
+    def __init__(self, documents: Sequence[Sequence[int]], seq_length: int, eos_id: int = EOS_ID):
+        if seq_length < 1:
+            raise ValueError(f"seq_length={seq_length} must be at least 1")
+        self.seq_length = seq_length
+        self.eos_id = eos_id
+        total = sum(len(doc) + 1 for doc in documents)
+        stream = torch.empty(total, dtype=torch.int64)
+        offset = 0
+        for doc in documents:
+            stream[offset:offset + len(doc)] = torch.as_tensor(doc, dtype=torch.int64)
+            stream[offset + len(doc)] = eos_id
+            offset += len(doc) + 1
+        self.num_tokens = total
+        """Tokens in the stream, EOS separators included (before dropping the partial window)."""
+        window = seq_length + 1
+        self._windows = stream[: (total // window) * window].view(-1, window)  # (N, S + 1)
+
+    def __len__(self) -> int:
+        return self._windows.shape[0]
+
+    def window(self, i: int) -> torch.Tensor:
+        """Window ``i`` as a LongTensor of ``seq_length + 1`` token ids."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        return self._windows[i].clone()
+
+
+class MicrobatchSampler:
+    """Deterministic, stateless assignment of windows to (global step, data-parallel rank).
+
+    Epoch ``e`` visits the windows in the order ``torch.randperm(len(dataset))`` drawn from
+    ``torch.Generator().manual_seed(seed + e)``; the epochs' orders are concatenated into one
+    endless stream. Global batch ``g`` (0-based optimizer step) is stream positions
+    ``[g * GBS, (g + 1) * GBS)``, rolling into the next epoch without a gap. Data-parallel
+    rank ``r`` takes the contiguous ``GBS / dp`` positions from ``g * GBS + r * GBS / dp``,
+    cut into microbatches of ``mbs`` windows.
+    """
+
+    def __init__(self, dataset: PackedTextDataset, global_batch_size: int, micro_batch_size: int,
+                 dp_size: int, seed: int):
+        if len(dataset) == 0:
+            raise ValueError("dataset has no windows: the corpus is shorter than one sequence")
+        if min(global_batch_size, micro_batch_size, dp_size) < 1:
+            raise ValueError(f"global_batch_size={global_batch_size}, micro_batch_size={micro_batch_size} "
+                             f"and dp_size={dp_size} must all be at least 1")
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                             f"micro_batch_size x dp_size = {micro_batch_size} x {dp_size}")
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_size = dp_size
+        self.seed = seed
+        self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+        """Microbatches per rank per global step."""
+        self._permutations: dict[int, list[int]] = {}
+
+    def epoch_permutation(self, epoch: int) -> list[int]:
+        """Window order of ``epoch``."""
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 4:
+                self._permutations.pop(min(self._permutations))
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._permutations[epoch] = torch.randperm(len(self.dataset), generator=generator).tolist()
+        return self._permutations[epoch]
+
+    def epoch(self, global_step: int) -> int:
+        """Epoch of the first window of ``global_step``."""
+        return global_step * self.global_batch_size // len(self.dataset)
+
+    def window_indices(self, global_step: int, dp_rank: int) -> list[int]:
+        """Dataset windows of this rank at this step, in microbatch order."""
+        if global_step < 0:
+            raise ValueError(f"global_step={global_step} must be non-negative")
+        if not 0 <= dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={self.dp_size})")
+        per_rank = self.global_batch_size // self.dp_size
+        start = global_step * self.global_batch_size + dp_rank * per_rank
+        n = len(self.dataset)
+        return [self.epoch_permutation(p // n)[p % n] for p in range(start, start + per_rank)]
+
+    def microbatches(self, global_step: int, dp_rank: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's microbatches for one optimizer step.
+
+        Each is ``{"tokens": LongTensor[mbs, S], "labels": LongTensor[mbs, S],
+        "loss_mask": FloatTensor[mbs, S]}`` with S = the dataset's seq_length.
+        """
+        indices = self.window_indices(global_step, dp_rank)
+        mbs = self.micro_batch_size
+        batches = []
+        for k in range(0, len(indices), mbs):
+            windows = torch.stack([self.dataset.window(i) for i in indices[k:k + mbs]])  # (mbs, S + 1)
+            tokens = windows[:, :-1].contiguous()
+            labels = windows[:, 1:].contiguous()
+            batches.append({"tokens": tokens, "labels": labels,
+                            "loss_mask": torch.ones(tokens.shape, dtype=torch.float32)})
+        return batches
+
+
+# --------------------------------------------------------------------------- from a Config
+
+
+def default_tokenizer_path(run_dir: str | Path) -> Path:
+    """Where ``ensure_tokenizer`` trains a tokenizer when ``data.tokenizer`` is empty."""
+    return Path(run_dir) / "tokenizer" / "tokenizer.model"
+
+
+def ensure_tokenizer(cfg: "Config", run_dir: str | Path) -> Path:
+    """The run's tokenizer model, trained now if needed. Call on one rank only, then barrier.
+
+    ``data.tokenizer`` when set (it must exist); otherwise RUN_DIR/tokenizer/tokenizer.model,
+    reused when present (a resumed run), else trained with ``model.vocab_size`` pieces on the
+    training split of ``data.corpus`` (the same split ``build_text_datasets`` makes).
+    """
+    if cfg.data.tokenizer:
+        path = Path(cfg.data.tokenizer)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer}: file not found")
+        return path
+    path = default_tokenizer_path(run_dir)
+    if path.is_file():
+        return path
+    train_docs, _ = split_documents(read_documents(cfg.data.corpus), cfg.data.valid_fraction, cfg.run.seed)
+    return train_tokenizer(train_docs, cfg.model.vocab_size, path.with_suffix(""))
+
+
+def build_text_datasets(cfg: "Config", tokenizer_path: str | Path
+                        ) -> tuple[PackedTextDataset, Optional[PackedTextDataset]]:
+    """(train, validation) datasets of ``model.seq_length`` windows; validation is None when
+    ``data.valid_fraction`` is 0. Deterministic, so every rank builds the same datasets."""
+    processor = load_tokenizer(tokenizer_path)
+    if processor.vocab_size() != cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer_path} has {processor.vocab_size()} pieces but "
+                         f"model.vocab_size={cfg.model.vocab_size}")
+    eos_id = processor.eos_id()
+    if eos_id < 0:
+        raise ValueError(f"tokenizer {tokenizer_path} has no end-of-sequence piece to separate documents")
+    train_docs, valid_docs = split_documents(read_documents(cfg.data.corpus), cfg.data.valid_fraction,
+                                             cfg.run.seed)
+    seq_length = cfg.model.seq_length
+    train = PackedTextDataset(processor.encode(train_docs), seq_length, eos_id)
+    if len(train) == 0:
+        raise ValueError(f"corpus {cfg.data.corpus}: the training split has {train.num_tokens} tokens, "
+                         f"fewer than one window of model.seq_length + 1 = {seq_length + 1}")
+    if not valid_docs:
+        return train, None
+    valid = PackedTextDataset(processor.encode(valid_docs), seq_length, eos_id)
+    if len(valid) == 0:
+        raise ValueError(f"corpus {cfg.data.corpus}: the validation split (data.valid_fraction="
+                         f"{cfg.data.valid_fraction}, {len(valid_docs)} documents) has {valid.num_tokens} "
+                         f"tokens, fewer than one window of model.seq_length + 1 = {seq_length + 1}")
+    return train, valid
+
+
+__all__ = ["UNK_ID", "BOS_ID", "EOS_ID", "BUILTIN_CORPORA", "read_documents", "split_documents",
+           "train_tokenizer", "load_tokenizer", "PackedTextDataset", "MicrobatchSampler",
+           "default_tokenizer_path", "ensure_tokenizer", "build_text_datasets"]
