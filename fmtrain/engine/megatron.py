@@ -153,8 +153,11 @@ class MegatronEngine:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        # What megatron's OptimizerParamScheduler does: per-group multipliers, so norms and
+        # biases (wd_mult 0) are not decayed.
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.cfg.train.weight_decay * group.get("wd_mult", 1.0)
         reports = self._run(microbatches, forward_only=False)
         update_applied, grad_norm, _ = self.optimizer.step()
         sums = self._reduce_reports(reports)
@@ -227,6 +230,21 @@ class MegatronEngine:
                 chunk.load_state_dict(model_sd[f"model{i}"], strict=True)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
+            self._unshare_adam_steps()
+
+    def _unshare_adam_steps(self) -> None:
+        """Give every parameter its own Adam ``step`` tensor after a load.
+
+        megatron's distributed optimizer restores ``step`` as *one* tensor shared by all
+        parameters' states; torch's foreach Adam increments each state's step in place, so a
+        shared tensor would advance once per parameter and skew the bias correction of every
+        later update.
+        """
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = getattr(opt, "optimizer", None)
+            for param_state in getattr(inner, "state", {}).values():
+                if torch.is_tensor(param_state.get("step")):
+                    param_state["step"] = param_state["step"].clone()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for chunk in self.chunks for p in chunk.parameters())
