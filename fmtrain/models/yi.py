@@ -127,7 +127,7 @@ def build_chunk(cfg: Config, tconfig: TransformerConfig, *, pre_process: bool,
         share_embeddings_and_output_weights=m.tie_embeddings,
         position_embedding_type="rope",
         rotary_percent=1.0,
-        rotary_base=int(m.rotary_base),
+        rotary_base=m.rotary_base,
         vp_stage=vp_stage,
     )
 

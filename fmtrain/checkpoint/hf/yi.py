@@ -1,0 +1,433 @@
+"""Yi <-> Hugging Face ``LlamaForCausalLM``: config translation and weight mapping.
+
+The mapping is between *global* (unsharded) megatron GPT tensors and Hugging Face tensors;
+:mod:`fmtrain.checkpoint.hf.layout` slices them for this rank's (TP, PP, VPP) chunks on import
+and reassembles them on export.
+
+==================================================  ===============================================
+megatron key (layer index = prepended axis)          Hugging Face key (N = global layer number)
+==================================================  ===============================================
+embedding.word_embeddings.weight                    model.embed_tokens.weight
+decoder.layers.self_attention.linear_qkv            model.layers.N.input_layernorm.weight
+.layer_norm_weight (module input_layernorm)         (first Yi release: ln1)
+decoder.layers.self_attention.linear_qkv.weight     model.layers.N.self_attn.{q,k,v}_proj.weight
+decoder.layers.self_attention.linear_proj.weight    model.layers.N.self_attn.o_proj.weight
+decoder.layers.mlp.linear_fc1                       model.layers.N.post_attention_layernorm.weight
+.layer_norm_weight (module pre_mlp_layernorm)       (first Yi release: ln2)
+decoder.layers.mlp.linear_fc1.weight                cat([mlp.gate_proj, mlp.up_proj]) along rows
+decoder.layers.mlp.linear_fc2.weight                model.layers.N.mlp.down_proj.weight
+decoder.final_layernorm.weight                      model.norm.weight
+output_layer.weight                                 lm_head.weight (absent when tied)
+==================================================  ===============================================
+
+megatron names the two per-layer norms after the fused Transformer Engine modules
+(``...linear_qkv.layer_norm_weight``) in its checkpoint keys even with separate norm modules
+(the local layer spec's ``sharded_state_dict_keys_map``); the module names
+(``decoder.layers.input_layernorm.weight``) are accepted too.
+
+Fused QKV (megatron ``SelfAttention.get_query_key_value_tensors``): rows grouped per query
+group; for each of the ``ng`` groups, that group's ``np/ng`` query heads, then its key head,
+then its value head, each ``head_dim`` rows: ``[q1 q2 k1 v1 | q3 q4 k2 v2 | ...]``. Hugging
+Face keeps query head ``h`` with key/value head ``h // (np/ng)``, the same grouping.
+Both use rotate-half RoPE (megatron ``rotary_interleaved=False``), so no row permutation of q/k
+is needed (unlike Meta's original Llama checkpoints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError, save_hf_checkpoint
+from fmtrain.checkpoint.hf.layout import GlobalName, gather_global_tensors, load_global_tensors
+from fmtrain.config import Config, ConfigError
+
+HFTensors = Callable[[str], torch.Tensor]
+"""name -> tensor of a Hugging Face checkpoint; raises KeyError for a name it does not hold."""
+
+# Names a per-layer norm has had in released Yi checkpoints, newest first.
+NORM_ALIASES = {
+    "input_layernorm": ("input_layernorm", "ln1"),
+    "post_attention_layernorm": ("post_attention_layernorm", "ln2"),
+}
+# Buffers some Llama-family checkpoints carry that hold no weights.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+# ---------------------------------------------------------------------- config
+
+
+def hf_config_from_fmtrain(cfg: Config, dtype: Optional[torch.dtype] = None) -> dict:
+    """``config.json`` of the ``LlamaForCausalLM`` equivalent to ``cfg.model``.
+
+    ``dtype`` is the dtype the weights are written in; by default the run's precision
+    (``auto`` meaning bf16, the dtype Yi is released in).
+    """
+    m = cfg.model
+    if m.family != "yi":
+        raise ConfigError(f"model.family={m.family!r}: this converter is for the yi family")
+    if dtype is None:
+        dtype = torch.float32 if cfg.train.precision == "fp32" else torch.bfloat16
+    if dtype not in _DTYPE_NAMES:
+        raise ConfigError(f"export dtype {dtype} is not one of {', '.join(_DTYPE_NAMES.values())}")
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_attention_heads,
+        "num_key_value_heads": m.num_query_groups,
+        "head_dim": cfg.head_dim,
+        "rms_norm_eps": m.norm_epsilon,
+        # transformers < 5 reads rope_theta, >= 5 rope_parameters (and still accepts rope_theta).
+        "rope_theta": m.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rotary_base},
+        "vocab_size": m.vocab_size,
+        "max_position_embeddings": m.seq_length,
+        "tie_word_embeddings": m.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "hidden_act": "silu",
+        "initializer_range": m.init_method_std,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": _DTYPE_NAMES[dtype],
+    }
+
+
+def _rope_theta(config: dict) -> float:
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    for source, name in ((params, "rope_parameters"), (scaling, "rope_scaling")):
+        kind = source.get("rope_type", source.get("type", "default"))
+        if kind != "default":
+            raise ConfigError(f"config.json {name}.rope_type={kind!r}: fmtrain implements plain RoPE "
+                              "only (no scaled / extended-context variants)")
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    return float(theta)
+
+
+def fmtrain_model_overrides_from_hf(config_json: dict) -> dict[str, Any]:
+    """``model.*`` values for a Hugging Face Llama / Yi ``config.json``.
+
+    ``model.seq_length`` takes ``max_position_embeddings``; override it for a shorter
+    training context. Features fmtrain's Yi model does not have are refused by name.
+    """
+    c = config_json
+    model_type = c.get("model_type", "llama")
+    if model_type.lower() not in ("llama", "yi"):
+        raise ConfigError(f"config.json model_type={model_type!r}: expected a Llama / Yi model")
+    for flag in ("attention_bias", "mlp_bias"):
+        if c.get(flag, False):
+            raise ConfigError(f"config.json {flag}=true: fmtrain's Yi model has no biases")
+    act = c.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ConfigError(f"config.json hidden_act={act!r}: fmtrain's Yi model uses SwiGLU (silu)")
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "vocab_size") if k not in c]
+    if missing:
+        raise ConfigError(f"config.json lacks {', '.join(missing)}")
+    heads = int(c["num_attention_heads"])
+    out = {
+        "model.family": "yi",
+        "model.num_layers": int(c["num_hidden_layers"]),
+        "model.hidden_size": int(c["hidden_size"]),
+        "model.num_attention_heads": heads,
+        "model.num_query_groups": int(c.get("num_key_value_heads") or heads),
+        "model.head_dim": int(c.get("head_dim") or c["hidden_size"] // heads),
+        "model.ffn_hidden_size": int(c["intermediate_size"]),
+        "model.vocab_size": int(c["vocab_size"]),
+        "model.rotary_base": _rope_theta(c),
+        "model.norm_epsilon": float(c.get("rms_norm_eps", 1e-6)),
+        "model.tie_embeddings": bool(c.get("tie_word_embeddings", False)),
+    }
+    if c.get("max_position_embeddings"):
+        out["model.seq_length"] = int(c["max_position_embeddings"])
+    if "initializer_range" in c:
+        out["model.init_method_std"] = float(c["initializer_range"])
+    return out
+
+
+def overrides_as_args(overrides: dict[str, Any]) -> list[str]:
+    """``{"model.x": v}`` -> ``["model.x=v"]`` for :func:`fmtrain.config.load_config`."""
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
+
+
+# ---------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class YiShapes:
+    num_layers: int
+    hidden: int
+    heads: int
+    groups: int
+    head_dim: int
+    ffn: int
+    vocab: int
+    tied: bool
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.heads // self.groups
+
+    @classmethod
+    def from_chunk(cls, chunk: torch.nn.Module) -> "YiShapes":
+        """From a built megatron GPTModel chunk (its TransformerConfig holds the global sizes)."""
+        c = chunk.config
+        return cls(num_layers=c.num_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
+                   groups=c.num_query_groups or c.num_attention_heads, head_dim=c.kv_channels,
+                   ffn=c.ffn_hidden_size, vocab=chunk.vocab_size,
+                   tied=bool(chunk.share_embeddings_and_output_weights))
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "YiShapes":
+        m = cfg.model
+        return cls(num_layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads,
+                   groups=m.num_query_groups, head_dim=cfg.head_dim, ffn=m.ffn_hidden_size,
+                   vocab=m.vocab_size, tied=m.tie_embeddings)
+
+
+def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: YiShapes) -> torch.Tensor:
+    """HF q [np*hd, h], k/v [ng*hd, h] -> megatron's grouped linear_qkv [ng*(np/ng+2)*hd, h]."""
+    h = q.shape[-1]
+    q = q.reshape(s.groups, s.heads_per_group * s.head_dim, h)
+    k = k.reshape(s.groups, s.head_dim, h)
+    v = v.reshape(s.groups, s.head_dim, h)
+    return torch.cat([q, k, v], dim=1).reshape(-1, h)
+
+
+def unpack_qkv(qkv: torch.Tensor, s: YiShapes) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_qkv`."""
+    h = qkv.shape[-1]
+    grouped = qkv.reshape(s.groups, (s.heads_per_group + 2) * s.head_dim, h)
+    q, k, v = torch.split(grouped, [s.heads_per_group * s.head_dim, s.head_dim, s.head_dim], dim=1)
+    return q.reshape(-1, h), k.reshape(-1, h), v.reshape(-1, h)
+
+
+# ---------------------------------------------------------------------- key mapping
+
+_INPUT_NORM = ("decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+               "decoder.layers.input_layernorm.weight")
+_MLP_NORM = ("decoder.layers.mlp.linear_fc1.layer_norm_weight",
+             "decoder.layers.pre_mlp_layernorm.weight")
+
+
+def hf_names(s: YiShapes) -> list[str]:
+    """Every tensor name of the Hugging Face checkpoint of this model (current names)."""
+    names = ["model.embed_tokens.weight"]
+    for i in range(s.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + "input_layernorm.weight", p + "self_attn.q_proj.weight",
+                  p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight",
+                  p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight",
+                  p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
+    names.append("model.norm.weight")
+    if not s.tied:
+        names.append("lm_head.weight")
+    return names
+
+
+def _norm(get: HFTensors, layer: int, name: str) -> torch.Tensor:
+    aliases = NORM_ALIASES[name]
+    for alias in aliases:
+        try:
+            return get(f"model.layers.{layer}.{alias}.weight")
+        except KeyError:
+            continue
+    raise KeyError(" / ".join(f"model.layers.{layer}.{a}.weight" for a in aliases))
+
+
+def megatron_tensor_from_hf(key: str, index: tuple[int, ...], get: HFTensors, s: YiShapes) -> torch.Tensor:
+    """The full global megatron tensor ``key`` (at layer ``index``) built from HF tensors."""
+    if key == "embedding.word_embeddings.weight":
+        return get("model.embed_tokens.weight")
+    if key == "output_layer.weight":
+        return get("model.embed_tokens.weight" if s.tied else "lm_head.weight")
+    if key == "decoder.final_layernorm.weight":
+        return get("model.norm.weight")
+    if not key.startswith("decoder.layers.") or len(index) != 1:
+        raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} {index}")
+    n = index[0]
+    p = f"model.layers.{n}."
+    if key in _INPUT_NORM:
+        return _norm(get, n, "input_layernorm")
+    if key in _MLP_NORM:
+        return _norm(get, n, "post_attention_layernorm")
+    if key == "decoder.layers.self_attention.linear_qkv.weight":
+        return pack_qkv(get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
+                        get(p + "self_attn.v_proj.weight"), s)
+    if key == "decoder.layers.self_attention.linear_proj.weight":
+        return get(p + "self_attn.o_proj.weight")
+    if key == "decoder.layers.mlp.linear_fc1.weight":
+        return torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0)
+    if key == "decoder.layers.mlp.linear_fc2.weight":
+        return get(p + "mlp.down_proj.weight")
+    raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} (layer {n})")
+
+
+def hf_tensors_from_megatron(key: str, index: tuple[int, ...], t: torch.Tensor, s: YiShapes) -> dict[str, torch.Tensor]:
+    """Hugging Face tensors for one full global megatron tensor (inverse of the above)."""
+    if key == "embedding.word_embeddings.weight":
+        return {"model.embed_tokens.weight": t}
+    if key == "output_layer.weight":
+        return {} if s.tied else {"lm_head.weight": t}
+    if key == "decoder.final_layernorm.weight":
+        return {"model.norm.weight": t}
+    if not key.startswith("decoder.layers.") or len(index) != 1:
+        raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} {index}")
+    p = f"model.layers.{index[0]}."
+    if key in _INPUT_NORM:
+        return {p + "input_layernorm.weight": t}
+    if key in _MLP_NORM:
+        return {p + "post_attention_layernorm.weight": t}
+    if key == "decoder.layers.self_attention.linear_qkv.weight":
+        q, k, v = unpack_qkv(t, s)
+        return {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
+                p + "self_attn.v_proj.weight": v}
+    if key == "decoder.layers.self_attention.linear_proj.weight":
+        return {p + "self_attn.o_proj.weight": t}
+    if key == "decoder.layers.mlp.linear_fc1.weight":
+        gate, up = torch.chunk(t, 2, dim=0)
+        return {p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up}
+    if key == "decoder.layers.mlp.linear_fc2.weight":
+        return {p + "mlp.down_proj.weight": t}
+    raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} (layer {index[0]})")
+
+
+# ---------------------------------------------------------------------- import
+
+
+def load_hf_into_chunks(chunks: list[torch.nn.Module], hf_tensors: HFTensors,
+                        shapes: Optional[YiShapes] = None) -> int:
+    """Set this rank's chunks (any TP / PP / VPP layout) from Hugging Face tensors.
+
+    ``hf_tensors`` gives full HF tensors by name (e.g. an :class:`HFCheckpoint`); only the
+    ones this rank's shards need are asked for. Returns the number of local tensors set.
+    """
+    s = shapes or YiShapes.from_chunk(chunks[0])
+
+    def full(key: str, index: tuple[int, ...]) -> torch.Tensor:
+        try:
+            return megatron_tensor_from_hf(key, index, hf_tensors, s)
+        except KeyError as exc:
+            where = f" (layer {index[0]})" if index else ""
+            raise HFCheckpointError(f"Hugging Face tensor {exc.args[0]} for {key}{where} is missing") from None
+
+    return load_global_tensors(chunks, full)
+
+
+def check_hf_names(ckpt: HFCheckpoint, s: YiShapes) -> None:
+    """Refuse a checkpoint whose tensors are not exactly this model's (missing or extra)."""
+    present = set(ckpt.names)
+    used: set[str] = set()
+    missing = []
+    for name in hf_names(s):
+        candidates = [name]
+        for new, aliases in NORM_ALIASES.items():
+            if name.endswith(f".{new}.weight"):
+                candidates = [name.replace(f".{new}.", f".{a}.") for a in aliases]
+        found = next((c for c in candidates if c in present), None)
+        if found is None:
+            missing.append(name)
+        else:
+            used.add(found)
+    if s.tied:
+        used.add("lm_head.weight")  # some tied checkpoints store the copy anyway
+    extra = sorted(n for n in present - used if not n.endswith(IGNORED_SUFFIXES))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
+        raise HFCheckpointError(f"{ckpt.path}: does not match the model "
+                                f"({s.num_layers} layers, tied={s.tied}): {'; '.join(parts)}")
+
+
+def load_hf(chunks: list[torch.nn.Module], path: str | Path, *, allow_pickle: bool = False,
+            strict: bool = True) -> int:
+    """Load a Hugging Face Llama / Yi checkpoint directory into this rank's chunks.
+
+    ``strict`` refuses a checkpoint with missing or extra tensors before anything is copied.
+    """
+    s = YiShapes.from_chunk(chunks[0])
+    with HFCheckpoint(path, allow_pickle=allow_pickle) as ckpt:
+        if strict:
+            check_hf_names(ckpt, s)
+        return load_hf_into_chunks(chunks, ckpt.get, s)
+
+
+def load_hf_into_engine(engine, path: str | Path, *, allow_pickle: bool = False, strict: bool = True) -> int:
+    """:func:`load_hf` into a built engine, then refresh the optimizer's main (fp32) weights.
+
+    With bf16 parameters megatron's optimizer keeps fp32 copies made when it was built; without
+    ``reload_model_params`` the first step would restore the random initialisation.
+    """
+    count = load_hf(engine.unwrapped_chunks(), path, allow_pickle=allow_pickle, strict=strict)
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is not None:
+        optimizer.reload_model_params()
+    return count
+
+
+# ---------------------------------------------------------------------- export
+
+
+def hf_state_from_global(tensors: dict[GlobalName, torch.Tensor], s: YiShapes,
+                         dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """HF tensors (in :func:`hf_names` order) from full megatron tensors keyed (key, index)."""
+    out: dict[str, torch.Tensor] = {}
+    for (key, index), t in tensors.items():
+        for name, value in hf_tensors_from_megatron(key, index, t, s).items():
+            out[name] = value if dtype is None else value.to(dtype)
+    order = hf_names(s)
+    missing = [n for n in order if n not in out]
+    if missing:
+        raise RuntimeError(f"export is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+    return {name: out[name] for name in order}
+
+
+def export_hf_state(chunks: list[torch.nn.Module], *, dtype: Optional[torch.dtype] = None,
+                    dst: int = 0) -> Optional[dict[str, torch.Tensor]]:
+    """Full HF tensors on rank ``dst`` (None elsewhere); collective over all ranks."""
+    s = YiShapes.from_chunk(chunks[0])
+    full = gather_global_tensors(chunks, dst=dst)
+    return None if full is None else hf_state_from_global(full, s, dtype)
+
+
+def save_hf(chunks: list[torch.nn.Module], cfg: Config, out_dir: str | Path, *,
+            dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 2**30,
+            overwrite: bool = False) -> Optional[Path]:
+    """Write a ``LlamaForCausalLM`` directory (safetensors + config.json) from any layout.
+
+    Collective: every rank calls it; rank 0 gathers and writes. ``dtype`` defaults to the
+    parameters' dtype. Returns the directory on rank 0, None elsewhere.
+    """
+    state = export_hf_state(chunks, dtype=dtype)
+    written = None
+    if state is not None:
+        out_dtype = dtype or next(iter(state.values())).dtype
+        written = save_hf_checkpoint(state, out_dir, hf_config_from_fmtrain(cfg, out_dtype),
+                                     max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return written
+
+
+__all__ = [
+    "hf_config_from_fmtrain", "fmtrain_model_overrides_from_hf", "overrides_as_args", "YiShapes",
+    "pack_qkv", "unpack_qkv", "hf_names", "megatron_tensor_from_hf", "hf_tensors_from_megatron",
+    "load_hf_into_chunks", "check_hf_names", "load_hf", "load_hf_into_engine",
+    "hf_state_from_global", "export_hf_state", "save_hf",
+]
