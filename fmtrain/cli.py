@@ -4,6 +4,11 @@
     fmtrain train --nproc N RECIPE [key=value ...]  starts N local ranks itself
     fmtrain info RECIPE [key=value ...]             parameters, FLOPs per token, memory per GPU
     fmtrain demo                                    the tiny Yi model on the embedded corpus
+    fmtrain data shard text|video ... / data index   WebDataset shards + index.json (fmtrain.data.commands)
+    fmtrain tokenizer train|encode ...              SentencePiece with Yi's special ids
+    fmtrain launch slurm|local RECIPE ...           sbatch script / local run; requeued after a save
+    fmtrain convert from-hf HF_DIR OUT [k=v ...]    Hugging Face Llama / Yi -> fmtrain checkpoint (any layout)
+    fmtrain convert to-hf CKPT_DIR OUT [--dtype]    fmtrain checkpoint (any layout) -> Hugging Face
 
 Configuration errors are reported before any process starts.
 """
@@ -26,10 +31,37 @@ def _under_launcher() -> bool:
 
 
 def _launch_local(nproc: int, argv: list[str]) -> int:
-    """Re-run this command under torchrun with ``nproc`` local ranks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "fmtrain.cli", *argv]
-    return subprocess.call(cmd)
+    """Re-run this command with ``nproc`` local ranks under fmtrain's torchrun agent.
+
+    Exit status: the training's, so 99 (fmtrain.train.signals.REQUEUE_EXIT_CODE) after a
+    save-and-stop. SIGTERM or SIGUSR1 sent to this process, or to its whole process group as
+    SLURM does, asks the ranks to save and stop: it is relayed to the agent as SIGUSR1, which
+    passes it to the ranks. The agent itself ignores SIGTERM (torchrun would otherwise stop the
+    ranks on its own and report 143 instead of their status). Ctrl-C stops the run.
+    """
+    import signal
+
+    from fmtrain.train.signals import STOP_SIGNALS
+
+    cmd = [sys.executable, "-m", "fmtrain.launch.agent", "--standalone", f"--nproc-per-node={nproc}",
+           "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "-m", "fmtrain.cli", *argv]
+    def ignore_stop_signals() -> None:  # in the agent, before exec; it installs its SIGUSR1 relay later
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    child = subprocess.Popen(cmd, preexec_fn=ignore_stop_signals)
+
+    def relay(signum, frame):
+        if child.poll() is None:
+            child.send_signal(signal.SIGUSR1)
+
+    previous = {sig: signal.signal(sig, relay) for sig in STOP_SIGNALS}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal tells the agent
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -37,13 +69,27 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc and not _under_launcher():
         validate(cfg, args.nproc)
         return _launch_local(args.nproc, ["train", args.recipe, *args.overrides])
+    from fmtrain.train import signals
+
+    signals.install()  # before the heavy imports: a SIGTERM during start-up is kept, not fatal
+    from fmtrain.checkpoint.errors import CheckpointError
+    from fmtrain.train.faults import NumericFaultError
     from fmtrain.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+        status = 0
+    except signals.RequeueRequested:
+        status = signals.REQUEUE_EXIT_CODE
+    except (CheckpointError, NumericFaultError) as exc:
+        rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+        kind = "checkpoint error" if isinstance(exc, CheckpointError) else "numeric fault"
+        print(f"fmtrain: rank {rank}: {kind}: {exc}", file=sys.stderr, flush=True)
+        return 1
     from fmtrain import parallel
 
     parallel.destroy()
-    return 0
+    return status
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -77,13 +123,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     recipe = REPO_RECIPES / "yi" / "tiny.yaml"
     overrides = [f"run.dir={args.run_dir}", *args.overrides]
     cfg = load_config(recipe, overrides)
+    if not cfg.data.shards:  # first run: shard the embedded corpus into the run dir, then stream it
+        from fmtrain.data.shards import prepare_corpus_shards
+
+        train_index, valid_index = prepare_corpus_shards(
+            cfg.data.corpus, Path(args.run_dir) / "data", valid_fraction=cfg.data.valid_fraction, seed=cfg.run.seed)
+        overrides = [f"data.shards={train_index}", *([f"data.valid_shards={valid_index}"] if valid_index else []),
+                     *overrides]
+        cfg = load_config(recipe, overrides)
     validate(cfg, args.nproc)
-    print(f"fmtrain demo: training {recipe.name} on the embedded Shakespeare corpus with "
+    print(f"fmtrain demo: training {recipe.name} on the embedded Shakespeare corpus ({cfg.data.shards}) with "
           f"{args.nproc} ranks into {args.run_dir}", flush=True)
     rc = _launch_local(args.nproc, ["train", str(recipe), *overrides])
     if rc != 0:
         return rc
-    return _summarise_demo(Path(args.run_dir), cfg)
+    rc = _summarise_demo(Path(args.run_dir), cfg)
+    if rc != 0:
+        return rc
+    # Hand the model over: export to RUN_DIR/hf and generate with transformers.
+    from fmtrain.checkpoint.hf.convert import demo_export_and_generate
+
+    print()
+    return demo_export_and_generate(Path(args.run_dir), prompt="ROMEO:\nBut, soft! what light through yonder window")
 
 
 def _summarise_demo(run_dir: Path, cfg) -> int:
@@ -123,6 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--run-dir", default="runs/demo")
     demo.add_argument("overrides", nargs="*")
     demo.set_defaults(func=cmd_demo)
+
+    from fmtrain.data.commands import register_data
+
+    register_data(sub)  # data shard|index, tokenizer train|encode
+
+    from fmtrain.launch import register_launch
+
+    register_launch(sub)  # launch slurm|local
+
+    from fmtrain.cli_convert import register_convert
+
+    register_convert(sub)  # convert from-hf|to-hf
     return parser
 
 

@@ -54,6 +54,12 @@ class ModelConfig:
     """auto (Transformer Engine when importable, else sdpa) | sdpa | te | local (megatron's own)."""
     recompute: str = "none"
     """Activation recompute: none | selective (core attention) | full (every layer)."""
+    init_from_hf: str = ""
+    """Hugging Face Llama / Yi directory (config.json + safetensors) whose weights a new run
+    starts from (continued pretraining): loaded after the engine is built, each rank reading
+    only its slices, unless the run resumes (checkpoint.load set, or RUN_DIR has a checkpoint).
+    Its config.json must match the model.* fields (seq_length and init_method_std may differ);
+    set data.tokenizer to its tokenizer.model. See docs/hf_interop.md."""
 
 
 @dataclass
@@ -103,16 +109,58 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     log_interval: int = 1
     """Print a progress line every this many steps (metrics.jsonl gets every step)."""
+    exit_after_minutes: float = 0.0
+    """Wall-clock budget: after the first step that ends past it, save a checkpoint and exit
+    with the requeue status (99), as on SIGTERM / SIGUSR1; 0 disables. Measured from the start
+    of the process's training function; leave room for one step and one save."""
+    max_consecutive_skips: int = 5
+    """Stop the run with an error after this many consecutive steps whose loss or gradient
+    norm was not finite (each such step skips its update); 0 never stops."""
 
 
 @dataclass
 class DataConfig:
     corpus: str = "builtin:shakespeare"
-    """Text corpus: a .txt file, or builtin:shakespeare (shipped with fmtrain)."""
+    """In-memory text corpus (used when data.shards is empty): a .txt or .jsonl file, or
+    builtin:shakespeare (shipped with fmtrain)."""
     tokenizer: str = ""
-    """SentencePiece model; empty trains one of model.vocab_size on the corpus into RUN_DIR."""
+    """SentencePiece model; empty trains one of model.vocab_size into RUN_DIR/tokenizer/ on the
+    corpus (or, when streaming, on the .txt of data.shards)."""
     valid_fraction: float = 0.05
-    """Share of the corpus's documents held out for validation."""
+    """Share of the corpus's documents held out for validation (in-memory path)."""
+    shards: str = ""
+    """Training shards; set, the run streams WebDataset shards (fmtrain.data.stream) instead of
+    reading data.corpus: a brace pattern (dir/shard-{000000..000127}.tar), several joined with
+    '::', local paths, file: or pipe: URLs, an index.json, or a directory holding one."""
+    valid_shards: str = ""
+    """Validation shards (same forms); read in order, unshuffled; empty: no validation."""
+    num_workers: int = 2
+    """DataLoader worker processes per data-parallel rank (0: read in the training process).
+    Part of the stream layout: a resumed run must use the same value (0 and 1 are the same)."""
+    shuffle_buffer: int = 1000
+    """Samples in each worker's shuffle buffer (0 or 1: shard order only, shards still permuted
+    per epoch)."""
+    max_bad_fraction: float = 0.01
+    """Stop the run when a worker's unreadable or unusable samples exceed this share of what it
+    read (each bad sample is skipped with a warning naming its shard and key)."""
+    reset_position_ids: bool = False
+    """Text: position ids restart at 0 after each EOS (document-boundary-aware positions)."""
+    prefetch: int = 2
+    """Microbatches each DataLoader worker prepares ahead."""
+    worker_timeout: float = 600.0
+    """Seconds to wait for a microbatch from a DataLoader worker before failing (0: forever)."""
+    log_batch_hashes: bool = False
+    """Append a sha256 per microbatch to RUN_DIR/data/batch_hashes.rankR.jsonl (debugging resume)."""
+    video_frames: int = 16
+    """Video: frames per clip."""
+    video_stride: int = 4
+    """Video: frame step inside a clip."""
+    video_size: int = 224
+    """Video: clip height and width (shorter side resized to it, then cropped square)."""
+    video_crop: str = "random"
+    """Video: center | random (spatial crop; the clip's start frame is always drawn at random)."""
+    video_clips: int = 1
+    """Video: clips cut from each decoded video (repeated sampling)."""
 
 
 @dataclass
@@ -130,7 +178,18 @@ class CheckpointConfig:
     save_at_end: bool = True
     load: str = ""
     """Checkpoint directory to start from (any run, any layout); empty resumes from
-    RUN_DIR/checkpoints/latest when it exists."""
+    RUN_DIR/checkpoints/latest when it exists. Once the run has checkpoints of its own, those
+    win over a checkpoint.load outside RUN_DIR/checkpoints (so a requeued run continues)."""
+    keep_last: int = 0
+    """Retention: keep the newest this many checkpoints (0: keep all). Older ones are removed
+    by rank 0 after a newer one is complete; the one `latest` names is never removed."""
+    keep_every: int = 0
+    """Retention: also keep every checkpoint whose step is a multiple of this (0: none)."""
+    async_save: bool = False
+    """Write checkpoints in a background process (megatron's async save); the loop waits only
+    to stage the state, and the checkpoint is renamed into place at a later step once every
+    rank has finished writing. Falls back to synchronous saves, with a logged reason, where
+    the platform cannot fork the writer."""
 
 
 @dataclass
@@ -176,6 +235,7 @@ _CHOICES = {
     "train.precision": ("auto", "bf16", "fp32"),
     "train.lr_schedule": ("cosine", "wsd", "constant"),
     "engine.backend": ("megatron",),
+    "data.video_crop": ("center", "random"),
 }
 
 
@@ -342,12 +402,32 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.sequence_parallel and m.seq_length % p.tp:
         raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by parallel.tp={p.tp} "
                           "(required by parallel.sequence_parallel)")
+    if m.init_from_hf and not cfg.data.tokenizer:
+        raise ConfigError(f"model.init_from_hf={m.init_from_hf} needs data.tokenizer (the checkpoint's "
+                          "tokenizer.model): a tokenizer trained on the corpus would not match its weights")
     if not 0.0 <= cfg.data.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction={cfg.data.valid_fraction} must be in [0, 1)")
+    d = cfg.data
+    for name, value, low in (("num_workers", d.num_workers, 0), ("shuffle_buffer", d.shuffle_buffer, 0),
+                             ("prefetch", d.prefetch, 1), ("video_frames", d.video_frames, 1),
+                             ("video_stride", d.video_stride, 1), ("video_size", d.video_size, 1),
+                             ("video_clips", d.video_clips, 1)):
+        if value < low:
+            raise ConfigError(f"data.{name}={value} must be at least {low}")
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
+    if d.worker_timeout < 0:
+        raise ConfigError(f"data.worker_timeout={d.worker_timeout} must be >= 0 (0: no timeout)")
     if t.warmup_steps < 0 or t.warmup_steps > t.max_steps:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.max_steps={t.max_steps}]")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction={t.decay_fraction} must be in (0, 1]")
+    for name, value in (("train.exit_after_minutes", t.exit_after_minutes),
+                        ("train.max_consecutive_skips", t.max_consecutive_skips),
+                        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                        ("checkpoint.keep_every", cfg.checkpoint.keep_every)):
+        if value < 0:
+            raise ConfigError(f"{name}={value} must be >= 0 (0 disables it)")
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}")
     if world_size is not None:

@@ -3,133 +3,177 @@
 Layout of one run directory::
 
     RUN_DIR/checkpoints/step_0000100/      a complete checkpoint (megatron's sharded format)
-        fmtrain_state.json                 step, consumed samples, layout, resolved config
+        fmtrain_state.json                 step, consumed samples, skipped steps, layout, config
+        rng/rank_00000.pt ...              every rank's RNG states (tensors only)
         tokenizer.model                    the run's tokenizer, when it has one
     RUN_DIR/checkpoints/latest             text file: the name of the newest complete one
 
 A checkpoint is written into ``step_NNNNNNN.tmp`` and renamed only when every rank has
-finished, then ``latest`` is replaced atomically; a ``.tmp`` directory is never loaded.
+finished, then ``latest`` is replaced atomically; a ``.tmp`` directory is never loaded
+(:mod:`fmtrain.checkpoint.writer`, also for asynchronous saves and retention).
 Tensors are reshardable: a checkpoint saved under one (TP, PP, VPP, DP) loads under another.
-Loading goes through ``torch.load`` with its default ``weights_only=True`` (megatron-core
-registers the few non-tensor types it stores as safe globals); fmtrain's own metadata is JSON.
+RNG states are restored when the layout is unchanged and re-derived from ``run.seed`` and the
+step otherwise (:mod:`fmtrain.checkpoint.rng`). The data position is the step: the sampler is a
+stateless function of (step, DP rank), and a resume checks that the checkpoint's consumed
+samples equal step x ``train.global_batch_size``.
+
+Before any tensor is read, every rank checks the files against the tensor index and the
+model's tensors against the checkpoint's shapes (:mod:`fmtrain.checkpoint.verify`), so a
+truncated or mismatched checkpoint fails with one line naming it. Tensor data goes through
+``torch.load`` with its default ``weights_only=True`` (megatron-core registers the few
+non-tensor types it stores as safe globals), the tensor index through an allow-listing
+unpickler, and fmtrain's own metadata is JSON.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from fmtrain.checkpoint import rng, verify
+from fmtrain.checkpoint.errors import CheckpointError
+from fmtrain.checkpoint.files import (STATE_FILE, checkpoints_dir, complete_checkpoints, find_latest,
+                                      is_complete, prune, read_state, step_dir, step_of)
+from fmtrain.checkpoint.writer import CheckpointWriter, async_unsupported_reason
 from fmtrain.config import Config
-
-STATE_FILE = "fmtrain_state.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used, with the path and the reason."""
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"step_{step:07d}"
-
-
-def is_complete(path: Path) -> bool:
-    return (path / STATE_FILE).is_file() and (path / "metadata.json").is_file()
 
 
 def save(cfg: Config, run_dir: Path, step: int, engine, topo, *,
-         tokenizer_path: Optional[Path] = None) -> Path:
-    """Write a checkpoint of ``engine`` after ``step`` completed optimizer steps (all ranks)."""
-    final = step_dir(run_dir, step)
-    tmp = final.with_name(final.name + ".tmp")
-    if topo.is_writer:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(engine.state_dict(), str(tmp))
-    dist.barrier()
-    if topo.is_writer:
-        state = {
-            "step": step,
-            "consumed_samples": step * cfg.train.global_batch_size,
-            "layout": {"tp": topo.tp, "pp": topo.pp, "vpp": topo.vpp, "dp": topo.dp},
-            "config": cfg.to_dict(),
-        }
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-        if tokenizer_path is not None and Path(tokenizer_path).is_file():
-            shutil.copy2(tokenizer_path, tmp / "tokenizer.model")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = checkpoints_dir(run_dir) / "latest.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, checkpoints_dir(run_dir) / "latest")
-    dist.barrier()
-    return final
+         tokenizer_path: Optional[Path] = None, extra_state: Optional[dict] = None) -> Path:
+    """Write a checkpoint of ``engine`` after ``step`` completed optimizer steps (all ranks, synchronous).
+
+    ``extra_state``: more JSON-serialisable top-level entries for fmtrain_state.json (the data
+    stream's position, ``"data"``; see fmtrain.data.stream.checkpoint_state). The training loop
+    keeps one :class:`CheckpointWriter` instead (asynchronous saves, retention)."""
+    writer = CheckpointWriter(cfg, run_dir, topo, tokenizer_path=tokenizer_path,
+                              log=lambda message: None, async_save=False)
+    return writer.save(step, engine, extra_state)
 
 
-def find_latest(run_dir: Path, log: Callable[[str], None] = print) -> Optional[Path]:
-    """The checkpoint ``latest`` names, or the newest complete one; incomplete ones are reported."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return None
-    for partial in sorted(root.glob("step_*.tmp")):
-        log(f"ignoring incomplete checkpoint {partial}")
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if is_complete(named):
-            return named
-        log(f"checkpoints/latest names {named}, which is missing or incomplete; "
-            "looking for the newest complete checkpoint")
-    complete = [p for p in sorted(root.glob("step_*")) if p.is_dir() and is_complete(p)]
-    return complete[-1] if complete else None
+def is_model_only(state: dict) -> bool:
+    """A checkpoint of weights only (``"contents": ["model"]``, e.g. ``fmtrain convert from-hf``)."""
+    return state.get("contents", ["model", "optimizer"]) == ["model"]
 
 
-def read_state(path: Path) -> dict:
-    state_file = Path(path) / STATE_FILE
-    if not state_file.is_file():
-        raise CheckpointError(f"{path} is not a complete fmtrain checkpoint (no {STATE_FILE})")
-    try:
-        return json.loads(state_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{state_file}: unreadable ({exc})") from None
+def load(path: Path, engine, cfg: Optional[Config] = None) -> dict:
+    """Load model and optimizer state from ``path`` into ``engine`` (any layout); returns metadata.
 
-
-def load(path: Path, engine) -> dict:
-    """Load model and optimizer state from ``path`` into ``engine`` (any layout); returns metadata."""
+    A model-only checkpoint loads the weights and leaves the optimizer fresh (the engine
+    refreshes its main weights from them). The files and the tensor shapes are checked first
+    (:mod:`fmtrain.checkpoint.verify`); ``cfg`` adds the differing model fields to a shape error."""
     state = read_state(path)
+    verify.check_files(path)
+    difference = verify.config_difference(state.get("config", {}), cfg.to_dict()["model"]) if cfg else ""
+    verify.check_shapes(path, engine.model_sharded_state_dict(), difference)
+    sharded = ({"model": engine.model_sharded_state_dict()} if is_model_only(state)
+               else engine.state_dict(for_loading=True))
     try:
-        loaded = dist_checkpointing.load(engine.state_dict(for_loading=True), str(path))
+        loaded = dist_checkpointing.load(sharded, str(path))
     except Exception as exc:  # megatron raises many types; name the checkpoint and the cause
         raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     engine.load_state_dict(loaded)
     return state
 
 
+@dataclass
+class Resumed:
+    """Where a run continues from: the checkpoint, its step and its fmtrain_state.json."""
+
+    path: Path
+    step: int
+    state: dict
+
+    @property
+    def model_only(self) -> bool:
+        return is_model_only(self.state)
+
+
+def _choose(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Optional[Path]:
+    """``checkpoint.load``, or the run's own latest checkpoint once it has one.
+
+    A ``checkpoint.load`` inside this run's own checkpoints directory is taken as given (going
+    back to an earlier checkpoint); one elsewhere (another run, converted weights) starts the
+    run, and a requeued run with its own checkpoints continues those instead of starting over.
+    """
+    own = find_latest(run_dir, log=log)
+    if not cfg.checkpoint.load:
+        return own
+    path = Path(cfg.checkpoint.load)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint.load={path}: no such directory")
+    if own is not None and path.resolve().parent != checkpoints_dir(run_dir).resolve():
+        log(f"checkpoint.load={path} started this run; it continues from its own {own}")
+        return own
+    return path
+
+
+def resume_state(cfg: Config, run_dir: Path, engine, topo, log: Callable[[str], None] = print) -> Optional[Resumed]:
+    """Load ``checkpoint.load`` or the run's latest checkpoint into ``engine``; None for a fresh run."""
+    path = _choose(cfg, run_dir, log)
+    if path is None:
+        return None
+    state = load(path, engine, cfg)
+    resumed = Resumed(path=path, step=int(state["step"]), state=state)
+    layout = state.get("layout", {})
+    if resumed.model_only:
+        log(f"initialised the model from {path} (weights only, written at TP={layout.get('tp')} "
+            f"PP={layout.get('pp')}); fresh optimizer, step {resumed.step}")
+        return resumed
+    log(f"resumed from {path} at step {resumed.step} (saved with TP={layout.get('tp')} PP={layout.get('pp')} "
+        f"VPP={layout.get('vpp')} DP={layout.get('dp')})")
+    return resumed
+
+
 def resume(cfg: Config, run_dir: Path, engine, topo, log: Callable[[str], None] = print) -> int:
     """Load ``checkpoint.load`` or the run's latest checkpoint; returns the step to start from."""
-    if cfg.checkpoint.load:
-        path = Path(cfg.checkpoint.load)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint.load={path}: no such directory")
-    else:
-        path = find_latest(run_dir, log=log)
-        if path is None:
-            return 0
-    state = load(path, engine)
-    step = int(state["step"])
-    layout = state.get("layout", {})
-    log(f"resumed from {path} at step {step} (saved with TP={layout.get('tp')} PP={layout.get('pp')} "
-        f"VPP={layout.get('vpp')} DP={layout.get('dp')})")
-    return step
+    resumed = resume_state(cfg, run_dir, engine, topo, log)
+    return resumed.step if resumed else 0
+
+
+def check_data_position(resumed: Resumed, cfg: Config) -> None:
+    """The sampler resumes at sample step x global_batch_size: the checkpoint must agree."""
+    consumed = resumed.state.get("consumed_samples")
+    expected = resumed.step * cfg.train.global_batch_size
+    if resumed.model_only or consumed is None or consumed == expected:
+        return
+    raise CheckpointError(
+        f"checkpoint {resumed.path} consumed {consumed} samples in {resumed.step} steps, but with "
+        f"train.global_batch_size={cfg.train.global_batch_size} this run would continue the data at "
+        f"sample {expected}; resume with the global batch size it was saved with "
+        f"({resumed.state.get('global_batch_size', consumed // max(resumed.step, 1))})")
+
+
+def restore_rng(resumed: Optional[Resumed], cfg: Config, topo, log: Callable[[str], None] = print) -> None:
+    """Every rank's RNG states from the checkpoint when the layout is unchanged, else re-derived.
+
+    Collective (every rank): the ranks agree on restoring only when every rank has its file.
+    """
+    if resumed is None or resumed.model_only:
+        return
+    saved_layout = resumed.state.get("layout")
+    layout = {"tp": topo.tp, "pp": topo.pp, "vpp": topo.vpp, "dp": topo.dp}
+    same = saved_layout == layout and resumed.state.get("world_size", topo.world_size) == topo.world_size
+    states = rng.load(resumed.path, topo.rank) if same else None
+    have = torch.tensor([0 if states is None else 1], dtype=torch.int32, device=topo.device)
+    dist.all_reduce(have, op=dist.ReduceOp.MIN)
+    if have.item() == 1:
+        rng.restore(states)
+        log(f"restored the RNG states of all {topo.world_size} ranks from {resumed.path}")
+        return
+    rng.reseed(cfg.run.seed, resumed.step)
+    reason = (f"the layout changed from {saved_layout} to {layout}" if not same
+              else "the checkpoint has no RNG states for every rank")
+    log(f"RNG states re-derived from run.seed={cfg.run.seed} and step {resumed.step} ({reason})")
+
+
+__all__ = [
+    "CheckpointError", "CheckpointWriter", "Resumed", "STATE_FILE", "async_unsupported_reason",
+    "check_data_position", "checkpoints_dir", "complete_checkpoints", "find_latest", "is_complete",
+    "is_model_only", "load", "prune", "read_state", "restore_rng", "resume", "resume_state", "save",
+    "step_dir", "step_of",
+]

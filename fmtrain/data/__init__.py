@@ -1,6 +1,10 @@
 """Data: corpora and tokenizers, packed text windows, and per-rank microbatch sampling.
 
-``fmtrain.data.text`` covers plain-text corpora (``builtin:shakespeare``, ``.txt``, ``.jsonl``).
+``fmtrain.data.text`` covers plain-text corpora (``builtin:shakespeare``, ``.txt``, ``.jsonl``)
+read into memory. Streaming WebDataset shards (``data.shards``): ``shards`` (naming, index,
+reading with bad-input accounting, writers), ``stream`` (the resumable per-rank, per-worker
+stream and its checkpoint state), ``packing`` (text), ``video`` (PyAV clips), ``commands``
+(``fmtrain data`` / ``fmtrain tokenizer``). See docs/data.md.
 """
 
 from fmtrain.data.text import (

@@ -30,7 +30,11 @@ class StepResult:
 
 
 class Engine(Protocol):
-    def train_step(self, microbatches: list[dict], lr: float) -> StepResult: ...
+    def train_step(self, microbatches: list[dict], lr: float, *, poison_loss: bool = False) -> StepResult:
+        """One optimizer step; a non-finite loss or gradient norm skips the update
+        (``update_applied=False``, weights and optimizer state unchanged). ``poison_loss``
+        multiplies the loss by NaN (fault injection for tests)."""
+        ...
 
     def eval_step(self, microbatches: list[dict]) -> dict[str, float]: ...
 

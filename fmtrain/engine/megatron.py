@@ -113,14 +113,14 @@ class MegatronEngine:
 
     # ------------------------------------------------------------------ steps
 
-    def _run(self, microbatches: list[dict], forward_only: bool) -> list[dict]:
+    def _run(self, microbatches: list[dict], forward_only: bool, poison_loss: bool = False) -> list[dict]:
         if len(microbatches) != self.num_microbatches and not forward_only:
             raise ValueError(f"expected {self.num_microbatches} microbatches, got {len(microbatches)}")
         # Interleaved schedules read one iterator per chunk.
         iterators = [iter(microbatches) for _ in self.chunks]
         m = self.cfg.model
         return self.forward_backward(
-            forward_step_func=self.family.forward_step,
+            forward_step_func=_nan_loss(self.family.forward_step) if poison_loss else self.family.forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks,
             num_microbatches=len(microbatches),
@@ -148,7 +148,11 @@ class MegatronEngine:
         dist.all_reduce(totals)
         return {name: (float(totals[i, 0]), float(totals[i, 1])) for i, name in enumerate(names)}
 
-    def train_step(self, microbatches: list[dict], lr: float) -> StepResult:
+    def train_step(self, microbatches: list[dict], lr: float, *, poison_loss: bool = False) -> StepResult:
+        """One optimizer step. A non-finite loss or gradient norm skips the update.
+
+        ``poison_loss`` multiplies the loss by NaN (fault injection for tests,
+        ``FMTRAIN_TEST_NAN_AT_STEP``)."""
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
@@ -158,17 +162,40 @@ class MegatronEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.cfg.train.weight_decay * group.get("wd_mult", 1.0)
-        reports = self._run(microbatches, forward_only=False)
-        update_applied, grad_norm, _ = self.optimizer.step()
+        reports = self._run(microbatches, forward_only=False, poison_loss=poison_loss)
         sums = self._reduce_reports(reports)
         loss_sum, tokens = sums.pop("loss")
+        loss = loss_sum / max(tokens, 1.0)
+        # Skip the update on a non-finite loss or gradient: the optimizer is not stepped, so the
+        # weights and Adam's moments and step count stay exactly as they were. (bf16 and fp32
+        # have no grad scaler whose found-inf check would skip it, and megatron's clipping
+        # applies a NaN norm's update.) Every rank takes the same branch: both tests are global.
+        if math.isfinite(loss) and self._grads_finite():
+            update_applied, grad_norm, _ = self.optimizer.step()
+        else:
+            update_applied, grad_norm = False, math.nan
         return StepResult(
-            loss=loss_sum / max(tokens, 1.0),
+            loss=loss,
             tokens=int(tokens),
             grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
             update_applied=bool(update_applied),
             extra={name: s / max(n, 1.0) for name, (s, n) in sums.items()},
         )
+
+    def _grads_finite(self) -> bool:
+        """Whether the gradient norm of the whole job is finite (one norm per buffer, one all-reduce).
+
+        Each rank checks its full gradient buffers (after the data-parallel reduction): a
+        non-finite gradient on any rank makes the reduced gradient, and so the global norm,
+        non-finite, and a norm that overflows fp32 is non-finite too.
+        """
+        norms = [buffer.grad_data.norm(p=2) for chunk in self.chunks
+                 for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+        bad = torch.zeros(1, dtype=torch.float32, device=self.topo.device)
+        if norms:
+            bad += (~torch.isfinite(torch.stack(norms).float().sum())).float()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict]) -> dict[str, float]:
@@ -194,8 +221,8 @@ class MegatronEngine:
         # other (TP, PP, VPP, DP); the flattened "model space" default is refused by the
         # checkpoint layer of megatron-core 0.16.
         metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
-        if for_loading:
-            self._materialize_optimizer_state()
+        # Loading fills these state tensors; saving before the first applied update needs them too.
+        self._materialize_optimizer_state()
         return {"model": model_sd,
                 "optimizer": self.optimizer.sharded_state_dict(
                     model_sd, is_loading=for_loading, metadata=metadata)}
@@ -218,6 +245,11 @@ class MegatronEngine:
             opt._init_optimizer_states_with_dummy_values()
             for group, lr in zip(inner.param_groups, saved_lrs):
                 group["lr"] = lr
+            # Moments are zero after the zero-gradient step; a zero step count makes the state
+            # equal to a fresh optimizer's, so the next real update is the same as without it.
+            for param_state in inner.state.values():
+                if torch.is_tensor(param_state.get("step")):
+                    param_state["step"] = torch.zeros_like(param_state["step"])
             _keep_step_out_of_tensor_state(opt)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -231,6 +263,8 @@ class MegatronEngine:
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
             self._unshare_adam_steps()
+        else:  # weights only: the optimizer's main (fp32) copies were made from the old weights
+            self.optimizer.reload_model_params()
 
     def _unshare_adam_steps(self) -> None:
         """Give every parameter its own Adam ``step`` tensor after a load.
@@ -278,6 +312,22 @@ def _keep_step_out_of_tensor_state(opt) -> None:
 
     if not opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
         opt._set_main_param_and_optimizer_states = set_states
+
+
+def _nan_loss(forward_step):
+    """``forward_step`` whose loss (and reported loss) is multiplied by NaN: fault injection."""
+    def poisoned_forward_step(data_iterator, model):
+        output, loss_func = forward_step(data_iterator, model)
+
+        def poisoned_loss_func(*args, **kwargs):
+            loss, *rest = loss_func(*args, **kwargs)
+            if rest and isinstance(rest[-1], dict) and "loss" in rest[-1]:
+                report = rest[-1]["loss"].clone()
+                report[0] = report[0] * math.nan
+                rest[-1] = {**rest[-1], "loss": report}
+            return (loss * math.nan, *rest)
+        return output, poisoned_loss_func
+    return poisoned_forward_step
 
 
 def _encoder_or_decoder():

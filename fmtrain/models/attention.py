@@ -52,8 +52,11 @@ class SDPACoreAttention(MegatronModule):
             raise ValueError("packed sequences need Transformer Engine's attention")
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type == AttnMaskType.causal
-        # [s, b, h, d] -> [b, h, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        # [s, b, h, d] -> [b, h, s, d], materialised: megatron hands q/k/v over as strided views
+        # of the fused QKV projection (for GQA, a head stride of the whole group), and some GPU
+        # SDPA backends (cuDNN) have given wrong results on such views; the copy is cheap next
+        # to the attention itself.
+        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
         mask = None
         if not causal and attention_mask is not None:
             # megatron masks mark positions to drop with True; SDPA keeps True positions.

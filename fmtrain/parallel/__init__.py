@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from fmtrain.config import Config, data_parallel_size, validate
+from fmtrain.parallel import slurm
 
 
 @dataclass(frozen=True)
@@ -58,11 +59,17 @@ def _env_int(*names: str, default: int) -> int:
 
 
 def process_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's variables, else SLURM's, else one process."""
+    """(rank, world_size, local_rank) from torchrun's variables, else srun's, else one process."""
     if "RANK" in os.environ:
         return (_env_int("RANK", default=0), _env_int("WORLD_SIZE", default=1),
                 _env_int("LOCAL_RANK", default=0))
-    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+    # A task of an srun step (not the batch script, which has SLURM_PROCID=0 but no step id):
+    # rank 0's node and a port from the job id give every task the same rendezvous address.
+    if "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        master = slurm.srun_master()
+        if master is not None:
+            os.environ.setdefault("MASTER_ADDR", master[0])
+            os.environ.setdefault("MASTER_PORT", str(master[1]))
         return (_env_int("SLURM_PROCID", default=0), _env_int("SLURM_NTASKS", default=1),
                 _env_int("SLURM_LOCALID", default=0))
     return 0, 1, 0
@@ -80,8 +87,10 @@ def initialize(cfg: Config, timeout_minutes: int = 30) -> Topology:
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # srun --gpus-per-task=1 leaves each task one visible GPU: local rank 1 is then cuda:0.
+        local_device = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(local_device)
+        device = torch.device("cuda", local_device)
         backend = "nccl"
     else:
         from fmtrain.parallel import cpu_backend

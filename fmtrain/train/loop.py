@@ -6,6 +6,12 @@ Every step is a pure function of (step number, checkpointed state): the learning
 from :func:`fmtrain.train.schedules.lr_at`, the batch from the stateless sampler, so a run
 resumed from a checkpoint continues with exactly the batches and rates it would have seen.
 Rank 0 prints and writes run files; the others stay quiet unless they fail.
+
+After every step, in this order: a non-finite step is counted (``skipped_steps``; the engine
+already skipped its update) and too many in a row stop the run; a background checkpoint that
+every rank finished is finalized (:meth:`CheckpointWriter.poll`); an interval checkpoint is
+started; and all ranks decide together whether to stop for a requeue (SIGTERM, SIGUSR1,
+``train.exit_after_minutes``: save, then exit status 99; :mod:`fmtrain.train.signals`).
 """
 
 from __future__ import annotations
@@ -19,10 +25,14 @@ import torch
 import torch.distributed as dist
 
 from fmtrain import checkpoint, parallel
+from fmtrain.checkpoint.hf.convert import init_from_hf
 from fmtrain.config import Config
+from fmtrain.data import stream as data_stream
 from fmtrain.data.text import MicrobatchSampler, build_text_datasets, ensure_tokenizer
 from fmtrain.engine import build_engine
 from fmtrain.models.registry import get_family
+from fmtrain.train import signals
+from fmtrain.train.faults import FaultInjection, NumericFaultError, SkipCounter
 from fmtrain.train.metrics import MetricsLogger, StepTimer, device_peak_tflops
 from fmtrain.train.schedules import lr_at
 
@@ -47,6 +57,8 @@ def _broadcast_float(value: float, topo: parallel.Topology) -> float:
 
 def prepare_data(cfg: Config, topo: parallel.Topology, run_dir: Path):
     """Tokenizer (trained once, by rank 0) and the train / validation samplers."""
+    if cfg.data.shards:  # streaming WebDataset shards; the stream's position goes into checkpoints
+        return data_stream.prepare_stream_data(cfg, topo, run_dir)
     if topo.is_writer:
         tokenizer_path = ensure_tokenizer(cfg, run_dir)
     dist.barrier()
@@ -72,7 +84,23 @@ def evaluate(engine, valid: MicrobatchSampler, cfg: Config, topo: parallel.Topol
 
 
 def train(cfg: Config) -> dict:
-    """Run ``cfg`` to ``train.max_steps``; returns the last step's metrics (on every rank)."""
+    """Run ``cfg`` to ``train.max_steps``; returns the last step's metrics (on every rank).
+
+    Asked to stop (SIGTERM, SIGUSR1, ``train.exit_after_minutes``), every rank saves after the
+    current step and raises :class:`fmtrain.train.signals.RequeueRequested` (exit status 99);
+    after ``train.max_consecutive_skips`` non-finite steps in a row it raises
+    :class:`fmtrain.train.faults.NumericFaultError`.
+    """
+    previous_handlers = signals.install()  # the CLI installs them earlier, for the whole process
+    try:
+        return _train(cfg)
+    finally:
+        signals.uninstall(previous_handlers)
+
+
+def _train(cfg: Config) -> dict:
+    started_monotonic = time.monotonic()
+    injected = FaultInjection.from_env()
     topo = parallel.initialize(cfg)
     run_dir = Path(cfg.run.dir)
     if topo.is_writer:
@@ -86,7 +114,14 @@ def train(cfg: Config) -> dict:
                f"layout TP={topo.tp} PP={topo.pp} VPP={topo.vpp} DP={topo.dp} on {topo.world_size} "
                f"{topo.device.type} rank(s), run dir {run_dir}")
 
-    start_step = checkpoint.resume(cfg, run_dir, engine, topo, log=lambda m: log0(topo, m))
+    # model.init_from_hf: released weights for a run that has no checkpoint of its own yet.
+    init_from_hf(cfg, run_dir, engine, topo, log=lambda m: log0(topo, m))
+    resumed = checkpoint.resume_state(cfg, run_dir, engine, topo, log=lambda m: log0(topo, m))
+    start_step = resumed.step if resumed else 0
+    if resumed:
+        checkpoint.check_data_position(resumed, cfg)
+    data_stream.restore_state(train_batches, cfg, run_dir, start_step, topo, log_fn=lambda m: log0(topo, m),
+                              path=resumed.path if resumed else None)
 
     peak, peak_source = device_peak_tflops(cfg.logging, topo.device) if topo.is_writer else (0.0, "")
     peak = _broadcast_float(peak, topo)
@@ -99,28 +134,67 @@ def train(cfg: Config) -> dict:
                       peak_tflops=peak, device=topo.device)
     logger = MetricsLogger(run_dir, is_writer=topo.is_writer, tensorboard=cfg.logging.tensorboard,
                            total_steps=t.max_steps, start_step=start_step)
+    writer = checkpoint.CheckpointWriter(cfg, run_dir, topo, tokenizer_path=tokenizer_path,
+                                         log=lambda m: log0(topo, m))
+    skips = SkipCounter(limit=t.max_consecutive_skips,
+                        total=int(resumed.state.get("skipped_steps", 0)) if resumed else 0)
+    stop = signals.StopCheck(t.exit_after_minutes, topo.device, started=started_monotonic)
+    if injected.active:
+        log0(topo, injected.describe())
+    # Last before the first step: nothing after this may draw random numbers out of turn.
+    checkpoint.restore_rng(resumed, cfg, topo, log=lambda m: log0(topo, m))
+
+    def save(done: int) -> Path:
+        extra = data_stream.checkpoint_state(train_batches, topo) or {}
+        return writer.save(done, engine, extra_state={**extra, "skipped_steps": skips.total})
+
     started = time.perf_counter()
     metrics: dict = {}
-    for step in range(start_step, t.max_steps):
-        lr = lr_at(step, t)
-        microbatches = train_batches.microbatches(step, topo.dp_rank)
-        timer.start()
-        result = engine.train_step(microbatches, lr)
-        metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                   **timer.stop(tokens_per_step), "memory_gb": _memory_gb(topo.device),
-                   "update_applied": float(result.update_applied)}
-        metrics.update({f"{k}": v for k, v in result.extra.items()})
-        done = step + 1
-        if valid_batches is not None and (done % cfg.eval.interval == 0 or done == t.max_steps):
-            metrics["val_loss"] = evaluate(engine, valid_batches, cfg, topo)
-        logger.log(done, metrics)
-        if topo.is_writer and (done % t.log_interval == 0 or done == t.max_steps or done == start_step + 1):
-            print(logger.progress_line(done, metrics, time.perf_counter() - started), flush=True)
-        if (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or (
-                done == t.max_steps and cfg.checkpoint.save_at_end):
-            path = checkpoint.save(cfg, run_dir, done, engine, topo, tokenizer_path=tokenizer_path)
-            log0(topo, f"saved checkpoint {path}")
-    logger.close()
+    try:
+        for step in range(start_step, t.max_steps):
+            done = step + 1
+            lr = lr_at(step, t)
+            microbatches = train_batches.microbatches(step, topo.dp_rank)
+            timer.start()
+            result = engine.train_step(microbatches, lr, poison_loss=injected.poison_loss(done))
+            skips.count(done, result.update_applied)
+            metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+                       **timer.stop(tokens_per_step), "memory_gb": _memory_gb(topo.device),
+                       "update_applied": float(result.update_applied), "skipped_steps": skips.total}
+            metrics.update({f"{k}": v for k, v in result.extra.items()})
+            if valid_batches is not None and (done % cfg.eval.interval == 0 or done == t.max_steps):
+                metrics["val_loss"] = evaluate(engine, valid_batches, cfg, topo)
+            logger.log(done, metrics)
+            if topo.is_writer and (done % t.log_interval == 0 or done == t.max_steps or done == start_step + 1):
+                print(logger.progress_line(done, metrics, time.perf_counter() - started), flush=True)
+            if not result.update_applied:
+                log0(topo, f"step {done}: loss {result.loss:.4g}, grad norm {result.grad_norm:.4g}: not finite, "
+                           f"update skipped ({len(skips.streak)} in a row, {skips.total} in the run)")
+            if skips.exhausted():
+                writer.wait()  # a save still in flight holds the last good state: complete it
+                skips.raise_fault(result.loss, result.grad_norm, checkpoint.find_latest(run_dir, log=lambda m: None))
+            writer.poll()
+            saved_now = (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or (
+                done == t.max_steps and cfg.checkpoint.save_at_end)
+            if saved_now:
+                save(done)
+            injected.after_step(done, topo.rank, topo.world_size)
+            reason = stop.check() if done < t.max_steps else None
+            if reason:
+                if not saved_now:
+                    save(done)
+                writer.wait()
+                log0(topo, f"stopping after step {done} ({reason}): checkpoint {writer.last_saved} is "
+                           f"complete; exiting with status {signals.REQUEUE_EXIT_CODE} (requeue)")
+                raise signals.RequeueRequested(done, reason, str(writer.last_saved))
+        writer.close()
+    except (signals.RequeueRequested, NumericFaultError):
+        raise
+    except BaseException:
+        writer.abort()  # a failing rank leaves a background save's .tmp incomplete, never half-renamed
+        raise
+    finally:
+        logger.close()
     if topo.is_writer and metrics:
         (run_dir / "last_metrics.json").write_text(json.dumps({"step": t.max_steps, **metrics}) + "\n")
     return metrics

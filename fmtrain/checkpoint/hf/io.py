@@ -6,18 +6,26 @@ for are read (memory-mapped). Pickled ``pytorch_model*.bin`` files are refused u
 caller passes ``allow_pickle=True``; they are then read with ``torch.load(weights_only=True)``,
 which unpickles tensors and plain containers only.
 
+Slices: ``ckpt.read_slice(name, (rows, cols))`` reads only those rows / columns
+(``safe_open(...).get_slice``), so a tensor-parallel rank never materialises a full tensor it
+holds a piece of; ``ckpt.bytes_read`` counts what was read.
+
 Writing: safetensors shards of at most ``max_shard_bytes`` each plus the index (or a single
 ``model.safetensors``) and ``config.json``, into a temporary directory renamed into place
 when complete, so an interrupted export never leaves a directory that looks finished.
+:class:`StreamingShardWriter` writes the same files one tensor at a time (headers first, from
+a plan of names, dtypes and shapes), so an export holds at most one tensor in memory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import struct
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -28,6 +36,18 @@ SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 CONFIG = "config.json"
+
+# safetensors dtype names (the format's spec) <-> torch dtypes.
+_SAFE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_SAFE_NAMES = {v: k for k, v in _SAFE_DTYPES.items()}
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 class HFCheckpointError(RuntimeError):
@@ -48,6 +68,8 @@ class HFCheckpoint:
         self._handles: dict[Path, object] = {}
         self._pickled: tuple[Optional[Path], dict] = (None, {})
         self._weight_map, self._format = self._discover()
+        self.bytes_read = 0
+        """Bytes of tensor data returned so far (full tensors and slices)."""
 
     # ------------------------------------------------------------------ discovery
 
@@ -166,8 +188,42 @@ class HFCheckpoint:
         if file is None:
             raise KeyError(name)
         if self._format == "safetensors":
-            return self._handle(file).get_tensor(name)
-        return self._load_pickle(file)[name]
+            t = self._handle(file).get_tensor(name)
+        else:
+            t = self._load_pickle(file)[name]
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def read_slice(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
+        """``ckpt[name][index]`` reading only that part of the file (safetensors ``get_slice``).
+
+        ``index`` holds one ``slice`` (step 1) per leading dimension; the result owns its memory.
+        """
+        file = self._weight_map.get(name)
+        if file is None:
+            raise KeyError(name)
+        if self._format == "safetensors":
+            t = self._handle(file).get_slice(name)[index]
+        else:
+            # A memory-mapped pickle: slicing touches only the pages of these rows.
+            t = self._load_pickle(file)[name][index].clone()
+        self.bytes_read += t.numel() * t.element_size()
+        return t
+
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) of a tensor, from the file header (no tensor data is read)."""
+        file = self._weight_map.get(name)
+        if file is None:
+            raise KeyError(name)
+        if self._format == "safetensors":
+            sl = self._handle(file).get_slice(name)
+            return tuple(sl.get_shape()), _SAFE_DTYPES[sl.get_dtype()]
+        t = self._load_pickle(file)[name]
+        return tuple(t.shape), t.dtype
+
+    def nbytes(self, name: str) -> int:
+        shape, dtype = self.info(name)
+        return math.prod(shape) * _element_size(dtype)
 
     def get(self, name: str) -> torch.Tensor:
         return self[name]
@@ -244,4 +300,117 @@ def save_hf_checkpoint(tensors: dict[str, torch.Tensor], out_dir: str | os.PathL
     return out
 
 
-__all__ = ["HFCheckpoint", "HFCheckpointError", "save_hf_checkpoint"]
+def parse_size(text: str | int) -> int:
+    """``"5GB"``, ``"200KB"``, ``"1.5GiB"`` or a byte count -> bytes (GB = 10**9, GiB = 2**30)."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("KMGTIB")
+    unit = raw[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in units or value <= 0:
+        raise ValueError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    return int(value * units[unit])
+
+
+TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
+"""(name, dtype, shape) of one tensor in a planned export."""
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (a larger tensor gets
+    a shard of its own), as transformers' ``save_pretrained`` does."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = math.prod(spec[2]) * _element_size(spec[1])
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+def shard_file_names(num_shards: int) -> list[str]:
+    if num_shards == 1:
+        return [SAFE_SINGLE]
+    return [f"model-{i:05d}-of-{num_shards:05d}.safetensors" for i in range(1, num_shards + 1)]
+
+
+class StreamingShardWriter:
+    """Write planned safetensors shards into ``directory`` one tensor at a time.
+
+    The header of each file (names, dtypes, shapes, offsets) is known from the plan, so it is
+    written first and every tensor's bytes are appended as the tensor arrives: memory holds one
+    tensor, never a shard. Tensors must arrive in plan order with the planned dtype and shape.
+    ``close()`` checks that every planned tensor was written and writes the index (when there is
+    more than one shard). The files are what ``safetensors.torch.save_file`` would read back
+    identically (8-byte little-endian header length, JSON header padded with spaces to a
+    multiple of 8, then the raw little-endian tensor data in header order).
+    """
+
+    def __init__(self, directory: Path, shards: list[list[TensorSpec]], metadata: Optional[dict] = None):
+        self.directory = Path(directory)
+        self.shards = shards
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.files = shard_file_names(len(shards))
+        self._queue = [(i, spec) for i, shard in enumerate(shards) for spec in shard]
+        self._pos = 0
+        self._open: Optional[tuple[int, object]] = None
+        self.total_bytes = sum(math.prod(s[2]) * _element_size(s[1]) for _, s in self._queue)
+
+    def _start(self, shard: int):
+        header: dict = {"__metadata__": self.metadata}
+        offset = 0
+        for name, dtype, shape in self.shards[shard]:
+            if dtype not in _SAFE_NAMES:
+                raise HFCheckpointError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+            nbytes = math.prod(shape) * _element_size(dtype)
+            header[name] = {"dtype": _SAFE_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        text += b" " * (-len(text) % 8)
+        f = open(self.directory / self.files[shard], "wb")
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        return f
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._pos >= len(self._queue):
+            raise HFCheckpointError(f"{name}: more tensors written than planned")
+        shard, (want_name, dtype, shape) = self._queue[self._pos]
+        if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise HFCheckpointError(f"export wrote {name} {tensor.dtype} {tuple(tensor.shape)} where the plan "
+                                    f"has {want_name} {dtype} {tuple(shape)}")
+        if self._open is None or self._open[0] != shard:
+            if self._open is not None:
+                self._open[1].close()
+            self._open = (shard, self._start(shard))
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel():
+            # Raw bytes, whatever the dtype (numpy has no bfloat16); x86 / ARM are little-endian.
+            self._open[1].write(data.reshape(-1).view(torch.uint8).numpy())  # no copy: buffer protocol
+        self._pos += 1
+
+    def close(self) -> None:
+        if self._open is not None:
+            self._open[1].close()
+            self._open = None
+        if self._pos != len(self._queue):
+            missing = [spec[0] for _, spec in self._queue[self._pos:]]
+            raise HFCheckpointError(f"export stopped before {len(missing)} tensor(s), e.g. {missing[0]}")
+        if len(self.shards) > 1:
+            weight_map = {spec[0]: self.files[i] for i, spec in self._queue}
+            (self.directory / SAFE_INDEX).write_text(json.dumps(
+                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
+
+
+__all__ = ["HFCheckpoint", "HFCheckpointError", "save_hf_checkpoint", "parse_size", "plan_shards",
+           "shard_file_names", "StreamingShardWriter", "TensorSpec"]

@@ -106,6 +106,30 @@ def load_global_tensors(chunks: Iterable[torch.nn.Module], full_tensor: FullTens
     return count
 
 
+PieceFn = Callable[[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], torch.Tensor]
+"""(key, index, offset, shape) -> that region of the global tensor (key, index)."""
+
+
+@torch.no_grad()
+def load_global_pieces(chunks: Iterable[torch.nn.Module], piece: PieceFn) -> int:
+    """Copy ``piece(key, index, offset, shape)`` into every local tensor; returns the count.
+
+    Unlike :func:`load_global_tensors`, the source is asked only for the region this rank
+    holds (its rows of a column-parallel weight, its columns of a row-parallel one), so a
+    reader that can slice (safetensors ``get_slice``) never materialises a full tensor.
+    """
+    count = 0
+    for shard in local_shards(chunks):
+        data = piece(shard.key, shard.index, shard.offset, tuple(shard.data.shape))
+        if tuple(data.shape) != tuple(shard.data.shape):
+            where = f" (layer {shard.index[0]})" if shard.index else ""
+            raise ValueError(f"{shard.key}{where}: the converter gave a piece of shape {tuple(data.shape)} "
+                             f"at offset {shard.offset}, the model holds {tuple(shard.data.shape)}")
+        shard.data.copy_(data.to(device=shard.data.device, dtype=shard.data.dtype))
+        count += 1
+    return count
+
+
 def _assemble(pieces: Iterable[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], torch.Tensor]]
               ) -> dict[GlobalName, torch.Tensor]:
     full: dict[GlobalName, torch.Tensor] = {}
@@ -145,4 +169,5 @@ def gather_global_tensors(chunks: Iterable[torch.nn.Module], *, dst: int = 0,
     return _assemble(p for rank_pieces in received for p in rank_pieces)
 
 
-__all__ = ["LocalShard", "GlobalName", "local_shards", "load_global_tensors", "gather_global_tensors"]
+__all__ = ["LocalShard", "GlobalName", "local_shards", "load_global_tensors", "load_global_pieces",
+           "gather_global_tensors"]

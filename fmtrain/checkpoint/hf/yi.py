@@ -35,16 +35,21 @@ is needed (unlike Meta's original Llama checkpoints).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
 from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError, save_hf_checkpoint
-from fmtrain.checkpoint.hf.layout import GlobalName, gather_global_tensors, load_global_tensors
+# fmtrain.checkpoint.hf.layout (megatron) is imported where chunks are touched, so that config
+# translation and export planning (fmtrain convert's parent process, to-hf) stay light.
 from fmtrain.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from fmtrain.checkpoint.hf.layout import GlobalName
 
 HFTensors = Callable[[str], torch.Tensor]
 """name -> tensor of a Hugging Face checkpoint; raises KeyError for a name it does not hold."""
@@ -163,6 +168,32 @@ def overrides_as_args(overrides: dict[str, Any]) -> list[str]:
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
 
 
+# fmtrain field -> the config.json field it comes from (for messages).
+_HF_FIELD = {
+    "model.family": "model_type", "model.num_layers": "num_hidden_layers",
+    "model.hidden_size": "hidden_size", "model.num_attention_heads": "num_attention_heads",
+    "model.num_query_groups": "num_key_value_heads", "model.head_dim": "head_dim",
+    "model.ffn_hidden_size": "intermediate_size", "model.vocab_size": "vocab_size",
+    "model.rotary_base": "rope_theta", "model.norm_epsilon": "rms_norm_eps",
+    "model.tie_embeddings": "tie_word_embeddings",
+}
+ARCHITECTURE_FIELDS = tuple(_HF_FIELD)
+"""``model.*`` fields a checkpoint fixes; ``seq_length`` and ``init_method_std`` may differ."""
+
+
+def check_model_matches_hf(cfg: Config, config_json: dict, source: str) -> None:
+    """Raise :class:`ConfigError` naming the first ``model.*`` field that differs from the
+    Hugging Face ``config.json`` (``source`` names it in the message)."""
+    want = fmtrain_model_overrides_from_hf(config_json)
+    for name in ARCHITECTURE_FIELDS:
+        expected = want[name]
+        have = cfg.head_dim if name == "model.head_dim" else getattr(cfg.model, name.split(".", 1)[1])
+        same = math.isclose(have, expected, rel_tol=1e-9) if isinstance(expected, float) else have == expected
+        if not same:
+            raise ConfigError(f"{name}={have!r} does not match the checkpoint: {source} has "
+                              f"{_HF_FIELD[name]}={expected!r}")
+
+
 # ---------------------------------------------------------------------- shapes
 
 
@@ -236,6 +267,81 @@ def hf_names(s: YiShapes) -> list[str]:
     if not s.tied:
         names.append("lm_head.weight")
     return names
+
+
+def hf_shapes(s: YiShapes) -> dict[str, tuple[int, ...]]:
+    """Shape of every Hugging Face tensor of this model (current names), in :func:`hf_names` order."""
+    q, kv = s.heads * s.head_dim, s.groups * s.head_dim
+    per_layer = {"input_layernorm.weight": (s.hidden,), "self_attn.q_proj.weight": (q, s.hidden),
+                 "self_attn.k_proj.weight": (kv, s.hidden), "self_attn.v_proj.weight": (kv, s.hidden),
+                 "self_attn.o_proj.weight": (s.hidden, q), "post_attention_layernorm.weight": (s.hidden,),
+                 "mlp.gate_proj.weight": (s.ffn, s.hidden), "mlp.up_proj.weight": (s.ffn, s.hidden),
+                 "mlp.down_proj.weight": (s.hidden, s.ffn)}
+    out = {}
+    for name in hf_names(s):
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[name] = (s.vocab, s.hidden)
+        elif name == "model.norm.weight":
+            out[name] = (s.hidden,)
+        else:
+            out[name] = per_layer[name.split(".", 3)[3]]
+    return out
+
+
+Segment = tuple[str, int, int]
+"""(Hugging Face tensor name, first row, number of rows): consecutive rows of a megatron tensor."""
+
+
+def hf_row_segments(key: str, index: tuple[int, ...], s: YiShapes,
+                    resolve: Callable[[str], str] = lambda name: name) -> list[Segment]:
+    """The rows of the global megatron tensor ``key`` (layer ``index``), top to bottom, as row
+    ranges of Hugging Face tensors; columns map one to one. This is
+    :func:`megatron_tensor_from_hf` without reading anything, so a rank can read just the rows
+    and columns it owns. ``resolve`` maps a current norm name to the one the checkpoint uses."""
+    if key == "embedding.word_embeddings.weight":
+        return [("model.embed_tokens.weight", 0, s.vocab)]
+    if key == "output_layer.weight":
+        return [("model.embed_tokens.weight" if s.tied else "lm_head.weight", 0, s.vocab)]
+    if key == "decoder.final_layernorm.weight":
+        return [("model.norm.weight", 0, s.hidden)]
+    if not key.startswith("decoder.layers.") or len(index) != 1:
+        raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} {index}")
+    p = f"model.layers.{index[0]}."
+    if key in _INPUT_NORM:
+        return [(resolve(p + "input_layernorm.weight"), 0, s.hidden)]
+    if key in _MLP_NORM:
+        return [(resolve(p + "post_attention_layernorm.weight"), 0, s.hidden)]
+    if key == "decoder.layers.self_attention.linear_qkv.weight":
+        q_rows, d = s.heads_per_group * s.head_dim, s.head_dim
+        segments = []
+        for g in range(s.groups):  # megatron's grouping, see pack_qkv
+            segments += [(p + "self_attn.q_proj.weight", g * q_rows, q_rows),
+                         (p + "self_attn.k_proj.weight", g * d, d), (p + "self_attn.v_proj.weight", g * d, d)]
+        return segments
+    if key == "decoder.layers.self_attention.linear_proj.weight":
+        return [(p + "self_attn.o_proj.weight", 0, s.hidden)]
+    if key == "decoder.layers.mlp.linear_fc1.weight":
+        return [(p + "mlp.gate_proj.weight", 0, s.ffn), (p + "mlp.up_proj.weight", 0, s.ffn)]
+    if key == "decoder.layers.mlp.linear_fc2.weight":
+        return [(p + "mlp.down_proj.weight", 0, s.hidden)]
+    raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} (layer {index[0]})")
+
+
+def read_piece(ckpt: HFCheckpoint, segments: list[Segment], offset: tuple[int, ...],
+               shape: tuple[int, ...]) -> torch.Tensor:
+    """Rows ``offset[0]:offset[0]+shape[0]`` (and the columns likewise) of the tensor that
+    ``segments`` stacks, reading only those rows and columns from ``ckpt``."""
+    lo, hi = offset[0], offset[0] + shape[0]
+    cols = (slice(offset[1], offset[1] + shape[1]),) if len(shape) > 1 else ()
+    parts, pos = [], 0
+    for name, first, rows in segments:
+        a, b = max(lo, pos), min(hi, pos + rows)
+        if a < b:
+            parts.append(ckpt.read_slice(name, (slice(first + a - pos, first + b - pos),) + cols))
+        pos += rows
+    if not parts:
+        raise ValueError(f"rows {lo}:{hi} are outside the {pos} rows of {segments[0][0]}")
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def _norm(get: HFTensors, layer: int, name: str) -> torch.Tensor:
@@ -324,6 +430,8 @@ def load_hf_into_chunks(chunks: list[torch.nn.Module], hf_tensors: HFTensors,
             where = f" (layer {index[0]})" if index else ""
             raise HFCheckpointError(f"Hugging Face tensor {exc.args[0]} for {key}{where} is missing") from None
 
+    from fmtrain.checkpoint.hf.layout import load_global_tensors
+
     return load_global_tensors(chunks, full)
 
 
@@ -353,6 +461,49 @@ def check_hf_names(ckpt: HFCheckpoint, s: YiShapes) -> None:
             parts.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
         raise HFCheckpointError(f"{ckpt.path}: does not match the model "
                                 f"({s.num_layers} layers, tied={s.tied}): {'; '.join(parts)}")
+    # Shapes from the file headers, before anything is copied.
+    resolve = norm_resolver(ckpt)
+    for name, shape in hf_shapes(s).items():
+        found, _ = ckpt.info(resolve(name))
+        if tuple(found) != tuple(shape):
+            raise HFCheckpointError(f"{ckpt.path}: tensor {resolve(name)} has shape {tuple(found)}, the model "
+                                    f"({s.hidden} hidden, {s.heads} heads / {s.groups} KV heads of "
+                                    f"{s.head_dim}, FFN {s.ffn}, vocab {s.vocab}) expects {tuple(shape)}")
+
+
+def norm_resolver(ckpt: HFCheckpoint) -> Callable[[str], str]:
+    """Current norm name -> the name this checkpoint stores it under (``ln1`` / ``ln2`` in the
+    first Yi release); other names pass through."""
+    present = ckpt.names
+
+    def resolve(name: str) -> str:
+        for new, aliases in NORM_ALIASES.items():
+            if name.endswith(f".{new}.weight"):
+                for alias in aliases:
+                    candidate = name.replace(f".{new}.", f".{alias}.")
+                    if candidate in present:
+                        return candidate
+        return name
+
+    return resolve
+
+
+def load_hf_slices_into_chunks(chunks: list[torch.nn.Module], ckpt: HFCheckpoint,
+                               shapes: Optional[YiShapes] = None) -> int:
+    """:func:`load_hf_into_chunks` reading only this rank's rows / columns of each tensor."""
+    s = shapes or YiShapes.from_chunk(chunks[0])
+    resolve = norm_resolver(ckpt)
+
+    def piece(key: str, index: tuple[int, ...], offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
+        try:
+            return read_piece(ckpt, hf_row_segments(key, index, s, resolve), offset, shape)
+        except KeyError as exc:
+            where = f" (layer {index[0]})" if index else ""
+            raise HFCheckpointError(f"Hugging Face tensor {exc.args[0]} for {key}{where} is missing") from None
+
+    from fmtrain.checkpoint.hf.layout import load_global_pieces
+
+    return load_global_pieces(chunks, piece)
 
 
 def load_hf(chunks: list[torch.nn.Module], path: str | Path, *, allow_pickle: bool = False,
@@ -365,7 +516,7 @@ def load_hf(chunks: list[torch.nn.Module], path: str | Path, *, allow_pickle: bo
     with HFCheckpoint(path, allow_pickle=allow_pickle) as ckpt:
         if strict:
             check_hf_names(ckpt, s)
-        return load_hf_into_chunks(chunks, ckpt.get, s)
+        return load_hf_slices_into_chunks(chunks, ckpt, s)
 
 
 def load_hf_into_engine(engine, path: str | Path, *, allow_pickle: bool = False, strict: bool = True) -> int:
@@ -382,6 +533,25 @@ def load_hf_into_engine(engine, path: str | Path, *, allow_pickle: bool = False,
 
 
 # ---------------------------------------------------------------------- export
+
+
+def export_order(s: YiShapes, present: Callable[[str], bool]) -> list[GlobalName]:
+    """megatron tensors (key, layer index) in the order of the Hugging Face tensors they become
+    (:func:`hf_names`); ``present(key)`` tells which of the per-layer norm key spellings a
+    checkpoint uses."""
+    def pick(candidates: tuple[str, ...]) -> str:
+        return next((k for k in candidates if present(k)), candidates[0])
+
+    input_norm, mlp_norm = pick(_INPUT_NORM), pick(_MLP_NORM)
+    order: list[GlobalName] = [("embedding.word_embeddings.weight", ())]
+    for n in range(s.num_layers):
+        order += [(input_norm, (n,)), ("decoder.layers.self_attention.linear_qkv.weight", (n,)),
+                  ("decoder.layers.self_attention.linear_proj.weight", (n,)), (mlp_norm, (n,)),
+                  ("decoder.layers.mlp.linear_fc1.weight", (n,)), ("decoder.layers.mlp.linear_fc2.weight", (n,))]
+    order.append(("decoder.final_layernorm.weight", ()))
+    if not s.tied:
+        order.append(("output_layer.weight", ()))
+    return order
 
 
 def hf_state_from_global(tensors: dict[GlobalName, torch.Tensor], s: YiShapes,
@@ -402,6 +572,8 @@ def export_hf_state(chunks: list[torch.nn.Module], *, dtype: Optional[torch.dtyp
                     dst: int = 0) -> Optional[dict[str, torch.Tensor]]:
     """Full HF tensors on rank ``dst`` (None elsewhere); collective over all ranks."""
     s = YiShapes.from_chunk(chunks[0])
+    from fmtrain.checkpoint.hf.layout import gather_global_tensors
+
     full = gather_global_tensors(chunks, dst=dst)
     return None if full is None else hf_state_from_global(full, s, dtype)
 
@@ -429,5 +601,7 @@ __all__ = [
     "hf_config_from_fmtrain", "fmtrain_model_overrides_from_hf", "overrides_as_args", "YiShapes",
     "pack_qkv", "unpack_qkv", "hf_names", "megatron_tensor_from_hf", "hf_tensors_from_megatron",
     "load_hf_into_chunks", "check_hf_names", "load_hf", "load_hf_into_engine",
-    "hf_state_from_global", "export_hf_state", "save_hf",
+    "hf_state_from_global", "export_hf_state", "save_hf", "hf_shapes", "hf_row_segments", "read_piece",
+    "norm_resolver", "load_hf_slices_into_chunks", "check_model_matches_hf", "ARCHITECTURE_FIELDS",
+    "export_order",
 ]

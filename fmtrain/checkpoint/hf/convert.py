@@ -1,0 +1,436 @@
+"""``fmtrain convert from-hf | to-hf`` and ``model.init_from_hf``: Hugging Face in and out.
+
+(The command line is :mod:`fmtrain.cli_convert`; this module does the work.)
+
+Import (``from-hf``) runs on the ranks of the target layout, like ``fmtrain train``: every
+rank builds its model chunk(s) for the (TP, PP, VPP) the ``parallel.*`` overrides give, reads
+only the rows / columns of each Hugging Face tensor it holds (safetensors ``get_slice``) and
+the ranks write one model-only fmtrain checkpoint together (``dist_checkpointing``; the
+optimizer starts fresh when training loads it). ``model.init_from_hf`` does the same reading
+straight into a training engine, for a run that has no checkpoint of its own yet.
+
+Export (``to-hf``) reads a checkpoint of any training layout in one process, one tensor at a
+time: each global tensor (one layer's fused QKV, say) is read from the distributed checkpoint
+as its full TP = PP = 1 value, split into Hugging Face tensors and appended to the safetensors
+shard being written, whose header was written first from a plan of every tensor's name, dtype
+and shape. Peak memory is one tensor plus the process itself, whatever the model size.
+
+megatron's own ``dist_checkpointing.load`` cannot load part of a stacked per-layer tensor in
+a single process (its PyTorch ``ShardedTensor`` conversion declares every other piece to be on
+rank ``(rank + 1) % world_size``, which is this rank when the world is one process), and
+loading whole keys would hold every layer's MLP at once (11.5 GB for Yi-6B in fp32). The
+export therefore reads the same files through PyTorch's distributed-checkpoint reader with a
+planner that asks for one region (a layer) per call; that reader reshards exactly as
+megatron's loader does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from fmtrain.config import Config, ConfigError, config_from_dict, load_config
+
+STATE_FILE = "fmtrain_state.json"  # == fmtrain.checkpoint.STATE_FILE (not imported: keeps to-hf light)
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}
+
+Log = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------- family converters
+
+
+def converter(family: str):
+    """The Hugging Face converter module of a model family (config + key mapping)."""
+    if family == "yi":
+        from fmtrain.checkpoint.hf import yi
+
+        return yi
+    raise ConfigError(f"model.family={family!r} has no Hugging Face converter; known: yi")
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kilobytes on Linux
+
+
+def _read_hf_config(hf_dir: Path) -> dict:
+    file = Path(hf_dir) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{hf_dir}: no config.json (a Hugging Face model directory has one)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file}: not valid JSON ({exc})") from None
+
+
+def refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+# ---------------------------------------------------------------------- import
+
+
+def from_hf_config(hf_dir: Path, recipe: Optional[str], overrides: list[str]) -> Config:
+    """The run config for converting ``hf_dir``: the recipe's, or one made from config.json;
+    either way every architecture field must match the checkpoint (the error names it)."""
+    hf_config = _read_hf_config(hf_dir)
+    family_args: list[str] = []
+    if recipe is None:
+        from fmtrain.checkpoint.hf.yi import fmtrain_model_overrides_from_hf, overrides_as_args
+
+        family_args = overrides_as_args(fmtrain_model_overrides_from_hf(hf_config))
+    cfg = load_config(recipe, family_args + list(overrides))
+    conv = converter(cfg.model.family)
+    source = f"{hf_dir}/config.json"
+    try:
+        conv.check_model_matches_hf(cfg, hf_config, source)
+    except ConfigError as exc:
+        raise ConfigError(f"recipe {recipe}: {exc}" if recipe else str(exc)) from None
+    return cfg
+
+
+def _build_chunks(cfg: Config, family, params_dtype: torch.dtype, device: torch.device) -> list[torch.nn.Module]:
+    """This rank's model chunk(s), as :class:`fmtrain.engine.megatron.MegatronEngine` builds
+    them (same modules, so the same checkpoint keys), without DDP or an optimizer."""
+    from megatron.core import parallel_state
+
+    tconfig = family.transformer_config(cfg, params_dtype=params_dtype, use_cpu=device.type == "cpu")
+    tconfig.perform_initialization = False  # every weight is overwritten from the checkpoint
+    chunks = []
+    p = cfg.parallel
+    for vp in range(p.vpp):
+        vp_stage = vp if p.vpp > 1 else None
+        chunk = family.build_chunk(
+            cfg, tconfig,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage)
+        chunks.append(chunk.to(device))
+    return chunks
+
+
+def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
+    """The ``"model"`` entry of an engine's distributed-checkpoint state (same nesting)."""
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def load_hf_weights(chunks: list[torch.nn.Module], hf_dir: Path, cfg: Config, *,
+                    allow_pickle: bool = False) -> tuple[int, int, int]:
+    """Read this rank's slices of ``hf_dir`` into ``chunks``; (tensors set, bytes read, bytes
+    in the checkpoint's model tensors)."""
+    from fmtrain.checkpoint.hf.io import HFCheckpoint
+
+    conv = converter(cfg.model.family)
+    shapes = conv.YiShapes.from_config(cfg)
+    with HFCheckpoint(hf_dir, allow_pickle=allow_pickle) as ckpt:
+        conv.check_hf_names(ckpt, shapes)
+        total = sum(ckpt.nbytes(name) for name in ckpt.names)
+        count = conv.load_hf_slices_into_chunks(chunks, ckpt, shapes)
+        return count, ckpt.bytes_read, total
+
+
+def _read_share(bytes_read: int, total: int, topo) -> float:
+    """The largest share of the checkpoint any rank read (collective)."""
+    import torch.distributed as dist
+
+    share = torch.tensor([bytes_read / max(total, 1)], dtype=torch.float64, device=topo.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(share, op=dist.ReduceOp.MAX)
+    return float(share.item())
+
+
+def _hf_dtype(hf_dir: Path, allow_pickle: bool) -> torch.dtype:
+    from fmtrain.checkpoint.hf.io import HFCheckpoint
+
+    with HFCheckpoint(hf_dir, allow_pickle=allow_pickle) as ckpt:
+        return ckpt.info("model.embed_tokens.weight")[1]
+
+
+def convert_from_hf(cfg: Config, hf_dir: Path, out_dir: Path, *, dtype: str = "auto",
+                    allow_pickle: bool = False, overwrite: bool = False) -> Path:
+    """Write ``hf_dir`` as a model-only fmtrain checkpoint for ``cfg.parallel`` (every rank)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from fmtrain import parallel
+    from fmtrain.models.registry import get_family
+
+    refuse_existing(out_dir, overwrite)
+    topo = parallel.initialize(cfg)
+    log: Log = (lambda m: print(m, flush=True)) if topo.is_writer else (lambda m: None)
+    started = time.perf_counter()
+    params_dtype = _hf_dtype(hf_dir, allow_pickle) if dtype == "auto" else DTYPES[dtype]
+    if params_dtype not in (torch.float32, torch.bfloat16):
+        params_dtype = torch.float32
+    family = get_family(cfg.model.family)
+    chunks = _build_chunks(cfg, family, params_dtype, topo.device)
+    log(f"fmtrain convert from-hf: {hf_dir} -> {out_dir} at TP={topo.tp} PP={topo.pp} VPP={topo.vpp} "
+        f"DP={topo.dp} ({topo.world_size} rank(s)), {_DTYPE_NAMES[params_dtype]}")
+    count, read, total = load_hf_weights(chunks, hf_dir, cfg, allow_pickle=allow_pickle)
+    share = _read_share(read, total, topo)
+    log(f"loaded {count} tensor pieces on rank 0; each rank read at most {100 * share:.1f}% of the "
+        f"checkpoint's {total / 2**20:.1f} MiB")
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if topo.is_writer:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save({"model": model_sharded_state_dict(chunks)}, str(tmp))
+    dist.barrier()
+    if topo.is_writer:
+        state = {
+            "step": 0,
+            "consumed_samples": 0,
+            "layout": {"tp": topo.tp, "pp": topo.pp, "vpp": topo.vpp, "dp": topo.dp},
+            "contents": ["model"],
+            "source": {"hugging_face": str(hf_dir), "dtype": _DTYPE_NAMES[params_dtype]},
+            "config": cfg.to_dict(),
+        }
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+        tokenizer = Path(hf_dir) / "tokenizer.model"
+        if tokenizer.is_file():
+            shutil.copy2(tokenizer, tmp / "tokenizer.model")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+        log(f"wrote {out_dir} (model only, step 0{', with tokenizer.model' if tokenizer.is_file() else ''}) "
+            f"in {time.perf_counter() - started:.1f}s; train from it with checkpoint.load={out_dir}")
+    dist.barrier()
+    return out_dir
+
+
+def init_from_hf(cfg: Config, run_dir: Path, engine, topo, log: Log = print) -> bool:
+    """``model.init_from_hf``: load released weights into a freshly built engine (all ranks).
+
+    Skipped (False) when the run resumes: ``checkpoint.load`` is set or RUN_DIR has a
+    checkpoint. Otherwise every rank reads only its slices, and the optimizer's main (fp32)
+    weights are refreshed from the loaded parameters.
+    """
+    if not cfg.model.init_from_hf:
+        return False
+    from fmtrain.checkpoint import find_latest
+
+    hf_dir = Path(cfg.model.init_from_hf)
+    resuming = cfg.checkpoint.load or find_latest(run_dir, log=lambda m: None)
+    if resuming:
+        log(f"model.init_from_hf={hf_dir} not used: the run resumes from "
+            f"{cfg.checkpoint.load or resuming}")
+        return False
+    if not hf_dir.is_dir():
+        raise ConfigError(f"model.init_from_hf={hf_dir}: no such directory")
+    converter(cfg.model.family).check_model_matches_hf(cfg, _read_hf_config(hf_dir), f"{hf_dir}/config.json")
+    started = time.perf_counter()
+    count, read, total = load_hf_weights(engine.unwrapped_chunks(), hf_dir, cfg)
+    optimizer = getattr(engine, "optimizer", None)
+    if optimizer is not None:
+        optimizer.reload_model_params()
+    share = _read_share(read, total, topo)
+    log(f"initialised from Hugging Face weights {hf_dir} ({count} tensor pieces on rank 0; each rank read "
+        f"at most {100 * share:.1f}% of {total / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f}s")
+    return True
+
+
+# ---------------------------------------------------------------------- export
+
+
+class DistCheckpointReader:
+    """Tensors of a megatron ``torch_dist`` checkpoint, one region at a time, in one process.
+
+    ``read(key, index)`` returns the full value of ``key`` at the prepended indices ``index``
+    (the layer number of ``decoder.layers.*``), whatever layout wrote it.
+    """
+
+    def __init__(self, path: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.path = Path(path)
+        meta_file = self.path / "metadata.json"
+        try:
+            backend = json.loads(meta_file.read_text()).get("sharded_backend")
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"{self.path}: not a distributed checkpoint ({meta_file}: {exc})") from None
+        if backend != "torch_dist":
+            raise ConfigError(f"{self.path}: sharded_backend={backend!r}; only torch_dist checkpoints are read")
+        self._reader_cls = FileSystemReader
+        self.metadata = FileSystemReader(str(self.path)).read_metadata().state_dict_metadata
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.metadata
+
+    def info(self, key: str, prepend: int) -> tuple[tuple[int, ...], torch.dtype]:
+        md = self.metadata[key]
+        return tuple(md.size)[prepend:], md.properties.dtype
+
+    def read(self, key: str, index: tuple[int, ...]) -> torch.Tensor:
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        md = self.metadata[key]
+        size = tuple(md.size)
+        region_offsets = tuple(index) + (0,) * (len(size) - len(index))
+        region_sizes = (1,) * len(index) + size[len(index):]
+
+        class OneRegion(DefaultLoadPlanner):
+            def create_local_plan(self) -> LoadPlan:
+                chunk = ChunkStorageMetadata(offsets=torch.Size(region_offsets), sizes=torch.Size(region_sizes))
+                return LoadPlan(create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk]))
+
+            def lookup_tensor(self, index):  # the destination is the region itself
+                return self.state_dict[index.fqn]
+
+        buffer = torch.empty(region_sizes, dtype=md.properties.dtype)
+        with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": intended here
+            warnings.simplefilter("ignore", UserWarning)
+            load({key: buffer}, storage_reader=self._reader_cls(str(self.path)), planner=OneRegion(), no_dist=True)
+        return buffer.reshape(size[len(index):])
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    if (path / STATE_FILE).is_file():
+        return path
+    if (path / "checkpoints").is_dir():
+        from fmtrain.checkpoint import find_latest
+
+        latest = find_latest(path, log=lambda m: None)
+        if latest is not None:
+            return latest
+    raise ConfigError(f"{path}: not an fmtrain checkpoint (no {STATE_FILE}) nor a run directory with one")
+
+
+def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
+                 max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, log: Log = print) -> Path:
+    """Write a Hugging Face ``LlamaForCausalLM`` directory from an fmtrain checkpoint (one process).
+
+    ``dtype`` (bf16 | fp32) defaults to the dtype the weights are stored in. fp32 from a bf16
+    run takes the optimizer's fp32 main weights when the checkpoint has them.
+    """
+    from fmtrain.checkpoint.hf.io import StreamingShardWriter, plan_shards
+    from fmtrain.checkpoint.hf.tokenizer import write_hf_tokenizer
+
+    started = time.perf_counter()
+    ckpt = _resolve_checkpoint(Path(ckpt_dir))
+    out = Path(out_dir)
+    refuse_existing(out, overwrite)
+    from fmtrain.checkpoint import read_state
+
+    state = read_state(ckpt)
+    if not isinstance(state.get("config"), dict):
+        raise ConfigError(f"{ckpt}/{STATE_FILE} has no resolved config to export the model from")
+    cfg = config_from_dict(state["config"])
+    conv = converter(cfg.model.family)
+    s = conv.YiShapes.from_config(cfg)
+    reader = DistCheckpointReader(ckpt)
+
+    # The plan: megatron tensors in Hugging Face order, and the HF tensors each one becomes.
+    order = conv.export_order(s, present=lambda key: key in reader)
+    expected = conv.hf_shapes(s)
+    work = []  # (key, index, source key, [(hf name, shape)])
+    stored_dtypes, from_main = set(), 0
+    for key, index in order:
+        if key not in reader:
+            raise ConfigError(f"{ckpt}: the checkpoint has no tensor {key!r}, which its saved config "
+                              f"(model.family={cfg.model.family}) needs")
+        shape, stored = reader.info(key, len(index))
+        source = key
+        if dtype == "fp32" and stored != torch.float32 and f"optimizer.state.param.{key}" in reader:
+            source = f"optimizer.state.param.{key}"  # the fp32 main weights of a bf16 run
+            from_main += 1
+        stored_dtypes.add(stored)
+        produced = conv.hf_tensors_from_megatron(key, index, torch.empty(shape, device="meta"), s)
+        for name, t in produced.items():
+            if tuple(t.shape) != expected[name]:
+                raise ConfigError(f"{ckpt}: {key} {index} has shape {shape}, which does not give {name} "
+                                  f"the shape {expected[name]} that the saved config implies")
+        work.append((key, index, source, [(name, tuple(t.shape)) for name, t in produced.items()]))
+    names = [name for *_, outs in work for name, _ in outs]
+    if names != list(expected):
+        missing = [n for n in expected if n not in names]
+        raise ConfigError(f"{ckpt}: the checkpoint lacks tensors for {', '.join(missing[:3])}")
+    if dtype is None:
+        out_dtype = stored_dtypes.pop() if len(stored_dtypes) == 1 else torch.float32
+    else:
+        out_dtype = DTYPES[dtype]
+    specs = [(name, out_dtype, shape) for *_, outs in work for name, shape in outs]
+    shards = plan_shards(specs, max_shard_bytes)
+
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    writer = StreamingShardWriter(tmp, shards)
+    log(f"fmtrain convert to-hf: {ckpt} (saved at TP={state['layout'].get('tp')} PP={state['layout'].get('pp')}, "
+        f"step {state.get('step')}) -> {out}: {len(specs)} tensors, {writer.total_bytes / 2**20:.1f} MiB "
+        f"{_DTYPE_NAMES.get(out_dtype, out_dtype)} in {len(shards)} shard(s)"
+        + (f", {from_main} of {len(work)} from the optimizer's fp32 main weights" if from_main else ""))
+    last_report = time.perf_counter()
+    for i, (key, index, source, outs) in enumerate(work, 1):
+        full = reader.read(source, index)
+        for name, t in conv.hf_tensors_from_megatron(key, index, full, s).items():
+            writer.write(name, t.to(out_dtype))
+        del full
+        if time.perf_counter() - last_report > 10 and i < len(work):
+            log(f"  {i}/{len(work)} checkpoint tensors exported")
+            last_report = time.perf_counter()
+    writer.close()
+
+    config = conv.hf_config_from_fmtrain(cfg, out_dtype)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}
+    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tokenizer = ckpt / "tokenizer.model"
+    extra = ""
+    if tokenizer.is_file():
+        written = write_hf_tokenizer(tokenizer, tmp, model_max_length=cfg.model.seq_length, log=log)
+        extra = f", tokenizer ({', '.join(written)})"
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    log(f"wrote {out}: {len(shards)} safetensors shard(s){extra} in {time.perf_counter() - started:.1f}s, "
+        f"peak memory {_peak_rss_mb():.0f} MiB")
+    return out
+
+
+# ---------------------------------------------------------------------- demo
+
+
+def demo_export_and_generate(run_dir: Path, prompt: str, max_new_tokens: int = 20, log: Log = print) -> int:
+    """Export the run's latest checkpoint to RUN_DIR/hf and greedy-generate with transformers."""
+    out = Path(run_dir) / "hf"
+    export_to_hf(Path(run_dir), out, overwrite=True, log=log)
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        log("transformers is not installed (pip install -e '.[test]'); skipping generation")
+        return 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                   do_sample=False)
+    text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=False)
+    log(f"transformers ({type(model).__name__} from {out}), greedy, {max_new_tokens} tokens:\n"
+        f"  {prompt!r} -> {text!r}")
+    return 0
+
+
+__all__ = ["convert_from_hf", "from_hf_config", "init_from_hf", "export_to_hf",
+           "DistCheckpointReader", "demo_export_and_generate", "converter"]

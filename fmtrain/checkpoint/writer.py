@@ -1,0 +1,226 @@
+"""Writing checkpoints: synchronous or asynchronous, atomic, with retention.
+
+One save, on every rank::
+
+    step_N.tmp/ created (rank 0)  ->  sharded tensors written (megatron dist_checkpointing, every
+    rank its shards)  +  rng/rank_RRRRR.pt (every rank)  ->  [all ranks finished]  ->  finalize:
+    fmtrain_state.json written, step_N.tmp renamed to step_N, ``latest`` replaced, retention
+
+``checkpoint.async_save=true`` hands the tensor writing to megatron's asynchronous path: the
+shards are staged in host memory (a copy from the GPU; on the CPU the forked writer process
+keeps a copy-on-write snapshot), a forked process writes them, and the training loop goes on.
+:meth:`CheckpointWriter.poll`, called by the loop after every step on every rank, asks all
+ranks (one small all-reduce) whether the writers are done and finalizes the checkpoint once
+every rank's writer is; the rename and ``latest`` therefore only ever happen after all ranks
+finished writing. At most one save is in flight: a new save, the end of the run, a stop for
+requeue and a numeric-fault stop first wait for the previous one. Where the platform or the
+save strategy cannot do this (no ``fork``; a non-async strategy) the writer logs the reason
+once and saves synchronously.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from fmtrain.checkpoint import files, rng
+from fmtrain.checkpoint.errors import CheckpointError
+from fmtrain.config import Config
+
+
+def async_unsupported_reason() -> Optional[str]:
+    """Why asynchronous saving cannot work here, or None when it can."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "this platform cannot fork the writer process megatron's async save uses"
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.base import AsyncSaveShardedStrategy
+
+    strategy = get_default_save_sharded_strategy()
+    if not isinstance(strategy, AsyncSaveShardedStrategy):
+        return f"megatron's default save strategy {type(strategy).__name__} has no asynchronous mode"
+    return None
+
+
+def start_helper_processes() -> None:
+    """Start the helper processes megatron's writer uses, shielded from SIGTERM and SIGUSR1.
+
+    megatron collects write results through a queue served by a *spawned* manager process (and
+    multiprocessing's resource tracker). A spawned process does not inherit the training
+    process's handlers, so a signal sent to the whole process group -- what SLURM does at a
+    time limit, and ``kill -TERM -PGID`` -- would kill it, and the save that the signal asks
+    for would then fail. Spawned with both signals blocked, they inherit the blocked mask and
+    ignore them; a signal that reaches this process meanwhile stays pending and is handled
+    right after.
+    """
+    import signal
+    from multiprocessing import resource_tracker
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    shielded = {signal.SIGTERM, signal.SIGUSR1}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, shielded)
+    try:
+        resource_tracker.ensure_running()  # it unblocks SIGTERM when it starts the tracker...
+        signal.pthread_sigmask(signal.SIG_BLOCK, shielded)  # ...so block again for the manager
+        start_queue = getattr(filesystem_async, "_get_write_results_queue", None)  # megatron-core 0.16
+        if start_queue is not None:
+            start_queue()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class CheckpointWriter:
+    """Saves checkpoints of one run into ``RUN_DIR/checkpoints`` (collective: every rank)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, topo, *, tokenizer_path: Optional[Path] = None,
+                 log: Callable[[str], None] = print, async_save: Optional[bool] = None):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.topo = topo
+        self.tokenizer_path = tokenizer_path
+        self.log = log
+        self.keep_last = cfg.checkpoint.keep_last
+        self.keep_every = cfg.checkpoint.keep_every
+        self.async_save = cfg.checkpoint.async_save if async_save is None else async_save
+        self._queue = None
+        if self.async_save:
+            reason = async_unsupported_reason()
+            if reason is not None:
+                log(f"checkpoint.async_save=true: saving synchronously instead ({reason})")
+                self.async_save = False
+            else:
+                from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+                # Non-persistent: each save forks a fresh writer, whose copy-on-write memory is the
+                # snapshot of the state (a persistent, spawned worker would share live CPU tensors).
+                self._queue = AsyncCallsQueue(persistent=False)
+        self._in_flight: Optional[Path] = None
+        self._helpers_started = False
+        self.last_saved: Optional[Path] = None
+        self.blocked_s = 0.0
+        """Seconds the caller spent inside save / poll / wait (the loop's wait for checkpoints)."""
+        self.last_duration_s = 0.0
+        """Seconds from the start of the last completed save until it was complete."""
+
+    @property
+    def in_flight(self) -> Optional[Path]:
+        """The ``.tmp`` directory of the save being written in the background, if any."""
+        return self._in_flight
+
+    # ------------------------------------------------------------------ saving
+
+    def save(self, step: int, engine, extra_state: Optional[dict] = None) -> Path:
+        """Checkpoint ``engine`` after ``step`` optimizer steps; returns the final directory.
+
+        Synchronous: the checkpoint is complete on return. Asynchronous: it is scheduled, and
+        completes in a later :meth:`poll` or :meth:`wait`.
+        """
+        started = time.perf_counter()
+        self.wait()
+        if not self._helpers_started:
+            start_helper_processes()
+            self._helpers_started = True
+        final = files.step_dir(self.run_dir, step)
+        tmp = final.with_name(final.name + ".tmp")
+        rng_states = rng.capture()
+        if self.topo.is_writer:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        sharded = engine.state_dict()
+        finalize = partial(self._finalize, step, tmp, final, self._state(step, extra_state), started)
+        try:
+            if self.async_save:
+                request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=True)
+                rng.save(tmp, self.topo.rank, rng_states)
+                request.add_finalize_fn(finalize)
+                self._queue.schedule_async_request(request)
+                self._in_flight = tmp
+            else:
+                dist_checkpointing.save(sharded, str(tmp))
+                rng.save(tmp, self.topo.rank, rng_states)
+                finalize()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"writing checkpoint {tmp} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.blocked_s += time.perf_counter() - started
+        return final
+
+    def _state(self, step: int, extra_state: Optional[dict]) -> dict:
+        t, topo = self.cfg.train, self.topo
+        return {
+            "step": step,
+            "consumed_samples": step * t.global_batch_size,
+            "global_batch_size": t.global_batch_size,
+            "layout": {"tp": topo.tp, "pp": topo.pp, "vpp": topo.vpp, "dp": topo.dp},
+            "world_size": topo.world_size,
+            "rng": f"{rng.RNG_DIR}/rank_NNNNN.pt per rank; restored when the layout is unchanged",
+            "config": self.cfg.to_dict(),
+            **(extra_state or {}),
+        }
+
+    def _finalize(self, step: int, tmp: Path, final: Path, state: dict, started: float) -> None:
+        """Every rank, once every rank's files are written: make the checkpoint visible."""
+        dist.barrier()
+        if self.topo.is_writer:
+            (tmp / files.STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
+            if self.tokenizer_path is not None and Path(self.tokenizer_path).is_file():
+                shutil.copy2(self.tokenizer_path, tmp / "tokenizer.model")
+            if final.exists():  # the same step written again (a run restarted from an older one)
+                files._remove(final)
+            tmp.rename(final)
+            files.write_latest(self.run_dir, final)
+            files.prune(self.run_dir, self.keep_last, self.keep_every, step, log=self.log)
+            mode = "in the background" if self.async_save else "synchronously"
+            self.log(f"saved checkpoint {final} ({mode}, {time.perf_counter() - started:.1f}s after it began)")
+        dist.barrier()
+        self.last_saved = final
+        self.last_duration_s = time.perf_counter() - started
+
+    # ------------------------------------------------------------------ async bookkeeping
+
+    def poll(self) -> None:
+        """Finalize a background save if every rank's writer is done (every rank, every step)."""
+        if self._in_flight is not None:
+            self._finalize_async(blocking=False)
+
+    def wait(self) -> None:
+        """Block until a background save is complete (every rank)."""
+        if self._in_flight is not None:
+            self._finalize_async(blocking=True)
+
+    def _finalize_async(self, blocking: bool) -> None:
+        started = time.perf_counter()
+        try:
+            finished = self._queue.maybe_finalize_async_calls(blocking=blocking)
+        except Exception as exc:
+            tmp, self._in_flight = self._in_flight, None
+            raise CheckpointError(f"writing checkpoint {tmp} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.blocked_s += time.perf_counter() - started
+        if finished:
+            self._in_flight = None
+
+    def close(self) -> None:
+        """Finish any background save (every rank)."""
+        self.wait()
+
+    def abort(self) -> None:
+        """Stop a background writer without finalizing (its ``.tmp`` stays incomplete)."""
+        if self._queue is None:
+            return
+        for call in list(self._queue.async_calls):
+            call.async_caller.close(abort=True)
+        self._queue.async_calls.clear()
+        self._in_flight = None

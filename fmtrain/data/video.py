@@ -1,0 +1,292 @@
+"""Video pipeline of the stream: decode with PyAV in the worker, sample clips, resize, crop.
+
+A video sample (``.mp4``/``.webm``/... bytes, ``.json`` metadata from the shard writer, an
+optional ``.txt`` caption and optional ``.latent.npy`` / ``.text_emb.npy``) becomes
+``clips`` clips (repeated sampling: the video is decoded once and several clips are cut from
+it, as VideoMAE V2 does). A clip is ``frames`` frames ``stride`` apart starting at a random
+frame (clamped to the last frame for short videos), resized so the shorter side is ``size``
+and cropped to ``size x size`` at the centre or at a random offset, then normalised per
+channel: a float32 tensor ``(3, frames, size, size)``. Every random choice comes from the
+sample's own generator (seed, epoch, stream, position), so a resumed run cuts the same clips.
+
+A microbatch is ``{"video": (mbs, 3, T, size, size), "key": [...], "caption": [...]}`` plus
+``"latent"`` / ``"text_emb"`` (stacked per clip) when every sample in it has them.
+
+Also here: :func:`probe_video` (the ``.json`` metadata the shard writer stores) and
+:func:`synthetic_video` (real mp4 files of moving shapes for demos, tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from fractions import Fraction
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from fmtrain.data.shards import VIDEO_EXTENSIONS
+from fmtrain.data.stream import BadSample, SampleContext
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _open(data: bytes):
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise ValueError(f"not a readable video container ({exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise ValueError("no video stream")
+    return container
+
+
+def probe_video(data: bytes) -> dict:
+    """``{"fps", "frames", "width", "height", "duration", "codec"}`` of encoded video bytes;
+    frames are counted by decoding. Raises ValueError when it cannot be decoded."""
+    import av
+
+    container = _open(data)
+    try:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or Fraction(0)
+        frames = 0
+        try:
+            for _ in container.decode(stream):
+                frames += 1
+        except av.error.FFmpegError as exc:
+            if frames == 0:
+                raise ValueError(f"undecodable ({exc})") from None
+        if frames == 0:
+            raise ValueError("no decodable frames")
+        fps = float(rate)
+        return {"fps": fps, "frames": frames, "width": stream.codec_context.width,
+                "height": stream.codec_context.height, "duration": frames / fps if fps else None,
+                "codec": stream.codec_context.name}
+    finally:
+        container.close()
+
+
+def _resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) with the shorter side ``size``, aspect kept."""
+    if width <= height:
+        return size, max(size, round(height * size / width))
+    return max(size, round(width * size / height)), size
+
+
+def decode_frames(data: bytes, indices: Sequence[int], size: int) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the frames at ``indices`` (sorted or not), resized to shorter side ``size``, as
+    ``{index: uint8 (H, W, 3)}``; decoding stops after the last one. Also returns how many
+    frames were decoded (fewer than asked when the video is shorter)."""
+    import av
+
+    wanted = set(indices)
+    last = max(wanted)
+    out: dict[int, np.ndarray] = {}
+    container = _open(data)
+    decoded = 0
+    try:
+        stream = container.streams.video[0]
+        shape = None
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                decoded = i + 1
+                if i in wanted:
+                    if shape is None:
+                        shape = _resized_shape(frame.width, frame.height, size)
+                    out[i] = frame.to_ndarray(format="rgb24", width=shape[0], height=shape[1])
+                if i >= last:
+                    break
+        except av.error.FFmpegError as exc:
+            if decoded == 0:
+                raise ValueError(f"undecodable ({exc})") from None
+    finally:
+        container.close()
+    return out, decoded
+
+
+class VideoPipeline:
+    """``units`` = ``clips`` clips of one video; ``item`` = one clip."""
+
+    item_size = 1
+    pad_at_epoch_end = False
+
+    def __init__(self, *, frames: int = 16, stride: int = 4, size: int = 224, crop: str = "random",
+                 clips: int = 1, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        if min(frames, stride, size, clips) < 1:
+            raise ValueError(f"frames={frames}, stride={stride}, size={size} and clips={clips} must be >= 1")
+        if crop not in ("center", "random"):
+            raise ValueError(f"crop={crop!r} is not one of center, random")
+        self.frames, self.stride, self.size, self.crop, self.clips = frames, stride, size, crop, clips
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
+        self._scale = 1.0 / (255.0 * self.std)
+        self._bias = -self.mean / self.std
+
+    @staticmethod
+    def video_field(sample: dict) -> Optional[str]:
+        return next((ext for ext in VIDEO_EXTENSIONS if ext in sample), None)
+
+    def _frame_count(self, sample: dict, data: bytes) -> int:
+        meta = sample.get("json")
+        if meta is not None:
+            try:
+                frames = json.loads(meta).get("frames")
+                if isinstance(frames, int) and frames > 0:
+                    return frames
+            except (ValueError, AttributeError):
+                pass
+        try:
+            return probe_video(data)["frames"]
+        except ValueError as exc:
+            raise BadSample(f"undecodable video: {exc}") from None
+
+    def units(self, sample: dict, ctx: SampleContext) -> list[dict]:
+        field = self.video_field(sample)
+        if field is None:
+            fields = sorted(k for k in sample if not k.startswith("__"))
+            raise BadSample(f"missing field: no video ({'/'.join(VIDEO_EXTENSIONS)}) (has {fields or 'nothing'})")
+        data = sample[field]
+        total = self._frame_count(sample, data)
+        rng = ctx.rng()
+        span = (self.frames - 1) * self.stride + 1
+        starts = [int(rng.integers(0, total - span + 1)) if total >= span else 0 for _ in range(self.clips)]
+        wanted = sorted({min(s + k * self.stride, total - 1) for s in starts for k in range(self.frames)})
+        try:
+            frames, decoded = decode_frames(data, wanted, self.size)
+        except ValueError as exc:
+            raise BadSample(f"undecodable video: {exc}") from None
+        if not frames:
+            raise BadSample(f"undecodable video: no frame decoded (expected {total})")
+        have = sorted(frames)
+        extras = {}
+        for name in ("latent", "text_emb"):
+            if f"{name}.npy" in sample:
+                try:
+                    extras[name] = torch.from_numpy(np.load(io.BytesIO(sample[f"{name}.npy"]), allow_pickle=False))
+                except (ValueError, OSError, EOFError) as exc:
+                    raise BadSample(f"unreadable .{name}.npy ({exc})") from None
+        caption = sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else ""
+        clips = []
+        for start in starts:
+            # frame index, clamped to what exists (a video shorter than its metadata says)
+            idx = [min(start + k * self.stride, total - 1) for k in range(self.frames)]
+            idx = [i if i in frames else have[min(np.searchsorted(have, i), len(have) - 1)] for i in idx]
+            clip = np.stack([frames[i] for i in idx])  # (T, H', W', 3) uint8
+            clip = self._crop(clip, rng)  # (T, size, size, 3)
+            # (T, size, size, 3) uint8 -> (3, T, size, size) float32, (x / 255 - mean) / std in place
+            tensor = torch.from_numpy(clip).permute(3, 0, 1, 2).contiguous().float()
+            tensor.mul_(self._scale).add_(self._bias)
+            clips.append({"video": tensor, "key": sample.get("__key__", ""), "caption": caption, **extras})
+        return clips
+
+    def _crop(self, clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        _, h, w, _ = clip.shape
+        s = self.size
+        if self.crop == "center":
+            top, left = (h - s) // 2, (w - s) // 2
+        else:
+            top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+        return np.ascontiguousarray(clip[:, top:top + s, left:left + s])
+
+    def make_item(self, pieces: list[Sequence], size: int) -> dict:
+        return pieces[0][0]
+
+    def collate(self, items: list[dict]) -> dict:
+        batch = {"video": torch.stack([c["video"] for c in items]),  # (mbs, 3, T, size, size)
+                 "key": [c["key"] for c in items], "caption": [c["caption"] for c in items]}
+        for name in ("latent", "text_emb"):
+            values = [c.get(name) for c in items]
+            if all(v is not None for v in values) and len({tuple(v.shape) for v in values}) == 1:
+                batch[name] = torch.stack(values)
+        return batch
+
+    def fingerprint(self) -> dict:
+        return {"kind": "video", "frames": self.frames, "stride": self.stride, "size": self.size,
+                "crop": self.crop, "clips": self.clips, "mean": self.mean.flatten().tolist(),
+                "std": self.std.flatten().tolist()}
+
+    @classmethod
+    def from_config(cls, cfg) -> "VideoPipeline":
+        d = cfg.data
+        return cls(frames=d.video_frames, stride=d.video_stride, size=d.video_size, crop=d.video_crop,
+                   clips=d.video_clips)
+
+
+# --------------------------------------------------------------------------- synthetic videos
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 210, 40),
+           "white": (245, 245, 245), "magenta": (210, 50, 200)}
+
+
+def default_codec() -> str:
+    """libx264 when this PyAV build can encode it, else mpeg4."""
+    import av
+
+    try:
+        av.codec.Codec("libx264", "w")
+        return "libx264"
+    except Exception:  # noqa: BLE001 - PyAV raises different types across builds
+        return "mpeg4"
+
+
+def synthetic_video(seed: int, *, frames: int = 32, width: int = 64, height: int = 64, fps: int = 8,
+                    codec: Optional[str] = None) -> tuple[bytes, str]:
+    """An mp4 of 1-3 coloured squares and discs moving (and bouncing) over a grey gradient.
+
+    Returns (mp4 bytes, a caption naming the shapes and their directions). Deterministic
+    frames for a seed; width and height are rounded up to even numbers (yuv420p).
+    """
+    import av
+
+    width, height = width + width % 2, height + height % 2
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    background = (90 + 60 * xx / max(width - 1, 1))[..., None].repeat(3, axis=2).astype(np.float32)
+    shapes = []
+    for _ in range(int(rng.integers(1, 4))):
+        colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+        kind = "square" if rng.random() < 0.5 else "disc"
+        r = float(rng.uniform(0.08, 0.18) * min(width, height))
+        pos = rng.uniform([r, r], [width - r, height - r])
+        vel = rng.uniform(-1, 1, size=2) * min(width, height) / 12
+        shapes.append((colour, kind, r, pos, vel))
+    caption = " and ".join(
+        f"a {c} {k} moving {'right' if v[0] > 0 else 'left'} and {'down' if v[1] > 0 else 'up'}"
+        for c, k, _, _, v in shapes)
+    codec = codec or default_codec()
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"preset": "ultrafast", "crf": "18"}
+        for t in range(frames):
+            image = background.copy()
+            for colour, kind, r, pos, vel in shapes:
+                p = pos + vel * t
+                for axis, limit in ((0, width), (1, height)):  # bounce off the walls
+                    span = limit - 2 * r
+                    q = (p[axis] - r) % (2 * span)
+                    p[axis] = r + (q if q <= span else 2 * span - q)
+                if kind == "square":
+                    mask = (abs(xx - p[0]) <= r) & (abs(yy - p[1]) <= r)
+                else:
+                    mask = (xx - p[0]) ** 2 + (yy - p[1]) ** 2 <= r * r
+                image[mask] = COLOURS[colour]
+            frame = av.VideoFrame.from_ndarray(image.astype(np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buffer.getvalue(), caption
+
+
+__all__ = ["VideoPipeline", "probe_video", "decode_frames", "synthetic_video", "default_codec",
+           "IMAGENET_MEAN", "IMAGENET_STD"]

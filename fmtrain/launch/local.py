@@ -1,0 +1,56 @@
+"""``fmtrain launch local``: the SLURM job's semantics on one machine.
+
+Runs fmtrain's torchrun agent (:mod:`fmtrain.launch.agent`) with N local processes on the
+resolved config in the run directory, and starts it again whenever the training exits with
+the requeue status (it saved a checkpoint after SIGUSR1 or SIGTERM); each start resumes from
+``latest``. Signals to this launcher:
+
+- SIGUSR1: passed on; the training saves and exits with the requeue status, and is started
+  again (what a SLURM requeue does);
+- SIGTERM: passed on; the training saves and the launcher stops;
+- SIGINT (Ctrl-C, which the terminal also delivers to the agent): the launcher stops.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def agent_command(nproc: int, config_path: Path) -> list[str]:
+    return [sys.executable, "-m", "fmtrain.launch.agent", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "fmtrain.cli", "train", str(config_path)]
+
+
+def run(config_path: Path, nproc: int, requeue_exit_code: int, max_starts: int = 100) -> int:
+    """Start the training until it exits with anything but the requeue status; its status."""
+    state = {"child": None, "stop": None}
+
+    def forward(signum, frame):
+        child = state["child"]
+        if signum != signal.SIGUSR1:
+            state["stop"] = signal.Signals(signum).name
+        if child is not None and child.poll() is None and signum != signal.SIGINT:
+            child.send_signal(signum)  # SIGINT reaches the agent from the terminal already
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        for start in range(1, max_starts + 1):
+            print(f"fmtrain launch local: start {start}: {nproc} process(es) training {config_path}", flush=True)
+            state["child"] = subprocess.Popen(agent_command(nproc, config_path))
+            status = state["child"].wait()
+            state["child"] = None
+            if status != requeue_exit_code:
+                return status
+            if state["stop"]:
+                print(f"fmtrain launch local: training saved and stopped after {state['stop']}", flush=True)
+                return status
+            print(f"fmtrain launch local: training saved and asked to be requeued (status {status}); "
+                  "starting again", flush=True)
+        print(f"fmtrain launch local: giving up after {max_starts} starts", file=sys.stderr, flush=True)
+        return requeue_exit_code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,210 @@
+"""How long the training loop waits per checkpoint: synchronous vs asynchronous saves.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_checkpoint.py
+    python -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_checkpoint.py  # one GPU
+
+For each model size, and for ``checkpoint.async_save`` false and true, the script trains the
+Yi family on random tokens (short sequences: the step is cheap, the checkpoint is not) and
+saves every ``--every`` steps through fmtrain's :class:`CheckpointWriter` the way the training
+loop does: ``save`` at the interval, ``poll`` after every step, ``close`` at the end. The
+loop's wait for one checkpoint is the time spent inside those calls from its ``save`` until
+the next one (for async: staging the state and forking the writer, the per-step completion
+checks, the finalize, and any wait at the next save for a write that outlasted the steps in
+between). Also reported: the checkpoint's size on disk, the async save() call alone (the state
+dict, planning, staging to host memory, forking the writer), the time from an async save's
+start until the checkpoint is complete, the mean step time with no save running and while a
+background write runs (on the CPU the writer competes with training for the same cores), and,
+per size, async wait / sync wait. Give ``--every`` enough steps to cover the write, as a real
+checkpoint interval does; otherwise the async loop waits for the write at the next save.
+
+Results go to stdout (rank 0) and to OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parent.parent
+
+# name: (hidden, ffn, layers, heads, kv heads); about 16 bytes per parameter in a checkpoint
+# (fp32 weights + the distributed optimizer's fp32 main copy, exp_avg, exp_avg_sq).
+SIZES = {
+    "6M": (256, 688, 8, 8, 4),
+    "14M": (384, 1024, 8, 8, 4),
+    "25M": (512, 1376, 8, 8, 4),
+    "100M": (1024, 2816, 8, 16, 8),  # GPU sizes
+    "400M": (2048, 5504, 8, 16, 8),
+}
+DEFAULT_SIZES = "6M,14M,25M"
+
+
+def build_config(size: str, run_dir: Path, async_save: bool, seq: int, gbs: int, mbs: int):
+    from fmtrain.config import load_config
+
+    hidden, ffn, layers, heads, kv = SIZES[size]
+    return load_config(REPO / "recipes" / "yi" / "tiny.yaml", [
+        f"model.hidden_size={hidden}", f"model.ffn_hidden_size={ffn}", f"model.num_layers={layers}",
+        f"model.num_attention_heads={heads}", f"model.num_query_groups={kv}", "model.vocab_size=2048",
+        f"model.seq_length={seq}", f"train.global_batch_size={gbs}", f"train.micro_batch_size={mbs}",
+        "train.max_steps=1000", "train.warmup_steps=0", f"run.dir={run_dir}",
+        f"checkpoint.async_save={str(async_save).lower()}", "checkpoint.keep_last=2",
+    ])
+
+
+def random_microbatches(n: int, mbs: int, seq: int, vocab: int, device, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
+        out.append({"tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
+                    "loss_mask": torch.ones(mbs, seq, device=device)})
+    return out
+
+
+def du_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def sync_device(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_one(size: str, async_save: bool, args, topo) -> dict:
+    from fmtrain.checkpoint import CheckpointWriter
+    from fmtrain.config import num_microbatches
+    from fmtrain.engine import build_engine
+    from fmtrain.models.registry import get_family
+
+    mode = "async" if async_save else "sync"
+    run_dir = Path(args.out) / f"{size}-{mode}"
+    if topo.is_writer and run_dir.exists():
+        shutil.rmtree(run_dir)
+    dist.barrier()
+    cfg = build_config(size, run_dir, async_save, args.seq, args.gbs, args.mbs)
+    family = get_family(cfg.model.family)
+    engine = build_engine(cfg, topo, family)
+    writer = CheckpointWriter(cfg, run_dir, topo, log=lambda m: None)
+    batches = random_microbatches(num_microbatches(cfg, topo.dp), args.mbs, args.seq, cfg.model.vocab_size,
+                                  topo.device, seed=topo.dp_rank)
+
+    step_idle, step_busy = [], []
+    save_s, poll_s, prior_wait_s, complete_s = [], [], [], []
+    step = 0
+    for _ in range(args.warmup):
+        engine.train_step(batches, 1e-4)
+        step += 1
+    for checkpoint in range(args.checkpoints + 1):  # the first save is a warm-up (fork, plans)
+        started = time.perf_counter()
+        writer.wait()  # the previous checkpoint's write, when it outlasted the steps in between
+        prior_wait_s.append(time.perf_counter() - started)
+        if checkpoint > 0:
+            complete_s.append(writer.last_duration_s)
+        started = time.perf_counter()
+        writer.save(step, engine)
+        save_s.append(time.perf_counter() - started)
+        polled = 0.0
+        for _ in range(args.every):
+            busy = writer.in_flight is not None
+            sync_device(topo.device)
+            started = time.perf_counter()
+            engine.train_step(batches, 1e-4)
+            sync_device(topo.device)
+            (step_busy if busy else step_idle).append(time.perf_counter() - started)
+            started = time.perf_counter()
+            writer.poll()
+            polled += time.perf_counter() - started
+            step += 1
+        poll_s.append(polled)
+    started = time.perf_counter()
+    writer.close()
+    prior_wait_s.append(time.perf_counter() - started)
+    complete_s.append(writer.last_duration_s)
+    # Checkpoint c's wait: its save call, the polls after it, and the wait for its write at the
+    # next save (or at close). The warm-up checkpoint (c = 0) is left out.
+    waits = [save_s[c] + poll_s[c] + prior_wait_s[c + 1] for c in range(1, args.checkpoints + 1)]
+    saved = writer.last_saved
+    result = {
+        "size": size, "mode": mode,
+        "params": family.param_count(cfg),
+        "checkpoint_bytes": du_bytes(saved) if topo.is_writer else 0,
+        "wait_s": waits,
+        "wait_mean_s": statistics.mean(waits),
+        "save_call_s": statistics.mean(save_s[1:]),
+        "poll_s": statistics.mean(poll_s[1:]),
+        "wait_for_write_s": statistics.mean(prior_wait_s[2:]),
+        "complete_s": statistics.mean(complete_s[1:]),
+        "step_idle_s": statistics.mean(step_idle) if step_idle else None,
+        "step_during_write_s": statistics.mean(step_busy) if step_busy else None,
+    }
+    del engine, writer
+    dist.barrier()
+    if topo.is_writer:
+        shutil.rmtree(run_dir, ignore_errors=True)  # GPU sizes write gigabytes per checkpoint
+    if topo.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", default=DEFAULT_SIZES, help=f"comma-separated, from {list(SIZES)}")
+    parser.add_argument("--out", default="/tmp/fmtrain-bench-checkpoint")
+    parser.add_argument("--every", type=int, default=4, help="training steps between checkpoints")
+    parser.add_argument("--checkpoints", type=int, default=3, help="timed checkpoints per size and mode")
+    parser.add_argument("--warmup", type=int, default=2, help="training steps before the first save")
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--gbs", type=int, default=4)
+    parser.add_argument("--mbs", type=int, default=1)
+    args = parser.parse_args()
+
+    from fmtrain import parallel
+    from fmtrain.train.signals import install
+
+    install()
+    cfg = build_config(args.sizes.split(",")[0], Path(args.out), False, args.seq, args.gbs, args.mbs)
+    topo = parallel.initialize(cfg)
+    results = []
+    for size in args.sizes.split(","):
+        for async_save in (False, True):
+            results.append(bench_one(size, async_save, args, topo))
+            r = results[-1]
+            if topo.is_writer:
+                print(f"{size:>4} {r['mode']:>5}: {r['checkpoint_bytes'] / 2**20:7.1f} MiB, loop waits "
+                      f"{r['wait_mean_s']:.3f} s per checkpoint ({', '.join(f'{w:.3f}' for w in r['wait_s'])})",
+                      flush=True)
+    if topo.is_writer:
+        device = torch.cuda.get_device_name() if topo.device.type == "cuda" else f"CPU ({topo.world_size} ranks, gloo)"
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True).stdout.strip()
+        print(f"\ndevice: {device}; ranks: {topo.world_size}; commit {commit}; "
+              f"{args.every} steps between checkpoints, {args.checkpoints} timed checkpoints each\n")
+        print("| model | checkpoint | sync: loop waits | async: loop waits | async / sync | async: in save() | "
+              "async: save start -> complete | step, no save | step, async write running |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        by = {(r["size"], r["mode"]): r for r in results}
+        for size in args.sizes.split(","):
+            s, a = by[(size, "sync")], by[(size, "async")]
+            busy = f"{a['step_during_write_s']:.3f} s" if a["step_during_write_s"] else "-"
+            idle = f"{s['step_idle_s']:.3f} s" if s["step_idle_s"] else "-"
+            print(f"| {s['params'] / 1e6:.1f}M params | {s['checkpoint_bytes'] / 2**20:.0f} MiB | "
+                  f"{s['wait_mean_s']:.3f} s | {a['wait_mean_s']:.3f} s | {a['wait_mean_s'] / s['wait_mean_s']:.2f} | "
+                  f"{a['save_call_s']:.3f} s | {a['complete_s']:.3f} s | {idle} | {busy} |")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "results.json").write_text(json.dumps(
+            {"device": device, "ranks": topo.world_size, "commit": commit, "args": vars(args),
+             "results": results}, indent=1) + "\n")
+    parallel.destroy()
+
+
+if __name__ == "__main__":
+    main()
