@@ -1,0 +1,346 @@
+"""Checkpoints under faults, with real training processes on gloo.
+
+Exact resume after SIGKILL; SIGTERM -> save -> requeue status -> resume (asynchronous saves and
+retention on); the wall-clock budget; resharding (TP, PP) = (2, 2) -> (1, 1), (2, 1) and DP=2;
+partial saves left by a kill; truncated and mismatched checkpoints; NaN steps skipped and the
+stop after too many. One uninterrupted 20-step run (module fixture) is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_OVERRIDES, TINY_RECIPE, read_metrics
+
+REQUEUE = 99  # fmtrain.train.signals.REQUEUE_EXIT_CODE, spelled out: the number is the contract
+STEPS = ["train.max_steps=20", "checkpoint.interval=5"]
+
+
+class Run:
+    """``fmtrain train --nproc N`` in its own process group (so a test can signal all of it)."""
+
+    def __init__(self, args: list[str], nproc: int, log_dir: Path, name: str, env: dict | None = None):
+        self.name = name
+        self.out_path, self.err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
+        cmd = [sys.executable, "-m", "fmtrain.cli", "train", "--nproc", str(nproc), str(TINY_RECIPE), *args]
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, start_new_session=True,
+                                         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+
+    def wait_for_step(self, run_dir: Path, step: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        metrics = Path(run_dir) / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            if metrics.is_file() and any(json.loads(line)["step"] >= step
+                                         for line in metrics.read_text().splitlines() if line.strip()):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before step {step}:\n"
+                                     f"{self.err_path.read_text()[-4000:]}")
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} did not reach step {step} in {timeout}s")
+
+    def signal_group(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str, str]:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal_group(signal.SIGKILL)
+            raise
+        return rc, self.out_path.read_text(), self.err_path.read_text()
+
+
+def finish_ok(run: Run, expected: int = 0) -> str:
+    rc, out, err = run.finish()
+    assert rc == expected, f"{run.name}: exit {rc}, expected {expected}\n{out[-3000:]}\n{err[-6000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_args(tiny_tokenizer) -> list[str]:
+    return TINY_OVERRIDES + [f"data.tokenizer={tiny_tokenizer}"]
+
+
+@pytest.fixture(scope="module")
+def reference(base_args, tmp_path_factory) -> tuple[Path, dict[int, dict]]:
+    """20 steps at DP=2 without interruption, checkpoints every 5 steps."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    finish_ok(Run(base_args + STEPS + [f"run.dir={run_dir}"], 2, run_dir.parent, "reference"))
+    return run_dir, read_metrics(run_dir)
+
+
+def metric_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def checkpoint_names(run_dir: Path) -> set[str]:
+    return {p.name for p in (run_dir / "checkpoints").iterdir() if p.is_dir()}
+
+
+def latest(run_dir: Path) -> str:
+    return (run_dir / "checkpoints" / "latest").read_text().strip()
+
+
+def test_exact_resume_after_sigkill_and_partial_saves(base_args, reference, tmp_path):
+    """Killed after step 13 (SIGKILL to every process), resumed: steps 11-20 are bit-identical.
+
+    Also the leftovers of a kill while writing: a step_*.tmp directory that looks complete
+    inside, and a ``latest`` naming a directory that lacks files; both are reported, skipped.
+    """
+    ref_dir, ref = reference
+    run_dir = tmp_path / "run"
+    args = base_args + STEPS + [f"run.dir={run_dir}"]
+    first = Run(args, 2, tmp_path, "killed", env={"FMTRAIN_TEST_HANG_AT_STEP": "13"})
+    first.wait_for_step(run_dir, 13)
+    first.signal_group(signal.SIGKILL)
+    first.finish()
+    assert latest(run_dir) == "step_0000010"
+    assert max(read_metrics(run_dir)) == 13
+
+    ckpts = run_dir / "checkpoints"
+    shutil.copytree(ckpts / "step_0000010", ckpts / "step_0000015.tmp")  # complete inside, never renamed
+    partial = ckpts / "step_0000014"
+    shutil.copytree(ckpts / "step_0000010", partial)
+    (partial / "metadata.json").unlink()  # megatron's completion marker missing
+    (ckpts / "latest").write_text("step_0000014\n")
+
+    out = finish_ok(Run(args, 2, tmp_path, "resumed"))
+    assert f"ignoring incomplete checkpoint {ckpts / 'step_0000015.tmp'}" in out
+    assert f"checkpoints/latest names {partial}, which is missing or incomplete" in out
+    assert f"resumed from {ckpts / 'step_0000010'} at step 10" in out
+    assert "restored the RNG states of all 2 ranks" in out
+
+    resumed = read_metrics(run_dir)
+    assert sorted(resumed) == list(range(1, 21))
+    for step in range(11, 21):
+        assert resumed[step]["loss"] == ref[step]["loss"], step
+        assert resumed[step]["grad_norm"] == ref[step]["grad_norm"], step
+    assert latest(run_dir) == "step_0000020"
+    assert not (ckpts / "step_0000015.tmp").exists(), "the resumed run rewrote step 15 through its own .tmp"
+
+    # Every rank's RNG states are in the checkpoint, as tensors that load with weights_only=True.
+    for rank in range(2):
+        states = torch.load(ckpts / "step_0000020" / "rng" / f"rank_{rank:05d}.pt", weights_only=True)
+        assert {"python", "numpy_keys", "torch", "tracker/model-parallel-rng"} <= set(states)
+    state = json.loads((ckpts / "step_0000020" / "fmtrain_state.json").read_text())
+    assert state["consumed_samples"] == 20 * 8 and state["skipped_steps"] == 0
+
+
+def test_sigterm_saves_requeues_and_resumes_with_async_saves_and_retention(base_args, reference, tmp_path):
+    """SIGTERM to every process mid-run: a checkpoint of the current step, exit status 99, and
+    the resumed run continues at the next step with the same data (losses equal the reference)."""
+    ref_dir, ref = reference
+    run_dir = tmp_path / "run"
+    args = base_args + STEPS + [f"run.dir={run_dir}", "checkpoint.async_save=true",
+                                "checkpoint.keep_last=2", "checkpoint.keep_every=10"]
+    first = Run(args, 2, tmp_path, "sigterm")
+    first.wait_for_step(run_dir, 7)
+    first.signal_group(signal.SIGTERM)
+    out = finish_ok(first, expected=REQUEUE)
+
+    stopped = max(read_metrics(run_dir))
+    assert 7 <= stopped < 20
+    assert f"stopping after step {stopped} (SIGTERM" in out
+    assert latest(run_dir) == f"step_{stopped:07d}"
+    assert (run_dir / "checkpoints" / f"step_{stopped:07d}" / "fmtrain_state.json").is_file()
+    assert f"saved checkpoint {run_dir / 'checkpoints' / 'step_0000005'} (in the background" in out
+
+    out = finish_ok(Run(args, 2, tmp_path, "after-sigterm"))
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:07d}'} at step {stopped}" in out
+    steps = [rec["step"] for rec in metric_lines(run_dir)]
+    assert steps == list(range(1, 21)), "every step ran exactly once: no data repeated, none skipped"
+    resumed = read_metrics(run_dir)
+    for step in range(stopped + 1, 21):
+        assert resumed[step]["loss"] == ref[step]["loss"], step
+    # Retention: the newest two (15, 20) and every 10th (10, 20); step 5 and the stop's went.
+    assert checkpoint_names(run_dir) == {"step_0000010", "step_0000015", "step_0000020"}
+    assert "retention (checkpoint.keep_last / keep_every) removed" in out
+
+
+def test_exit_after_minutes_saves_and_requeues(base_args, tmp_path):
+    run_dir = tmp_path / "run"
+    run = Run(base_args + STEPS + [f"run.dir={run_dir}", "train.exit_after_minutes=0.001"], 1, tmp_path, "budget")
+    out = finish_ok(run, expected=REQUEUE)
+    assert "stopping after step 1 (train.exit_after_minutes=0.001 reached)" in out
+    assert sorted(read_metrics(run_dir)) == [1]
+    assert latest(run_dir) == "step_0000001"
+
+
+def test_resharding_resume(base_args, reference, tmp_path):
+    """Saved at (TP, PP) = (2, 2); resumed at (1, 1), (2, 1) and DP=2: steps 6-10 match the
+    uninterrupted run (which ran at DP=2) within 1e-4."""
+    ref_dir, ref = reference
+    saved_dir = tmp_path / "tp2pp2"
+    stop_at_5 = {"FMTRAIN_TEST_SIGNAL_AT_STEP": "5"}
+    finish_ok(Run(base_args + STEPS + [f"run.dir={saved_dir}", "parallel.tp=2", "parallel.pp=2"], 4,
+                  tmp_path, "tp2pp2", env=stop_at_5), expected=REQUEUE)
+    saved = read_metrics(saved_dir)
+    for step in range(1, 6):
+        assert saved[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step
+    ckpt = saved_dir / "checkpoints" / "step_0000005"
+    assert json.loads((ckpt / "fmtrain_state.json").read_text())["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": 1}
+
+    layouts = {"tp1pp1": (1, ["parallel.tp=1", "parallel.pp=1"]),
+               "tp2pp1": (2, ["parallel.tp=2", "parallel.pp=1"]),
+               "dp2": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.dp=2"])}
+    runs = {name: Run(base_args + STEPS + [f"run.dir={tmp_path / name}", f"checkpoint.load={ckpt}", *layout],
+                      nproc, tmp_path, name, env={"FMTRAIN_TEST_SIGNAL_AT_STEP": "10"})
+            for name, (nproc, layout) in layouts.items()}
+    for name, run in runs.items():
+        out = finish_ok(run, expected=REQUEUE)
+        assert f"resumed from {ckpt} at step 5 (saved with TP=2 PP=2" in out, name
+        assert "RNG states re-derived from run.seed=" in out and "the layout changed" in out, name
+        got = read_metrics(tmp_path / name)
+        assert sorted(got) == list(range(6, 11)), name
+        for step in range(6, 11):
+            assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), (name, step)
+
+
+def test_truncated_and_mismatched_checkpoints_fail_clearly(base_args, reference, tmp_path):
+    """A cut .distcp file and a checkpoint of another model size: one line naming the checkpoint
+    and the file / the first mismatching tensor with both shapes, no traceback, nothing trained."""
+    ref_dir, _ = reference
+    source = ref_dir / "checkpoints" / "step_0000020"
+    truncated = tmp_path / "truncated"
+    shutil.copytree(source, truncated)
+    data_file = truncated / "__0_1.distcp"
+    full_size = data_file.stat().st_size
+    with open(data_file, "r+b") as f:
+        f.truncate(full_size // 2)
+
+    cases = {
+        "truncated": ([f"checkpoint.load={truncated}"],
+                      f"checkpoint {truncated} is truncated: __0_1.distcp has {full_size // 2} bytes"),
+        "wrong_shape": ([f"checkpoint.load={source}", "model.hidden_size=128"],
+                        f"checkpoint {source} does not fit this model: tensor 'embedding.word_embeddings.weight' "
+                        "has shape (512, 64) in the checkpoint and (512, 128) in the model "
+                        "(model.hidden_size: checkpoint 64, this run 128)"),
+    }
+    runs = {name: Run(base_args + STEPS + [f"run.dir={tmp_path / name / 'run'}", *extra], 1, tmp_path, name)
+            for name, (extra, _) in cases.items()}
+    for name, run in runs.items():
+        rc, out, err = run.finish()
+        assert rc == 1, (name, rc, err[-3000:])
+        assert f"fmtrain: rank 0: checkpoint error: {cases[name][1]}" in err, (name, err[-3000:])
+        assert "Traceback" not in err, (name, err[-3000:])
+        assert not (tmp_path / name / "run" / "metrics.jsonl").exists(), "nothing trained"
+
+
+def test_missing_data_file_and_foreign_index_are_refused(reference, tmp_path):
+    """The file check itself (no training process needed): a deleted .distcp file is named, and
+    a tensor index that would unpickle anything but checkpoint metadata is not read."""
+    import pickle
+
+    from fmtrain.checkpoint import CheckpointError, verify
+
+    ref_dir, _ = reference
+    missing = tmp_path / "missing"
+    shutil.copytree(ref_dir / "checkpoints" / "step_0000020", missing)
+    verify.check_files(missing)  # intact
+    (missing / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match=rf"checkpoint {missing} is incomplete: __0_0.distcp is missing"):
+        verify.check_files(missing)
+    (missing / ".metadata").write_bytes(pickle.dumps(os.system))  # a pickle that names a callable
+    with pytest.raises(CheckpointError, match=r"refusing to read .metadata: posix.system is not a checkpoint"):
+        verify.check_files(missing)
+
+
+def _flat_checkpoint(path: Path, tmp_path: Path) -> tuple[dict, list]:
+    """All tensors of a checkpoint (model + optimizer, global shapes) and its optimizer step counts."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = tmp_path / f"{path.name}.pt"
+    dcp_to_torch_save(path, flat)
+    tensors = {k: v for k, v in torch.load(flat, weights_only=True).items() if torch.is_tensor(v)}
+    common = torch.load(path / "common.pt", weights_only=True)
+    steps = [group["step"] for group in common["optimizer"]["optimizer"]["param_groups"]]
+    return tensors, steps
+
+
+def test_nan_steps_skip_the_update_and_too_many_stop_the_run(base_args, tmp_path):
+    """NaN loss at step 3, then at 6, 7, 8 with max_consecutive_skips=3 (2 ranks, distributed
+    optimizer): the skipped steps leave weights and Adam state bit-identical, are counted, and
+    the third in a row stops the run with a clear error; the checkpoints stay intact."""
+    run_dir = tmp_path / "run"
+    run = Run(base_args + [f"run.dir={run_dir}", "train.max_steps=10", "checkpoint.interval=1",
+                           "train.max_consecutive_skips=3"], 2, tmp_path, "nan",
+              env={"FMTRAIN_TEST_NAN_AT_STEP": "3,6,7,8"})
+    rc, out, err = run.finish()
+    assert rc == 1, err[-3000:]
+    assert ("numeric fault: steps 6-8: 3 consecutive steps had a non-finite loss or gradient norm "
+            "(last: loss=nan, grad_norm=nan); stopping (train.max_consecutive_skips=3)") in err
+    assert "Traceback" not in err
+
+    metrics = read_metrics(run_dir)
+    assert sorted(metrics) == list(range(1, 9))
+    applied = {step: rec["update_applied"] for step, rec in metrics.items()}
+    assert applied == {1: 1, 2: 1, 3: 0, 4: 1, 5: 1, 6: 0, 7: 0, 8: 0}
+    assert [metrics[s]["skipped_steps"] for s in range(1, 9)] == [0, 0, 1, 1, 1, 2, 3, 4]
+    assert all(math.isfinite(metrics[s]["loss"]) for s in (1, 2, 4, 5)) and math.isnan(metrics[3]["loss"])
+
+    ckpts = run_dir / "checkpoints"
+    assert latest(run_dir) == "step_0000007", "nothing saved on the way out; the last checkpoint is intact"
+    updates = {2: 2.0, 5: 4.0}  # Adam's step count: applied updates only (step 3 was skipped)
+    for before, after in ((2, 3), (5, 6), (5, 7)):
+        a, a_steps = _flat_checkpoint(ckpts / f"step_{before:07d}", tmp_path)
+        b, b_steps = _flat_checkpoint(ckpts / f"step_{after:07d}", tmp_path)
+        assert a.keys() == b.keys() and any(k.startswith("optimizer.state.exp_avg.") for k in a)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (before, after, key)
+        assert a_steps == b_steps == [updates[before]] * len(a_steps)
+    state = json.loads((ckpts / "step_0000007" / "fmtrain_state.json").read_text())
+    assert state["skipped_steps"] == 3
+
+
+def test_rng_states_round_trip(tmp_path):
+    """capture -> draw -> restore -> the same draws; the file loads with weights_only=True."""
+    import random
+
+    import numpy as np
+
+    from fmtrain.checkpoint import rng
+
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    rng.save(tmp_path, 3, rng.capture())
+
+    def draw():
+        return random.random(), random.gauss(0, 1), float(np.random.rand()), torch.rand(3).tolist()
+
+    first = draw()
+    draw()
+    rng.restore(rng.load(tmp_path, 3))
+    assert draw() == first
+    assert rng.load(tmp_path, 4) is None
+
+
+def test_retention_keeps_last_k_every_mth_and_latest(tmp_path):
+    from fmtrain.checkpoint import files
+
+    root = files.checkpoints_dir(tmp_path)
+    for step in (5, 10, 15, 20, 25, 30):
+        path = files.step_dir(tmp_path, step)
+        path.mkdir(parents=True)
+        (path / files.STATE_FILE).write_text("{}")
+        (path / "metadata.json").write_text("{}")
+    (root / "step_0000012.tmp").mkdir()  # a save that can no longer finish
+    (root / "step_0000035.tmp").mkdir()  # a newer save still being written: kept
+    files.write_latest(tmp_path, files.step_dir(tmp_path, 15))  # e.g. a rollback: latest is protected
+    removed = files.prune(tmp_path, keep_last=2, keep_every=10, newest_step=30, log=lambda m: None)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
+        "step_0000010", "step_0000015", "step_0000020", "step_0000025", "step_0000030", "step_0000035.tmp"]
+    assert {p.name for p in removed} == {"step_0000005", "step_0000012.tmp"}
