@@ -658,14 +658,9 @@ def ensure_stream_tokenizer(cfg, run_dir: str | Path) -> Path:
     trained now (``model.vocab_size`` pieces) on the ``.txt`` of every ``data.shards`` sample
     when absent. Call on one rank, then barrier."""
     from fmtrain.data.shards import iter_samples, sample_text
-    from fmtrain.data.text import default_tokenizer_path, train_tokenizer
+    from fmtrain.data.text import existing_tokenizer, train_tokenizer
 
-    if cfg.data.tokenizer:
-        path = Path(cfg.data.tokenizer)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer}: file not found")
-        return path
-    path = default_tokenizer_path(run_dir)
+    path = existing_tokenizer(cfg, run_dir)
     if path.is_file():
         return path
     docs = []

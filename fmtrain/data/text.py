@@ -318,6 +318,17 @@ def default_tokenizer_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "tokenizer" / "tokenizer.model"
 
 
+def existing_tokenizer(cfg: "Config", run_dir: str | Path) -> Path:
+    """``data.tokenizer`` (which must exist), else RUN_DIR/tokenizer/tokenizer.model, which a
+    caller trains when it is not there yet."""
+    if cfg.data.tokenizer:
+        path = Path(cfg.data.tokenizer)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer}: file not found")
+        return path
+    return default_tokenizer_path(run_dir)
+
+
 def ensure_tokenizer(cfg: "Config", run_dir: str | Path) -> Path:
     """The run's tokenizer model, trained now if needed. Call on one rank only, then barrier.
 
@@ -325,12 +336,7 @@ def ensure_tokenizer(cfg: "Config", run_dir: str | Path) -> Path:
     reused when present (a resumed run), else trained with ``model.vocab_size`` pieces on the
     training split of ``data.corpus`` (the same split ``build_text_datasets`` makes).
     """
-    if cfg.data.tokenizer:
-        path = Path(cfg.data.tokenizer)
-        if not path.is_file():
-            raise FileNotFoundError(f"data.tokenizer={cfg.data.tokenizer}: file not found")
-        return path
-    path = default_tokenizer_path(run_dir)
+    path = existing_tokenizer(cfg, run_dir)
     if path.is_file():
         return path
     train_docs, _ = split_documents(read_documents(cfg.data.corpus), cfg.data.valid_fraction, cfg.run.seed)
@@ -367,4 +373,4 @@ def build_text_datasets(cfg: "Config", tokenizer_path: str | Path
 
 __all__ = ["UNK_ID", "BOS_ID", "EOS_ID", "BUILTIN_CORPORA", "read_documents", "split_documents",
            "train_tokenizer", "load_tokenizer", "PackedTextDataset", "MicrobatchSampler",
-           "default_tokenizer_path", "ensure_tokenizer", "build_text_datasets"]
+           "default_tokenizer_path", "existing_tokenizer", "ensure_tokenizer", "build_text_datasets"]

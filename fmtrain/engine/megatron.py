@@ -95,6 +95,7 @@ class MegatronEngine:
         )
         self._install_schedule_hooks(ddp_config)
         self.forward_backward = get_forward_backward_func()
+        self._report_names: list[str] | None = None
         self.num_microbatches = num_microbatches(cfg, topo.dp)
 
     def _install_schedule_hooks(self, ddp_config: DistributedDataParallelConfig) -> None:
@@ -135,11 +136,13 @@ class MegatronEngine:
         Reports exist on the last pipeline stage only, once per tensor-parallel rank; the
         tensor-parallel rank 0 copies are summed over all ranks so every rank gets the result.
         """
-        names = sorted(reports[0]) if reports else []
-        # The set of names is the family's; every rank must agree on it before reducing.
-        names_holder = [names]
-        dist.broadcast_object_list(names_holder, src=dist.get_world_size() - 1)
-        names = names_holder[0]
+        # The set of names is the family's loss function's and never changes: every rank learns
+        # it from the last stage once, not with an object broadcast (a host sync) every step.
+        if self._report_names is None:
+            holder = [sorted(reports[0]) if reports else []]
+            dist.broadcast_object_list(holder, src=dist.get_world_size() - 1)
+            self._report_names = holder[0]
+        names = self._report_names
         totals = torch.zeros(len(names), 2, dtype=torch.float64, device=self.topo.device)
         if self.topo.is_last_stage and self.topo.tp_rank == 0:
             for report in reports:
