@@ -9,6 +9,7 @@
     fmtrain launch slurm|local RECIPE ...           sbatch script / local run; requeued after a save
     fmtrain convert from-hf HF_DIR OUT [k=v ...]    Hugging Face Llama / Yi -> fmtrain checkpoint (any layout)
     fmtrain convert to-hf CKPT_DIR OUT [--dtype]    fmtrain checkpoint (any layout) -> Hugging Face
+    fmtrain sample RECIPE --ckpt DIR --prompt-emb F --out F   DiT latents by the Euler sampler (CFG)
 
 Configuration errors are reported before any process starts.
 """
@@ -94,7 +95,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from fmtrain.models.registry import get_family
-    from fmtrain.train.flops import memory_per_gpu_from_config
 
     cfg = load_config(args.recipe, args.overrides)
     world = args.gpus or cfg.parallel.tp * cfg.parallel.pp * max(cfg.parallel.dp, 1)
@@ -114,8 +114,49 @@ def cmd_info(args: argparse.Namespace) -> int:
     tokens = t.global_batch_size * cfg.model.seq_length
     print(f"batch         {t.global_batch_size} x {cfg.model.seq_length} = {tokens:,} tokens/step, "
           f"micro-batch {t.micro_batch_size}, {num_microbatches(cfg, dp)} microbatches per DP rank")
-    estimate = memory_per_gpu_from_config(cfg, dp=dp, num_microbatches=num_microbatches(cfg, dp))
+    estimate = family.memory_estimate(cfg, dp, num_microbatches(cfg, dp))
     print("memory/GPU    " + estimate.format().replace("\n", "\n              "))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    # One process holds the whole model: any checkpoint layout is resharded on load.
+    single = ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=1", "parallel.dp=0", "parallel.sequence_parallel=false"]
+    cfg = load_config(args.recipe, [*args.overrides, *single])
+    if args.steps:
+        cfg.flow.sample_steps = args.steps
+    if args.shift:
+        cfg.flow.sample_shift = args.shift
+    if args.guidance is not None:
+        cfg.flow.guidance_scale = args.guidance
+    validate(cfg, 1)
+    from fmtrain.config import latent_shapes, parse_latent_shape
+    from fmtrain.models.registry import get_family
+
+    family = get_family(cfg.model.family)
+    if family.sample is None:
+        raise ConfigError(f"model.family={cfg.model.family!r} has no sampler (fmtrain sample is for generative families)")
+    shape = parse_latent_shape(args.shape, "--shape") if args.shape else latent_shapes(cfg)[0]
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    import numpy as np
+
+    from fmtrain import parallel
+
+    topo = parallel.initialize(cfg)
+    latents = family.sample(cfg, checkpoint=args.ckpt, prompt_file=args.prompt_emb, shape=shape, num=args.num,
+                            seed=args.seed, device=topo.device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, latents.cpu().numpy(), allow_pickle=False)
+    print(f"fmtrain sample: {tuple(latents.shape)} latents ({cfg.flow.sample_steps} Euler steps, shift "
+          f"{cfg.flow.sample_shift}, guidance {cfg.flow.guidance_scale}, seed {args.seed}) -> {out}; "
+          f"mean {latents.mean():.4f} std {latents.std():.4f}")
+    parallel.destroy()
     return 0
 
 
@@ -173,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value")
     train.set_defaults(func=cmd_train)
 
+    smp = sub.add_parser("sample", help="generate latents with a DiT checkpoint (Euler sampler, CFG)")
+    smp.add_argument("recipe")
+    smp.add_argument("overrides", nargs="*")
+    smp.add_argument("--ckpt", default="", help="checkpoint or run directory (latest); empty: initial weights")
+    smp.add_argument("--prompt-emb", required=True, help=".npz with text_emb [L, caption_dim] (+ text_mask, "
+                     "clip_emb, clip_mask)")
+    smp.add_argument("--out", required=True, help="output .npy: [num, C, T, H, W] float32 latents")
+    smp.add_argument("--shape", default="", help="latent T x H x W (default: the first data.synthetic_latent_shapes)")
+    smp.add_argument("--num", type=int, default=1, help="samples for the prompt")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--steps", type=int, default=0, help="Euler steps (default flow.sample_steps)")
+    smp.add_argument("--shift", type=float, default=0.0, help="time shift (default flow.sample_shift)")
+    smp.add_argument("--guidance", type=float, default=None, help="CFG scale (default flow.guidance_scale)")
+    smp.set_defaults(func=cmd_sample)
     info = sub.add_parser("info", help="parameters, FLOPs and memory per GPU of a recipe")
     info.add_argument("recipe")
     info.add_argument("overrides", nargs="*")

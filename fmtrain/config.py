@@ -60,6 +60,25 @@ class ModelConfig:
     only its slices, unless the run resumes (checkpoint.load set, or RUN_DIR has a checkpoint).
     Its config.json must match the model.* fields (seq_length and init_method_std may differ);
     set data.tokenizer to its tokenizer.model. See docs/hf_interop.md."""
+    # Diffusion transformers (step_video); LLM families ignore these. For a DiT,
+    # model.seq_length is the nominal video-token count per sample (FLOPs, memory, MFU).
+    in_channels: int = 64
+    """DiT: latent channels of the video VAE."""
+    patch_size: int = 1
+    """DiT: spatial patch size over the latent (patch_size x patch_size latent pixels per token)."""
+    caption_dim: int = 6144
+    """DiT: width of the LLM-style text embedding (Step-LLM)."""
+    caption_tokens: int = 320
+    """DiT: LLM-style text embedding length (padded / truncated to it, with a mask)."""
+    clip_dim: int = 1024
+    """DiT: width of the CLIP-style text embedding; 0 disables the second text encoder."""
+    clip_tokens: int = 77
+    """DiT: CLIP-style text embedding length."""
+    rope_axes: str = "64,32,32"
+    """DiT: head channels rotated by 3D RoPE for the frame, height and width positions
+    (sum = head_dim, each even); model.rotary_base is the RoPE theta."""
+    caption_norm_affine: bool = False
+    """DiT: the LayerNorm on the LLM-style text embedding has a weight and bias."""
 
 
 @dataclass
@@ -161,6 +180,41 @@ class DataConfig:
     """Video: center | random (spatial crop; the clip's start frame is always drawn at random)."""
     video_clips: int = 1
     """Video: clips cut from each decoded video (repeated sampling)."""
+    synthetic_latent_shapes: str = "2x8x8"
+    """DiT without data.shards (data.corpus=synthetic:latents): latent T x H x W shapes of the
+    generated dataset, comma separated; one bucket per shape."""
+    synthetic_samples: int = 512
+    """DiT synthetic dataset: samples per shape."""
+    synthetic_classes: int = 8
+    """DiT synthetic dataset: prototype latents (each with its own text embedding)."""
+
+
+@dataclass
+class FlowConfig:
+    """Flow matching (``fmtrain.objectives.flow_matching``): x_t = t*x1 + (1-t)*x0, t=0 noise,
+    t=1 data; the model predicts the velocity x1 - x0."""
+
+    timestep_sampling: str = "logit_normal"
+    """uniform | logit_normal (t = sigmoid(u), u ~ N(logit_mean, logit_std))."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+    """Training time shift: SD3's s*sigma/(1+(s-1)*sigma) on the noise level sigma = 1-t
+    (s > 1 trains more at high noise); 1 leaves t as sampled."""
+    loss_weighting: str = "none"
+    """Per-sample loss weight w(t): none | cosmap (SD3), or a name registered with
+    ``fmtrain.objectives.flow_matching.register_weighting``."""
+    l1_weight: float = 0.0
+    """Adds l1_weight * mean |v_pred - v| to the MSE (LaVin-DiT uses 0.1)."""
+    text_drop_prob: float = 0.1
+    """Classifier-free guidance training: the share of samples whose text condition is
+    replaced by the null condition."""
+    sample_steps: int = 50
+    """Sampler: Euler steps."""
+    sample_shift: float = 13.0
+    """Sampler: SD3 time shift of the Euler grid (Step-Video recommends 13; Turbo 17)."""
+    guidance_scale: float = 9.0
+    """Sampler: classifier-free guidance scale (1 disables the unconditional pass)."""
 
 
 @dataclass
@@ -213,6 +267,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -236,6 +291,7 @@ _CHOICES = {
     "train.lr_schedule": ("cosine", "wsd", "constant"),
     "engine.backend": ("megatron",),
     "data.video_crop": ("center", "random"),
+    "flow.timestep_sampling": ("uniform", "logit_normal"),
 }
 
 
@@ -428,6 +484,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                         ("checkpoint.keep_every", cfg.checkpoint.keep_every)):
         if value < 0:
             raise ConfigError(f"{name}={value} must be >= 0 (0 disables it)")
+    _validate_dit(cfg)
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}")
     if world_size is not None:
@@ -443,6 +500,62 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
                 f"interleaved pipeline (parallel.vpp={p.vpp}) needs the number of microbatches "
                 f"({micro_batches} = global_batch_size / (micro_batch_size x dp)) to be a multiple of "
                 f"parallel.pp={p.pp}")
+
+
+def rope_axes(cfg: Config) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in cfg.model.rope_axes.split(","))
+    except ValueError:
+        raise ConfigError(f"model.rope_axes={cfg.model.rope_axes!r} must be comma-separated integers") from None
+
+
+def parse_latent_shape(text: str, what: str = "latent shape") -> tuple[int, int, int]:
+    """'TxHxW' -> (T, H, W) of positive integers."""
+    try:
+        t, h, w = (int(x) for x in text.strip().lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"{what}: {text.strip()!r} is not TxHxW") from None
+    if min(t, h, w) < 1:
+        raise ConfigError(f"{what}: {text.strip()!r} has a non-positive size")
+    return t, h, w
+
+
+def latent_shapes(cfg: Config) -> list[tuple[int, int, int]]:
+    return [parse_latent_shape(item, f"data.synthetic_latent_shapes={cfg.data.synthetic_latent_shapes!r}")
+            for item in cfg.data.synthetic_latent_shapes.split(",")]
+
+
+def _validate_dit(cfg: Config) -> None:
+    """Rules for the diffusion-transformer fields; checked for every config (cheap), so a
+    typo surfaces even before a DiT recipe uses it."""
+    m, f = cfg.model, cfg.flow
+    axes = rope_axes(cfg)
+    if m.family == "step_video":
+        if len(axes) != 3 or any(a <= 0 or a % 2 for a in axes) or sum(axes) != cfg.head_dim:
+            raise ConfigError(f"model.rope_axes={m.rope_axes!r} must be three positive even numbers summing to "
+                              f"the head dim {cfg.head_dim}")
+        if m.num_query_groups != m.num_attention_heads:
+            raise ConfigError(f"model.num_query_groups={m.num_query_groups}: the Step-Video DiT uses plain multi-head "
+                              f"attention; set it to model.num_attention_heads={m.num_attention_heads}")
+        for t, h, w in latent_shapes(cfg):
+            if h % m.patch_size or w % m.patch_size:
+                raise ConfigError(f"data.synthetic_latent_shapes: {t}x{h}x{w} is not divisible by "
+                                  f"model.patch_size={m.patch_size}")
+    for name, value in (("model.in_channels", m.in_channels), ("model.patch_size", m.patch_size),
+                        ("model.caption_dim", m.caption_dim), ("model.caption_tokens", m.caption_tokens),
+                        ("flow.sample_steps", f.sample_steps), ("data.synthetic_samples", cfg.data.synthetic_samples),
+                        ("data.synthetic_classes", cfg.data.synthetic_classes)):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be at least 1")
+    if m.clip_dim < 0 or m.clip_tokens < 0 or (m.clip_dim > 0) != (m.clip_tokens > 0):
+        raise ConfigError(f"model.clip_dim={m.clip_dim} and model.clip_tokens={m.clip_tokens} must both be "
+                          "positive (two text encoders) or both 0 (one)")
+    if f.logit_std <= 0 or f.shift <= 0 or f.sample_shift <= 0:
+        raise ConfigError("flow.logit_std, flow.shift and flow.sample_shift must be positive")
+    if not 0.0 <= f.text_drop_prob <= 1.0:
+        raise ConfigError(f"flow.text_drop_prob={f.text_drop_prob} must be in [0, 1]")
+    if f.l1_weight < 0:
+        raise ConfigError(f"flow.l1_weight={f.l1_weight} must be >= 0")
 
 
 def data_parallel_size(cfg: Config, world_size: int) -> int:
@@ -474,4 +587,5 @@ def all_keys() -> list[str]:
 
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "validate",
-           "data_parallel_size", "num_microbatches", "all_keys"]
+           "data_parallel_size", "num_microbatches", "all_keys", "rope_axes", "latent_shapes",
+           "parse_latent_shape"]

@@ -80,6 +80,35 @@ def load(path: Path, engine, cfg: Optional[Config] = None) -> dict:
     return state
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory (its ``latest`` checkpoint)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = find_latest(path, log=lambda m: None)
+    if latest is None:
+        raise CheckpointError(f"{path} is neither an fmtrain checkpoint nor a run directory with one")
+    return latest
+
+
+def load_model_weights(path: Path, chunk: torch.nn.Module, cfg: Optional[Config] = None) -> dict:
+    """Load only the model weights of checkpoint (or run directory) ``path`` into ``chunk``
+    (one unwrapped model chunk, any layout the checkpoint was saved in): for inference, without
+    building an optimizer. Returns the checkpoint's fmtrain_state.json."""
+    path = resolve_checkpoint(path)
+    state = read_state(path)
+    verify.check_files(path)
+    difference = verify.config_difference(state.get("config", {}), cfg.to_dict()["model"]) if cfg else ""
+    sharded = chunk.sharded_state_dict()
+    verify.check_shapes(path, sharded, difference)
+    try:
+        loaded = dist_checkpointing.load({"model": sharded}, str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the weights of checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    chunk.load_state_dict(loaded["model"], strict=True)
+    return state
+
+
 @dataclass
 class Resumed:
     """Where a run continues from: the checkpoint, its step and its fmtrain_state.json."""

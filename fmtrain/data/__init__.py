@@ -3,7 +3,8 @@
 ``fmtrain.data.text`` covers plain-text corpora (``builtin:shakespeare``, ``.txt``, ``.jsonl``)
 read into memory. Streaming WebDataset shards (``data.shards``): ``shards`` (naming, index,
 reading with bad-input accounting, writers), ``stream`` (the resumable per-rank, per-worker
-stream and its checkpoint state), ``packing`` (text), ``video`` (PyAV clips), ``commands``
+stream and its checkpoint state), ``packing`` (text), ``video`` (PyAV clips), ``latents``
+(DiT latent shards, shape buckets, synthetic latents), ``commands``
 (``fmtrain data`` / ``fmtrain tokenizer``). See docs/data.md.
 """
 

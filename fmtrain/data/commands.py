@@ -2,6 +2,9 @@
 
     fmtrain data shard text FILES... --out DIR [--shard-size 64MB] [--max-count N] [--tokenizer MODEL]
     fmtrain data shard video VIDEOS... --out DIR [--captions FILE] [--latents DIR] [--text-embs DIR]
+    fmtrain data shard latents NPZ_FILES|DIRS... --out DIR [--channels C] [--caption-dim D] [--clip-dim D2]
+    fmtrain data synth-latents OUT_DIR --shapes 2x8x8,3x8x6 --samples N --classes K --channels C
+        --caption-dim D --caption-tokens L [--clip-dim D2 --clip-tokens L2] [--seed S] [--valid-fraction F]
     fmtrain data index PATTERN --out DIR/index.json
     fmtrain tokenizer train --shards PATTERN --vocab-size N --out PREFIX
     fmtrain tokenizer encode --model MODEL [--text TEXT ...] [FILES...]
@@ -54,6 +57,51 @@ def cmd_shard_video(args: argparse.Namespace) -> int:
                                max_count=args.max_count)
     print(f"wrote {index['samples']} videos in {len(index['shards'])} shards to {args.out} "
           f"({len(index['skipped'])} skipped; index: {Path(args.out) / 'index.json'})")
+    return 0
+
+
+def _npz_files(paths: list[str]) -> list[Path]:
+    out: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        out += sorted(path.rglob("*.npz")) if path.is_dir() else [path]
+    return out
+
+
+def cmd_shard_latents(args: argparse.Namespace) -> int:
+    from fmtrain.data.latents import write_npz_latent_shards
+    from fmtrain.data.shards import parse_size
+
+    files = _npz_files(args.files)
+    if not files:
+        print("fmtrain: error: no .npz files given", file=sys.stderr)
+        return 1
+    index = write_npz_latent_shards(files, args.out, shard_size=parse_size(args.shard_size),
+                                    max_count=args.max_count, in_channels=args.channels or None,
+                                    patch_size=args.patch_size, caption_dim=args.caption_dim or None,
+                                    clip_dim=args.clip_dim or None)
+    skipped = index["skipped"]
+    print(f"wrote {index['samples']} latent samples in {len(index['shards'])} shards to {args.out} "
+          f"({len(skipped)} of {len(files)} files skipped{': see the warnings' if skipped else ''}; "
+          f"index: {Path(args.out) / 'index.json'})")
+    return 0
+
+
+def cmd_synth_latents(args: argparse.Namespace) -> int:
+    from fmtrain.data.latents import parse_latent_shapes, write_synthetic_latent_shards
+    from fmtrain.data.shards import parse_size
+
+    if (args.clip_dim > 0) != (args.clip_tokens > 0):
+        raise ValueError(f"--clip-dim={args.clip_dim} and --clip-tokens={args.clip_tokens} must both be positive "
+                         "or both 0")
+    train, valid = write_synthetic_latent_shards(
+        args.out_dir, shapes=parse_latent_shapes(args.shapes), samples=args.samples, classes=args.classes,
+        channels=args.channels, caption_tokens=args.caption_tokens, caption_dim=args.caption_dim,
+        clip_tokens=args.clip_tokens, clip_dim=args.clip_dim, seed=args.seed, valid_fraction=args.valid_fraction,
+        shard_size=parse_size(args.shard_size), max_count=args.max_count)
+    out = Path(args.out_dir)
+    print(f"wrote {train['samples']} training samples in {len(train['shards'])} shards to {out / 'train'}"
+          + (f" and {valid['samples']} validation samples to {out / 'valid'}" if valid else ""))
     return 0
 
 
@@ -123,7 +171,7 @@ def register_data(sub) -> None:
     """Add ``data`` and ``tokenizer`` to the ``fmtrain`` subcommand parser ``sub``."""
     data = sub.add_parser("data", help="write and index WebDataset shards")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    shard = dsub.add_parser("shard", help="write text or video shards (with index.json)")
+    shard = dsub.add_parser("shard", help="write text, video or latent shards (with index.json)")
     ssub = shard.add_subparsers(dest="shard_kind", required=True)
 
     def sizes(p):
@@ -144,6 +192,32 @@ def register_data(sub) -> None:
     video.add_argument("--latents", default=None, help="folder of STEM.npy precomputed latents (.latent.npy)")
     video.add_argument("--text-embs", default=None, help="folder of STEM.npy text embeddings (.text_emb.npy)")
     video.set_defaults(func=_guarded(cmd_shard_video))
+
+    latents = ssub.add_parser("latents", help="per-sample .npz files (latent, text_emb, optional text_mask, "
+                                              "clip_emb, clip_mask, caption) -> latent shards")
+    latents.add_argument("files", nargs="+", help=".npz files or folders of them")
+    sizes(latents)
+    latents.add_argument("--channels", type=int, default=0, help="check the latent channel count (0: any)")
+    latents.add_argument("--patch-size", type=int, default=1, help="check H and W are divisible by it")
+    latents.add_argument("--caption-dim", type=int, default=0, help="check the text_emb width (0: any)")
+    latents.add_argument("--clip-dim", type=int, default=0, help="require clip_emb of this width (0: optional)")
+    latents.set_defaults(func=_guarded(cmd_shard_latents))
+
+    synth = dsub.add_parser("synth-latents", help="write shards of the synthetic latent dataset (DiT tests, demos)")
+    synth.add_argument("out_dir", help="writes OUT_DIR/train (and OUT_DIR/valid with --valid-fraction)")
+    synth.add_argument("--shapes", default="2x8x8", help="latent T x H x W shapes, comma separated (default 2x8x8)")
+    synth.add_argument("--samples", type=int, default=64, help="samples per shape (default 64)")
+    synth.add_argument("--classes", type=int, default=8, help="prototype classes (default 8)")
+    synth.add_argument("--channels", type=int, default=16, help="latent channels (default 16)")
+    synth.add_argument("--caption-dim", type=int, default=64, help="text embedding width (default 64)")
+    synth.add_argument("--caption-tokens", type=int, default=16, help="text embedding length (default 16)")
+    synth.add_argument("--clip-dim", type=int, default=0, help="CLIP-style embedding width (0: none)")
+    synth.add_argument("--clip-tokens", type=int, default=0, help="CLIP-style embedding length (0: none)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--valid-fraction", type=float, default=0.0, help="share of each shape held out to valid/")
+    synth.add_argument("--shard-size", default="64MB", help="target shard size (default 64MB)")
+    synth.add_argument("--max-count", type=int, default=100_000, help="at most this many samples per shard")
+    synth.set_defaults(func=_guarded(cmd_synth_latents))
 
     index = dsub.add_parser("index", help="count the samples of existing shards into an index.json")
     index.add_argument("pattern", help="brace pattern, '::'-joined list, or pipe: URLs")

@@ -43,6 +43,19 @@ settings must match the checkpoint's, or the run stops before training with an e
 lists what differs. (An exact re-partition would need every stream's buffer and carry state
 to be redistributed; the counts-only state does not describe that.)
 
+Bucketing by shape
+------------------
+A pipeline may define ``bucket_of(item) -> hashable`` (the latent pipeline: the latent's
+(T, H, W)). Its worker then keeps one pending list per bucket and emits a microbatch when a
+bucket holds ``micro_batch_size`` items, so a microbatch never mixes shapes and is never
+padded; items of a bucket that is not full yet wait, across epoch ends if need be. Only
+pipelines with one unit per sample and ``item_size`` 1 may bucket (otherwise ValueError).
+The worker position then also lists the samples still waiting, as ``"held": [[epoch,
+index], ...]`` (index = place in that epoch's stream order); on resume the worker replays
+those epochs' orders on integers, re-reads exactly those samples (possibly from an earlier
+epoch), re-inserts them into their buckets and continues, so the resumed stream is again
+identical. ``carry`` and ``offset`` stay 0 for a bucketing pipeline.
+
 Bad input
 ---------
 A damaged shard gives a warning naming the shard and the last good key; its missing
@@ -112,6 +125,9 @@ class Pipeline(Protocol):
     clips). Units of consecutive samples are concatenated and cut into items of
     ``item_size`` units (text: a ``seq_length + 1`` window; video: one clip). At the end of a
     stream's epoch a partial item is emitted padded when ``pad_at_epoch_end``, else dropped.
+
+    Optional: ``bucket_of(item) -> hashable``; when present, microbatches are formed per
+    bucket (see "Bucketing by shape" above).
     """
 
     item_size: int
@@ -268,6 +284,31 @@ def stream_order(spec: StreamSpec, epoch: int, stream: int) -> list[tuple[int, i
     return out
 
 
+def read_positions(spec: StreamSpec, stream: int, wanted: Sequence[tuple[int, int]],
+                   warn: Callable[[str], None]) -> dict[tuple[int, int], tuple[Shard, Optional[dict]]]:
+    """Raw samples at ``(epoch, index)`` places of stream ``stream`` (index = position in that
+    epoch's :func:`stream_order`): ``{(epoch, index): (shard, sample or None)}``. Reads only
+    the shards holding them."""
+    by_epoch: dict[int, list[int]] = {}
+    for epoch, index in wanted:
+        by_epoch.setdefault(int(epoch), []).append(int(index))
+    out: dict[tuple[int, int], tuple[Shard, Optional[dict]]] = {}
+    for epoch, indices in sorted(by_epoch.items()):
+        order = stream_order(spec, epoch, stream)
+        need: dict[int, dict[int, int]] = {}  # shard -> {position in shard: index in stream order}
+        for index in indices:
+            if not 0 <= index < len(order):
+                raise StreamResumeError(f"stream {stream} epoch {epoch}: held sample {index} is past the epoch's "
+                                        f"{len(order)} samples (the shards changed since the checkpoint?)")
+            shard, position = order[index]
+            need.setdefault(shard, {})[position] = index
+        for shard_index in sorted(need):
+            places, shard = need[shard_index], spec.shards[shard_index]
+            for position, sample in read_shard(shard, min(places), max(places) + 1, places.__contains__, warn):
+                out[epoch, places[position]] = (shard, sample)
+    return out
+
+
 # --------------------------------------------------------------------------- one stream
 
 
@@ -347,6 +388,12 @@ class StreamWorker:
         self.pos = dict(position or initial_position(worker))
         self.verbose = verbose
         self._warned = 0
+        self.bucketed = getattr(pipeline, "bucket_of", None) is not None
+        if self.bucketed:
+            if pipeline.item_size != 1:
+                raise ValueError(f"{type(pipeline).__name__} defines bucket_of but has item_size "
+                                 f"{pipeline.item_size}; bucketing needs one item per sample (item_size 1)")
+            self.pos.setdefault("held", [])
 
     # -- bad input
 
@@ -394,6 +441,9 @@ class StreamWorker:
     # -- the stream
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
+        if self.bucketed:
+            yield from self._iter_bucketed()
+            return
         pipeline, pos = self.pipeline, self.pos
         size = pipeline.item_size
         events = _events(self.spec, self.stream, pos["epoch"], pos["consumed"] - pos["carry"], self._warn)
@@ -463,6 +513,63 @@ class StreamWorker:
     def _emit(self, items: list, parts: deque, offset: int) -> tuple[dict, dict]:
         self.pos.update(carry=len(parts), offset=offset, micro=self.pos["micro"] + 1)
         return self.pipeline.collate(items), dict(self.pos)
+
+    # -- the stream, bucketed by the pipeline's bucket_of (one item per sample)
+
+    def _one_item(self, units: Sequence, where: str) -> Any:
+        if len(units) != 1:
+            raise ValueError(f"{type(self.pipeline).__name__} defines bucket_of but gave {len(units)} units for "
+                             f"{where}; bucketing needs exactly one unit per usable sample")
+        return self.pipeline.make_item([units[0:1]], 1)
+
+    def _iter_bucketed(self) -> Iterator[tuple[dict, dict]]:
+        pipeline, pos, mbs = self.pipeline, self.pos, self.micro_batch_size
+        window = min(1000, sum(u.size for u in self.spec.stream_units(pos["epoch"], self.stream)))
+        # bucket -> [(item, [epoch, index]), ...] in arrival order, each shorter than mbs
+        buckets: dict[Any, list[tuple[Any, list[int]]]] = {}
+        held = sorted((int(e), int(i)) for e, i in pos.get("held", []))
+        raw = read_positions(self.spec, self.stream, held, self._warn) if held else {}
+        for epoch, index in held:  # re-insert what waited in the buckets at the checkpoint
+            shard, sample = raw.get((epoch, index), (None, None))
+            event = _Event("sample", epoch, index, shard.url if shard else "", sample)
+            units = self._units(event, count=False, window=window)
+            if not units:
+                raise StreamResumeError(
+                    f"stream {self.stream}: sample {index} of epoch {epoch} (shard {event.shard or '?'}) waited in a "
+                    "bucket at the checkpoint but is no longer usable (the shards changed since the checkpoint?)")
+            item = self._one_item(units, f"held sample {index} of epoch {epoch}")
+            bucket = buckets.setdefault(pipeline.bucket_of(item), [])
+            bucket.append((item, [epoch, index]))
+            if len(bucket) >= mbs:
+                raise StreamResumeError(f"stream {self.stream}: the checkpoint holds {len(bucket)} waiting samples "
+                                        f"of one bucket, not fewer than micro_batch_size={mbs}")
+        for event in _events(self.spec, self.stream, pos["epoch"], pos["consumed"], self._warn):
+            if event.kind == "end":
+                if pos["epoch_good"] == 0:
+                    pos["idle_epochs"] += 1
+                    if pos["idle_epochs"] >= 2:
+                        raise BadDataError(
+                            f"{self.spec.name} data: DP rank {self.dp_rank} worker {self.worker} read two "
+                            f"epochs without one usable sample (last epoch: {event.length} samples); "
+                            "see the warnings above")
+                else:
+                    pos["idle_epochs"] = 0
+                pos.update(epoch=event.epoch + 1, consumed=0, epoch_good=0)
+                window = min(1000, sum(u.size for u in self.spec.stream_units(pos["epoch"], self.stream)))
+                continue
+            units = self._units(event, count=True, window=window)
+            pos["consumed"] = event.index + 1
+            if not units:
+                continue
+            item = self._one_item(units, f"key {event.sample.get('__key__')} of shard {event.shard}")
+            key = pipeline.bucket_of(item)
+            bucket = buckets.setdefault(key, [])
+            bucket.append((item, [event.epoch, event.index]))
+            if len(bucket) == mbs:
+                del buckets[key]
+                waiting = sorted(where for b in buckets.values() for _, where in b)
+                pos.update(carry=0, offset=0, micro=pos["micro"] + 1, held=waiting)
+                yield pipeline.collate([item for item, _ in bucket]), dict(pos)
 
 
 # --------------------------------------------------------------------------- the loader
@@ -696,7 +803,7 @@ def build_text_loader(cfg, shards_spec: str, tokenizer_path: str | Path, *, dp_s
 
 
 def prepare_stream_data(cfg, topo, run_dir: Path):
-    """The streaming counterpart of ``fmtrain.train.loop.prepare_data`` (``data.shards`` set):
+    """The streaming counterpart of ``fmtrain.data.text.prepare_text_data`` (``data.shards`` set):
     (tokenizer path, train loader, validation loader or None)."""
     import torch.distributed as dist
 
@@ -780,6 +887,6 @@ def restore_state(batches, cfg, run_dir: Path, start_step: int, topo,
 
 
 __all__ = ["BadSample", "BadDataError", "StreamResumeError", "SampleContext", "Pipeline", "Unit",
-           "StreamSpec", "PositionShuffle", "stream_order", "StreamWorker", "StreamingLoader", "batch_hash",
-           "initial_position", "ensure_stream_tokenizer", "build_text_loader", "prepare_stream_data",
+           "StreamSpec", "PositionShuffle", "stream_order", "read_positions", "StreamWorker", "StreamingLoader",
+           "batch_hash", "initial_position", "ensure_stream_tokenizer", "build_text_loader", "prepare_stream_data",
            "checkpoint_state", "restore_state"]

@@ -374,3 +374,29 @@ def build_text_datasets(cfg: "Config", tokenizer_path: str | Path
 __all__ = ["UNK_ID", "BOS_ID", "EOS_ID", "BUILTIN_CORPORA", "read_documents", "split_documents",
            "train_tokenizer", "load_tokenizer", "PackedTextDataset", "MicrobatchSampler",
            "default_tokenizer_path", "existing_tokenizer", "ensure_tokenizer", "build_text_datasets"]
+
+
+def prepare_text_data(cfg: "Config", topo, run_dir: Path):
+    """The LLM families' data: (tokenizer path, train batches, validation batches or None).
+
+    Streams WebDataset shards when ``data.shards`` is set (the stream's position goes into
+    checkpoints); otherwise reads ``data.corpus`` into memory. The tokenizer is trained once,
+    by rank 0, when it does not exist yet."""
+    import torch.distributed as dist
+
+    if cfg.data.shards:
+        from fmtrain.data.stream import prepare_stream_data
+
+        return prepare_stream_data(cfg, topo, run_dir)
+    if topo.is_writer:
+        tokenizer_path = ensure_tokenizer(cfg, run_dir)
+    dist.barrier()
+    if not topo.is_writer:
+        tokenizer_path = ensure_tokenizer(cfg, run_dir)  # now present: only loads and checks
+    train_ds, valid_ds = build_text_datasets(cfg, tokenizer_path)
+    t = cfg.train
+    train = MicrobatchSampler(train_ds, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed)
+    valid = None
+    if cfg.eval.interval and valid_ds is not None and len(valid_ds) >= t.global_batch_size:
+        valid = MicrobatchSampler(valid_ds, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed)
+    return tokenizer_path, train, valid

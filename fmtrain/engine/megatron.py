@@ -95,6 +95,7 @@ class MegatronEngine:
         )
         self._install_schedule_hooks(ddp_config)
         self.forward_backward = get_forward_backward_func()
+        self.forward_step = family.make_forward_step(cfg)
         self._report_names: list[str] | None = None
         self.num_microbatches = num_microbatches(cfg, topo.dp)
 
@@ -117,15 +118,17 @@ class MegatronEngine:
     def _run(self, microbatches: list[dict], forward_only: bool, poison_loss: bool = False) -> list[dict]:
         if len(microbatches) != self.num_microbatches and not forward_only:
             raise ValueError(f"expected {self.num_microbatches} microbatches, got {len(microbatches)}")
+        seq_length = self.cfg.model.seq_length
+        if self.family.prepare_step is not None and self.topo.pp > 1:
+            microbatches, seq_length = self.family.prepare_step(self.cfg, microbatches)
         # Interleaved schedules read one iterator per chunk.
         iterators = [iter(microbatches) for _ in self.chunks]
-        m = self.cfg.model
         return self.forward_backward(
-            forward_step_func=_nan_loss(self.family.forward_step) if poison_loss else self.family.forward_step,
+            forward_step_func=_nan_loss(self.forward_step) if poison_loss else self.forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks,
             num_microbatches=len(microbatches),
-            seq_length=m.seq_length,
+            seq_length=seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
         )

@@ -24,3 +24,24 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class HeadRMSNorm(torch.nn.Module):
+    """Per-head RMSNorm of queries or keys ([..., heads, head_dim], one weight of head_dim).
+
+    Under tensor parallelism each rank normalises only its own heads, so the gradient of the
+    shared weight is a partial sum; the weight goes through megatron's
+    ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce of the gradient
+    backward) to make every rank's gradient the full one. Normalises in fp32.
+    """
+
+    def __init__(self, head_dim: int, eps: float = 1e-6, dtype=torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(head_dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+        weight = copy_to_tensor_model_parallel_region(self.weight)
+        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * weight

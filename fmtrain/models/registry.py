@@ -7,6 +7,7 @@ data, trainer and checkpoint code call these fields and never branch on the fami
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
@@ -32,6 +33,20 @@ class ForwardStep(Protocol):
     def __call__(self, data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]: ...
 
 
+class PrepareData(Protocol):
+    def __call__(self, cfg: Config, topo: Any, run_dir: Path) -> tuple[Optional[Path], Any, Any]:
+        """(tokenizer path or None, train batches, validation batches or None); both batch
+        sources answer ``microbatches(global_step, dp_rank) -> list[dict]``."""
+        ...
+
+
+class PrepareStep(Protocol):
+    def __call__(self, cfg: Config, microbatches: list[dict]) -> tuple[list[dict], int]:
+        """(microbatches, pipeline seq_length): what megatron's schedules need to size the
+        tensors sent between pipeline stages when that depends on the batch."""
+        ...
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
@@ -39,14 +54,24 @@ class ModelFamily:
     """Translate the run config into megatron's TransformerConfig (layout, dtype included)."""
     build_chunk: BuildChunk
     """Build the model chunk for one (virtual) pipeline stage."""
-    forward_step: ForwardStep
+    make_forward_step: Callable[[Config], ForwardStep]
+    """The forward step for a run config (the objective's settings are bound here)."""
     init_rule: Callable[[Config], Callable[[str], InitRule]]
     """Per checkpoint key: how the layout-invariant initialiser draws it."""
     flops_per_sample: Callable[[Config], float]
     """Model FLOPs (forward + backward) of one training sample, for throughput and MFU."""
     tokens_per_sample: Callable[[Config], int]
     param_count: Callable[[Config], int]
-    extras: Optional[dict[str, Any]] = None
+    memory_estimate: Callable[[Config, int, Optional[int]], Any]
+    """(cfg, dp, microbatches per step) -> fmtrain.train.flops.MemoryEstimate of the busiest GPU."""
+    prepare_data: PrepareData
+    prepare_step: Optional[PrepareStep] = None
+    """Only for families whose pipeline tensor size depends on the batch (None: model.seq_length)."""
+    validate: Optional[Callable[[Config], None]] = None
+    """Family-specific config rules, raising ConfigError (run before any process group starts)."""
+    sample: Optional[Callable[..., torch.Tensor]] = None
+    """Generative families: ``sample(cfg, *, checkpoint, prompt_file, shape, num, seed, device)``
+    -> generated latents (``fmtrain sample``)."""
 
 
 _FAMILIES: dict[str, ModelFamily] = {}
@@ -75,4 +100,4 @@ def known_families() -> list[str]:
 
 def _load_builtin_families() -> None:
     # Importing a family module registers it.
-    from fmtrain.models import yi  # noqa: F401
+    from fmtrain.models import step_video, yi  # noqa: F401

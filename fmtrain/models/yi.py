@@ -190,11 +190,25 @@ def param_count(cfg: Config) -> int:
     return transformer_param_count(**_shape_args(cfg), swiglu=True, tied=cfg.model.tie_embeddings)
 
 
+def memory_estimate(cfg: Config, dp: int, num_microbatches: Optional[int] = None):
+    from fmtrain.train.flops import memory_per_gpu_from_config
+
+    return memory_per_gpu_from_config(cfg, dp=dp, num_microbatches=num_microbatches)
+
+
+def prepare_data(cfg: Config, topo, run_dir):
+    from fmtrain.data.text import prepare_text_data
+
+    return prepare_text_data(cfg, topo, run_dir)
+
+
 YI = register(ModelFamily(
     name="yi",
     transformer_config=transformer_config,
     build_chunk=build_chunk,
-    forward_step=forward_step,
+    make_forward_step=lambda cfg: forward_step,
+    memory_estimate=memory_estimate,
+    prepare_data=prepare_data,
     init_rule=init_rule,
     flops_per_sample=flops_per_sample,
     tokens_per_sample=lambda cfg: cfg.model.seq_length,

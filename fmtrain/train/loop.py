@@ -28,7 +28,6 @@ from fmtrain import checkpoint, parallel
 from fmtrain.checkpoint.hf.convert import init_from_hf
 from fmtrain.config import Config
 from fmtrain.data import stream as data_stream
-from fmtrain.data.text import MicrobatchSampler, build_text_datasets, ensure_tokenizer
 from fmtrain.engine import build_engine
 from fmtrain.models.registry import get_family
 from fmtrain.train import signals
@@ -55,25 +54,7 @@ def _broadcast_float(value: float, topo: parallel.Topology) -> float:
     return float(holder.item())
 
 
-def prepare_data(cfg: Config, topo: parallel.Topology, run_dir: Path):
-    """Tokenizer (trained once, by rank 0) and the train / validation samplers."""
-    if cfg.data.shards:  # streaming WebDataset shards; the stream's position goes into checkpoints
-        return data_stream.prepare_stream_data(cfg, topo, run_dir)
-    if topo.is_writer:
-        tokenizer_path = ensure_tokenizer(cfg, run_dir)
-    dist.barrier()
-    if not topo.is_writer:
-        tokenizer_path = ensure_tokenizer(cfg, run_dir)  # now present: only loads and checks
-    train_ds, valid_ds = build_text_datasets(cfg, tokenizer_path)
-    t = cfg.train
-    train = MicrobatchSampler(train_ds, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed)
-    valid = None
-    if cfg.eval.interval and valid_ds is not None and len(valid_ds) >= t.global_batch_size:
-        valid = MicrobatchSampler(valid_ds, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed)
-    return tokenizer_path, train, valid
-
-
-def evaluate(engine, valid: MicrobatchSampler, cfg: Config, topo: parallel.Topology) -> float:
+def evaluate(engine, valid, cfg: Config, topo: parallel.Topology) -> float:
     """Token-weighted validation loss over the first ``eval.steps`` global batches."""
     total, weight = 0.0, 0
     for i in range(cfg.eval.steps):
@@ -101,14 +82,16 @@ def train(cfg: Config) -> dict:
 def _train(cfg: Config) -> dict:
     started_monotonic = time.monotonic()
     injected = FaultInjection.from_env()
+    family = get_family(cfg.model.family)
+    if family.validate is not None:
+        family.validate(cfg)
     topo = parallel.initialize(cfg)
     run_dir = Path(cfg.run.dir)
     if topo.is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    family = get_family(cfg.model.family)
 
-    tokenizer_path, train_batches, valid_batches = prepare_data(cfg, topo, run_dir)
+    tokenizer_path, train_batches, valid_batches = family.prepare_data(cfg, topo, run_dir)
     engine = build_engine(cfg, topo, family)
     log0(topo, f"fmtrain: {cfg.model.family} with {family.param_count(cfg) / 1e6:.2f}M parameters, "
                f"layout TP={topo.tp} PP={topo.pp} VPP={topo.vpp} DP={topo.dp} on {topo.world_size} "
