@@ -26,9 +26,9 @@ TINY_OVERRIDES = [
 
 
 def run_fmtrain(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,
-                env: dict | None = None) -> subprocess.CompletedProcess:
+                env: dict | None = None, recipe: Path = TINY_RECIPE) -> subprocess.CompletedProcess:
     """`fmtrain train --nproc N RECIPE args...` as a subprocess (real torchrun ranks on gloo)."""
-    cmd = [sys.executable, "-m", "fmtrain.cli", "train", "--nproc", str(nproc), str(TINY_RECIPE), *args]
+    cmd = [sys.executable, "-m", "fmtrain.cli", "train", "--nproc", str(nproc), str(recipe), *args]
     proc_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=proc_env)
     if check and proc.returncode != 0:

@@ -75,7 +75,7 @@ def main() -> None:
         losses.append(result.loss)
         norms.append(result.grad_norm)
     if topo.is_last_stage and topo.tp_rank == 0 and topo.dp_rank == 0:
-        torch.save({"predictions": predictions, "losses": torch.tensor(losses, dtype=torch.float64),
+        torch.save({"predictions": predictions, "num_parameters": engine.num_parameters(), "losses": torch.tensor(losses, dtype=torch.float64),
                     "grad_norms": torch.tensor(norms, dtype=torch.float64)}, out)
     dist.barrier()
     parallel.destroy()
