@@ -1,7 +1,11 @@
 """``fmtrain convert from-hf | to-hf``: argument parsing and pre-flight checks.
 
 The work is in :mod:`fmtrain.checkpoint.hf.convert`, imported when a command runs, so that
-building the ``fmtrain`` parser stays light (that package pulls in megatron-core).
+building the ``fmtrain`` parser stays light (that package pulls in megatron-core). Both
+commands dispatch on the model family: Yi <-> Hugging Face ``LlamaForCausalLM``; step_video
+<-> the Step-Video-T2V release layout (``RELEASE/transformer/``). ``from-hf`` recognises the
+family from the directory's config.json (or takes the recipe's); ``to-hf`` from the
+checkpoint's saved config.
 
     fmtrain convert from-hf HF_DIR OUT_DIR [--recipe RECIPE] [--allow-pickle] [--dtype auto|bf16|fp32]
                             [--nproc N] [--overwrite] [section.key=value ...]
@@ -31,20 +35,32 @@ def _launcher_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_from_hf(args: argparse.Namespace) -> int:
-    from fmtrain.checkpoint.hf.convert import convert_from_hf, from_hf_config, refuse_existing
+    from fmtrain.checkpoint.hf.convert import (
+        convert_from_hf,
+        converter,
+        detect_family,
+        from_hf_config,
+        refuse_existing,
+        weights_dir,
+    )
     from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError
     from fmtrain.cli import _launch_local, _under_launcher
 
     hf_dir, out_dir = Path(args.hf_dir), Path(args.out_dir)
     if not hf_dir.is_dir():
-        raise ConfigError(f"{hf_dir}: no such Hugging Face model directory")
+        raise ConfigError(f"{hf_dir}: no such model directory")
     try:
-        HFCheckpoint(hf_dir, allow_pickle=args.allow_pickle).close()  # finds the files; refuses pickles
+        # Finds the files and refuses pickles before anything else reads them.
+        HFCheckpoint(weights_dir(hf_dir, converter(detect_family(hf_dir))), allow_pickle=args.allow_pickle).close()
+        cfg = from_hf_config(hf_dir, args.recipe, args.overrides)
+        conv = converter(cfg.model.family)
+        # Names and shapes from the file headers, before any rank starts.
+        with HFCheckpoint(weights_dir(hf_dir, conv), allow_pickle=args.allow_pickle) as ckpt:
+            conv.check_hf_names(ckpt, conv.shapes_from_config(cfg))
     except HFCheckpointError as exc:
         text = str(exc).replace("pass allow_pickle=True", "pass --allow-pickle")
         print(f"fmtrain convert from-hf: {text}", file=sys.stderr)
         return 2
-    cfg = from_hf_config(hf_dir, args.recipe, args.overrides)
     refuse_existing(out_dir, args.overwrite)
     if args.nproc and not _under_launcher():
         validate(cfg, args.nproc)
@@ -94,14 +110,18 @@ class _OverridesParser(argparse.ArgumentParser):
 
 def register_convert(sub) -> None:
     """Add ``fmtrain convert {from-hf,to-hf}`` to the top-level subparsers ``sub``."""
-    convert = sub.add_parser("convert", help="convert checkpoints to and from Hugging Face format")
+    convert = sub.add_parser("convert", help="convert checkpoints to and from released formats "
+                                              "(Hugging Face Llama / Yi, Step-Video-T2V)")
     direction = convert.add_subparsers(dest="direction", required=True, parser_class=_OverridesParser)
 
     f = direction.add_parser(
-        "from-hf", help="Hugging Face Llama / Yi directory -> fmtrain checkpoint (model only, step 0)",
-        description="Without --recipe the model config comes from HF_DIR/config.json; with one, every "
-                    "architecture field of the recipe must match it. parallel.* overrides choose the layout "
-                    "written; run under torchrun / srun with that many ranks, or pass --nproc.")
+        "from-hf", help="Hugging Face Llama / Yi directory, or Step-Video-T2V release -> fmtrain checkpoint "
+                        "(model only, step 0)",
+        description="HF_DIR is a Hugging Face Llama / Yi directory or a Step-Video-T2V release (the directory "
+                    "holding transformer/, or transformer/ itself). Without --recipe the model config comes from "
+                    "its config.json (family recognised from it); with one, every architecture field of the recipe "
+                    "must match it. parallel.* overrides choose the layout written; run under torchrun / srun "
+                    "with that many ranks, or pass --nproc.")
     f.add_argument("hf_dir")
     f.add_argument("out_dir")
     f.add_argument("--recipe", default=None, help="recipe whose model section must match the checkpoint")
@@ -115,9 +135,11 @@ def register_convert(sub) -> None:
     f.set_defaults(func=cmd_from_hf)
 
     t = direction.add_parser(
-        "to-hf", help="fmtrain checkpoint (any layout) -> Hugging Face LlamaForCausalLM directory",
+        "to-hf", help="fmtrain checkpoint (any layout) -> Hugging Face LlamaForCausalLM directory (yi) or "
+                      "Step-Video-T2V release layout OUT_DIR/transformer/ (step_video)",
         description="CKPT_DIR is a checkpoint (RUN_DIR/checkpoints/step_N) or a run directory (its latest "
-                    "checkpoint). Runs in one process; memory stays at about one tensor.")
+                    "checkpoint); the format follows its model.family. Runs in one process; memory stays at "
+                    "about one tensor.")
     t.add_argument("ckpt_dir")
     t.add_argument("out_dir")
     t.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,

@@ -55,11 +55,13 @@ class ModelConfig:
     recompute: str = "none"
     """Activation recompute: none | selective (core attention) | full (every layer)."""
     init_from_hf: str = ""
-    """Hugging Face Llama / Yi directory (config.json + safetensors) whose weights a new run
-    starts from (continued pretraining): loaded after the engine is built, each rank reading
-    only its slices, unless the run resumes (checkpoint.load set, or RUN_DIR has a checkpoint).
-    Its config.json must match the model.* fields (seq_length and init_method_std may differ);
-    set data.tokenizer to its tokenizer.model. See docs/hf_interop.md."""
+    """Released weights a new run starts from (continued pretraining, fine-tuning): a Hugging Face
+    Llama / Yi directory (config.json + safetensors), or for step_video a Step-Video-T2V release
+    (transformer/config.json + diffusion_pytorch_model-*.safetensors). Loaded after the engine is
+    built, each rank reading only its slices, unless the run resumes (checkpoint.load set, or
+    RUN_DIR has a checkpoint). Its config must match the model.* fields (seq_length and
+    init_method_std may differ); for Yi set data.tokenizer to its tokenizer.model.
+    See docs/hf_interop.md."""
     # Diffusion transformers (step_video); LLM families ignore these. For a DiT,
     # model.seq_length is the nominal video-token count per sample (FLOPs, memory, MFU).
     in_channels: int = 64
@@ -458,7 +460,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if p.sequence_parallel and m.seq_length % p.tp:
         raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by parallel.tp={p.tp} "
                           "(required by parallel.sequence_parallel)")
-    if m.init_from_hf and not cfg.data.tokenizer:
+    if m.init_from_hf and m.family == "yi" and not cfg.data.tokenizer:
         raise ConfigError(f"model.init_from_hf={m.init_from_hf} needs data.tokenizer (the checkpoint's "
                           "tokenizer.model): a tokenizer trained on the corpus would not match its weights")
     if not 0.0 <= cfg.data.valid_fraction < 1.0:

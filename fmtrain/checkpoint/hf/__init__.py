@@ -5,8 +5,10 @@
 - :mod:`fmtrain.checkpoint.hf.layout`: global tensors in and out of this rank's megatron
   chunks through ``sharded_state_dict()``, for any (TP, PP, VPP, DP);
 - :mod:`fmtrain.checkpoint.hf.yi`: Yi <-> ``LlamaForCausalLM`` (config and key mapping);
+- :mod:`fmtrain.checkpoint.hf.step_video`: Step-Video-T2V DiT <-> the release's ``transformer/``
+  layout (diffusers-style ``diffusion_pytorch_model*.safetensors``);
 - :mod:`fmtrain.checkpoint.hf.convert`: ``fmtrain convert from-hf | to-hf`` and
-  ``model.init_from_hf`` (the command line is :mod:`fmtrain.cli_convert`);
+  ``model.init_from_hf``, family-generic (the command line is :mod:`fmtrain.cli_convert`);
 - :mod:`fmtrain.checkpoint.hf.tokenizer`: tokenizer files that transformers encodes exactly as
   the SentencePiece model does.
 

@@ -1,6 +1,9 @@
-"""``fmtrain convert from-hf | to-hf`` and ``model.init_from_hf``: Hugging Face in and out.
+"""``fmtrain convert from-hf | to-hf`` and ``model.init_from_hf``: released weights in and out.
 
-(The command line is :mod:`fmtrain.cli_convert`; this module does the work.)
+(The command line is :mod:`fmtrain.cli_convert`; this module does the work.) Everything here
+is family-generic: a family's converter module (:func:`converter`; ``yi`` for Hugging Face
+``LlamaForCausalLM``, ``step_video`` for the Step-Video-T2V ``transformer/`` release layout)
+supplies the config translation and the key / shape mapping.
 
 Import (``from-hf``) runs on the ranks of the target layout, like ``fmtrain train``: every
 rank builds its model chunk(s) for the (TP, PP, VPP) the ``parallel.*`` overrides give, reads
@@ -49,13 +52,61 @@ Log = Callable[[str], None]
 # ---------------------------------------------------------------------- family converters
 
 
+CONVERTER_FAMILIES = ("step_video", "yi")
+"""Families with a converter, in the order :func:`detect_family` tries them."""
+
+
 def converter(family: str):
-    """The Hugging Face converter module of a model family (config + key mapping)."""
+    """The converter module of a model family (config translation + key mapping).
+
+    A converter module provides: ``FORMAT`` (name of the external format, for messages),
+    ``WEIGHTS_SUBDIR`` (where config.json and the weights sit inside a release directory;
+    "" for the directory itself), ``WEIGHTS_PREFIX`` (safetensors file stem written on
+    export), ``DTYPE_PROBE`` (a tensor whose dtype is the checkpoint's);
+    ``recognizes(config_json)``, ``model_overrides(weights_dir) -> ["model.x=v", ...]``,
+    ``check_model_matches_hf(cfg, config_json, source)``, ``shapes_from_config(cfg)``,
+    ``check_hf_names(ckpt, shapes)``, ``load_hf_slices_into_chunks(chunks, ckpt, shapes)``,
+    ``export_order(shapes, present) -> [(key, index)]``, ``hf_shapes(shapes) -> {name: shape}``
+    (in the order export writes), ``hf_tensors_from_megatron(key, index, tensor, shapes)``,
+    ``hf_config_from_fmtrain(cfg, dtype)`` and ``write_export_extras(ckpt_dir, out_dir, cfg,
+    log) -> note``.
+    """
     if family == "yi":
         from fmtrain.checkpoint.hf import yi
 
         return yi
-    raise ConfigError(f"model.family={family!r} has no Hugging Face converter; known: yi")
+    if family == "step_video":
+        from fmtrain.checkpoint.hf import step_video
+
+        return step_video
+    raise ConfigError(f"model.family={family!r} has no checkpoint converter; known: "
+                      f"{', '.join(sorted(CONVERTER_FAMILIES))}")
+
+
+def weights_dir(path: Path, conv) -> Path:
+    """Where ``config.json`` and the weights of a release directory are: ``PATH/SUBDIR`` for a
+    family whose release nests them (Step-Video: ``transformer/``), else ``PATH`` itself
+    (which may also be given directly)."""
+    path = Path(path)
+    if conv.WEIGHTS_SUBDIR and (path / conv.WEIGHTS_SUBDIR).is_dir():
+        return path / conv.WEIGHTS_SUBDIR
+    return path
+
+
+def detect_family(path: Path) -> str:
+    """The family whose converter recognises the ``config.json`` of ``path`` (Yi, whose
+    config translation names what it refuses, when none does)."""
+    for family in CONVERTER_FAMILIES:
+        conv = converter(family)
+        file = weights_dir(path, conv) / "config.json"
+        if file.is_file():
+            try:
+                config_json = json.loads(file.read_text())
+            except json.JSONDecodeError:
+                continue
+            if isinstance(config_json, dict) and conv.recognizes(config_json):
+                return family
+    return "yi"
 
 
 def _peak_rss_mb() -> float:
@@ -81,17 +132,18 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
 
 
 def from_hf_config(hf_dir: Path, recipe: Optional[str], overrides: list[str]) -> Config:
-    """The run config for converting ``hf_dir``: the recipe's, or one made from config.json;
-    either way every architecture field must match the checkpoint (the error names it)."""
-    hf_config = _read_hf_config(hf_dir)
+    """The run config for converting ``hf_dir``: the recipe's, or one made from config.json
+    (the family recognised from it); either way every architecture field must match the
+    checkpoint (the error names it)."""
     family_args: list[str] = []
     if recipe is None:
-        from fmtrain.checkpoint.hf.yi import fmtrain_model_overrides_from_hf, overrides_as_args
-
-        family_args = overrides_as_args(fmtrain_model_overrides_from_hf(hf_config))
+        family_conv = converter(detect_family(hf_dir))
+        _read_hf_config(weights_dir(hf_dir, family_conv))  # a clear error when there is none
+        family_args = family_conv.model_overrides(weights_dir(hf_dir, family_conv))
     cfg = load_config(recipe, family_args + list(overrides))
     conv = converter(cfg.model.family)
-    source = f"{hf_dir}/config.json"
+    hf_config = _read_hf_config(weights_dir(hf_dir, conv))
+    source = f"{weights_dir(hf_dir, conv)}/config.json"
     try:
         conv.check_model_matches_hf(cfg, hf_config, source)
     except ConfigError as exc:
@@ -133,8 +185,8 @@ def load_hf_weights(chunks: list[torch.nn.Module], hf_dir: Path, cfg: Config, *,
     from fmtrain.checkpoint.hf.io import HFCheckpoint
 
     conv = converter(cfg.model.family)
-    shapes = conv.YiShapes.from_config(cfg)
-    with HFCheckpoint(hf_dir, allow_pickle=allow_pickle) as ckpt:
+    shapes = conv.shapes_from_config(cfg)
+    with HFCheckpoint(weights_dir(hf_dir, conv), allow_pickle=allow_pickle) as ckpt:
         conv.check_hf_names(ckpt, shapes)
         total = sum(ckpt.nbytes(name) for name in ckpt.names)
         count = conv.load_hf_slices_into_chunks(chunks, ckpt, shapes)
@@ -151,11 +203,14 @@ def _read_share(bytes_read: int, total: int, topo) -> float:
     return float(share.item())
 
 
-def _hf_dtype(hf_dir: Path, allow_pickle: bool) -> torch.dtype:
-    from fmtrain.checkpoint.hf.io import HFCheckpoint
+def _hf_dtype(hf_dir: Path, conv, allow_pickle: bool) -> torch.dtype:
+    from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError
 
-    with HFCheckpoint(hf_dir, allow_pickle=allow_pickle) as ckpt:
-        return ckpt.info("model.embed_tokens.weight")[1]
+    with HFCheckpoint(weights_dir(hf_dir, conv), allow_pickle=allow_pickle) as ckpt:
+        try:
+            return ckpt.info(conv.DTYPE_PROBE)[1]
+        except KeyError:
+            raise HFCheckpointError(f"{ckpt.path}: no tensor {conv.DTYPE_PROBE} ({conv.FORMAT})") from None
 
 
 def convert_from_hf(cfg: Config, hf_dir: Path, out_dir: Path, *, dtype: str = "auto",
@@ -171,7 +226,7 @@ def convert_from_hf(cfg: Config, hf_dir: Path, out_dir: Path, *, dtype: str = "a
     topo = parallel.initialize(cfg)
     log: Log = (lambda m: print(m, flush=True)) if topo.is_writer else (lambda m: None)
     started = time.perf_counter()
-    params_dtype = _hf_dtype(hf_dir, allow_pickle) if dtype == "auto" else DTYPES[dtype]
+    params_dtype = _hf_dtype(hf_dir, converter(cfg.model.family), allow_pickle) if dtype == "auto" else DTYPES[dtype]
     if params_dtype not in (torch.float32, torch.bfloat16):
         params_dtype = torch.float32
     family = get_family(cfg.model.family)
@@ -232,14 +287,16 @@ def init_from_hf(cfg: Config, run_dir: Path, engine, topo, log: Log = print) -> 
         return False
     if not hf_dir.is_dir():
         raise ConfigError(f"model.init_from_hf={hf_dir}: no such directory")
-    converter(cfg.model.family).check_model_matches_hf(cfg, _read_hf_config(hf_dir), f"{hf_dir}/config.json")
+    conv = converter(cfg.model.family)
+    where = weights_dir(hf_dir, conv)
+    conv.check_model_matches_hf(cfg, _read_hf_config(where), f"{where}/config.json")
     started = time.perf_counter()
     count, read, total = load_hf_weights(engine.unwrapped_chunks(), hf_dir, cfg)
     optimizer = getattr(engine, "optimizer", None)
     if optimizer is not None:
         optimizer.reload_model_params()
     share = _read_share(read, total, topo)
-    log(f"initialised from Hugging Face weights {hf_dir} ({count} tensor pieces on rank 0; each rank read "
+    log(f"initialised from {conv.FORMAT} weights {hf_dir} ({count} tensor pieces on rank 0; each rank read "
         f"at most {100 * share:.1f}% of {total / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f}s")
     return True
 
@@ -316,14 +373,18 @@ def _resolve_checkpoint(path: Path) -> Path:
 
 
 def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
-                 max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, log: Log = print) -> Path:
-    """Write a Hugging Face ``LlamaForCausalLM`` directory from an fmtrain checkpoint (one process).
+                 max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, log: Log = print,
+                 cfg: Optional[Config] = None) -> Path:
+    """Write the released format of the checkpoint's family from an fmtrain checkpoint (one
+    process): a Hugging Face ``LlamaForCausalLM`` directory for Yi, the Step-Video-T2V
+    ``transformer/`` layout for step_video.
 
+    ``cfg`` defaults to the config saved in the checkpoint (its model section decides the
+    tensors; one that does not fit the stored tensors is refused naming the tensor).
     ``dtype`` (bf16 | fp32) defaults to the dtype the weights are stored in. fp32 from a bf16
     run takes the optimizer's fp32 main weights when the checkpoint has them.
     """
     from fmtrain.checkpoint.hf.io import StreamingShardWriter, plan_shards
-    from fmtrain.checkpoint.hf.tokenizer import write_hf_tokenizer
 
     started = time.perf_counter()
     ckpt = _resolve_checkpoint(Path(ckpt_dir))
@@ -332,21 +393,29 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     from fmtrain.checkpoint import read_state
 
     state = read_state(ckpt)
-    if not isinstance(state.get("config"), dict):
-        raise ConfigError(f"{ckpt}/{STATE_FILE} has no resolved config to export the model from")
-    cfg = config_from_dict(state["config"])
+    if cfg is None:
+        if not isinstance(state.get("config"), dict):
+            raise ConfigError(f"{ckpt}/{STATE_FILE} has no resolved config to export the model from")
+        cfg = config_from_dict(state["config"])
+        whose = "its saved config"
+    else:
+        saved = (state.get("config") or {}).get("model", {}).get("family", cfg.model.family)
+        if saved != cfg.model.family:
+            raise ConfigError(f"model.family={cfg.model.family!r} does not match the checkpoint {ckpt}, "
+                              f"saved with model.family={saved!r}")
+        whose = "the given config"
     conv = converter(cfg.model.family)
-    s = conv.YiShapes.from_config(cfg)
+    s = conv.shapes_from_config(cfg)
     reader = DistCheckpointReader(ckpt)
 
-    # The plan: megatron tensors in Hugging Face order, and the HF tensors each one becomes.
+    # The plan: fmtrain tensors in the release's order, and the release tensors each one becomes.
     order = conv.export_order(s, present=lambda key: key in reader)
     expected = conv.hf_shapes(s)
-    work = []  # (key, index, source key, [(hf name, shape)])
+    work = []  # (key, index, source key, [(release name, shape)])
     stored_dtypes, from_main = set(), 0
     for key, index in order:
         if key not in reader:
-            raise ConfigError(f"{ckpt}: the checkpoint has no tensor {key!r}, which its saved config "
+            raise ConfigError(f"{ckpt}: the checkpoint has no tensor {key!r}, which {whose} "
                               f"(model.family={cfg.model.family}) needs")
         shape, stored = reader.info(key, len(index))
         source = key
@@ -354,11 +423,14 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
             source = f"optimizer.state.param.{key}"  # the fp32 main weights of a bf16 run
             from_main += 1
         stored_dtypes.add(stored)
-        produced = conv.hf_tensors_from_megatron(key, index, torch.empty(shape, device="meta"), s)
+        try:
+            produced = conv.hf_tensors_from_megatron(key, index, torch.empty(shape, device="meta"), s)
+        except RuntimeError as exc:  # a reshape the stored shape does not allow
+            raise ConfigError(f"{ckpt}: {key} {index} has shape {shape}, which does not fit {whose} ({exc})") from None
         for name, t in produced.items():
             if tuple(t.shape) != expected[name]:
                 raise ConfigError(f"{ckpt}: {key} {index} has shape {shape}, which does not give {name} "
-                                  f"the shape {expected[name]} that the saved config implies")
+                                  f"the shape {expected[name]} that {whose} implies")
         work.append((key, index, source, [(name, tuple(t.shape)) for name, t in produced.items()]))
     names = [name for *_, outs in work for name, _ in outs]
     if names != list(expected):
@@ -374,11 +446,12 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    writer = StreamingShardWriter(tmp, shards)
+    target = tmp / conv.WEIGHTS_SUBDIR if conv.WEIGHTS_SUBDIR else tmp
+    target.mkdir(parents=True)
+    writer = StreamingShardWriter(target, shards, prefix=conv.WEIGHTS_PREFIX)
     log(f"fmtrain convert to-hf: {ckpt} (saved at TP={state['layout'].get('tp')} PP={state['layout'].get('pp')}, "
-        f"step {state.get('step')}) -> {out}: {len(specs)} tensors, {writer.total_bytes / 2**20:.1f} MiB "
-        f"{_DTYPE_NAMES.get(out_dtype, out_dtype)} in {len(shards)} shard(s)"
+        f"step {state.get('step')}) -> {out} ({conv.FORMAT}): {len(specs)} tensors, "
+        f"{writer.total_bytes / 2**20:.1f} MiB {_DTYPE_NAMES.get(out_dtype, out_dtype)} in {len(shards)} shard(s)"
         + (f", {from_main} of {len(work)} from the optimizer's fp32 main weights" if from_main else ""))
     last_report = time.perf_counter()
     for i, (key, index, source, outs) in enumerate(work, 1):
@@ -392,14 +465,8 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     writer.close()
 
     config = conv.hf_config_from_fmtrain(cfg, out_dtype)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    tokenizer = ckpt / "tokenizer.model"
-    extra = ""
-    if tokenizer.is_file():
-        written = write_hf_tokenizer(tokenizer, tmp, model_max_length=cfg.model.seq_length, log=log)
-        extra = f", tokenizer ({', '.join(written)})"
+    (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    extra = conv.write_export_extras(ckpt, target, cfg, log)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -432,5 +499,6 @@ def demo_export_and_generate(run_dir: Path, prompt: str, max_new_tokens: int = 2
     return 0
 
 
-__all__ = ["convert_from_hf", "from_hf_config", "init_from_hf", "export_to_hf",
-           "DistCheckpointReader", "demo_export_and_generate", "converter"]
+__all__ = ["convert_from_hf", "from_hf_config", "init_from_hf", "export_to_hf", "load_hf_weights",
+           "DistCheckpointReader", "demo_export_and_generate", "converter", "detect_family", "weights_dir",
+           "CONVERTER_FAMILIES"]

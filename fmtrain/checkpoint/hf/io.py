@@ -1,7 +1,8 @@
 """Reading and writing Hugging Face checkpoint directories, one tensor at a time.
 
 Reading: ``model.safetensors`` or sharded ``model-0000K-of-0000N.safetensors`` with
-``model.safetensors.index.json``, through ``safetensors.safe_open`` so only the tensors asked
+``model.safetensors.index.json`` (diffusers' ``diffusion_pytorch_model*`` names likewise: any
+``*.safetensors.index.json``), through ``safetensors.safe_open`` so only the tensors asked
 for are read (memory-mapped). Pickled ``pytorch_model*.bin`` files are refused unless the
 caller passes ``allow_pickle=True``; they are then read with ``torch.load(weights_only=True)``,
 which unpickles tensors and plain containers only.
@@ -11,7 +12,8 @@ Slices: ``ckpt.read_slice(name, (rows, cols))`` reads only those rows / columns
 holds a piece of; ``ckpt.bytes_read`` counts what was read.
 
 Writing: safetensors shards of at most ``max_shard_bytes`` each plus the index (or a single
-``model.safetensors``) and ``config.json``, into a temporary directory renamed into place
+``model.safetensors``; ``prefix`` picks another stem, e.g. diffusers'
+``diffusion_pytorch_model``) and ``config.json``, into a temporary directory renamed into place
 when complete, so an interrupted export never leaves a directory that looks finished.
 :class:`StreamingShardWriter` writes the same files one tensor at a time (headers first, from
 a plan of names, dtypes and shapes), so an export holds at most one tensor in memory.
@@ -89,6 +91,13 @@ class HFCheckpoint:
             return self._map_from_index(path / SAFE_INDEX), "safetensors"
         if (path / SAFE_SINGLE).is_file():
             return self._map_from_headers([path / SAFE_SINGLE]), "safetensors"
+        # Other stems (diffusers: diffusion_pytorch_model.safetensors.index.json).
+        indexes = sorted(path.glob("*.safetensors.index.json"))
+        if len(indexes) > 1:
+            raise HFCheckpointError(f"{path}: several safetensors indexes "
+                                    f"({', '.join(i.name for i in indexes)}); keep one")
+        if indexes:
+            return self._map_from_index(indexes[0]), "safetensors"
         shards = sorted(path.glob("*.safetensors"))
         if shards:
             return self._map_from_headers(shards), "safetensors"
@@ -99,7 +108,7 @@ class HFCheckpoint:
         if bins:
             return self._pickle_map(bins), "pickle"
         raise HFCheckpointError(
-            f"{path}: no {SAFE_INDEX}, {SAFE_SINGLE}, *.safetensors or pytorch_model*.bin found")
+            f"{path}: no {SAFE_INDEX}, {SAFE_SINGLE}, *.safetensors(.index.json) or pytorch_model*.bin found")
 
     def _refuse_pickle(self, where: Path) -> None:
         if not self.allow_pickle:
@@ -337,10 +346,15 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def shard_file_names(num_shards: int) -> list[str]:
+def shard_file_names(num_shards: int, prefix: str = "model") -> list[str]:
+    """``PREFIX.safetensors``, or ``PREFIX-0000K-of-0000N.safetensors`` (1-based) for N > 1."""
     if num_shards == 1:
-        return [SAFE_SINGLE]
-    return [f"model-{i:05d}-of-{num_shards:05d}.safetensors" for i in range(1, num_shards + 1)]
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i:05d}-of-{num_shards:05d}.safetensors" for i in range(1, num_shards + 1)]
+
+
+def index_file_name(prefix: str = "model") -> str:
+    return f"{prefix}.safetensors.index.json"
 
 
 class StreamingShardWriter:
@@ -350,16 +364,19 @@ class StreamingShardWriter:
     written first and every tensor's bytes are appended as the tensor arrives: memory holds one
     tensor, never a shard. Tensors must arrive in plan order with the planned dtype and shape.
     ``close()`` checks that every planned tensor was written and writes the index (when there is
-    more than one shard). The files are what ``safetensors.torch.save_file`` would read back
+    more than one shard). ``prefix`` is the file stem (``model``; diffusers:
+    ``diffusion_pytorch_model``). The files are what ``safetensors.torch.save_file`` would read back
     identically (8-byte little-endian header length, JSON header padded with spaces to a
     multiple of 8, then the raw little-endian tensor data in header order).
     """
 
-    def __init__(self, directory: Path, shards: list[list[TensorSpec]], metadata: Optional[dict] = None):
+    def __init__(self, directory: Path, shards: list[list[TensorSpec]], metadata: Optional[dict] = None,
+                 prefix: str = "model"):
         self.directory = Path(directory)
         self.shards = shards
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.files = shard_file_names(len(shards))
+        self.prefix = prefix
+        self.files = shard_file_names(len(shards), prefix)
         self._queue = [(i, spec) for i, shard in enumerate(shards) for spec in shard]
         self._pos = 0
         self._open: Optional[tuple[int, object]] = None
@@ -408,9 +425,9 @@ class StreamingShardWriter:
             raise HFCheckpointError(f"export stopped before {len(missing)} tensor(s), e.g. {missing[0]}")
         if len(self.shards) > 1:
             weight_map = {spec[0]: self.files[i] for i, spec in self._queue}
-            (self.directory / SAFE_INDEX).write_text(json.dumps(
+            (self.directory / index_file_name(self.prefix)).write_text(json.dumps(
                 {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
 
 
 __all__ = ["HFCheckpoint", "HFCheckpointError", "save_hf_checkpoint", "parse_size", "plan_shards",
-           "shard_file_names", "StreamingShardWriter", "TensorSpec"]
+           "shard_file_names", "index_file_name", "StreamingShardWriter", "TensorSpec"]

@@ -532,6 +532,51 @@ def load_hf_into_engine(engine, path: str | Path, *, allow_pickle: bool = False,
     return count
 
 
+# ---------------------------------------------------------------------- converter hooks
+# What fmtrain.checkpoint.hf.convert asks of every family converter (see ``converter``).
+
+FORMAT = "Hugging Face LlamaForCausalLM"
+WEIGHTS_SUBDIR = ""
+"""config.json and the safetensors files sit in the directory itself."""
+WEIGHTS_PREFIX = "model"
+"""Safetensors file stem: model.safetensors / model-0000K-of-0000N.safetensors."""
+DTYPE_PROBE = "model.embed_tokens.weight"
+"""A tensor whose dtype is the checkpoint's (``--dtype auto``)."""
+
+
+def shapes_from_config(cfg: Config) -> YiShapes:
+    return YiShapes.from_config(cfg)
+
+
+def recognizes(config_json: dict) -> bool:
+    """A Llama / Yi ``config.json``."""
+    return str(config_json.get("model_type", "llama")).lower() in ("llama", "yi")
+
+
+def model_overrides(weights_dir: Path) -> list[str]:
+    """``model.*=value`` arguments for a config made from the checkpoint's config.json."""
+    import json
+
+    config_json = json.loads((Path(weights_dir) / "config.json").read_text())
+    return overrides_as_args(fmtrain_model_overrides_from_hf(config_json))
+
+
+def write_export_extras(ckpt_dir: Path, out_dir: Path, cfg: Config, log: Callable[[str], None]) -> str:
+    """``generation_config.json`` and, when the checkpoint has ``tokenizer.model``, the
+    tokenizer files; returns a note for the export's last log line."""
+    import json
+
+    from fmtrain.checkpoint.hf.tokenizer import write_hf_tokenizer
+
+    generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}
+    (Path(out_dir) / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    tokenizer = Path(ckpt_dir) / "tokenizer.model"
+    if not tokenizer.is_file():
+        return ""
+    written = write_hf_tokenizer(tokenizer, out_dir, model_max_length=cfg.model.seq_length, log=log)
+    return f", tokenizer ({', '.join(written)})"
+
+
 # ---------------------------------------------------------------------- export
 
 
@@ -603,5 +648,5 @@ __all__ = [
     "load_hf_into_chunks", "check_hf_names", "load_hf", "load_hf_into_engine",
     "hf_state_from_global", "export_hf_state", "save_hf", "hf_shapes", "hf_row_segments", "read_piece",
     "norm_resolver", "load_hf_slices_into_chunks", "check_model_matches_hf", "ARCHITECTURE_FIELDS",
-    "export_order",
+    "export_order", "shapes_from_config", "recognizes", "model_overrides", "write_export_extras",
 ]
