@@ -438,6 +438,22 @@ class StreamWorker:
             self.pos["epoch_good"] += 1
         return units
 
+    def _end_epoch(self, event: _Event) -> int:
+        """Advance the position past a finished epoch (two idle epochs in a row stop the run);
+        returns the bad-fraction window of the next epoch."""
+        pos = self.pos
+        if pos["epoch_good"] == 0:
+            pos["idle_epochs"] += 1
+            if pos["idle_epochs"] >= 2:
+                raise BadDataError(
+                    f"{self.spec.name} data: DP rank {self.dp_rank} worker {self.worker} read two "
+                    f"epochs without one usable sample (last epoch: {event.length} samples); "
+                    "see the warnings above")
+        else:
+            pos["idle_epochs"] = 0
+        pos.update(epoch=event.epoch + 1, consumed=0, epoch_good=0)
+        return min(1000, sum(u.size for u in self.spec.stream_units(pos["epoch"], self.stream)))
+
     # -- the stream
 
     def __iter__(self) -> Iterator[tuple[dict, dict]]:
@@ -486,17 +502,7 @@ class StreamWorker:
                         items.append(pipeline.make_item(take(n), n))
                     parts.clear()
                     offset = available = 0
-                    if pos["epoch_good"] == 0:
-                        pos["idle_epochs"] += 1
-                        if pos["idle_epochs"] >= 2:
-                            raise BadDataError(
-                                f"{self.spec.name} data: DP rank {self.dp_rank} worker {self.worker} read two "
-                                f"epochs without one usable sample (last epoch: {event.length} samples); "
-                                "see the warnings above")
-                    else:
-                        pos["idle_epochs"] = 0
-                    pos.update(epoch=event.epoch + 1, consumed=0, epoch_good=0)
-                    window = min(1000, sum(u.size for u in self.spec.stream_units(pos["epoch"], self.stream)))
+                    window = self._end_epoch(event)
                     if len(items) == self.micro_batch_size:
                         yield self._emit(items, parts, offset)
                         items = []
@@ -545,17 +551,7 @@ class StreamWorker:
                                         f"of one bucket, not fewer than micro_batch_size={mbs}")
         for event in _events(self.spec, self.stream, pos["epoch"], pos["consumed"], self._warn):
             if event.kind == "end":
-                if pos["epoch_good"] == 0:
-                    pos["idle_epochs"] += 1
-                    if pos["idle_epochs"] >= 2:
-                        raise BadDataError(
-                            f"{self.spec.name} data: DP rank {self.dp_rank} worker {self.worker} read two "
-                            f"epochs without one usable sample (last epoch: {event.length} samples); "
-                            "see the warnings above")
-                else:
-                    pos["idle_epochs"] = 0
-                pos.update(epoch=event.epoch + 1, consumed=0, epoch_good=0)
-                window = min(1000, sum(u.size for u in self.spec.stream_units(pos["epoch"], self.stream)))
+                window = self._end_epoch(event)
                 continue
             units = self._units(event, count=True, window=window)
             pos["consumed"] = event.index + 1
