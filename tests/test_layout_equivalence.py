@@ -25,12 +25,14 @@ LAYOUTS = {
 }
 
 
-def _run(tmp_path, tiny_args, tp, pp, vpp, dp, extra=()):
+def _run(tmp_path, tiny_args, tp, pp, vpp, dp, extra=(), expect_log=None):
     run_dir = tmp_path / f"tp{tp}pp{pp}vpp{vpp}dp{dp}{'-'.join(extra)}"
     args = [a for a in tiny_args if not a.startswith("run.dir=")] + [
         f"run.dir={run_dir}", f"train.max_steps={STEPS}", f"parallel.tp={tp}", f"parallel.pp={pp}",
         f"parallel.vpp={vpp}", *extra]
-    run_fmtrain(args, nproc=tp * pp * dp)
+    proc = run_fmtrain(args, nproc=tp * pp * dp)
+    if expect_log is not None:
+        assert expect_log in proc.stdout, f"{expect_log!r} not in the start-up log:\n{proc.stdout[:3000]}"
     return read_metrics(run_dir)
 
 
@@ -40,7 +42,8 @@ def reference(tmp_path_factory, tiny_tokenizer):
 
     tmp = tmp_path_factory.mktemp("reference")
     args = TINY_OVERRIDES + [f"data.tokenizer={tiny_tokenizer}"]
-    return _run(tmp, args, 1, 1, 1, 1)
+    # CPU defaults: torch's fused AdamW, no compiled kernels.
+    return _run(tmp, args, 1, 1, 1, 1, expect_log="kernels: optimizer torch AdamW (fused); fused kernels: none")
 
 
 def _assert_same_run(reference, other, label):
@@ -70,3 +73,18 @@ def test_sequence_parallel_matches_single_rank(reference, tmp_path, tiny_args):
 def test_plain_ddp_optimizer_matches_single_rank(reference, tmp_path, tiny_args):
     run = _run(tmp_path, tiny_args, 1, 1, 1, 2, ["parallel.distributed_optimizer=false"])
     _assert_same_run(reference, run, "dp2 without distributed optimizer")
+
+
+def test_fused_kernels_match_unfused(reference, tmp_path, tiny_args):
+    # megatron's compiled SwiGLU and fmtrain's compiled RoPE (what CUDA runs by default)
+    # against the reference's plain ops; the fused cross entropy is bf16-only
+    # (tests/test_fused_kernels.py).
+    run = _run(tmp_path, tiny_args, 2, 1, 1, 1, ["parallel.sequence_parallel=true", "model.fused_kernels=on"],
+               expect_log="fused kernels: activation, RoPE\n")
+    _assert_same_run(reference, run, "tp2+sp with fused kernels")
+
+
+def test_foreach_adam_matches_fused_adam(reference, tmp_path, tiny_args):
+    run = _run(tmp_path, tiny_args, 1, 1, 1, 2, ["train.fused_adam=off"],
+               expect_log="optimizer torch AdamW (foreach)")
+    _assert_same_run(reference, run, "dp2 with foreach AdamW")

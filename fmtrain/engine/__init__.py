@@ -48,6 +48,10 @@ class Engine(Protocol):
         """Parameters held by this rank."""
         ...
 
+    def kernel_summary(self) -> str:
+        """The optional fused kernels in use, for the start-up log."""
+        ...
+
 
 def build_engine(cfg: Config, topo: Topology, family: ModelFamily) -> Engine:
     if cfg.engine.backend == "megatron":

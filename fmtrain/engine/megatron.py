@@ -93,6 +93,7 @@ class MegatronEngine:
             ),
             self.chunks,
         )
+        self.adam_kernel = _select_adam_kernel(self.optimizer, t.fused_adam)
         self._install_schedule_hooks(ddp_config)
         self.forward_backward = get_forward_backward_func()
         self.forward_step = family.make_forward_step(cfg)
@@ -268,23 +269,42 @@ class MegatronEngine:
                 chunk.load_state_dict(model_sd[f"model{i}"], strict=True)
         if "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-            self._unshare_adam_steps()
+            self._restore_adam_steps()
         else:  # weights only: the optimizer's main (fp32) copies were made from the old weights
             self.optimizer.reload_model_params()
 
-    def _unshare_adam_steps(self) -> None:
-        """Give every parameter its own Adam ``step`` tensor after a load.
+    def _restore_adam_steps(self) -> None:
+        """Give every parameter its own Adam ``step`` tensor after a load, where torch wants it.
 
         megatron's distributed optimizer restores ``step`` as *one* tensor shared by all
-        parameters' states; torch's foreach Adam increments each state's step in place, so a
-        shared tensor would advance once per parameter and skew the bias correction of every
-        later update.
+        parameters' states; torch's foreach and fused Adam increment each state's step in place,
+        so a shared tensor would advance once per parameter and skew the bias correction of
+        every later update. The fused kernel also wants the step as fp32 on the parameter's
+        device (the checkpoint's is on the host).
         """
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             inner = getattr(opt, "optimizer", None)
-            for param_state in getattr(inner, "state", {}).values():
-                if torch.is_tensor(param_state.get("step")):
-                    param_state["step"] = param_state["step"].clone()
+            for group in getattr(inner, "param_groups", []):
+                for param in group["params"]:
+                    param_state = inner.state.get(param, {})
+                    step = param_state.get("step")
+                    if not torch.is_tensor(step):
+                        continue
+                    if group.get("fused"):
+                        param_state["step"] = step.to(device=param.device, dtype=torch.float32, copy=True)
+                    else:
+                        param_state["step"] = step.clone()
+
+    def kernel_summary(self) -> str:
+        """Which optional fused kernels this engine runs (printed at start-up)."""
+        c = self.tconfig
+        # RoPE is fused by Transformer Engine, or compiled inside fmtrain's SDPA core attention.
+        compiled_rope = any(getattr(m, "compile_rope", False)
+                            for chunk in self.unwrapped_chunks() for m in chunk.modules())
+        fused = [name for name, on in (("activation", c.bias_activation_fusion),
+                                       ("cross entropy", c.cross_entropy_loss_fusion),
+                                       ("RoPE", c.apply_rope_fusion or compiled_rope)) if on]
+        return f"optimizer {self.adam_kernel}; fused kernels: {', '.join(fused) or 'none'}"
 
     def num_parameters(self) -> int:
         return sum(p.numel() for chunk in self.chunks for p in chunk.parameters())
@@ -298,6 +318,41 @@ class MegatronEngine:
                 module = module.module
             out.append(module)
         return out
+
+
+def _select_adam_kernel(optimizer, choice: str) -> str:
+    """Switch megatron's torch AdamW fallback to torch's fused kernel (``train.fused_adam``).
+
+    Without apex / Transformer Engine, megatron-core builds ``torch.optim.AdamW`` with torch's
+    default, the multi-tensor ``foreach`` implementation (several kernels per tensor list per
+    step); ``fused=True`` is one kernel per tensor list with the same update math. torch only
+    reads ``fused`` from the param groups at step time, so setting it on the fresh optimizer
+    (no state yet) is the same as constructing it with ``fused=True``. Returns the kernel used.
+    """
+    from megatron.core import optimizer as mcore_optimizer
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    if not mcore_optimizer.USING_PYTORCH_OPTIMIZER:
+        return "FusedAdam (apex / Transformer Engine)"
+    inners = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+              if isinstance(getattr(opt, "optimizer", None), torch.optim.Adam | torch.optim.AdamW)]
+    if choice == "off" or not inners:
+        return "torch AdamW (foreach)"
+    supported = set(_get_fused_kernels_supported_devices())
+    unsupported = sorted({f"{p.dtype} on {p.device.type}" for inner in inners for group in inner.param_groups
+                          for p in group["params"]
+                          if p.device.type not in supported or not p.is_floating_point()})
+    if unsupported:
+        if choice == "on":
+            raise ValueError(f"train.fused_adam=on but torch has no fused AdamW for {', '.join(unsupported)}")
+        return "torch AdamW (foreach)"
+    for inner in inners:
+        if inner.state:
+            raise RuntimeError("the fused AdamW kernel must be selected before the first step")
+        inner.defaults.update(fused=True, foreach=False)
+        for group in inner.param_groups:
+            group.update(fused=True, foreach=False)
+    return "torch AdamW (fused)"
 
 
 def _keep_step_out_of_tensor_state(opt) -> None:

@@ -5,11 +5,19 @@ picks flash / memory-efficient kernels on GPU and a fused kernel on CPU, and han
 without repeating keys and values. It is a drop-in for megatron's ``DotProductAttention``
 in a layer spec (same constructor, same tensor layout), used when Transformer Engine is
 absent.
+
+With ``rotary_base`` set, it also applies the rotary position embedding (the model is then
+built with ``position_embedding_type="none"``): megatron's unfused RoPE costs a concatenation
+with an empty pass-through slice, a rotate-half concatenation and four elementwise passes per
+q and k, and the [s, b, h, d] -> [b, h, s, d] copy SDPA wants comes on top. Here the rotation
+and the copy are one expression, which ``compile_rope`` hands to torch.compile as one kernel
+(forward and backward) when ``model.fused_kernels`` is on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -19,6 +27,18 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from fmtrain.models.rope import rope_1d_cos_sin, rotate_half
+
+
+def _rotate_to_bhsd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x [s, b, h, d] with cos/sin [s, 1, 1, d] (x's dtype), returned as contiguous [b, h, s, d]."""
+    return (x * cos + rotate_half(x) * sin).permute(1, 2, 0, 3).contiguous()
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_rotate_to_bhsd():
+    return torch.compile(_rotate_to_bhsd, dynamic=False)
 
 
 class SDPACoreAttention(MegatronModule):
@@ -34,8 +54,13 @@ class SDPACoreAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        rotary_base: Optional[float] = None,
+        compile_rope: bool = False,
     ):
         super().__init__(config=config)
+        self.rotary_base = rotary_base
+        self.compile_rope = compile_rope and rotary_base is not None
+        self.rotate = _compiled_rotate_to_bhsd() if self.compile_rope else _rotate_to_bhsd
         if config.context_parallel_size != 1:
             raise ValueError("SDPACoreAttention does not implement context parallelism")
         self.attn_mask_type = attn_mask_type
@@ -56,7 +81,15 @@ class SDPACoreAttention(MegatronModule):
         # of the fused QKV projection (for GQA, a head stride of the whole group), and some GPU
         # SDPA backends (cuDNN) have given wrong results on such views; the copy is cheap next
         # to the attention itself.
-        q, k, v = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key, value))
+        if self.rotary_base is not None:
+            # Positions 0..s-1 of this sequence (sequence parallelism has gathered it by now).
+            seq, head_dim = query.shape[0], query.shape[-1]
+            cos, sin = (t[:, None, None, :].to(query.dtype)
+                        for t in rope_1d_cos_sin(seq, head_dim, self.rotary_base, query.device))
+            q, k = self.rotate(query, cos, sin), self.rotate(key, cos, sin)
+        else:
+            q, k = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key))
+        v = value.permute(1, 2, 0, 3).contiguous()
         mask = None
         if not causal and attention_mask is not None:
             # megatron masks mark positions to drop with True; SDPA keeps True positions.

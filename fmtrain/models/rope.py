@@ -1,4 +1,8 @@
-"""Rotary position embeddings over 3D (frame, height, width) token grids.
+"""Rotary position embeddings: 1D for the LLMs, and over 3D (frame, height, width) token grids.
+
+1D (Yi, as Llama / megatron): channel j and j + head_dim/2 form a pair rotated by angle
+``pos * theta^(-2j/head_dim)``, computed in fp32 as megatron-core and transformers do (a
+released model's positions mean what its training code computed).
 
 The head channels are split into one chunk per axis (Step-Video: 64/32/32 of 128); each chunk
 is rotated by the token's position along its axis with the rotate-half layout
@@ -38,7 +42,20 @@ def rope_3d_cos_sin(shape: Sequence[int], axes: Sequence[int], theta: float, dev
     return _cos_sin_cached(tuple(int(n) for n in shape), tuple(int(a) for a in axes), float(theta), str(device))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=16)
+def _cos_sin_1d_cached(seq_len: int, dim: int, theta: float, device: str):
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    angle = torch.cat([freqs, freqs], dim=-1)
+    return angle.cos(), angle.sin()
+
+
+def rope_1d_cos_sin(seq_len: int, dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [seq_len, dim] in fp32 for positions 0..seq_len-1 (cached)."""
+    return _cos_sin_1d_cached(int(seq_len), int(dim), float(theta), str(device))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
@@ -54,7 +71,7 @@ def apply_rope_3d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, axes: S
     start = 0
     for dim in axes:
         chunk = xf[..., start:start + dim]
-        out.append(chunk * cos[..., start:start + dim] + _rotate_half(chunk) * sin[..., start:start + dim])
+        out.append(chunk * cos[..., start:start + dim] + rotate_half(chunk) * sin[..., start:start + dim])
         start += dim
     if start < x.shape[-1]:  # channels beyond the rotated ones pass through
         out.append(xf[..., start:])

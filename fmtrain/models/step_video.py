@@ -63,6 +63,7 @@ from fmtrain.config import Config, ConfigError, rope_axes
 from fmtrain.models.adaln import AdaLNSingle, modulate
 from fmtrain.models.init import InitRule
 from fmtrain.models.layers import HeadRMSNorm
+from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.registry import ModelFamily, register
 from fmtrain.models.rope import apply_rope_3d, rope_3d_cos_sin
 from fmtrain.objectives import flow_matching as fm
@@ -445,32 +446,9 @@ class StepVideoDiT(MegatronModule):
 
 
 def transformer_config(cfg: Config, *, params_dtype: torch.dtype, use_cpu: bool) -> TransformerConfig:
-    m, p = cfg.model, cfg.parallel
-    return TransformerConfig(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads,
-        kv_channels=cfg.head_dim,
-        ffn_hidden_size=m.ffn_hidden_size,
-        add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=m.init_method_std,
-        tensor_model_parallel_size=p.tp,
-        pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
-        sequence_parallel=p.sequence_parallel,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        perform_initialization=True,  # marks TP attributes; fmtrain.models.init redraws the weights
-        use_cpu_initialization=False,
-        calculate_per_token_loss=True,  # "tokens" are latent elements: the loss is the batch mean
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-    )
+    # The DiT's blocks are fmtrain modules: megatron's fused activation / cross entropy do not apply.
+    return TransformerConfig(**shared_transformer_kwargs(cfg, params_dtype=params_dtype),
+                             add_bias_linear=False, bias_activation_fusion=False)
 
 
 def build_chunk(cfg: Config, tconfig: TransformerConfig, *, pre_process: bool, post_process: bool,

@@ -9,7 +9,6 @@ Transformer Engine when importable, otherwise on SDPA (:mod:`fmtrain.models.atte
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from typing import Callable, Iterator, Optional
 
@@ -31,12 +30,13 @@ from fmtrain.config import Config, ConfigError
 from fmtrain.models.attention import SDPACoreAttention
 from fmtrain.models.init import InitRule
 from fmtrain.models.layers import RMSNorm
+from fmtrain.models.megatron_config import (
+    fused_kernels_enabled,
+    shared_transformer_kwargs,
+    transformer_engine_available,
+)
 from fmtrain.models.registry import ModelFamily, register
 from fmtrain.train.flops import transformer_param_count, transformer_training_flops_per_token
-
-
-def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def resolve_attention_backend(cfg: Config) -> str:
@@ -49,54 +49,34 @@ def resolve_attention_backend(cfg: Config) -> str:
 
 
 def transformer_config(cfg: Config, *, params_dtype: torch.dtype, use_cpu: bool) -> TransformerConfig:
-    m, p = cfg.model, cfg.parallel
+    m = cfg.model
     recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
                  "full": {"recompute_granularity": "full", "recompute_method": "uniform",
                           "recompute_num_layers": 1}}[m.recompute]
+    fused = fused_kernels_enabled(cfg, use_cpu=use_cpu)
     return TransformerConfig(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads,
+        **shared_transformer_kwargs(cfg, params_dtype=params_dtype),
         num_query_groups=m.num_query_groups,
-        kv_channels=cfg.head_dim,
-        ffn_hidden_size=m.ffn_hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=m.init_method_std,
-        # Layout: without these megatron silently builds every layer on every stage.
-        tensor_model_parallel_size=p.tp,
-        pipeline_model_parallel_size=p.pp,
-        virtual_pipeline_model_parallel_size=p.vpp if p.vpp > 1 else None,
-        sequence_parallel=p.sequence_parallel,
-        params_dtype=params_dtype,
-        pipeline_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        # fmtrain.models.init redraws every weight layout-invariantly afterwards; megatron's
-        # own (per-rank, local-shard) initialisation still runs because it is what marks the
-        # parameters as tensor-parallel (perform_initialization=False skips that).
-        perform_initialization=True,
-        use_cpu_initialization=False,
-        # The loss is a sum over tokens divided by the step's token count, so any split into
-        # microbatches and data-parallel ranks gives the same number.
-        calculate_per_token_loss=True,
-        # Fused kernels come from apex / TE / jit; keep the plain ops where those are absent.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        cross_entropy_loss_fusion=False,
+        # SwiGLU as one compiled function with a hand-written backward (megatron's jit fuser).
+        bias_activation_fusion=fused,
+        # The vocab-parallel cross entropy with one all-reduce for both softmax statistics. Its
+        # backward always returns a bf16 gradient, which is what bf16 logits get anyway but
+        # would silently round an fp32 run's: bf16 only.
+        cross_entropy_loss_fusion=fused and params_dtype == torch.bfloat16,
+        cross_entropy_fusion_impl="native",
+        # megatron's only fused RoPE is Transformer Engine's.
+        apply_rope_fusion=fused and resolve_attention_backend(cfg) == "te",
         **recompute,
     )
 
 
-def layer_spec(cfg: Config) -> ModuleSpec:
+def layer_spec(cfg: Config, tconfig: TransformerConfig) -> ModuleSpec:
     backend = resolve_attention_backend(cfg)
     if backend == "te":
         return get_gpt_layer_with_transformer_engine_spec()
@@ -105,7 +85,11 @@ def layer_spec(cfg: Config) -> ModuleSpec:
     layer.input_layernorm = RMSNorm
     layer.pre_mlp_layernorm = RMSNorm
     if backend == "sdpa":
-        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+        # RoPE moves into the core attention (see fmtrain.models.attention), compiled with the
+        # other fused kernels.
+        spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+            module=SDPACoreAttention,
+            params={"rotary_base": cfg.model.rotary_base, "compile_rope": tconfig.bias_activation_fusion})
     return spec
 
 
@@ -114,8 +98,9 @@ def build_chunk(cfg: Config, tconfig: TransformerConfig, *, pre_process: bool,
     m = cfg.model
     # A block spec (not just a layer spec) so the final norm is fmtrain's RMSNorm too.
     block = TransformerBlockSubmodules(
-        layer_specs=[layer_spec(cfg)] * get_num_layers_to_build(tconfig, vp_stage=vp_stage),
+        layer_specs=[layer_spec(cfg, tconfig)] * get_num_layers_to_build(tconfig, vp_stage=vp_stage),
         layer_norm=RMSNorm)
+    rope_in_core_attention = resolve_attention_backend(cfg) == "sdpa"
     return GPTModel(
         config=tconfig,
         transformer_layer_spec=block,
@@ -125,7 +110,7 @@ def build_chunk(cfg: Config, tconfig: TransformerConfig, *, pre_process: bool,
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=m.tie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="none" if rope_in_core_attention else "rope",
         rotary_percent=1.0,
         rotary_base=m.rotary_base,
         vp_stage=vp_stage,

@@ -96,6 +96,7 @@ def _train(cfg: Config) -> dict:
     log0(topo, f"fmtrain: {cfg.model.family} with {family.param_count(cfg) / 1e6:.2f}M parameters, "
                f"layout TP={topo.tp} PP={topo.pp} VPP={topo.vpp} DP={topo.dp} on {topo.world_size} "
                f"{topo.device.type} rank(s), run dir {run_dir}")
+    log0(topo, f"kernels: {engine.kernel_summary()}")
 
     # model.init_from_hf: released weights for a run that has no checkpoint of its own yet.
     init_from_hf(cfg, run_dir, engine, topo, log=lambda m: log0(topo, m))
