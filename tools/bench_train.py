@@ -66,12 +66,15 @@ PRESETS: dict[str, dict] = {
 }
 
 OOM_EXIT = 3
+# What device mode times next to fmtrain's defaults: the same step without the fused kernels.
+DEFAULT_DEVICE_VARIANT = "unfused:model.fused_kernels=off,train.fused_adam=off"
 
 
 # ----------------------------------------------------------------------------- shared pieces
 
 
 def make_config(args, *, tp: int = 1, dp: int = 0, micro_batch: int | None = None):
+    """The benchmark's config; ``--set`` overrides apply last (both sides read the model shape)."""
     from fmtrain.config import config_from_dict
 
     model = dict(PRESETS[args.preset], family="yi", attention_backend=args.attention_backend)
@@ -84,7 +87,7 @@ def make_config(args, *, tp: int = 1, dp: int = 0, micro_batch: int | None = Non
                   "precision": args.precision, "lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1,
                   "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "grad_clip": 1.0},
         "logging": {"tensorboard": False},
-    })
+    }, overrides=list(args.set))
 
 
 def flops_per_token(cfg) -> int:
@@ -247,13 +250,14 @@ class HFSide:
         self.model.train()
         if self.model.config._attn_implementation != "sdpa":
             raise RuntimeError(f"transformers picked {self.model.config._attn_implementation}, not sdpa")
-        # megatron's default: no weight decay on 1-D parameters (norms, biases).
+        # megatron's default: no weight decay on 1-D parameters (norms, biases). Fused AdamW is
+        # the HF Trainer's default optimizer with torch >= 2.8 ("adamw_torch_fused").
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=True)
         self.bf16 = cfg.train.precision == "bf16"
         windows = global_batch(cfg, device)
         self.microbatches = split_microbatches(windows, cfg.train.micro_batch_size)
@@ -412,32 +416,13 @@ def print_single(res: dict) -> None:
 # ----------------------------------------------------------------------------- worker (subprocess side)
 
 
-# Diagnostic variants of fmtrain's step, applied in the benchmark process only (the engine
-# and model code stay as they are): ``--fmtrain-patches NAME[,NAME]`` in device mode.
-def _patch_contiguous_qkv() -> None:
-    """Hand SDPA contiguous q/k/v: megatron leaves V as a strided view of the fused QKV."""
-    from fmtrain.models.attention import SDPACoreAttention
-
-    original = SDPACoreAttention.forward
-
-    def forward(self, query, key, value, *args, **kwargs):
-        return original(self, query.contiguous(), key.contiguous(), value.contiguous(), *args, **kwargs)
-
-    SDPACoreAttention.forward = forward
-
-
-PATCHES = {"contiguous_qkv": _patch_contiguous_qkv}
-
-
 def run_worker(args) -> int:
     """One side, one layout, in this process (under torchrun for several ranks)."""
     torch.set_num_threads(args.threads)
     single_process_env()
-    if args.patch:
-        PATCHES[args.patch]()
     device_type = args.device
     out: dict = {"side": args.worker, "tp": args.tp, "dp": args.dp, "micro_batch": args.micro_batch,
-                 "patch": args.patch}
+                 "variant": args.variant_name, "overrides": list(args.set)}
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = make_config(args, tp=args.tp, dp=args.dp, micro_batch=args.micro_batch)
@@ -500,7 +485,7 @@ def run_worker(args) -> int:
 
 def worker_command(args, *, side: str, tp: int = 1, dp: int = 0, threads: int, micro_batch: int,
                    json_out: str, nproc: int = 1, profile: str = "", init_file: str = "",
-                   patch: str = "") -> list[str]:
+                   variant: tuple[str, list[str]] | None = None) -> list[str]:
     base = [sys.executable]
     if nproc > 1:
         base += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -514,8 +499,12 @@ def worker_command(args, *, side: str, tp: int = 1, dp: int = 0, threads: int, m
         cmd += ["--simulate-oom-above", str(args.simulate_oom_above)]
     if init_file:
         cmd += ["--save-init" if side == "fmtrain" else "--load-init", init_file]
-    if patch:
-        cmd += ["--patch", patch]
+    overrides = list(args.set)
+    if variant is not None:
+        cmd += ["--variant-name", variant[0]]
+        overrides += variant[1]
+    for item in overrides:
+        cmd += ["--set", item]
     if profile:
         cmd += ["--profile", profile, "--profile-rows", str(args.profile_rows)]
     return cmd
@@ -612,17 +601,21 @@ def run_device(args, tmp: Path) -> dict:
             if rc != OOM_EXIT and not data.get("oom"):  # torchrun maps exit codes to 1
                 res[side] = data  # a real failure: keep the error, do not try smaller
                 break
-    patches = [p for p in args.fmtrain_patches.split(",") if p]
-    for patch in patches:
+    # Variants of fmtrain's own step (config overrides) at the micro-batch the default fitted,
+    # e.g. without the fused kernels: what each kernel choice is worth on this device.
+    for name, overrides in args.fmtrain_variants:
         if chosen is None:
             break
-        out = tmp / f"fmtrain_{patch}.json"
-        print(f"[device] fmtrain with patch {patch}: micro-batch {chosen}", flush=True)
+        out = tmp / f"fmtrain_{name}.json"
+        print(f"[device] fmtrain variant {name} ({' '.join(overrides)}): micro-batch {chosen}", flush=True)
         rc = launch(worker_command(args, side="fmtrain", threads=args.threads, micro_batch=chosen,
-                                   json_out=str(out), patch=patch), args.threads, args.timeout)
+                                   json_out=str(out), variant=(name, overrides)), args.threads, args.timeout)
         data = json.loads(out.read_text()) if out.exists() else {"error": f"exit code {rc}"}
-        res.setdefault("variants", {})[patch] = data
+        res.setdefault("variants", {})[name] = data
     hf = res.get("transformers", {})
+    for r in res.get("variants", {}).values():
+        if "tokens_per_s" in r and "tokens_per_s" in res.get("fmtrain", {}):
+            r["default_speedup"] = res["fmtrain"]["tokens_per_s"] / r["tokens_per_s"]
     for r in [res.get("fmtrain", {})] + list(res.get("variants", {}).values()):
         if "tokens_per_s" in r and "tokens_per_s" in hf:
             r["ratio_vs_transformers"] = r["tokens_per_s"] / hf["tokens_per_s"]
@@ -657,16 +650,17 @@ def print_device(res: dict) -> None:
               f"max over {len(diffs)} steps {max(diffs):.4f}")
         print("   losses fmtrain     : " + " ".join(f"{x:.3f}" for x in res["fmtrain"]["losses"]))
         print("   losses transformers: " + " ".join(f"{x:.3f}" for x in res["transformers"]["losses"]))
-    for patch, r in res.get("variants", {}).items():
+    for name, r in res.get("variants", {}).items():
         if "tokens_per_s" not in r:
-            print(f"   fmtrain [{patch}]: no result ({r.get('error', '?')})")
+            print(f"   fmtrain [{name}]: no result ({r.get('error', '?')})")
             continue
-        line = (f"   fmtrain [{patch}]: {r['median_step_s']:.3f}s/step, {r['tokens_per_s']:,.0f} tokens/s, "
-                f"MFU {100 * r['mfu']:.1f}%, ratio vs transformers {r.get('ratio_vs_transformers', 0):.3f}x")
+        line = (f"   fmtrain [{name}: {' '.join(r.get('overrides', []))}]: {r['median_step_s']:.3f}s/step, {r['tokens_per_s']:,.0f} tokens/s, "
+                f"MFU {100 * r['mfu']:.1f}%, ratio vs transformers {r.get('ratio_vs_transformers', 0):.3f}x; "
+                f"fmtrain's defaults are {r.get('default_speedup', 0):.3f}x this")
         if "loss_abs_diff_vs_transformers" in r:
             line += f", max |loss diff| {max(r['loss_abs_diff_vs_transformers']):.4f}"
         print(line)
-        print(f"   losses fmtrain [{patch}]: " + " ".join(f"{x:.3f}" for x in r["losses"]))
+        print(f"   losses fmtrain [{name}]: " + " ".join(f"{x:.3f}" for x in r["losses"]))
     if "ratio" in res:
         print(f"   ratio fmtrain/transformers: {res['ratio']:.3f}x; fmtrain MFU "
               f"{100 * res['fmtrain']['mfu']:.1f}% (goal >= 50%)")
@@ -705,10 +699,12 @@ def parse_args(argv=None):
     p.add_argument("--simulate-oom-above", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--save-init", default="", help=argparse.SUPPRESS)
     p.add_argument("--load-init", default="", help=argparse.SUPPRESS)
-    p.add_argument("--fmtrain-patches", default="",
-                   help="device mode: also time fmtrain with these diagnostic patches, comma-separated "
-                        f"({', '.join(PATCHES)})")
-    p.add_argument("--patch", choices=sorted(PATCHES), default="", help=argparse.SUPPRESS)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every run (e.g. train.fused_adam=off); repeatable")
+    p.add_argument("--fmtrain-variant", action="append", default=None, metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="device mode: also time fmtrain with these overrides at the same micro-batch "
+                        f"(default: {DEFAULT_DEVICE_VARIANT}); 'none' for no variant; repeatable")
+    p.add_argument("--variant-name", default="", help=argparse.SUPPRESS)
     p.add_argument("--no-parity", dest="parity", action="store_false",
                    help="device mode: let the baseline draw its own weights instead of starting "
                         "from fmtrain's (skips the loss-curve agreement check)")
@@ -721,7 +717,17 @@ def parse_args(argv=None):
     args.steps = (10 if gpu else 8) if args.steps is None else args.steps
     if args.micro_batch is None:
         args.micro_batch = args.global_batch
+    args.fmtrain_variants = [] if args.fmtrain_variant == ["none"] else [
+        _parse_variant(v) for v in (args.fmtrain_variant or [DEFAULT_DEVICE_VARIANT])]
     return args
+
+
+def _parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition(":")
+    items = [o for o in overrides.split(",") if o]
+    if not sep or not name or not items or any("=" not in o for o in items):
+        raise SystemExit(f"--fmtrain-variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE]")
+    return name, items
 
 
 def main(argv=None) -> int:

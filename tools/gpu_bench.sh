@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU half of docs/benchmarks.md ("Training step"), as one command for a machine with one
 # CUDA GPU and no network: install the wheels carried in $WHEELS (megatron-core, transformers)
-# offline, record the card, measure a bf16 GEMM, then run tools/bench_train.py --device cuda
-# (fmtrain vs transformers, ~1.1B Yi config, seq 4096, bf16). Everything lands in $OUT.
+# offline, record the card, measure a bf16 GEMM, check SDPA numerics, then run
+# tools/bench_train.py --device cuda: fmtrain (fused kernels on, the CUDA default) vs
+# transformers on a ~1.1B Yi config at seq 4096 in bf16, from the same initial weights (the two
+# loss curves must agree), then fmtrain again without the fused kernels (the
+# "unfused" variant: what they are worth). Everything lands in $OUT.
 #
 # Prepare the wheels on a machine with pip access (from the repo root):
 #   echo /.whl/ >> .git/info/exclude
@@ -38,7 +41,11 @@ from fmtrain.train.metrics import measure_gemm_tflops
 dev = torch.device("cuda")
 print(f"torch {torch.__version__} cuda {torch.version.cuda} on {torch.cuda.get_device_name(dev)}")
 print(f"bf16 8192^3 GEMM: {measure_gemm_tflops(dev, 8192, torch.bfloat16, repeats=3, calls_per_repeat=10):.1f} TFLOP/s")
-for name in ("apex", "transformer_engine", "flash_attn"):
+import shutil
+from fmtrain.models.megatron_config import torch_compile_missing
+print(f"torch.compile for megatron's fused kernels: missing {torch_compile_missing(use_cpu=False) or 'nothing'} "
+      f"(cc: {shutil.which('cc')})")
+for name in ("apex", "transformer_engine", "flash_attn", "triton"):
     try:
         __import__(name); print(f"{name}: importable")
     except Exception as exc:
@@ -90,6 +97,6 @@ for bname, backend in backends:
               f"dq {rel(gq, rq):.2e} dk {rel(gk, rk):.2e} dv {rel(gv, rv):.2e}")
 EOF
 
-PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-300}" $PY tools/bench_train.py --device cuda \
+PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-420}" $PY tools/bench_train.py --device cuda \
     --json-out "$OUT/bench_gpu.json" --profile "$OUT/profile_gpu.txt" --timeout 150 "$@" 2>&1 \
   | tee "$OUT/bench_gpu.log"
