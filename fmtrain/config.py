@@ -599,7 +599,18 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
 
 
 def num_microbatches(cfg: Config, dp: int) -> int:
-    return cfg.train.global_batch_size // (cfg.train.micro_batch_size * dp)
+    return microbatches_per_rank(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp)
+
+
+def microbatches_per_rank(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
+    """Microbatches each data-parallel rank runs per step; ValueError when the batch does not split."""
+    if min(global_batch_size, micro_batch_size, dp_size) < 1:
+        raise ValueError(f"global_batch_size={global_batch_size}, micro_batch_size={micro_batch_size} "
+                         f"and dp_size={dp_size} must all be at least 1")
+    if global_batch_size % (micro_batch_size * dp_size):
+        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
+                         f"micro_batch_size x dp_size = {micro_batch_size} x {dp_size}")
+    return global_batch_size // (micro_batch_size * dp_size)
 
 
 def all_keys() -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,24 @@ def run_fmtrain(args: list[str], nproc: int = 1, timeout: int = 600, check: bool
     if check and proc.returncode != 0:
         raise AssertionError(f"fmtrain failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def single_rank(monkeypatch):
+    """A one-process gloo group for in-process (TP, PP) = (1, 1); torn down afterwards."""
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(free_port())).items():
+        monkeypatch.setenv(key, value)
+    yield
+    from fmtrain import parallel
+
+    parallel.destroy()
 
 
 def read_metrics(run_dir: Path) -> dict[int, dict]:

@@ -6,7 +6,6 @@ gradient norms; foreach and fused AdamW agree) is in tests/test_layout_equivalen
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import free_port
+
 from fmtrain.config import config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _yi_config(fused_kernels: str):
@@ -77,7 +72,7 @@ def test_yaml_on_off_reads_as_choice(tmp_path):
 def test_fused_cross_entropy_bf16_tensor_parallel(tmp_path):
     out = tmp_path / "ce.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), str(REPO / "tests" / "fused_ce_worker.py"), str(out)]
+           "--master_port", str(free_port()), str(REPO / "tests" / "fused_ce_worker.py"), str(out)]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = torch.load(out, weights_only=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import TINY_OVERRIDES, read_metrics, run_fmtrain  # noqa: E402
+from conftest import TINY_OVERRIDES, free_port, read_metrics, run_fmtrain  # noqa: E402
 
 TOL = 1e-5
 BATCH, SEQ = 2, 16
@@ -47,12 +46,6 @@ def _fmtrain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
         raise AssertionError(f"fmtrain {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _hf_model(dtype=torch.float32):
@@ -123,17 +116,6 @@ def trained(hf, converted):
         f"data.tokenizer={hf['tokenizer']}", f"run.dir={run_dir}", "parallel.pp=2", "train.max_steps=3",
         "train.warmup_steps=1", "checkpoint.save_at_end=true", f"checkpoint.load={converted['dir']}"], nproc=2)
     return run_dir
-
-
-@pytest.fixture
-def single_rank(monkeypatch):
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():
-        monkeypatch.setenv(key, value)
-    yield
-    from fmtrain import parallel
-
-    parallel.destroy()
 
 
 # ---------------------------------------------------------------------- tokenizer

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import free_port
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
@@ -41,12 +42,6 @@ HF_KW = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_l
              num_attention_heads=8, num_key_value_heads=2, head_dim=8, rope_theta=5e6,
              rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False,
              bos_token_id=1, eos_token_id=2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _hf_model(**overrides):
@@ -83,18 +78,6 @@ def hf(tmp_path_factory):
     save_file({"tokens": tokens}, str(root / "tokens.safetensors"))
     return dict(root=root, model=model, single=single, sharded=sharded, tokens=tokens,
                 logits=_hf_logits(model, tokens))
-
-
-@pytest.fixture
-def single_rank(monkeypatch):
-    """A one-process gloo group for in-process (TP, PP) = (1, 1); torn down afterwards."""
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():
-        monkeypatch.setenv(key, value)
-    yield
-    from fmtrain import parallel
-
-    parallel.destroy()
 
 
 def _read_all(path: Path) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ its prompt names: about 0 for noise (and for an untrained model), about 1 for th
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,23 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, read_metrics, run_fmtrain
+from conftest import REPO, free_port, read_metrics, run_fmtrain
 
 RECIPE = REPO / "recipes" / "step_video" / "dit_tiny.yaml"
 RTOL = 1e-4
 WORKER_ARGS = ["train.global_batch_size=8", "train.micro_batch_size=2"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _worker(tmp_path, tp: int, pp: int, sp: bool = False) -> dict:
     out = tmp_path / f"dit_tp{tp}_pp{pp}_sp{int(sp)}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp),
-           "--master_port", str(_free_port()), str(REPO / "tests" / "dit_worker.py"), str(out), str(RECIPE),
+           "--master_port", str(free_port()), str(REPO / "tests" / "dit_worker.py"), str(out), str(RECIPE),
            f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.sequence_parallel={str(sp).lower()}",
            f"run.dir={tmp_path / 'run'}", *WORKER_ARGS]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "step_video" / "dit_tiny.yaml"
@@ -36,12 +37,6 @@ RELEASE_30B = {"_class_name": "StepVideoModel", "num_attention_heads": 48, "atte
                "in_channels": 64, "out_channels": 64, "num_layers": 48, "dropout": 0.0, "patch_size": 1,
                "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
                "use_additional_conditions": False, "caption_channels": [6144, 1024], "attention_type": "parallel"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -70,17 +65,6 @@ def _tiny_cfg(*overrides: str):
     from fmtrain.config import load_config
 
     return load_config(RECIPE, SMALL + ["train.precision=fp32", *overrides])
-
-
-@pytest.fixture
-def single_rank(monkeypatch):
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():
-        monkeypatch.setenv(key, value)
-    yield
-    from fmtrain import parallel
-
-    parallel.destroy()
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from fmtrain.config import microbatches_per_rank
 from fmtrain.data.shards import (
     BadDataError,
     IndexedShardWriter,
@@ -360,16 +361,11 @@ class LatentMicrobatchSampler:
     def __init__(self, samples: Sequence[dict], global_batch_size: int, micro_batch_size: int, dp_size: int,
                  seed: int, *, caption_tokens: int, caption_dim: int, clip_tokens: int = 0, clip_dim: int = 0,
                  tag: int = 0):
-        if min(global_batch_size, micro_batch_size, dp_size) < 1:
-            raise ValueError(f"global_batch_size={global_batch_size}, micro_batch_size={micro_batch_size} "
-                             f"and dp_size={dp_size} must all be at least 1")
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                             f"micro_batch_size x dp_size = {micro_batch_size} x {dp_size}")
+        num_microbatches = microbatches_per_rank(global_batch_size, micro_batch_size, dp_size)
         self.samples = list(samples)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_size, self.seed, self.tag = dp_size, seed, tag
-        self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+        self.num_microbatches = num_microbatches
         """Microbatches per rank per global step."""
         self._collate = dict(caption_tokens=caption_tokens, caption_dim=caption_dim, clip_tokens=clip_tokens,
                              clip_dim=clip_dim)

@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 import sentencepiece as spm
 import torch
 
+from fmtrain.config import microbatches_per_rank
+
 if TYPE_CHECKING:
     from fmtrain.config import Config
 
@@ -253,18 +255,13 @@ class MicrobatchSampler:
                  dp_size: int, seed: int):
         if len(dataset) == 0:
             raise ValueError("dataset has no windows: the corpus is shorter than one sequence")
-        if min(global_batch_size, micro_batch_size, dp_size) < 1:
-            raise ValueError(f"global_batch_size={global_batch_size}, micro_batch_size={micro_batch_size} "
-                             f"and dp_size={dp_size} must all be at least 1")
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                             f"micro_batch_size x dp_size = {micro_batch_size} x {dp_size}")
+        num_microbatches = microbatches_per_rank(global_batch_size, micro_batch_size, dp_size)
         self.dataset = dataset
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.dp_size = dp_size
         self.seed = seed
-        self.num_microbatches = global_batch_size // (micro_batch_size * dp_size)
+        self.num_microbatches = num_microbatches
         """Microbatches per rank per global step."""
         self._permutations: dict[int, list[int]] = {}
 

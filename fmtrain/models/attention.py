@@ -84,8 +84,8 @@ class SDPACoreAttention(MegatronModule):
         if self.rotary_base is not None:
             # Positions 0..s-1 of this sequence (sequence parallelism has gathered it by now).
             seq, head_dim = query.shape[0], query.shape[-1]
-            cos, sin = (t[:, None, None, :].to(query.dtype)
-                        for t in rope_1d_cos_sin(seq, head_dim, self.rotary_base, query.device))
+            cos, sin = (t[:, None, None, :] for t in rope_1d_cos_sin(
+                seq, head_dim, self.rotary_base, query.device, query.dtype))
             q, k = self.rotate(query, cos, sin), self.rotate(key, cos, sin)
         else:
             q, k = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key))

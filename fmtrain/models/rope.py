@@ -43,16 +43,18 @@ def rope_3d_cos_sin(shape: Sequence[int], axes: Sequence[int], theta: float, dev
 
 
 @functools.lru_cache(maxsize=16)
-def _cos_sin_1d_cached(seq_len: int, dim: int, theta: float, device: str):
+def _cos_sin_1d_cached(seq_len: int, dim: int, theta: float, device: str, dtype: torch.dtype):
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     angle = torch.cat([freqs, freqs], dim=-1)
-    return angle.cos(), angle.sin()
+    return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
-def rope_1d_cos_sin(seq_len: int, dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables [seq_len, dim] in fp32 for positions 0..seq_len-1 (cached)."""
-    return _cos_sin_1d_cached(int(seq_len), int(dim), float(theta), str(device))
+def rope_1d_cos_sin(seq_len: int, dim: int, theta: float, device,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables [seq_len, dim] for positions 0..seq_len-1, computed in fp32 and stored
+    in ``dtype`` (cached)."""
+    return _cos_sin_1d_cached(int(seq_len), int(dim), float(theta), str(device), dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ megatron's loader does.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import shutil
@@ -114,13 +115,32 @@ def _peak_rss_mb() -> float:
 
 
 def _read_hf_config(hf_dir: Path) -> dict:
-    file = Path(hf_dir) / "config.json"
+    return read_config_json(Path(hf_dir) / "config.json",
+                            f"{hf_dir}: no config.json (a Hugging Face model directory has one)")
+
+
+def read_config_json(file: Path, missing: str) -> dict:
+    """A checkpoint's ``config.json``; ConfigError with ``missing`` when absent, or naming bad JSON."""
     if not file.is_file():
-        raise ConfigError(f"{hf_dir}: no config.json (a Hugging Face model directory has one)")
+        raise ConfigError(missing)
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{file}: not valid JSON ({exc})") from None
+
+
+def check_architecture(cfg: Config, want: dict, source_fields: dict[str, str], source: str,
+                       shown: Optional[dict] = None) -> None:
+    """Raise ConfigError naming the first ``model.*`` field whose value differs from ``want``
+    (what the checkpoint's config fixes); ``source_fields`` names the config.json field behind
+    each, ``shown`` replaces an expected value in the message."""
+    for name, field_name in source_fields.items():
+        expected = want[name]
+        have = cfg.head_dim if name == "model.head_dim" else getattr(cfg.model, name.split(".", 1)[1])
+        same = math.isclose(have, expected, rel_tol=1e-9) if isinstance(expected, float) else have == expected
+        if not same:
+            raise ConfigError(f"{name}={have!r} does not match the checkpoint: {source} has "
+                              f"{field_name}={(shown or {}).get(name, expected)!r}")
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:

@@ -53,12 +53,14 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
+from fmtrain.checkpoint.hf.convert import check_architecture, read_config_json, weights_dir
 from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError
 from fmtrain.config import Config, ConfigError
 
@@ -210,17 +212,17 @@ def fmtrain_model_overrides_from_release(config_json: dict, ffn_hidden_size: Opt
 FFN_KEY = "transformer_blocks.0.ff.net.0.proj.weight"
 
 
-def model_overrides(weights_dir: Path) -> list[str]:
+def model_overrides(release_weights: Path) -> list[str]:
     """``model.*=value`` arguments for a config made from a release (config.json + the FFN width
     read from the header of ``ff.net.0.proj.weight``)."""
     from fmtrain.checkpoint.hf.yi import overrides_as_args
 
-    config_json = json.loads((Path(weights_dir) / "config.json").read_text())
-    with HFCheckpoint(weights_dir) as ckpt:
+    config_json = json.loads((Path(release_weights) / "config.json").read_text())
+    with HFCheckpoint(release_weights) as ckpt:
         try:
             ffn = ckpt.info(FFN_KEY)[0][0]
         except KeyError:
-            raise HFCheckpointError(f"{weights_dir}: no tensor {FFN_KEY} to read the FFN width from") from None
+            raise HFCheckpointError(f"{release_weights}: no tensor {FFN_KEY} to read the FFN width from") from None
     return overrides_as_args(fmtrain_model_overrides_from_release(config_json, ffn))
 
 
@@ -240,14 +242,8 @@ ARCHITECTURE_FIELDS = tuple(_RELEASE_FIELD)
 def check_model_matches_hf(cfg: Config, config_json: dict, source: str) -> None:
     """Raise :class:`ConfigError` naming the first ``model.*`` field that differs from the
     release ``config.json`` (``source`` names it in the message)."""
-    want = fmtrain_model_overrides_from_release(config_json)
-    for name in ARCHITECTURE_FIELDS:
-        expected = want[name]
-        have = cfg.head_dim if name == "model.head_dim" else getattr(cfg.model, name.split(".", 1)[1])
-        if have != expected:
-            shown = CLASS_NAME if name == "model.family" else expected
-            raise ConfigError(f"{name}={have!r} does not match the checkpoint: {source} has "
-                              f"{_RELEASE_FIELD[name]}={shown!r}")
+    check_architecture(cfg, fmtrain_model_overrides_from_release(config_json), _RELEASE_FIELD, source,
+                       shown={"model.family": CLASS_NAME})
 
 
 # ---------------------------------------------------------------------- shapes and key mapping
@@ -433,21 +429,12 @@ def load_hf_slices_into_chunks(chunks: list[torch.nn.Module], ckpt: HFCheckpoint
 
 
 def _weights_dir(release_dir: str | Path) -> Path:
-    import sys
-
-    from fmtrain.checkpoint.hf.convert import weights_dir
-
     return weights_dir(Path(release_dir), sys.modules[__name__])
 
 
 def read_release_config(release_dir: str | Path) -> dict:
-    file = _weights_dir(release_dir) / "config.json"
-    if not file.is_file():
-        raise ConfigError(f"{release_dir}: no {WEIGHTS_SUBDIR}/config.json (a Step-Video release has one)")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{file}: not valid JSON ({exc})") from None
+    return read_config_json(_weights_dir(release_dir) / "config.json",
+                            f"{release_dir}: no {WEIGHTS_SUBDIR}/config.json (a Step-Video release has one)")
 
 
 def load_step_video(chunks: list[torch.nn.Module], release_dir: str | Path, cfg: Config, *,

@@ -35,7 +35,6 @@ is needed (unlike Meta's original Llama checkpoints).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from fmtrain.checkpoint.hf.convert import check_architecture
 from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError, save_hf_checkpoint
 # fmtrain.checkpoint.hf.layout (megatron) is imported where chunks are touched, so that config
 # translation and export planning (fmtrain convert's parent process, to-hf) stay light.
@@ -184,14 +184,7 @@ ARCHITECTURE_FIELDS = tuple(_HF_FIELD)
 def check_model_matches_hf(cfg: Config, config_json: dict, source: str) -> None:
     """Raise :class:`ConfigError` naming the first ``model.*`` field that differs from the
     Hugging Face ``config.json`` (``source`` names it in the message)."""
-    want = fmtrain_model_overrides_from_hf(config_json)
-    for name in ARCHITECTURE_FIELDS:
-        expected = want[name]
-        have = cfg.head_dim if name == "model.head_dim" else getattr(cfg.model, name.split(".", 1)[1])
-        same = math.isclose(have, expected, rel_tol=1e-9) if isinstance(expected, float) else have == expected
-        if not same:
-            raise ConfigError(f"{name}={have!r} does not match the checkpoint: {source} has "
-                              f"{_HF_FIELD[name]}={expected!r}")
+    check_architecture(cfg, fmtrain_model_overrides_from_hf(config_json), _HF_FIELD, source)
 
 
 # ---------------------------------------------------------------------- shapes
