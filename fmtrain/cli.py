@@ -44,8 +44,18 @@ def _launch_local(nproc: int, argv: list[str]) -> int:
 
     from fmtrain.train.signals import STOP_SIGNALS
 
-    cmd = [sys.executable, "-m", "fmtrain.launch.agent", "--standalone", f"--nproc-per-node={nproc}",
-           "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT", "-m", "fmtrain.cli", *argv]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fmtrain.launch.agent",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
+        "-m",
+        "fmtrain.cli",
+        *argv,
+    ]
+
     def ignore_stop_signals() -> None:  # in the agent, before exec; it installs its SIGUSR1 relay later
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
@@ -108,12 +118,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"family        {cfg.model.family}")
     print(f"parameters    {params:,} ({params / 1e9:.2f} B)")
     print(f"FLOPs/token   {flops_token:,.0f} (training: forward + backward)")
-    print(f"layout        TP={p.tp} PP={p.pp} VPP={p.vpp} DP={dp} on {world} GPUs, "
-          f"sequence_parallel={p.sequence_parallel}, distributed_optimizer={p.distributed_optimizer}, "
-          f"recompute={cfg.model.recompute}")
+    print(
+        f"layout        TP={p.tp} PP={p.pp} VPP={p.vpp} DP={dp} on {world} GPUs, "
+        f"sequence_parallel={p.sequence_parallel}, distributed_optimizer={p.distributed_optimizer}, "
+        f"recompute={cfg.model.recompute}"
+    )
     tokens = t.global_batch_size * cfg.model.seq_length
-    print(f"batch         {t.global_batch_size} x {cfg.model.seq_length} = {tokens:,} tokens/step, "
-          f"micro-batch {t.micro_batch_size}, {num_microbatches(cfg, dp)} microbatches per DP rank")
+    print(
+        f"batch         {t.global_batch_size} x {cfg.model.seq_length} = {tokens:,} tokens/step, "
+        f"micro-batch {t.micro_batch_size}, {num_microbatches(cfg, dp)} microbatches per DP rank"
+    )
     estimate = family.memory_estimate(cfg, dp, num_microbatches(cfg, dp))
     print("memory/GPU    " + estimate.format().replace("\n", "\n              "))
     return 0
@@ -135,7 +149,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     family = get_family(cfg.model.family)
     if family.sample is None:
-        raise ConfigError(f"model.family={cfg.model.family!r} has no sampler (fmtrain sample is for generative families)")
+        raise ConfigError(
+            f"model.family={cfg.model.family!r} has no sampler (fmtrain sample is for generative families)"
+        )
     shape = parse_latent_shape(args.shape, "--shape") if args.shape else latent_shapes(cfg)[0]
     if "MASTER_PORT" not in os.environ:
         import socket
@@ -148,14 +164,23 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fmtrain import parallel
 
     topo = parallel.initialize(cfg)
-    latents = family.sample(cfg, checkpoint=args.ckpt, prompt_file=args.prompt_emb, shape=shape, num=args.num,
-                            seed=args.seed, device=topo.device)
+    latents = family.sample(
+        cfg,
+        checkpoint=args.ckpt,
+        prompt_file=args.prompt_emb,
+        shape=shape,
+        num=args.num,
+        seed=args.seed,
+        device=topo.device,
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, latents.cpu().numpy(), allow_pickle=False)
-    print(f"fmtrain sample: {tuple(latents.shape)} latents ({cfg.flow.sample_steps} Euler steps, shift "
-          f"{cfg.flow.sample_shift}, guidance {cfg.flow.guidance_scale}, seed {args.seed}) -> {out}; "
-          f"mean {latents.mean():.4f} std {latents.std():.4f}")
+    print(
+        f"fmtrain sample: {tuple(latents.shape)} latents ({cfg.flow.sample_steps} Euler steps, shift "
+        f"{cfg.flow.sample_shift}, guidance {cfg.flow.guidance_scale}, seed {args.seed}) -> {out}; "
+        f"mean {latents.mean():.4f} std {latents.std():.4f}"
+    )
     parallel.destroy()
     return 0
 
@@ -168,13 +193,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from fmtrain.data.shards import prepare_corpus_shards
 
         train_index, valid_index = prepare_corpus_shards(
-            cfg.data.corpus, Path(args.run_dir) / "data", valid_fraction=cfg.data.valid_fraction, seed=cfg.run.seed)
-        overrides = [f"data.shards={train_index}", *([f"data.valid_shards={valid_index}"] if valid_index else []),
-                     *overrides]
+            cfg.data.corpus, Path(args.run_dir) / "data", valid_fraction=cfg.data.valid_fraction, seed=cfg.run.seed
+        )
+        overrides = [
+            f"data.shards={train_index}",
+            *([f"data.valid_shards={valid_index}"] if valid_index else []),
+            *overrides,
+        ]
         cfg = load_config(recipe, overrides)
     validate(cfg, args.nproc)
-    print(f"fmtrain demo: training {recipe.name} on the embedded Shakespeare corpus ({cfg.data.shards}) with "
-          f"{args.nproc} ranks into {args.run_dir}", flush=True)
+    print(
+        f"fmtrain demo: training {recipe.name} on the embedded Shakespeare corpus ({cfg.data.shards}) with "
+        f"{args.nproc} ranks into {args.run_dir}",
+        flush=True,
+    )
     rc = _launch_local(args.nproc, ["train", str(recipe), *overrides])
     if rc != 0:
         return rc
@@ -195,12 +227,16 @@ def _summarise_demo(run_dir: Path, cfg) -> int:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
     by_step = {rec["step"]: rec for rec in lines}
     first, last = by_step[min(by_step)], by_step[max(by_step)]
-    print(f"\ndemo finished: loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at "
-          f"step {last['step']} (ln(vocab) = {math.log(cfg.model.vocab_size):.3f})")
+    print(
+        f"\ndemo finished: loss {first['loss']:.3f} at step {first['step']} -> {last['loss']:.3f} at "
+        f"step {last['step']} (ln(vocab) = {math.log(cfg.model.vocab_size):.3f})"
+    )
     if "val_loss" in last:
         print(f"validation loss {last['val_loss']:.3f}")
-    print(f"metrics: {run_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}; "
-          f"checkpoint: {run_dir / 'checkpoints' / (run_dir / 'checkpoints' / 'latest').read_text().strip()}")
+    print(
+        f"metrics: {run_dir / 'metrics.jsonl'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}; "
+        f"checkpoint: {run_dir / 'checkpoints' / (run_dir / 'checkpoints' / 'latest').read_text().strip()}"
+    )
     return 0
 
 
@@ -218,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("recipe")
     smp.add_argument("overrides", nargs="*")
     smp.add_argument("--ckpt", default="", help="checkpoint or run directory (latest); empty: initial weights")
-    smp.add_argument("--prompt-emb", required=True, help=".npz with text_emb [L, caption_dim] (+ text_mask, "
-                     "clip_emb, clip_mask)")
+    smp.add_argument(
+        "--prompt-emb", required=True, help=".npz with text_emb [L, caption_dim] (+ text_mask, clip_emb, clip_mask)"
+    )
     smp.add_argument("--out", required=True, help="output .npy: [num, C, T, H, W] float32 latents")
     smp.add_argument("--shape", default="", help="latent T x H x W (default: the first data.synthetic_latent_shapes)")
     smp.add_argument("--num", type=int, default=1, help="samples for the prompt")

@@ -68,8 +68,9 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
     from fmtrain import parallel
 
     try:
-        convert_from_hf(cfg, hf_dir, out_dir, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                        overwrite=args.overwrite)
+        convert_from_hf(
+            cfg, hf_dir, out_dir, dtype=args.dtype, allow_pickle=args.allow_pickle, overwrite=args.overwrite
+        )
     finally:
         parallel.destroy()
     return 0
@@ -87,8 +88,13 @@ def cmd_to_hf(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(f"--max-shard-size: {exc}") from None
     try:
-        export_to_hf(Path(args.ckpt_dir), Path(args.out_dir), dtype=args.dtype, max_shard_bytes=max_shard,
-                     overwrite=args.overwrite)
+        export_to_hf(
+            Path(args.ckpt_dir),
+            Path(args.out_dir),
+            dtype=args.dtype,
+            max_shard_bytes=max_shard,
+            overwrite=args.overwrite,
+        )
     except (HFCheckpointError, CheckpointException, CheckpointError) as exc:
         print(f"fmtrain convert to-hf: {exc}", file=sys.stderr)
         return 2
@@ -110,40 +116,55 @@ class _OverridesParser(argparse.ArgumentParser):
 
 def register_convert(sub) -> None:
     """Add ``fmtrain convert {from-hf,to-hf}`` to the top-level subparsers ``sub``."""
-    convert = sub.add_parser("convert", help="convert checkpoints to and from released formats "
-                                              "(Hugging Face Llama / Yi, Step-Video-T2V)")
+    convert = sub.add_parser(
+        "convert", help="convert checkpoints to and from released formats (Hugging Face Llama / Yi, Step-Video-T2V)"
+    )
     direction = convert.add_subparsers(dest="direction", required=True, parser_class=_OverridesParser)
 
     f = direction.add_parser(
-        "from-hf", help="Hugging Face Llama / Yi directory, or Step-Video-T2V release -> fmtrain checkpoint "
-                        "(model only, step 0)",
+        "from-hf",
+        help="Hugging Face Llama / Yi directory, or Step-Video-T2V release -> fmtrain checkpoint (model only, step 0)",
         description="HF_DIR is a Hugging Face Llama / Yi directory or a Step-Video-T2V release (the directory "
-                    "holding transformer/, or transformer/ itself). Without --recipe the model config comes from "
-                    "its config.json (family recognised from it); with one, every architecture field of the recipe "
-                    "must match it. parallel.* overrides choose the layout written; run under torchrun / srun "
-                    "with that many ranks, or pass --nproc.")
+        "holding transformer/, or transformer/ itself). Without --recipe the model config comes from "
+        "its config.json (family recognised from it); with one, every architecture field of the recipe "
+        "must match it. parallel.* overrides choose the layout written; run under torchrun / srun "
+        "with that many ranks, or pass --nproc.",
+    )
     f.add_argument("hf_dir")
     f.add_argument("out_dir")
     f.add_argument("--recipe", default=None, help="recipe whose model section must match the checkpoint")
-    f.add_argument("--allow-pickle", action="store_true",
-                   help="also read pickled pytorch_model*.bin (torch.load(weights_only=True)); only for trusted files")
-    f.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="dtype of the written weights (auto: as stored in HF_DIR)")
+    f.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also read pickled pytorch_model*.bin (torch.load(weights_only=True)); only for trusted files",
+    )
+    f.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="dtype of the written weights (auto: as stored in HF_DIR)",
+    )
     f.add_argument("--nproc", type=int, default=0, help="start this many local ranks (torchrun)")
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     f.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.tp=2")
     f.set_defaults(func=cmd_from_hf)
 
     t = direction.add_parser(
-        "to-hf", help="fmtrain checkpoint (any layout) -> Hugging Face LlamaForCausalLM directory (yi) or "
-                      "Step-Video-T2V release layout OUT_DIR/transformer/ (step_video)",
+        "to-hf",
+        help="fmtrain checkpoint (any layout) -> Hugging Face LlamaForCausalLM directory (yi) or "
+        "Step-Video-T2V release layout OUT_DIR/transformer/ (step_video)",
         description="CKPT_DIR is a checkpoint (RUN_DIR/checkpoints/step_N) or a run directory (its latest "
-                    "checkpoint); the format follows its model.family. Runs in one process; memory stays at "
-                    "about one tensor.")
+        "checkpoint); the format follows its model.family. Runs in one process; memory stays at "
+        "about one tensor.",
+    )
     t.add_argument("ckpt_dir")
     t.add_argument("out_dir")
-    t.add_argument("--dtype", choices=DTYPE_CHOICES, default=None,
-                   help="dtype of the exported weights (default: as stored in the checkpoint)")
+    t.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default=None,
+        help="dtype of the exported weights (default: as stored in the checkpoint)",
+    )
     t.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     t.set_defaults(func=cmd_to_hf)

@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -40,7 +40,7 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_query_groups: int = 4
     """Key/value heads (GQA); equal to num_attention_heads for plain multi-head attention."""
-    head_dim: Optional[int] = None
+    head_dim: int | None = None
     """Per-head width; hidden_size // num_attention_heads when unset."""
     ffn_hidden_size: int = 256
     vocab_size: int = 64000
@@ -386,7 +386,7 @@ def _parse_override_value(text: str) -> Any:
     return value if isinstance(value, (int, float, bool, str)) or value is None else text
 
 
-def load_config(recipe: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Recipe YAML (optional) plus ``section.key=value`` overrides -> validated Config."""
     cfg = Config()
     if recipe is not None:
@@ -421,7 +421,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
         _set(cfg, key.strip(), _parse_override_value(text))
 
 
-def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Config:
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     cfg = Config()
     for section, values in data.items():
         for key, value in values.items():
@@ -431,7 +431,7 @@ def config_from_dict(data: dict, overrides: Optional[list[str]] = None) -> Confi
     return cfg
 
 
-def validate(cfg: Config, world_size: Optional[int] = None) -> None:
+def validate(cfg: Config, world_size: int | None = None) -> None:
     """Cross-field rules. ``world_size`` adds the layout-against-world checks."""
     for dotted, choices in _CHOICES.items():
         section, key = dotted.split(".")
@@ -440,13 +440,21 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(choices)}")
     m, p, t = cfg.model, cfg.parallel, cfg.train
     positive = {
-        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+        "model.num_layers": m.num_layers,
+        "model.hidden_size": m.hidden_size,
         "model.num_attention_heads": m.num_attention_heads,
-        "model.num_query_groups": m.num_query_groups, "model.ffn_hidden_size": m.ffn_hidden_size,
-        "model.vocab_size": m.vocab_size, "model.seq_length": m.seq_length,
-        "parallel.tp": p.tp, "parallel.pp": p.pp, "parallel.vpp": p.vpp, "parallel.cp": p.cp,
-        "train.max_steps": t.max_steps, "train.global_batch_size": t.global_batch_size,
-        "train.micro_batch_size": t.micro_batch_size, "train.log_interval": t.log_interval,
+        "model.num_query_groups": m.num_query_groups,
+        "model.ffn_hidden_size": m.ffn_hidden_size,
+        "model.vocab_size": m.vocab_size,
+        "model.seq_length": m.seq_length,
+        "parallel.tp": p.tp,
+        "parallel.pp": p.pp,
+        "parallel.vpp": p.vpp,
+        "parallel.cp": p.cp,
+        "train.max_steps": t.max_steps,
+        "train.global_batch_size": t.global_batch_size,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.log_interval": t.log_interval,
     }
     for name, value in positive.items():
         if value < 1:
@@ -458,39 +466,53 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError(
             f"model.num_attention_heads={m.num_attention_heads} must be a multiple of "
-            f"model.num_query_groups={m.num_query_groups}")
+            f"model.num_query_groups={m.num_query_groups}"
+        )
     if m.head_dim is None and m.hidden_size % m.num_attention_heads:
         raise ConfigError(
             f"model.hidden_size={m.hidden_size} is not divisible by "
-            f"model.num_attention_heads={m.num_attention_heads}; set model.head_dim")
-    for name, value in (("model.num_attention_heads", m.num_attention_heads),
-                        ("model.num_query_groups", m.num_query_groups),
-                        ("model.ffn_hidden_size", m.ffn_hidden_size),
-                        ("model.vocab_size", m.vocab_size)):
+            f"model.num_attention_heads={m.num_attention_heads}; set model.head_dim"
+        )
+    for name, value in (
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.num_query_groups", m.num_query_groups),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        ("model.vocab_size", m.vocab_size),
+    ):
         if value % p.tp:
             raise ConfigError(f"{name}={value} is not divisible by parallel.tp={p.tp}")
     chunks = p.pp * p.vpp
     if m.num_layers % chunks:
         raise ConfigError(
             f"model.num_layers={m.num_layers} is not divisible by parallel.pp x parallel.vpp "
-            f"= {p.pp} x {p.vpp} = {chunks}")
+            f"= {p.pp} x {p.vpp} = {chunks}"
+        )
     if p.vpp > 1 and p.pp == 1:
         raise ConfigError(f"parallel.vpp={p.vpp} needs parallel.pp > 1 (interleaving is across stages)")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and m.seq_length % p.tp:
-        raise ConfigError(f"model.seq_length={m.seq_length} is not divisible by parallel.tp={p.tp} "
-                          "(required by parallel.sequence_parallel)")
+        raise ConfigError(
+            f"model.seq_length={m.seq_length} is not divisible by parallel.tp={p.tp} "
+            "(required by parallel.sequence_parallel)"
+        )
     if m.init_from_hf and m.family == "yi" and not cfg.data.tokenizer:
-        raise ConfigError(f"model.init_from_hf={m.init_from_hf} needs data.tokenizer (the checkpoint's "
-                          "tokenizer.model): a tokenizer trained on the corpus would not match its weights")
+        raise ConfigError(
+            f"model.init_from_hf={m.init_from_hf} needs data.tokenizer (the checkpoint's "
+            "tokenizer.model): a tokenizer trained on the corpus would not match its weights"
+        )
     if not 0.0 <= cfg.data.valid_fraction < 1.0:
         raise ConfigError(f"data.valid_fraction={cfg.data.valid_fraction} must be in [0, 1)")
     d = cfg.data
-    for name, value, low in (("num_workers", d.num_workers, 0), ("shuffle_buffer", d.shuffle_buffer, 0),
-                             ("prefetch", d.prefetch, 1), ("video_frames", d.video_frames, 1),
-                             ("video_stride", d.video_stride, 1), ("video_size", d.video_size, 1),
-                             ("video_clips", d.video_clips, 1)):
+    for name, value, low in (
+        ("num_workers", d.num_workers, 0),
+        ("shuffle_buffer", d.shuffle_buffer, 0),
+        ("prefetch", d.prefetch, 1),
+        ("video_frames", d.video_frames, 1),
+        ("video_stride", d.video_stride, 1),
+        ("video_size", d.video_size, 1),
+        ("video_clips", d.video_clips, 1),
+    ):
         if value < low:
             raise ConfigError(f"data.{name}={value} must be at least {low}")
     if not 0.0 <= d.max_bad_fraction <= 1.0:
@@ -501,10 +523,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.max_steps={t.max_steps}]")
     if not 0.0 < t.decay_fraction <= 1.0:
         raise ConfigError(f"train.decay_fraction={t.decay_fraction} must be in (0, 1]")
-    for name, value in (("train.exit_after_minutes", t.exit_after_minutes),
-                        ("train.max_consecutive_skips", t.max_consecutive_skips),
-                        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
-                        ("checkpoint.keep_every", cfg.checkpoint.keep_every)):
+    for name, value in (
+        ("train.exit_after_minutes", t.exit_after_minutes),
+        ("train.max_consecutive_skips", t.max_consecutive_skips),
+        ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+        ("checkpoint.keep_every", cfg.checkpoint.keep_every),
+    ):
         if value < 0:
             raise ConfigError(f"{name}={value} must be >= 0 (0 disables it)")
     _validate_dit(cfg)
@@ -516,13 +540,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         if t.global_batch_size % per_step:
             raise ConfigError(
                 f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} = {per_step}")
+                f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp} = {per_step}"
+            )
         micro_batches = t.global_batch_size // per_step
         if p.vpp > 1 and micro_batches % p.pp:
             raise ConfigError(
                 f"interleaved pipeline (parallel.vpp={p.vpp}) needs the number of microbatches "
                 f"({micro_batches} = global_batch_size / (micro_batch_size x dp)) to be a multiple of "
-                f"parallel.pp={p.pp}")
+                f"parallel.pp={p.pp}"
+            )
 
 
 def rope_axes(cfg: Config) -> tuple[int, ...]:
@@ -544,8 +570,10 @@ def parse_latent_shape(text: str, what: str = "latent shape") -> tuple[int, int,
 
 
 def latent_shapes(cfg: Config) -> list[tuple[int, int, int]]:
-    return [parse_latent_shape(item, f"data.synthetic_latent_shapes={cfg.data.synthetic_latent_shapes!r}")
-            for item in cfg.data.synthetic_latent_shapes.split(",")]
+    return [
+        parse_latent_shape(item, f"data.synthetic_latent_shapes={cfg.data.synthetic_latent_shapes!r}")
+        for item in cfg.data.synthetic_latent_shapes.split(",")
+    ]
 
 
 def _validate_dit(cfg: Config) -> None:
@@ -555,24 +583,36 @@ def _validate_dit(cfg: Config) -> None:
     axes = rope_axes(cfg)
     if m.family == "step_video":
         if len(axes) != 3 or any(a <= 0 or a % 2 for a in axes) or sum(axes) != cfg.head_dim:
-            raise ConfigError(f"model.rope_axes={m.rope_axes!r} must be three positive even numbers summing to "
-                              f"the head dim {cfg.head_dim}")
+            raise ConfigError(
+                f"model.rope_axes={m.rope_axes!r} must be three positive even numbers summing to "
+                f"the head dim {cfg.head_dim}"
+            )
         if m.num_query_groups != m.num_attention_heads:
-            raise ConfigError(f"model.num_query_groups={m.num_query_groups}: the Step-Video DiT uses plain multi-head "
-                              f"attention; set it to model.num_attention_heads={m.num_attention_heads}")
+            raise ConfigError(
+                f"model.num_query_groups={m.num_query_groups}: the Step-Video DiT uses plain multi-head "
+                f"attention; set it to model.num_attention_heads={m.num_attention_heads}"
+            )
         for t, h, w in latent_shapes(cfg):
             if h % m.patch_size or w % m.patch_size:
-                raise ConfigError(f"data.synthetic_latent_shapes: {t}x{h}x{w} is not divisible by "
-                                  f"model.patch_size={m.patch_size}")
-    for name, value in (("model.in_channels", m.in_channels), ("model.patch_size", m.patch_size),
-                        ("model.caption_dim", m.caption_dim), ("model.caption_tokens", m.caption_tokens),
-                        ("flow.sample_steps", f.sample_steps), ("data.synthetic_samples", cfg.data.synthetic_samples),
-                        ("data.synthetic_classes", cfg.data.synthetic_classes)):
+                raise ConfigError(
+                    f"data.synthetic_latent_shapes: {t}x{h}x{w} is not divisible by model.patch_size={m.patch_size}"
+                )
+    for name, value in (
+        ("model.in_channels", m.in_channels),
+        ("model.patch_size", m.patch_size),
+        ("model.caption_dim", m.caption_dim),
+        ("model.caption_tokens", m.caption_tokens),
+        ("flow.sample_steps", f.sample_steps),
+        ("data.synthetic_samples", cfg.data.synthetic_samples),
+        ("data.synthetic_classes", cfg.data.synthetic_classes),
+    ):
         if value < 1:
             raise ConfigError(f"{name}={value} must be at least 1")
     if m.clip_dim < 0 or m.clip_tokens < 0 or (m.clip_dim > 0) != (m.clip_tokens > 0):
-        raise ConfigError(f"model.clip_dim={m.clip_dim} and model.clip_tokens={m.clip_tokens} must both be "
-                          "positive (two text encoders) or both 0 (one)")
+        raise ConfigError(
+            f"model.clip_dim={m.clip_dim} and model.clip_tokens={m.clip_tokens} must both be "
+            "positive (two text encoders) or both 0 (one)"
+        )
     if f.logit_std <= 0 or f.shift <= 0 or f.sample_shift <= 0:
         raise ConfigError("flow.logit_std, flow.shift and flow.sample_shift must be positive")
     if not 0.0 <= f.text_drop_prob <= 1.0:
@@ -589,12 +629,14 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
         if p.tp * p.pp * p.cp * p.dp != world_size:
             raise ConfigError(
                 f"world size {world_size} != parallel.tp x parallel.pp x parallel.dp = "
-                f"{p.tp} x {p.pp} x {p.dp} = {p.tp * p.pp * p.dp}")
+                f"{p.tp} x {p.pp} x {p.dp} = {p.tp * p.pp * p.dp}"
+            )
         return p.dp
     if world_size % model_parallel:
         raise ConfigError(
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
-            f"{p.tp} x {p.pp} = {model_parallel}")
+            f"{p.tp} x {p.pp} = {model_parallel}"
+        )
     return world_size // model_parallel
 
 
@@ -605,11 +647,15 @@ def num_microbatches(cfg: Config, dp: int) -> int:
 def microbatches_per_rank(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
     """Microbatches each data-parallel rank runs per step; ValueError when the batch does not split."""
     if min(global_batch_size, micro_batch_size, dp_size) < 1:
-        raise ValueError(f"global_batch_size={global_batch_size}, micro_batch_size={micro_batch_size} "
-                         f"and dp_size={dp_size} must all be at least 1")
+        raise ValueError(
+            f"global_batch_size={global_batch_size}, micro_batch_size={micro_batch_size} "
+            f"and dp_size={dp_size} must all be at least 1"
+        )
     if global_batch_size % (micro_batch_size * dp_size):
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by "
-                         f"micro_batch_size x dp_size = {micro_batch_size} x {dp_size}")
+        raise ValueError(
+            f"global_batch_size={global_batch_size} is not divisible by "
+            f"micro_batch_size x dp_size = {micro_batch_size} x {dp_size}"
+        )
     return global_batch_size // (micro_batch_size * dp_size)
 
 
@@ -620,6 +666,16 @@ def all_keys() -> list[str]:
     return keys
 
 
-__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "validate",
-           "data_parallel_size", "num_microbatches", "all_keys", "rope_axes", "latent_shapes",
-           "parse_latent_shape"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "config_from_dict",
+    "validate",
+    "data_parallel_size",
+    "num_microbatches",
+    "all_keys",
+    "rope_axes",
+    "latent_shapes",
+    "parse_latent_shape",
+]

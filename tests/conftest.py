@@ -17,17 +17,34 @@ TINY_RECIPE = REPO / "recipes" / "yi" / "tiny.yaml"
 # Small enough that a 4-rank run of 10 steps takes seconds on 2 cores; GQA (4 heads, 2 KV
 # heads) and 4 layers so that TP=2, PP=2 and PP=2 x VPP=2 all split something.
 TINY_OVERRIDES = [
-    "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
-    "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.vocab_size=512",
-    "model.seq_length=64", "train.global_batch_size=8", "train.micro_batch_size=2",
-    "train.lr=3e-3", "train.min_lr=3e-4", "train.warmup_steps=2", "train.log_interval=5",
-    "eval.interval=0", "logging.tensorboard=false", "logging.peak_tflops=1.0",
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.ffn_hidden_size=128",
+    "model.vocab_size=512",
+    "model.seq_length=64",
+    "train.global_batch_size=8",
+    "train.micro_batch_size=2",
+    "train.lr=3e-3",
+    "train.min_lr=3e-4",
+    "train.warmup_steps=2",
+    "train.log_interval=5",
+    "eval.interval=0",
+    "logging.tensorboard=false",
+    "logging.peak_tflops=1.0",
     "checkpoint.save_at_end=false",
 ]
 
 
-def run_fmtrain(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,
-                env: dict | None = None, recipe: Path = TINY_RECIPE) -> subprocess.CompletedProcess:
+def run_fmtrain(
+    args: list[str],
+    nproc: int = 1,
+    timeout: int = 600,
+    check: bool = True,
+    env: dict | None = None,
+    recipe: Path = TINY_RECIPE,
+) -> subprocess.CompletedProcess:
     """`fmtrain train --nproc N RECIPE args...` as a subprocess (real torchrun ranks on gloo)."""
     cmd = [sys.executable, "-m", "fmtrain.cli", "train", "--nproc", str(nproc), str(recipe), *args]
     proc_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
@@ -46,8 +63,9 @@ def free_port() -> int:
 @pytest.fixture
 def single_rank(monkeypatch):
     """A one-process gloo group for in-process (TP, PP) = (1, 1); torn down afterwards."""
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(free_port())).items():
+    for key, value in dict(
+        RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+    ).items():
         monkeypatch.setenv(key, value)
     yield
     from fmtrain import parallel

@@ -22,15 +22,17 @@ def fixed_microbatches(cfg, shapes, batch, seed):
     out = []
     for i, (t, h, w) in enumerate(shapes):
         text_mask = torch.ones(batch, m.caption_tokens, dtype=torch.bool)
-        text_mask[0, m.caption_tokens // 2:] = False  # a padded caption
-        out.append({
-            "latent": torch.randn(batch, m.in_channels, t, h, w, generator=g),
-            "text_emb": torch.randn(batch, m.caption_tokens, m.caption_dim, generator=g),
-            "text_mask": text_mask,
-            "clip_emb": torch.randn(batch, m.clip_tokens, m.clip_dim, generator=g),
-            "clip_mask": torch.ones(batch, m.clip_tokens, dtype=torch.bool),
-            "sample_seed": torch.arange(batch) + 1000 * i + seed,
-        })
+        text_mask[0, m.caption_tokens // 2 :] = False  # a padded caption
+        out.append(
+            {
+                "latent": torch.randn(batch, m.in_channels, t, h, w, generator=g),
+                "text_emb": torch.randn(batch, m.caption_tokens, m.caption_dim, generator=g),
+                "text_mask": text_mask,
+                "clip_emb": torch.randn(batch, m.clip_tokens, m.clip_dim, generator=g),
+                "clip_mask": torch.ones(batch, m.clip_tokens, dtype=torch.bool),
+                "sample_seed": torch.arange(batch) + 1000 * i + seed,
+            }
+        )
     return out
 
 
@@ -58,10 +60,12 @@ def main() -> None:
             predictions.append(output_tensor.detach().clone())
             zero = torch.zeros((), dtype=torch.float32)
             return zero, torch.ones((), dtype=torch.int), {"loss": torch.zeros(2)}
+
         return output, loss_func
 
-    forward_inputs = [{**batch, "predict_only": True}
-                      for batch in fixed_microbatches(cfg, shapes, cfg.train.micro_batch_size, seed=7)]
+    forward_inputs = [
+        {**batch, "predict_only": True} for batch in fixed_microbatches(cfg, shapes, cfg.train.micro_batch_size, seed=7)
+    ]
     engine.forward_step = collect
     with torch.no_grad():
         engine._run(forward_inputs, forward_only=True)
@@ -69,14 +73,22 @@ def main() -> None:
 
     losses, norms = [], []
     for step in range(10):
-        microbatches = fixed_microbatches(cfg, shapes * (engine.num_microbatches // 2), cfg.train.micro_batch_size,
-                                          seed=100 + step)
+        microbatches = fixed_microbatches(
+            cfg, shapes * (engine.num_microbatches // 2), cfg.train.micro_batch_size, seed=100 + step
+        )
         result = engine.train_step(microbatches, lr=1e-3)
         losses.append(result.loss)
         norms.append(result.grad_norm)
     if topo.is_last_stage and topo.tp_rank == 0 and topo.dp_rank == 0:
-        torch.save({"predictions": predictions, "num_parameters": engine.num_parameters(), "losses": torch.tensor(losses, dtype=torch.float64),
-                    "grad_norms": torch.tensor(norms, dtype=torch.float64)}, out)
+        torch.save(
+            {
+                "predictions": predictions,
+                "num_parameters": engine.num_parameters(),
+                "losses": torch.tensor(losses, dtype=torch.float64),
+                "grad_norms": torch.tensor(norms, dtype=torch.float64),
+            },
+            out,
+        )
     dist.barrier()
     parallel.destroy()
 

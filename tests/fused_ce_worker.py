@@ -30,11 +30,13 @@ def main() -> None:
     labels = torch.randint(0, vocab, (seq, batch), generator=g)
     weights = torch.rand(seq, batch, generator=g)  # a loss mask / token weighting
     part = vocab // tp
-    local = logits[..., rank * part:(rank + 1) * part]
+    local = logits[..., rank * part : (rank + 1) * part]
 
     out = {"logits": logits, "labels": labels, "weights": weights}
-    for name, fn in (("fused", lambda x: fused_vocab_parallel_cross_entropy(x, labels, tp_group)),
-                     ("plain", lambda x: tensor_parallel.vocab_parallel_cross_entropy(x, labels))):
+    for name, fn in (
+        ("fused", lambda x: fused_vocab_parallel_cross_entropy(x, labels, tp_group)),
+        ("plain", lambda x: tensor_parallel.vocab_parallel_cross_entropy(x, labels)),
+    ):
         x = local.clone().requires_grad_(True)
         loss = fn(x)
         (loss * weights).sum().backward()

@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -35,15 +34,24 @@ def build_config(hf_dir: Path, tp: int, pp: int, batch: int, seq: int, world_siz
 
     overrides = fmtrain_model_overrides_from_hf(json.loads((hf_dir / "config.json").read_text()))
     dp = world_size // (tp * pp)
-    return load_config(None, overrides_as_args(overrides) + [
-        f"model.seq_length={seq}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.vpp={vpp}",
-        "train.micro_batch_size=1", f"train.global_batch_size={batch * dp}",
-        "train.precision=fp32", "model.attention_backend=sdpa",
-    ])
+    return load_config(
+        None,
+        overrides_as_args(overrides)
+        + [
+            f"model.seq_length={seq}",
+            f"parallel.tp={tp}",
+            f"parallel.pp={pp}",
+            f"parallel.vpp={vpp}",
+            "train.micro_batch_size=1",
+            f"train.global_batch_size={batch * dp}",
+            "train.precision=fp32",
+            "model.attention_backend=sdpa",
+        ],
+    )
 
 
 @torch.no_grad()
-def forward_logits(engine, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+def forward_logits(engine, tokens: torch.Tensor) -> torch.Tensor | None:
     """Full logits [b, s, vocab] on the last stage (every TP rank there), None elsewhere.
 
     Runs megatron's own pipeline schedule in forward-only mode, one sample per microbatch;
@@ -52,7 +60,7 @@ def forward_logits(engine, tokens: torch.Tensor) -> Optional[torch.Tensor]:
     from megatron.core import parallel_state
 
     batch, seq = tokens.shape
-    microbatches = [{"tokens": tokens[i:i + 1]} for i in range(batch)]
+    microbatches = [{"tokens": tokens[i : i + 1]} for i in range(batch)]
 
     def forward_step(data_iterator, model):
         toks = next(data_iterator)["tokens"]
@@ -68,10 +76,13 @@ def forward_logits(engine, tokens: torch.Tensor) -> Optional[torch.Tensor]:
         chunk.eval()
     reports = engine.forward_backward(
         forward_step_func=forward_step,
-        data_iterator=[iter(microbatches) for _ in engine.chunks] if len(engine.chunks) > 1
-        else iter(microbatches),
-        model=engine.chunks, num_microbatches=batch, seq_length=seq, micro_batch_size=1,
-        forward_only=True)
+        data_iterator=[iter(microbatches) for _ in engine.chunks] if len(engine.chunks) > 1 else iter(microbatches),
+        model=engine.chunks,
+        num_microbatches=batch,
+        seq_length=seq,
+        micro_batch_size=1,
+        forward_only=True,
+    )
     if parallel_state.get_pipeline_model_parallel_rank() != parallel_state.get_pipeline_model_parallel_world_size() - 1:
         return None
     shard = torch.cat([report["logits"] for report in reports], dim=0)
@@ -83,8 +94,9 @@ def forward_logits(engine, tokens: torch.Tensor) -> Optional[torch.Tensor]:
     return torch.cat(pieces, dim=-1)
 
 
-def run_layout(hf_dir: Path, tp: int, pp: int, tokens: torch.Tensor,
-               export_dir: Optional[Path] = None, vpp: int = 1) -> Optional[torch.Tensor]:
+def run_layout(
+    hf_dir: Path, tp: int, pp: int, tokens: torch.Tensor, export_dir: Path | None = None, vpp: int = 1
+) -> torch.Tensor | None:
     """Build the engine at (tp, pp, vpp), import ``hf_dir``, return logits on the reporting rank.
 
     The reporting rank is the last stage's TP rank 0 of DP rank 0; other ranks get None.

@@ -66,9 +66,18 @@ def main() -> None:
         sv.import_step_video(release, cfg, ckpt_out)
         saved = True
     if topo.rank == 0:
-        Path(out_json).write_text(json.dumps({
-            "pieces": int(checked_all[0]), "sliced": int(checked_all[1]), "tensors_set": count,
-            "read_share": share, "duplicate_main_replicas": duplicates, "saved": saved}))
+        Path(out_json).write_text(
+            json.dumps(
+                {
+                    "pieces": int(checked_all[0]),
+                    "sliced": int(checked_all[1]),
+                    "tensors_set": count,
+                    "read_share": share,
+                    "duplicate_main_replicas": duplicates,
+                    "saved": saved,
+                }
+            )
+        )
     dist.barrier()
     parallel.destroy()
 

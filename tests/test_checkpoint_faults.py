@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_OVERRIDES, TINY_RECIPE, read_metrics
 
 REQUEUE = 99  # fmtrain.train.signals.REQUEUE_EXIT_CODE, spelled out: the number is the contract
@@ -35,19 +34,28 @@ class Run:
         self.out_path, self.err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
         cmd = [sys.executable, "-m", "fmtrain.cli", "train", "--nproc", str(nproc), str(TINY_RECIPE), *args]
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=err, start_new_session=True,
-                                         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+            )
 
     def wait_for_step(self, run_dir: Path, step: int, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         metrics = Path(run_dir) / "metrics.jsonl"
         while time.monotonic() < deadline:
-            if metrics.is_file() and any(json.loads(line)["step"] >= step
-                                         for line in metrics.read_text().splitlines() if line.strip()):
+            if metrics.is_file() and any(
+                json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.strip()
+            ):
                 return
             if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited ({self.proc.returncode}) before step {step}:\n"
-                                     f"{self.err_path.read_text()[-4000:]}")
+                raise AssertionError(
+                    f"{self.name} exited ({self.proc.returncode}) before step {step}:\n"
+                    f"{self.err_path.read_text()[-4000:]}"
+                )
             time.sleep(0.05)
         raise AssertionError(f"{self.name} did not reach step {step} in {timeout}s")
 
@@ -144,8 +152,11 @@ def test_sigterm_saves_requeues_and_resumes_with_async_saves_and_retention(base_
     the resumed run continues at the next step with the same data (losses equal the reference)."""
     ref_dir, ref = reference
     run_dir = tmp_path / "run"
-    args = base_args + STEPS + [f"run.dir={run_dir}", "checkpoint.async_save=true",
-                                "checkpoint.keep_last=2", "checkpoint.keep_every=10"]
+    args = (
+        base_args
+        + STEPS
+        + [f"run.dir={run_dir}", "checkpoint.async_save=true", "checkpoint.keep_last=2", "checkpoint.keep_every=10"]
+    )
     first = Run(args, 2, tmp_path, "sigterm")
     first.wait_for_step(run_dir, 7)
     first.signal_group(signal.SIGTERM)
@@ -185,20 +196,37 @@ def test_resharding_resume(base_args, reference, tmp_path):
     ref_dir, ref = reference
     saved_dir = tmp_path / "tp2pp2"
     stop_at_5 = {"FMTRAIN_TEST_SIGNAL_AT_STEP": "5"}
-    finish_ok(Run(base_args + STEPS + [f"run.dir={saved_dir}", "parallel.tp=2", "parallel.pp=2"], 4,
-                  tmp_path, "tp2pp2", env=stop_at_5), expected=REQUEUE)
+    finish_ok(
+        Run(
+            base_args + STEPS + [f"run.dir={saved_dir}", "parallel.tp=2", "parallel.pp=2"],
+            4,
+            tmp_path,
+            "tp2pp2",
+            env=stop_at_5,
+        ),
+        expected=REQUEUE,
+    )
     saved = read_metrics(saved_dir)
     for step in range(1, 6):
         assert saved[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step
     ckpt = saved_dir / "checkpoints" / "step_0000005"
     assert json.loads((ckpt / "fmtrain_state.json").read_text())["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": 1}
 
-    layouts = {"tp1pp1": (1, ["parallel.tp=1", "parallel.pp=1"]),
-               "tp2pp1": (2, ["parallel.tp=2", "parallel.pp=1"]),
-               "dp2": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.dp=2"])}
-    runs = {name: Run(base_args + STEPS + [f"run.dir={tmp_path / name}", f"checkpoint.load={ckpt}", *layout],
-                      nproc, tmp_path, name, env={"FMTRAIN_TEST_SIGNAL_AT_STEP": "10"})
-            for name, (nproc, layout) in layouts.items()}
+    layouts = {
+        "tp1pp1": (1, ["parallel.tp=1", "parallel.pp=1"]),
+        "tp2pp1": (2, ["parallel.tp=2", "parallel.pp=1"]),
+        "dp2": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.dp=2"]),
+    }
+    runs = {
+        name: Run(
+            base_args + STEPS + [f"run.dir={tmp_path / name}", f"checkpoint.load={ckpt}", *layout],
+            nproc,
+            tmp_path,
+            name,
+            env={"FMTRAIN_TEST_SIGNAL_AT_STEP": "10"},
+        )
+        for name, (nproc, layout) in layouts.items()
+    }
     for name, run in runs.items():
         out = finish_ok(run, expected=REQUEUE)
         assert f"resumed from {ckpt} at step 5 (saved with TP=2 PP=2" in out, name
@@ -222,15 +250,21 @@ def test_truncated_and_mismatched_checkpoints_fail_clearly(base_args, reference,
         f.truncate(full_size // 2)
 
     cases = {
-        "truncated": ([f"checkpoint.load={truncated}"],
-                      f"checkpoint {truncated} is truncated: __0_1.distcp has {full_size // 2} bytes"),
-        "wrong_shape": ([f"checkpoint.load={source}", "model.hidden_size=128"],
-                        f"checkpoint {source} does not fit this model: tensor 'embedding.word_embeddings.weight' "
-                        "has shape (512, 64) in the checkpoint and (512, 128) in the model "
-                        "(model.hidden_size: checkpoint 64, this run 128)"),
+        "truncated": (
+            [f"checkpoint.load={truncated}"],
+            f"checkpoint {truncated} is truncated: __0_1.distcp has {full_size // 2} bytes",
+        ),
+        "wrong_shape": (
+            [f"checkpoint.load={source}", "model.hidden_size=128"],
+            f"checkpoint {source} does not fit this model: tensor 'embedding.word_embeddings.weight' "
+            "has shape (512, 64) in the checkpoint and (512, 128) in the model "
+            "(model.hidden_size: checkpoint 64, this run 128)",
+        ),
     }
-    runs = {name: Run(base_args + STEPS + [f"run.dir={tmp_path / name / 'run'}", *extra], 1, tmp_path, name)
-            for name, (extra, _) in cases.items()}
+    runs = {
+        name: Run(base_args + STEPS + [f"run.dir={tmp_path / name / 'run'}", *extra], 1, tmp_path, name)
+        for name, (extra, _) in cases.items()
+    }
     for name, run in runs.items():
         rc, out, err = run.finish()
         assert rc == 1, (name, rc, err[-3000:])
@@ -275,13 +309,20 @@ def test_nan_steps_skip_the_update_and_too_many_stop_the_run(base_args, tmp_path
     optimizer): the skipped steps leave weights and Adam state bit-identical, are counted, and
     the third in a row stops the run with a clear error; the checkpoints stay intact."""
     run_dir = tmp_path / "run"
-    run = Run(base_args + [f"run.dir={run_dir}", "train.max_steps=10", "checkpoint.interval=1",
-                           "train.max_consecutive_skips=3"], 2, tmp_path, "nan",
-              env={"FMTRAIN_TEST_NAN_AT_STEP": "3,6,7,8"})
+    run = Run(
+        base_args
+        + [f"run.dir={run_dir}", "train.max_steps=10", "checkpoint.interval=1", "train.max_consecutive_skips=3"],
+        2,
+        tmp_path,
+        "nan",
+        env={"FMTRAIN_TEST_NAN_AT_STEP": "3,6,7,8"},
+    )
     rc, out, err = run.finish()
     assert rc == 1, err[-3000:]
-    assert ("numeric fault: steps 6-8: 3 consecutive steps had a non-finite loss or gradient norm "
-            "(last: loss=nan, grad_norm=nan); stopping (train.max_consecutive_skips=3)") in err
+    assert (
+        "numeric fault: steps 6-8: 3 consecutive steps had a non-finite loss or gradient norm "
+        "(last: loss=nan, grad_norm=nan); stopping (train.max_consecutive_skips=3)"
+    ) in err
     assert "Traceback" not in err
 
     metrics = read_metrics(run_dir)
@@ -342,5 +383,11 @@ def test_retention_keeps_last_k_every_mth_and_latest(tmp_path):
     files.write_latest(tmp_path, files.step_dir(tmp_path, 15))  # e.g. a rollback: latest is protected
     removed = files.prune(tmp_path, keep_last=2, keep_every=10, newest_step=30, log=lambda m: None)
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == [
-        "step_0000010", "step_0000015", "step_0000020", "step_0000025", "step_0000030", "step_0000035.tmp"]
+        "step_0000010",
+        "step_0000015",
+        "step_0000020",
+        "step_0000025",
+        "step_0000030",
+        "step_0000035.tmp",
+    ]
     assert {p.name for p in removed} == {"step_0000005", "step_0000012.tmp"}

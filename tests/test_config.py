@@ -15,23 +15,27 @@ RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["parallel.tp=2", "train.lr=1e-3", "logging.tensorboard=false",
-                             "run.dir=runs/x", "model.head_dim=null"])
+    cfg = load_config(
+        None, ["parallel.tp=2", "train.lr=1e-3", "logging.tensorboard=false", "run.dir=runs/x", "model.head_dim=null"]
+    )
     assert cfg.parallel.tp == 2 and cfg.train.lr == 1e-3 and cfg.logging.tensorboard is False
     assert cfg.run.dir == "runs/x" and cfg.model.head_dim is None
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.hiden_size=3", "did you mean 'hidden_size'"),
-    ("trian.lr=1", "did you mean 'train'"),
-    ("parallel.tp=two", "parallel.tp: expected int"),
-    ("train.lr_schedule=linear", "is not one of cosine, wsd, constant"),
-    ("parallel.cp=2", "context parallelism is not implemented"),
-    ("parallel.tp=3", "not divisible by parallel.tp=3"),
-    ("parallel.vpp=2", "needs parallel.pp > 1"),
-    ("parallel.sequence_parallel=true", "needs parallel.tp > 1"),
-    ("tp=2", "is not a section.key name"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.hiden_size=3", "did you mean 'hidden_size'"),
+        ("trian.lr=1", "did you mean 'train'"),
+        ("parallel.tp=two", "parallel.tp: expected int"),
+        ("train.lr_schedule=linear", "is not one of cosine, wsd, constant"),
+        ("parallel.cp=2", "context parallelism is not implemented"),
+        ("parallel.tp=3", "not divisible by parallel.tp=3"),
+        ("parallel.vpp=2", "needs parallel.pp > 1"),
+        ("parallel.sequence_parallel=true", "needs parallel.tp > 1"),
+        ("tp=2", "is not a section.key name"),
+    ],
+)
 def test_bad_override_names_the_problem(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
@@ -52,7 +56,9 @@ def test_world_size_must_match_layout():
 def test_recipe_yaml_errors_name_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  num_layer: 2\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'model.num_layer' \(did you mean 'num_layers'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: unknown config key 'model.num_layer' \(did you mean 'num_layers'\?\)"
+    ):
         load_config(bad)
     with pytest.raises(ConfigError, match="recipe not found"):
         load_config(tmp_path / "missing.yaml")
@@ -69,8 +75,21 @@ def test_shipped_recipes_load(recipe):
 
 def test_cli_refuses_bad_config_before_starting_ranks():
     proc = subprocess.run(
-        [sys.executable, "-m", "fmtrain.cli", "train", "--nproc", "3", str(REPO / "recipes/yi/tiny.yaml"),
-         "parallel.tp=2"], capture_output=True, text=True, cwd=REPO, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "fmtrain.cli",
+            "train",
+            "--nproc",
+            "3",
+            str(REPO / "recipes/yi/tiny.yaml"),
+            "parallel.tp=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "configuration error" in proc.stderr and "world size 3" in proc.stderr
     assert "torch.distributed" not in proc.stderr  # no rank was started

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-
 from conftest import TINY_OVERRIDES, read_metrics, run_fmtrain
+
 from fmtrain.cli import main as fmtrain_main
 from fmtrain.config import Config, ConfigError, load_config
 from fmtrain.data.packing import TextPipeline, document_position_ids
 from fmtrain.data.shards import (
-    BadDataError,
     INDEX_NAME,
+    BadDataError,
     expand_shard_spec,
     prepare_corpus_shards,
     read_shard,
@@ -69,16 +69,29 @@ def token_dataset(root: Path, sizes=(7, 5, 0, 9, 3, 8, 6)) -> tuple[list, dict]:
             d += 1
         write_tar(root / f"s-{j:02d}.tar", samples)
         entries.append({"url": f"s-{j:02d}.tar", "samples": size})
-    (root / INDEX_NAME).write_text(json.dumps({"format": "fmtrain.shards/1", "kind": "text", "fields": ["tokens.npy"],
-                                               "samples": d, "shards": entries}))
+    (root / INDEX_NAME).write_text(
+        json.dumps(
+            {"format": "fmtrain.shards/1", "kind": "text", "fields": ["tokens.npy"], "samples": d, "shards": entries}
+        )
+    )
     return docs
 
 
 def text_loader(root: Path, *, dp=2, workers=2, buffer=4, seed=5, gbs=8, mbs=2, bad=0.01, shards=None, **kw):
-    spec = StreamSpec(shards or resolve_shards(str(root)), dp_size=dp, num_workers=workers, seed=seed,
-                      shuffle_buffer=buffer, max_bad_fraction=bad)
-    return StreamingLoader(TextPipeline(kw.pop("tokenizer", None), SEQ, vocab_size=1000, **kw), spec,
-                           global_batch_size=gbs, micro_batch_size=mbs)
+    spec = StreamSpec(
+        shards or resolve_shards(str(root)),
+        dp_size=dp,
+        num_workers=workers,
+        seed=seed,
+        shuffle_buffer=buffer,
+        max_bad_fraction=bad,
+    )
+    return StreamingLoader(
+        TextPipeline(kw.pop("tokenizer", None), SEQ, vocab_size=1000, **kw),
+        spec,
+        global_batch_size=gbs,
+        micro_batch_size=mbs,
+    )
 
 
 def hashes(loader, steps, dp=2) -> list[list[str]]:
@@ -100,7 +113,7 @@ def expected_windows(spec, stream, docs, count) -> list[tuple[list[int], int]]:
     while len(out) < count:
         flat = [t for where in stream_order(spec, epoch, stream) for t in docs[where] + [EOS_ID]]
         for i in range(0, len(flat), SEQ + 1):
-            window = flat[i:i + SEQ + 1]
+            window = flat[i : i + SEQ + 1]
             out.append((window + [EOS_ID] * (SEQ + 1 - len(window)), len(window)))
         epoch += 1
     return out[:count]
@@ -175,13 +188,13 @@ def test_resume_in_process_matches_uninterrupted(tmp_path, buffer):
     carried = False
     for k in (1, 5, 8):
         first = text_loader(tmp_path, workers=0, buffer=buffer)
-        assert hashes(first, range(k)) == straight[:2 * k]
+        assert hashes(first, range(k)) == straight[: 2 * k]
         states = json.loads(json.dumps([first.state_dict(r) for r in range(2)]))  # as stored in a checkpoint
         carried |= any(w["carry"] and w["offset"] for s in states for w in s["workers"])
         resumed = text_loader(tmp_path, workers=0, buffer=buffer)
         for r in range(2):
             resumed.load_state_dict(r, states[r])
-        assert hashes(resumed, range(k, 12)) == straight[2 * k:], f"resumed at step {k}"
+        assert hashes(resumed, range(k, 12)) == straight[2 * k :], f"resumed at step {k}"
     assert carried, "some resume point must fall inside a document"
 
 
@@ -193,13 +206,13 @@ def test_resume_with_two_dataloader_workers_per_rank(tmp_path):
     k = 3  # 12 microbatches per rank: the round-robin restarts at worker 0; k=5 (20) too
     for k in (3, 5):
         first = text_loader(tmp_path, dp=2, workers=2, buffer=3, mbs=1)
-        assert hashes(first, range(k)) == straight[:2 * k]
+        assert hashes(first, range(k)) == straight[: 2 * k]
         states = json.loads(json.dumps([first.state_dict(r) for r in range(2)]))
         first.close()
         resumed = text_loader(tmp_path, dp=2, workers=2, buffer=3, mbs=1)
         for r in range(2):
             resumed.load_state_dict(r, states[r])
-        assert hashes(resumed, range(k, 9)) == straight[2 * k:]
+        assert hashes(resumed, range(k, 9)) == straight[2 * k :]
         resumed.close()
     # an odd number of microbatches per step shifts which worker serves the first one
     odd = text_loader(tmp_path, dp=1, workers=2, buffer=3, gbs=3, mbs=1)
@@ -235,11 +248,13 @@ def test_resume_does_not_reopen_shards_already_emitted(tmp_path, monkeypatch):
     assert len(expected) < 4
     opened = []
     real = stream_module.read_shard
-    monkeypatch.setattr(stream_module, "read_shard", lambda shard, *a, **k: (opened.append(shard.url), real(shard, *a, **k))[1])
+    monkeypatch.setattr(
+        stream_module, "read_shard", lambda shard, *a, **k: (opened.append(shard.url), real(shard, *a, **k))[1]
+    )
     resumed = text_loader(tmp_path, dp=1, workers=0, buffer=3, gbs=2, mbs=2)
     resumed.load_state_dict(0, first.state_dict(0))
     resumed.microbatches(12, 0)
-    assert opened and opened == expected[:len(opened)]
+    assert opened and opened == expected[: len(opened)]
 
 
 def _checkpoint(tmp_path: Path, loader, step: int, shards: str) -> Path:
@@ -247,8 +262,11 @@ def _checkpoint(tmp_path: Path, loader, step: int, shards: str) -> Path:
     path.mkdir(parents=True)
     cfg = Config()
     cfg.data.shards = shards
-    state = {"step": step, "config": cfg.to_dict(),
-             "data": {"layout": loader.layout(), "ranks": [loader.state_dict(r) for r in range(loader.spec.dp_size)]}}
+    state = {
+        "step": step,
+        "config": cfg.to_dict(),
+        "data": {"layout": loader.layout(), "ranks": [loader.state_dict(r) for r in range(loader.spec.dp_size)]},
+    }
     (path / "fmtrain_state.json").write_text(json.dumps(state))
     return path
 
@@ -268,8 +286,7 @@ def test_restore_refuses_another_dp_size_and_restarts_without_state(tmp_path):
     assert "data stream resumed at step 2" in messages[-1]
     assert hashes(same, [2])[1:] == hashes(text_loader(tmp_path / "d", dp=2, workers=0), range(3))[5:6]
     with pytest.raises(StreamResumeError, match=r"not re-partitioned.*: dp_size: checkpoint 2, now 1$"):
-        restore_state(text_loader(tmp_path / "d", dp=1, workers=0), cfg, tmp_path, 2,
-                      SimpleNamespace(dp=1, dp_rank=0))
+        restore_state(text_loader(tmp_path / "d", dp=1, workers=0), cfg, tmp_path, 2, SimpleNamespace(dp=1, dp_rank=0))
     with pytest.raises(StreamResumeError, match=r"workers: checkpoint 1, now 2"):
         restore_state(text_loader(tmp_path / "d", dp=2, workers=2), cfg, tmp_path, 2, SimpleNamespace(dp=2, dp_rank=0))
     # a checkpoint without stream state (converted weights, in-memory run): the stream restarts
@@ -308,21 +325,25 @@ def test_text_samples_are_tokenized_in_the_worker(tmp_path, tiny_tokenizer):
     sp = load_tokenizer(tiny_tokenizer)
     docs = read_documents("builtin:shakespeare")[:6]
     write_tar(tmp_path / "t.tar", [{"__key__": f"k{i}", "txt": d.encode()} for i, d in enumerate(docs)])
-    spec = StreamSpec(resolve_shards(str(tmp_path / "t.tar")), dp_size=1, num_workers=0, seed=0, shuffle_buffer=0,
-                      shuffle=False)
-    loader = StreamingLoader(TextPipeline(tiny_tokenizer, 64, vocab_size=512), spec, global_batch_size=4,
-                             micro_batch_size=2)
+    spec = StreamSpec(
+        resolve_shards(str(tmp_path / "t.tar")), dp_size=1, num_workers=0, seed=0, shuffle_buffer=0, shuffle=False
+    )
+    loader = StreamingLoader(
+        TextPipeline(tiny_tokenizer, 64, vocab_size=512), spec, global_batch_size=4, micro_batch_size=2
+    )
     flat = [t for d in docs for t in sp.encode(d) + [EOS_ID]]
     got = [w for step in range(3) for b in loader.microbatches(step, 0) for w, _ in windows_of(b)]
-    assert got == [flat[i * 65:(i + 1) * 65] for i in range(12)]
+    assert got == [flat[i * 65 : (i + 1) * 65] for i in range(12)]
 
 
 # --------------------------------------------------------------------------- bad input
 
 
 def good_samples(n, start=0):
-    return [{"__key__": f"doc-{i:05d}", "tokens.npy": npy(np.array([i + 10] * 3, dtype=np.uint16))}
-            for i in range(start, start + n)]
+    return [
+        {"__key__": f"doc-{i:05d}", "tokens.npy": npy(np.array([i + 10] * 3, dtype=np.uint16))}
+        for i in range(start, start + n)
+    ]
 
 
 def drain(loader, steps, dp=1):
@@ -335,7 +356,7 @@ def test_truncated_and_corrupt_shards_warn_with_shard_and_key(tmp_path, caplog_d
     good = write_tar(tmp_path / "a.tar", good_samples(40))
     cut = write_tar(tmp_path / "b.tar", good_samples(40, 100))
     data = cut.read_bytes()
-    cut.write_bytes(data[:len(data) // 3])
+    cut.write_bytes(data[: len(data) // 3])
     junk = tmp_path / "c.tar"
     junk.write_bytes(b"this is not a tar file" * 100)
     shards = [type(s)(s.url, 40) for s in resolve_shards(f"{good}::{cut}::{junk}", count_missing=True)]
@@ -349,8 +370,11 @@ def test_truncated_and_corrupt_shards_warn_with_shard_and_key(tmp_path, caplog_d
     assert state["bad"] > 40 and state["seen"] > state["bad"]
     # the same shards with the default limit stop the run, naming the limit and a shard
     strict = text_loader(tmp_path, dp=1, workers=0, buffer=0, gbs=2, mbs=2, shards=shards, bad=0.2)
-    with pytest.raises(BadDataError, match=r"bad of \d+ samples read by DP rank 0 worker 0 .* "
-                                           r"data.max_bad_fraction=0.2; last: shard .*[bc].tar"):
+    with pytest.raises(
+        BadDataError,
+        match=r"bad of \d+ samples read by DP rank 0 worker 0 .* "
+        r"data.max_bad_fraction=0.2; last: shard .*[bc].tar",
+    ):
         drain(strict, 60)
 
 
@@ -360,8 +384,9 @@ def test_missing_field_and_bad_utf8_warn_and_count(tmp_path, caplog_data):
     samples[7] = {"__key__": "doc-00007", "txt": b"\xff\xfe bad"}
     samples[9] = {"__key__": "doc-00009", "tokens.npy": npy(np.array([5000], dtype=np.int32))}
     write_tar(tmp_path / "m.tar", samples)
-    loader = text_loader(tmp_path, dp=1, workers=0, buffer=0, bad=0.2, gbs=2, mbs=2,
-                         shards=resolve_shards(str(tmp_path / "m.tar")))
+    loader = text_loader(
+        tmp_path, dp=1, workers=0, buffer=0, bad=0.2, gbs=2, mbs=2, shards=resolve_shards(str(tmp_path / "m.tar"))
+    )
     drain(loader, 10)
     text = caplog_data.text
     assert "m.tar key doc-00003: missing field: neither .txt nor .tokens.npy (has ['json'])" in text
@@ -372,8 +397,9 @@ def test_missing_field_and_bad_utf8_warn_and_count(tmp_path, caplog_data):
 
 def test_bad_fraction_error_crosses_the_dataloader_worker(tmp_path):
     write_tar(tmp_path / "x.tar", [{"__key__": f"k{i}", "json": b"{}"} for i in range(10)] + good_samples(2))
-    loader = text_loader(tmp_path, dp=1, workers=1, buffer=0, gbs=1, mbs=1,
-                         shards=resolve_shards(str(tmp_path / "x.tar")))
+    loader = text_loader(
+        tmp_path, dp=1, workers=1, buffer=0, gbs=1, mbs=1, shards=resolve_shards(str(tmp_path / "x.tar"))
+    )
     with pytest.raises(BadDataError, match=r"x.tar key k\d: missing field"):
         drain(loader, 5)
     loader.close()
@@ -381,8 +407,9 @@ def test_bad_fraction_error_crosses_the_dataloader_worker(tmp_path):
 
 def test_all_bad_never_hangs(tmp_path):
     write_tar(tmp_path / "x.tar", [{"__key__": f"k{i}", "json": b"{}"} for i in range(4)])
-    loader = text_loader(tmp_path, dp=1, workers=0, buffer=0, gbs=1, mbs=1, bad=1.0,
-                         shards=resolve_shards(str(tmp_path / "x.tar")))
+    loader = text_loader(
+        tmp_path, dp=1, workers=0, buffer=0, gbs=1, mbs=1, bad=1.0, shards=resolve_shards(str(tmp_path / "x.tar"))
+    )
     with pytest.raises(BadDataError, match="two epochs without one usable sample"):
         drain(loader, 1)
 
@@ -425,8 +452,9 @@ def test_shard_text_command_writes_shards_and_index(tmp_path, capsys):
     corpus = tmp_path / "c.jsonl"
     docs = [f"document {i} " + "word " * (i * 7 % 50) for i in range(40)]
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    assert fmtrain_main(["data", "shard", "text", str(corpus), "--out", str(tmp_path / "out"),
-                         "--shard-size", "4kB"]) == 0
+    assert (
+        fmtrain_main(["data", "shard", "text", str(corpus), "--out", str(tmp_path / "out"), "--shard-size", "4kB"]) == 0
+    )
     index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
     assert index["samples"] == 40 and len(index["shards"]) > 2 and index["fields"] == ["txt"]
     assert sum(s["samples"] for s in index["shards"]) == 40
@@ -440,8 +468,12 @@ def test_shard_text_command_writes_shards_and_index(tmp_path, capsys):
     assert (tmp_path / "out" / "shard-000000.tar").read_bytes() == first
     assert not list((tmp_path / "out").glob("*.partial"))
     # an index for shards made elsewhere
-    assert fmtrain_main(["data", "index", f"{tmp_path}/out/shard-{{000000..000002}}.tar",
-                         "--out", str(tmp_path / "other.json")]) == 0
+    assert (
+        fmtrain_main(
+            ["data", "index", f"{tmp_path}/out/shard-{{000000..000002}}.tar", "--out", str(tmp_path / "other.json")]
+        )
+        == 0
+    )
     other = json.loads((tmp_path / "other.json").read_text())
     assert [s["samples"] for s in other["shards"]] == [s["samples"] for s in index["shards"][:3]]
     assert fmtrain_main(["data", "shard", "text", str(tmp_path / "none.txt"), "--out", str(tmp_path / "x")]) == 1
@@ -452,16 +484,42 @@ def test_tokenizer_commands_and_pretokenised_shards(tmp_path, tiny_tokenizer, ca
     sp = load_tokenizer(tiny_tokenizer)
     docs = read_documents("builtin:shakespeare")[:25]
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    assert fmtrain_main(["data", "shard", "text", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "tok"),
-                         "--tokenizer", str(tiny_tokenizer)]) == 0
+    assert (
+        fmtrain_main(
+            [
+                "data",
+                "shard",
+                "text",
+                str(tmp_path / "c.jsonl"),
+                "--out",
+                str(tmp_path / "tok"),
+                "--tokenizer",
+                str(tiny_tokenizer),
+            ]
+        )
+        == 0
+    )
     index = json.loads((tmp_path / "tok" / INDEX_NAME).read_text())
     assert index["fields"] == ["tokens.npy"] and index["tokenizer"]["dtype"] == "uint16"
     sample = next(s for _, s in read_shard(resolve_shards(str(tmp_path / "tok"))[0]))
     assert np.load(io.BytesIO(sample["tokens.npy"])).tolist() == sp.encode(docs[0])
     # tokenizer train on text shards == train_tokenizer on the same documents
     assert fmtrain_main(["data", "shard", "text", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "txt")]) == 0
-    assert fmtrain_main(["tokenizer", "train", "--shards", str(tmp_path / "txt"), "--vocab-size", "400",
-                         "--out", str(tmp_path / "tk" / "m")]) == 0
+    assert (
+        fmtrain_main(
+            [
+                "tokenizer",
+                "train",
+                "--shards",
+                str(tmp_path / "txt"),
+                "--vocab-size",
+                "400",
+                "--out",
+                str(tmp_path / "tk" / "m"),
+            ]
+        )
+        == 0
+    )
     from fmtrain.data.text import train_tokenizer
 
     reference = train_tokenizer(docs, 400, tmp_path / "ref" / "m")
@@ -474,8 +532,12 @@ def test_tokenizer_commands_and_pretokenised_shards(tmp_path, tiny_tokenizer, ca
 def test_config_keys_for_streaming():
     cfg = load_config(None, ["data.shards=a/{0..3}.tar", "data.num_workers=0", "data.reset_position_ids=true"])
     assert cfg.data.shards == "a/{0..3}.tar" and cfg.data.num_workers == 0 and cfg.data.reset_position_ids
-    for bad, match in (("data.max_bad_fraction=1.5", "max_bad_fraction"), ("data.num_workers=-1", "num_workers"),
-                       ("data.video_crop=left", "video_crop"), ("data.shard=x", "did you mean 'shards'")):
+    for bad, match in (
+        ("data.max_bad_fraction=1.5", "max_bad_fraction"),
+        ("data.num_workers=-1", "num_workers"),
+        ("data.video_crop=left", "video_crop"),
+        ("data.shard=x", "did you mean 'shards'"),
+    ):
         with pytest.raises(ConfigError, match=match):
             load_config(None, [bad])
 
@@ -487,8 +549,9 @@ def test_config_keys_for_streaming():
 def demo_shards(tmp_path_factory):
     cfg = load_config(Path(__file__).parent.parent / "recipes" / "yi" / "tiny.yaml", TINY_OVERRIDES)
     out = tmp_path_factory.mktemp("demo") / "data"
-    train, valid = prepare_corpus_shards(cfg.data.corpus, out, valid_fraction=cfg.data.valid_fraction,
-                                         seed=cfg.run.seed, progress=False)
+    train, valid = prepare_corpus_shards(
+        cfg.data.corpus, out, valid_fraction=cfg.data.valid_fraction, seed=cfg.run.seed, progress=False
+    )
     return cfg, train, valid
 
 
@@ -498,8 +561,9 @@ def test_demo_shards_hold_the_split_and_give_the_same_tokenizer(demo_shards, tin
     got = [[s["txt"].decode() for sh in resolve_shards(str(p)) for _, s in read_shard(sh)] for p in (train, valid)]
     assert got == [want_train, want_valid]
     assert len(resolve_shards(str(train))) == 8
-    assert prepare_corpus_shards(cfg.data.corpus, train.parent.parent, valid_fraction=0.05, seed=cfg.run.seed,
-                                 progress=False) == (train, valid)  # second run: reused
+    assert prepare_corpus_shards(
+        cfg.data.corpus, train.parent.parent, valid_fraction=0.05, seed=cfg.run.seed, progress=False
+    ) == (train, valid)  # second run: reused
     cfg.data.shards = str(train)
     path = ensure_stream_tokenizer(cfg, tmp_path)
     assert path.read_bytes() == Path(tiny_tokenizer).read_bytes()  # same as the in-memory path's
@@ -511,9 +575,16 @@ def test_two_rank_training_run_resumes_the_stream_exactly(demo_shards, tiny_args
     another DP size is tested on restore_state directly, above.)"""
     _, train, valid = demo_shards
     run_dir = tmp_path / "run"
-    args = tiny_args + [f"data.shards={train}", f"data.valid_shards={valid}", "data.num_workers=2",
-                        "data.log_batch_hashes=true", "train.max_steps=3", "checkpoint.interval=2",
-                        "eval.interval=3", "eval.steps=1"]
+    args = tiny_args + [
+        f"data.shards={train}",
+        f"data.valid_shards={valid}",
+        "data.num_workers=2",
+        "data.log_batch_hashes=true",
+        "train.max_steps=3",
+        "checkpoint.interval=2",
+        "eval.interval=3",
+        "eval.steps=1",
+    ]
     run_fmtrain(args, nproc=2)
     logs = [run_dir / "data" / f"batch_hashes.rank{r}.jsonl" for r in range(2)]
     straight = [[json.loads(line) for line in log.read_text().splitlines()] for log in logs]

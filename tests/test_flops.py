@@ -6,17 +6,21 @@ import pytest
 
 from fmtrain.config import Config, load_config
 from fmtrain.train.flops import (
-    activation_bytes_per_layer, in_flight_layer_microbatches, memory_per_gpu,
-    memory_per_gpu_from_config, model_flops_per_token_from_config, param_count_from_config,
-    state_bytes_per_param, transformer_param_count, transformer_training_flops_per_token)
+    activation_bytes_per_layer,
+    in_flight_layer_microbatches,
+    memory_per_gpu,
+    memory_per_gpu_from_config,
+    model_flops_per_token_from_config,
+    param_count_from_config,
+    state_bytes_per_param,
+    transformer_param_count,
+    transformer_training_flops_per_token,
+)
 
-YI_6B = dict(num_layers=32, hidden=4096, heads=32, kv_heads=4, head_dim=128, ffn=11008,
-             vocab=64000)
-YI_34B = dict(num_layers=60, hidden=7168, heads=56, kv_heads=8, head_dim=128, ffn=20480,
-              vocab=64000)
+YI_6B = dict(num_layers=32, hidden=4096, heads=32, kv_heads=4, head_dim=128, ffn=11008, vocab=64000)
+YI_34B = dict(num_layers=60, hidden=7168, heads=56, kv_heads=8, head_dim=128, ffn=20480, vocab=64000)
 # Llama2-7B: 32 layers, h 4096, 32 heads (MHA), SwiGLU 11008, vocab 32000, seq 4096.
-LLAMA2_7B = dict(num_layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, ffn=11008,
-                 vocab=32000)
+LLAMA2_7B = dict(num_layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128, ffn=11008, vocab=32000)
 
 
 def test_yi_6b_param_count_matches_hf_checkpoint():
@@ -42,10 +46,17 @@ def test_param_count_by_hand_tiny_model():
 
 
 def test_config_wrappers_use_yi_layout():
-    cfg = load_config(overrides=[
-        "model.num_layers=32", "model.hidden_size=4096", "model.num_attention_heads=32",
-        "model.num_query_groups=4", "model.ffn_hidden_size=11008", "model.vocab_size=64000",
-        "model.seq_length=4096"])
+    cfg = load_config(
+        overrides=[
+            "model.num_layers=32",
+            "model.hidden_size=4096",
+            "model.num_attention_heads=32",
+            "model.num_query_groups=4",
+            "model.ffn_hidden_size=11008",
+            "model.vocab_size=64000",
+            "model.seq_length=4096",
+        ]
+    )
     assert param_count_from_config(cfg) == 6_061_035_520
     cfg.model.tie_embeddings = True
     assert param_count_from_config(cfg) == 6_061_035_520 - 64000 * 4096
@@ -63,8 +74,9 @@ def test_config_wrappers_reject_other_families():
         param_count_from_config(cfg)
 
 
-@pytest.mark.parametrize("l,h,a,s,V", [(24, 2048, 16, 2048, 51200), (96, 12288, 96, 2048, 51200),
-                                       (2, 64, 4, 128, 1000)])
+@pytest.mark.parametrize(
+    "l,h,a,s,V", [(24, 2048, 16, 2048, 51200), (96, 12288, 96, 2048, 51200), (2, 64, 4, 128, 1000)]
+)
 def test_dense_flops_match_korthikanti_eq7(l, h, a, s, V):
     """Korthikanti eq. 7, 72*B*s*l*h^2*(1 + s/(6h) + V/(12lh)), expands per token to
     72lh^2 (QKV+O: 24lh^2, 4h MLP: 48lh^2) + 12lsh + 6hV. The 12lsh is QK^T plus
@@ -74,8 +86,7 @@ def test_dense_flops_match_korthikanti_eq7(l, h, a, s, V):
     B = 3
     closed_form = 72 * B * s * l * h * h * (1 + Fraction(s, 6 * h) + Fraction(V, 12 * l * h))
     per_token_closed = closed_form / (B * s)
-    kw = dict(num_layers=l, hidden=h, heads=a, kv_heads=a, head_dim=h // a, ffn=4 * h,
-              vocab=V, seq_len=s, swiglu=False)
+    kw = dict(num_layers=l, hidden=h, heads=a, kv_heads=a, head_dim=h // a, ffn=4 * h, vocab=V, seq_len=s, swiglu=False)
     assert transformer_training_flops_per_token(**kw, causal=False) == per_token_closed
     assert transformer_training_flops_per_token(**kw, causal=True) == per_token_closed - 6 * l * s * h
 
@@ -102,11 +113,11 @@ def test_activation_cases_from_table_2():
     sbh = s * b * h
     assert activation_bytes_per_layer(s, b, h, a) == sbh * (34 + 5 * a * s / h)
     assert activation_bytes_per_layer(s, b, h, a, tp=t) == sbh * (10 + 24 / t + 5 * a * s / (h * t))
-    assert activation_bytes_per_layer(s, b, h, a, tp=t, sequence_parallel=True) == \
-        pytest.approx(sbh / t * (34 + 5 * a * s / h))
+    assert activation_bytes_per_layer(s, b, h, a, tp=t, sequence_parallel=True) == pytest.approx(
+        sbh / t * (34 + 5 * a * s / h)
+    )
     for kw in (dict(recompute="selective"), dict(flash_attention=True)):
-        assert activation_bytes_per_layer(s, b, h, a, tp=t, sequence_parallel=True, **kw) == \
-            34 * sbh / t
+        assert activation_bytes_per_layer(s, b, h, a, tp=t, sequence_parallel=True, **kw) == 34 * sbh / t
     assert activation_bytes_per_layer(s, b, h, a, tp=t, recompute="full") == 2 * sbh
     with pytest.raises(ValueError):
         activation_bytes_per_layer(s, b, h, a, recompute="some")
@@ -124,8 +135,9 @@ def test_pipeline_in_flight_microbatches():
 
 
 def test_memory_by_hand_tp8_stage():
-    e = memory_per_gpu(**LLAMA2_7B, seq_len=4096, micro_batch_size=4, tp=8,
-                       sequence_parallel=True, flash_attention=True, dp=1)
+    e = memory_per_gpu(
+        **LLAMA2_7B, seq_len=4096, micro_batch_size=4, tp=8, sequence_parallel=True, flash_attention=True, dp=1
+    )
     linear = 4 * 4096 * 4096 + 3 * 4096 * 11008
     params = 32 * (linear // 8 + 2 * 4096) + 2 * 32000 * 4096 // 8 + 4096
     assert e.params_per_gpu == params
@@ -136,12 +148,15 @@ def test_memory_by_hand_tp8_stage():
     assert "GiB" in e.format()
 
 
-@pytest.mark.parametrize("layout,measured_gib", [
-    (dict(micro_batch_size=4, tp=8, dp=1, sequence_parallel=True), 28.8),
-    (dict(micro_batch_size=4, tp=2, dp=4, sequence_parallel=True), 55.7),
-    (dict(micro_batch_size=2, pp=2, dp=4, num_microbatches=8), 49.8),
-    (dict(micro_batch_size=2, dp=8), 69.1),
-])
+@pytest.mark.parametrize(
+    "layout,measured_gib",
+    [
+        (dict(micro_batch_size=4, tp=8, dp=1, sequence_parallel=True), 28.8),
+        (dict(micro_batch_size=4, tp=2, dp=4, sequence_parallel=True), 55.7),
+        (dict(micro_batch_size=2, pp=2, dp=4, num_microbatches=8), 49.8),
+        (dict(micro_batch_size=2, dp=8), 69.1),
+    ],
+)
 def test_memory_against_megatron_llama2_7b_measurements(layout, measured_gib):
     """REFERENCE: Megatron PR #482 peak memory for Llama2-7B, bf16, distributed optimizer,
     flash attention, on H800. We compare our worst-stage total (weights + grads + Adam +
@@ -174,13 +189,23 @@ def test_memory_worst_stage_and_tied_copy():
 
 
 def test_memory_from_config_matches_direct_call():
-    cfg = load_config(overrides=[
-        "model.num_layers=32", "model.hidden_size=4096", "model.num_attention_heads=32",
-        "model.num_query_groups=4", "model.ffn_hidden_size=11008", "model.seq_length=4096",
-        "parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch_size=2"])
+    cfg = load_config(
+        overrides=[
+            "model.num_layers=32",
+            "model.hidden_size=4096",
+            "model.num_attention_heads=32",
+            "model.num_query_groups=4",
+            "model.ffn_hidden_size=11008",
+            "model.seq_length=4096",
+            "parallel.tp=2",
+            "parallel.sequence_parallel=true",
+            "train.micro_batch_size=2",
+        ]
+    )
     e = memory_per_gpu_from_config(cfg, dp=4)
-    direct = memory_per_gpu(**YI_6B, seq_len=4096, micro_batch_size=2, tp=2, dp=4,
-                            sequence_parallel=True, flash_attention=True)
+    direct = memory_per_gpu(
+        **YI_6B, seq_len=4096, micro_batch_size=2, tp=2, dp=4, sequence_parallel=True, flash_attention=True
+    )
     assert e == direct
     cfg.model.attention_backend = "local"  # stores the score matrix
     local = memory_per_gpu_from_config(cfg, dp=4)

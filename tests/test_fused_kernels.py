@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import free_port
 
 from fmtrain.config import config_from_dict
@@ -22,19 +21,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _yi_config(fused_kernels: str):
-    return config_from_dict({"model": {"family": "yi", "num_layers": 2, "hidden_size": 64,
-                                       "num_attention_heads": 4, "num_query_groups": 2,
-                                       "ffn_hidden_size": 128, "vocab_size": 512, "seq_length": 64,
-                                       "attention_backend": "sdpa", "fused_kernels": fused_kernels}})
+    return config_from_dict(
+        {
+            "model": {
+                "family": "yi",
+                "num_layers": 2,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_query_groups": 2,
+                "ffn_hidden_size": 128,
+                "vocab_size": 512,
+                "seq_length": 64,
+                "attention_backend": "sdpa",
+                "fused_kernels": fused_kernels,
+            }
+        }
+    )
 
 
-@pytest.mark.parametrize("choice,use_cpu,dtype,activation,cross_entropy", [
-    ("auto", False, torch.bfloat16, True, True),    # CUDA default
-    ("auto", True, torch.float32, False, False),    # CPU default
-    ("on", True, torch.float32, True, False),       # fp32: the fused CE would round gradients to bf16
-    ("on", True, torch.bfloat16, True, True),
-    ("off", False, torch.bfloat16, False, False),
-])
+@pytest.mark.parametrize(
+    "choice,use_cpu,dtype,activation,cross_entropy",
+    [
+        ("auto", False, torch.bfloat16, True, True),  # CUDA default
+        ("auto", True, torch.float32, False, False),  # CPU default
+        ("on", True, torch.float32, True, False),  # fp32: the fused CE would round gradients to bf16
+        ("on", True, torch.bfloat16, True, True),
+        ("off", False, torch.bfloat16, False, False),
+    ],
+)
 def test_yi_fused_kernel_selection(monkeypatch, choice, use_cpu, dtype, activation, cross_entropy):
     from fmtrain.models import megatron_config, yi
 
@@ -50,8 +64,9 @@ def test_fused_kernels_without_a_compiler(monkeypatch):
     from fmtrain.config import ConfigError
     from fmtrain.models import megatron_config, yi
 
-    monkeypatch.setattr(megatron_config.importlib.util, "find_spec",
-                        lambda name: None if name == "triton" else object())
+    monkeypatch.setattr(
+        megatron_config.importlib.util, "find_spec", lambda name: None if name == "triton" else object()
+    )
     # auto quietly keeps the plain ops on a CUDA machine without triton; "on" says what is missing.
     tconfig = yi.transformer_config(_yi_config("auto"), params_dtype=torch.bfloat16, use_cpu=False)
     assert not tconfig.bias_activation_fusion and not tconfig.cross_entropy_loss_fusion
@@ -71,8 +86,17 @@ def test_yaml_on_off_reads_as_choice(tmp_path):
 
 def test_fused_cross_entropy_bf16_tensor_parallel(tmp_path):
     out = tmp_path / "ce.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), str(REPO / "tests" / "fused_ce_worker.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "fused_ce_worker.py"),
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r = torch.load(out, weights_only=True)
@@ -88,5 +112,5 @@ def test_fused_cross_entropy_bf16_tensor_parallel(tmp_path):
     # bf16 logits get bf16 gradients from either implementation: within bf16 rounding of the
     # fp32 gradient, and the same values as the unfused path's.
     assert r["fused_grad"].dtype == torch.bfloat16
-    torch.testing.assert_close(r["fused_grad"].float(), logits.grad, rtol=2 ** -7, atol=1e-6)
-    torch.testing.assert_close(r["fused_grad"], r["plain_grad"], rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(r["fused_grad"].float(), logits.grad, rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(r["fused_grad"], r["plain_grad"], rtol=2**-7, atol=1e-6)

@@ -25,26 +25,49 @@ transformers = pytest.importorskip("transformers")
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from conftest import TINY_OVERRIDES, free_port, read_metrics, run_fmtrain  # noqa: E402
+from conftest import TINY_OVERRIDES, read_metrics, run_fmtrain  # noqa: E402
 
 TOL = 1e-5
 BATCH, SEQ = 2, 16
-HF_KW = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-             num_attention_heads=8, num_key_value_heads=2, head_dim=8, rope_theta=5e6,
-             rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False,
-             bos_token_id=1, eos_token_id=2)
+HF_KW = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=8,
+    rope_theta=5e6,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-TEXTS = ["To be, or not to be: that is the question.", "  two leading spaces", "a  b   c ",
-         "ROMEO:\nBut, soft! what light\n\n", "digits 12345 and 3.14", "héllo wörld ☃ 你好",
-         "\ttab", " ", "", "literal <|endoftext|> and <unk> stay text", "<|startoftext|>x"]
+TEXTS = [
+    "To be, or not to be: that is the question.",
+    "  two leading spaces",
+    "a  b   c ",
+    "ROMEO:\nBut, soft! what light\n\n",
+    "digits 12345 and 3.14",
+    "héllo wörld ☃ 你好",
+    "\ttab",
+    " ",
+    "",
+    "literal <|endoftext|> and <unk> stay text",
+    "<|startoftext|>x",
+]
 
 
 def _fmtrain(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "fmtrain.cli", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmtrain.cli", *args], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"fmtrain {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"fmtrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -112,9 +135,20 @@ def converted(hf):
 def trained(hf, converted):
     """Three steps of ``fmtrain train`` at PP=2 (a layout other than the conversion's) from it."""
     run_dir = hf["root"] / "run"
-    run_fmtrain(TINY_OVERRIDES + _arch_overrides(hf["dir"]) + [
-        f"data.tokenizer={hf['tokenizer']}", f"run.dir={run_dir}", "parallel.pp=2", "train.max_steps=3",
-        "train.warmup_steps=1", "checkpoint.save_at_end=true", f"checkpoint.load={converted['dir']}"], nproc=2)
+    run_fmtrain(
+        TINY_OVERRIDES
+        + _arch_overrides(hf["dir"])
+        + [
+            f"data.tokenizer={hf['tokenizer']}",
+            f"run.dir={run_dir}",
+            "parallel.pp=2",
+            "train.max_steps=3",
+            "train.warmup_steps=1",
+            "checkpoint.save_at_end=true",
+            f"checkpoint.load={converted['dir']}",
+        ],
+        nproc=2,
+    )
     return run_dir
 
 
@@ -135,8 +169,10 @@ def test_exported_tokenizer_encodes_like_sentencepiece(tiny_tokenizer, tmp_path)
     no_prefix = tmp_path / "no_prefix.model"
     no_prefix.write_bytes(proto.SerializeToString())
     texts = TEXTS + read_documents("builtin:shakespeare")[:20]
-    for model_file, expected_class in ((Path(tiny_tokenizer), "PreTrainedTokenizerFast"),
-                                       (no_prefix, "LlamaTokenizer")):
+    for model_file, expected_class in (
+        (Path(tiny_tokenizer), "PreTrainedTokenizerFast"),
+        (no_prefix, "LlamaTokenizer"),
+    ):
         out = tmp_path / model_file.stem
         out.mkdir()
         (out / "config.json").write_text(json.dumps({"model_type": "llama"}))
@@ -144,7 +180,10 @@ def test_exported_tokenizer_encodes_like_sentencepiece(tiny_tokenizer, tmp_path)
         config = json.loads((out / "tokenizer_config.json").read_text())
         assert config["tokenizer_class"] == expected_class
         assert (config["bos_token"], config["eos_token"], config["unk_token"]) == (
-            "<|startoftext|>", "<|endoftext|>", "<unk>")
+            "<|startoftext|>",
+            "<|endoftext|>",
+            "<unk>",
+        )
         assert config["add_bos_token"] is False and config["add_eos_token"] is False
         tok = transformers.AutoTokenizer.from_pretrained(out)
         sp = spm.SentencePieceProcessor(model_file=str(model_file))
@@ -187,15 +226,31 @@ def test_refuses_pickles_and_mismatched_recipes(hf, tmp_path, capsys, single_ran
     from fmtrain.checkpoint.hf.yi import check_model_matches_hf
     from fmtrain.config import ConfigError, load_config
 
-    yi_6b = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-             "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-             "num_attention_heads": 32, "num_key_value_heads": 4, "rms_norm_eps": 1e-5,
-             "rope_theta": 5000000.0, "vocab_size": 64000, "max_position_embeddings": 4096,
-             "tie_word_embeddings": False}
+    yi_6b = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 5000000.0,
+        "vocab_size": 64000,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": False,
+    }
     continue_6b = load_config(REPO / "recipes" / "yi" / "continue_6b.yaml")
     check_model_matches_hf(continue_6b, yi_6b, "Yi-6B/config.json")
-    yi_34b = {**yi_6b, "hidden_size": 7168, "intermediate_size": 20480, "num_hidden_layers": 60,
-              "num_attention_heads": 56, "num_key_value_heads": 8}
+    yi_34b = {
+        **yi_6b,
+        "hidden_size": 7168,
+        "intermediate_size": 20480,
+        "num_hidden_layers": 60,
+        "num_attention_heads": 56,
+        "num_key_value_heads": 8,
+    }
     with pytest.raises(ConfigError, match=r"model.num_layers=32 .* num_hidden_layers=60"):
         check_model_matches_hf(continue_6b, yi_34b, "Yi-34B/config.json")
 
@@ -245,9 +300,22 @@ def test_bf16_run_exports_its_fp32_main_weights(hf, tmp_path, capsys, single_ran
     from fmtrain.train.loop import train
 
     run_dir = tmp_path / "run"
-    train(load_config(REPO / "recipes" / "yi" / "tiny.yaml", TINY_OVERRIDES + _arch_overrides(hf["dir"]) + [
-        f"data.tokenizer={hf['tokenizer']}", f"run.dir={run_dir}", "train.max_steps=1", "train.warmup_steps=0",
-        "train.precision=bf16", "checkpoint.save_at_end=true", f"model.init_from_hf={hf['dir']}"]))
+    train(
+        load_config(
+            REPO / "recipes" / "yi" / "tiny.yaml",
+            TINY_OVERRIDES
+            + _arch_overrides(hf["dir"])
+            + [
+                f"data.tokenizer={hf['tokenizer']}",
+                f"run.dir={run_dir}",
+                "train.max_steps=1",
+                "train.warmup_steps=0",
+                "train.precision=bf16",
+                "checkpoint.save_at_end=true",
+                f"model.init_from_hf={hf['dir']}",
+            ],
+        )
+    )
     assert main(["convert", "to-hf", str(run_dir), str(tmp_path / "bf16")]) == 0  # default: as stored
     assert main(["convert", "to-hf", str(run_dir), str(tmp_path / "fp32"), "--dtype", "fp32"]) == 0
     assert "from the optimizer's fp32 main weights" in capsys.readouterr().out
@@ -323,9 +391,18 @@ def test_train_from_hf_then_export_matches_transformers(hf, converted, trained, 
 
     # One step of `train` in this process with model.init_from_hf at TP=1 sees the loss the
     # two-rank PP=2 run from the converted checkpoint saw at its first step.
-    run_cfg = load_config(REPO / "recipes" / "yi" / "tiny.yaml", TINY_OVERRIDES + _arch_overrides(hf["dir"]) + [
-        f"data.tokenizer={hf['tokenizer']}", f"run.dir={tmp_path / 'run'}", "train.max_steps=1",
-        "train.warmup_steps=1", f"model.init_from_hf={hf['dir']}"])
+    run_cfg = load_config(
+        REPO / "recipes" / "yi" / "tiny.yaml",
+        TINY_OVERRIDES
+        + _arch_overrides(hf["dir"])
+        + [
+            f"data.tokenizer={hf['tokenizer']}",
+            f"run.dir={tmp_path / 'run'}",
+            "train.max_steps=1",
+            "train.warmup_steps=1",
+            f"model.init_from_hf={hf['dir']}",
+        ],
+    )
     metrics = train(run_cfg)
     first = read_metrics(trained)[1]["loss"]
     print(f"step-1 loss: init_from_hf at TP=1 {metrics['loss']:.6f}, converted checkpoint at PP=2 {first:.6f}")

@@ -18,8 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import free_port
-
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -38,10 +36,21 @@ sys.path.insert(0, str(REPO / "tests"))
 
 TOL = 1e-5
 BATCH, SEQ = 2, 16
-HF_KW = dict(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=4,
-             num_attention_heads=8, num_key_value_heads=2, head_dim=8, rope_theta=5e6,
-             rms_norm_eps=1e-5, max_position_embeddings=64, tie_word_embeddings=False,
-             bos_token_id=1, eos_token_id=2)
+HF_KW = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=8,
+    rope_theta=5e6,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def _hf_model(**overrides):
@@ -76,8 +85,7 @@ def hf(tmp_path_factory):
     assert (sharded / "model.safetensors.index.json").is_file()
     tokens = torch.randint(0, HF_KW["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     save_file({"tokens": tokens}, str(root / "tokens.safetensors"))
-    return dict(root=root, model=model, single=single, sharded=sharded, tokens=tokens,
-                logits=_hf_logits(model, tokens))
+    return dict(root=root, model=model, single=single, sharded=sharded, tokens=tokens, logits=_hf_logits(model, tokens))
 
 
 def _read_all(path: Path) -> dict[str, torch.Tensor]:
@@ -98,9 +106,9 @@ def _assert_bit_exact(exported: Path, original: Path) -> None:
 
 def test_qkv_pack_is_megatron_grouping():
     s = YiShapes(num_layers=1, hidden=4, heads=4, groups=2, head_dim=1, ffn=8, vocab=8, tied=False)
-    q = torch.arange(4.0).unsqueeze(1).expand(4, 4)          # rows q0 q1 q2 q3
-    k = 10 + torch.arange(2.0).unsqueeze(1).expand(2, 4)     # rows k0 k1
-    v = 20 + torch.arange(2.0).unsqueeze(1).expand(2, 4)     # rows v0 v1
+    q = torch.arange(4.0).unsqueeze(1).expand(4, 4)  # rows q0 q1 q2 q3
+    k = 10 + torch.arange(2.0).unsqueeze(1).expand(2, 4)  # rows k0 k1
+    v = 20 + torch.arange(2.0).unsqueeze(1).expand(2, 4)  # rows v0 v1
     qkv = pack_qkv(q, k, v, s)
     # megatron: [q heads of group 0, k0, v0 | q heads of group 1, k1, v1]
     assert qkv[:, 0].tolist() == [0, 1, 10, 20, 2, 3, 11, 21]
@@ -117,9 +125,20 @@ def test_config_round_trip(hf):
     assert overrides["model.rotary_base"] == 5e6 and overrides["model.tie_embeddings"] is False
     cfg = load_config(None, overrides_as_args(overrides) + ["train.precision=fp32"])
     out = hf_config_from_fmtrain(cfg)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size",
-                "max_position_embeddings", "tie_word_embeddings", "bos_token_id", "eos_token_id"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "vocab_size",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert out[key] == original[key], key
     assert out["torch_dtype"] == "float32" and out["rope_theta"] == 5e6
     back = transformers.LlamaConfig(**out)
@@ -131,8 +150,11 @@ def test_config_round_trip(hf):
     assert fmtrain_model_overrides_from_hf(old) == overrides
     from fmtrain.config import ConfigError
 
-    for bad in ({"attention_bias": True}, {"hidden_act": "gelu"},
-                {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}):
+    for bad in (
+        {"attention_bias": True},
+        {"hidden_act": "gelu"},
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+    ):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             fmtrain_model_overrides_from_hf({**original, **bad})
 
@@ -188,8 +210,10 @@ def test_import_tp1_pp1_logits_and_round_trip(hf, single_rank, tmp_path):
     old = tmp_path / "old_names"
     old.mkdir()
     state = load_file(str(hf["single"] / "model.safetensors"))
-    renamed = {k.replace(".input_layernorm.", ".ln1.").replace(".post_attention_layernorm.", ".ln2."): v
-               for k, v in state.items()}
+    renamed = {
+        k.replace(".input_layernorm.", ".ln1.").replace(".post_attention_layernorm.", ".ln2."): v
+        for k, v in state.items()
+    }
     assert any(".ln1." in k for k in renamed) and any(".ln2." in k for k in renamed)
     save_file(renamed, str(old / "model.safetensors"))
     (old / "config.json").write_text((hf["single"] / "config.json").read_text())
@@ -216,11 +240,31 @@ def test_import_tp_pp_layouts_match_transformers(hf, tmp_path):
     out.mkdir()
     layouts = ["2x1", "1x2", "2x2", "1x2x2"]
     exports = ["2x2", "1x2"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-           str(WORKER), "--hf-dir", str(hf["sharded"]), "--tokens", str(hf["root"] / "tokens.safetensors"),
-           "--out", str(out), "--layouts", ",".join(layouts), "--export", ",".join(exports)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "4",
+        str(WORKER),
+        "--hf-dir",
+        str(hf["sharded"]),
+        "--tokens",
+        str(hf["root"] / "tokens.safetensors"),
+        "--out",
+        str(out),
+        "--layouts",
+        ",".join(layouts),
+        "--export",
+        ",".join(exports),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONWARNINGS": "ignore",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     for layout in layouts:
@@ -251,8 +295,10 @@ def test_import_survives_optimizer_step(hf, single_rank, precision):
     engine = build_engine(cfg, parallel.initialize(cfg), get_family("yi"))
     load_hf_into_engine(engine, hf["single"])
     tokens = hf["tokens"]
-    batch = [{"tokens": tokens[i:i + 1], "labels": tokens[i:i + 1], "loss_mask": torch.ones(1, SEQ)}
-             for i in range(BATCH)]
+    batch = [
+        {"tokens": tokens[i : i + 1], "labels": tokens[i : i + 1], "loss_mask": torch.ones(1, SEQ)}
+        for i in range(BATCH)
+    ]
     result = engine.train_step(batch, lr=0.0)
     assert result.update_applied
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

@@ -46,15 +46,27 @@ def npy(array, **kw) -> bytes:
 
 
 def pipe(**kw) -> LatentPipeline:
-    return LatentPipeline(**{"in_channels": C, "caption_tokens": CAP_L, "caption_dim": CAP_D, "patch_size": 2,
-                             "clip_tokens": CLIP_L, "clip_dim": CLIP_D, **kw})
+    return LatentPipeline(
+        **{
+            "in_channels": C,
+            "caption_tokens": CAP_L,
+            "caption_dim": CAP_D,
+            "patch_size": 2,
+            "clip_tokens": CLIP_L,
+            "clip_dim": CLIP_D,
+            **kw,
+        }
+    )
 
 
 def raw_sample(key="k", shape=(2, 4, 6), text_len=4, clip_len=2, dtype=np.float16, **fields) -> dict:
     rng = np.random.default_rng(len(key))
-    sample = {"__key__": key, "latent.npy": npy(rng.standard_normal((C, *shape)).astype(dtype)),
-              "text_emb.npy": npy(rng.standard_normal((text_len, CAP_D)).astype(np.float32)),
-              "clip_emb.npy": npy(rng.standard_normal((clip_len, CLIP_D)).astype(np.float16))}
+    sample = {
+        "__key__": key,
+        "latent.npy": npy(rng.standard_normal((C, *shape)).astype(dtype)),
+        "text_emb.npy": npy(rng.standard_normal((text_len, CAP_D)).astype(np.float32)),
+        "clip_emb.npy": npy(rng.standard_normal((clip_len, CLIP_D)).astype(np.float16)),
+    }
     for name, value in fields.items():
         if value is None:
             sample.pop(name, None)
@@ -69,8 +81,9 @@ def ctx(index=0, epoch=0) -> SampleContext:
 
 def dataset(shapes=((1, 4, 4), (2, 4, 2), (1, 2, 4)), per_shape=(11, 9, 7), seed=0) -> list[dict]:
     """Small synthetic samples of several shapes, interleaved (so every shard mixes shapes)."""
-    parts = [synthetic_latent_dataset([s], n, 3, C, CAP_L, CAP_D, CLIP_L, CLIP_D, seed)
-             for s, n in zip(shapes, per_shape)]
+    parts = [
+        synthetic_latent_dataset([s], n, 3, C, CAP_L, CAP_D, CLIP_L, CLIP_D, seed) for s, n in zip(shapes, per_shape)
+    ]
     out = []
     for i in range(max(per_shape)):
         out += [p[i] for p in parts if i < len(p)]
@@ -82,8 +95,14 @@ def write(root: Path, samples, max_count=5) -> dict:
 
 
 def loader(root, *, dp=2, workers=0, buffer=3, gbs=4, mbs=2, bad=0.01, shards=None, seed=7, **kw):
-    spec = StreamSpec(shards or resolve_shards(str(root)), dp_size=dp, num_workers=workers, seed=seed,
-                      shuffle_buffer=buffer, max_bad_fraction=bad)
+    spec = StreamSpec(
+        shards or resolve_shards(str(root)),
+        dp_size=dp,
+        num_workers=workers,
+        seed=seed,
+        shuffle_buffer=buffer,
+        max_bad_fraction=bad,
+    )
     return StreamingLoader(pipe(**kw), spec, global_batch_size=gbs, micro_batch_size=mbs)
 
 
@@ -102,12 +121,13 @@ def caplog_data(caplog):
 
 def test_pipeline_pads_truncates_masks_and_seeds():
     p = pipe()
-    short = p.units(raw_sample("a", text_len=4, clip_len=2, **{"text_mask.npy": np.array([1, 1, 0, 1], np.uint8)}),
-                    ctx(0))
+    short = p.units(
+        raw_sample("a", text_len=4, clip_len=2, **{"text_mask.npy": np.array([1, 1, 0, 1], np.uint8)}), ctx(0)
+    )
     long = p.units(raw_sample("bb", text_len=9, clip_len=5), ctx(1))
     assert len(short) == len(long) == 1 and p.bucket_of(short[0]) == (2, 4, 6)
     assert short[0]["sample_seed"] == p.units(raw_sample("a"), ctx(0))[0]["sample_seed"]  # the sample's own rng
-    assert short[0]["sample_seed"] != long[0]["sample_seed"] and 0 <= long[0]["sample_seed"] < 2 ** 63
+    assert short[0]["sample_seed"] != long[0]["sample_seed"] and 0 <= long[0]["sample_seed"] < 2**63
     batch = p.collate([p.make_item([short], 1), p.make_item([long], 1)])
     assert set(batch) == {"latent", "text_emb", "text_mask", "clip_emb", "clip_mask", "sample_seed", "key"}
     assert batch["latent"].shape == (2, C, 2, 4, 6) and batch["latent"].dtype == torch.float32
@@ -131,12 +151,16 @@ def test_pipeline_pads_truncates_masks_and_seeds():
 
 
 BAD_CASES = {
-    "missing latent": ({"latent.npy": None},
-                       r"missing field: \.latent\.npy \(has \['clip_emb.npy', 'text_emb.npy'\]\)"),
+    "missing latent": (
+        {"latent.npy": None},
+        r"missing field: \.latent\.npy \(has \['clip_emb.npy', 'text_emb.npy'\]\)",
+    ),
     "missing text": ({"text_emb.npy": None}, r"missing field: \.text_emb\.npy"),
     "missing clip": ({"clip_emb.npy": None}, r"missing field: \.clip_emb\.npy \(model\.clip_dim > 0 needs"),
-    "not 4-D": ({"latent.npy": np.zeros((C, 4, 6), np.float16)},
-                r"\.latent\.npy must be 4-D \[C, T, H, W\], got shape \(4, 4, 6\)"),
+    "not 4-D": (
+        {"latent.npy": np.zeros((C, 4, 6), np.float16)},
+        r"\.latent\.npy must be 4-D \[C, T, H, W\], got shape \(4, 4, 6\)",
+    ),
     "channels": ({"latent.npy": np.zeros((3, 1, 4, 6), np.float16)}, r"has 3 channels, model\.in_channels=4"),
     "patch": ({"latent.npy": np.zeros((C, 1, 4, 5), np.float16)}, r"4x5 is not divisible by model\.patch_size=2"),
     "integer latent": ({"latent.npy": np.zeros((C, 1, 4, 4), np.int16)}, r"must be float16/float32, got int16"),
@@ -146,14 +170,18 @@ BAD_CASES = {
     "clip dim": ({"clip_emb.npy": np.zeros((3, 4), np.float32)}, r"\.clip_emb\.npy has width 4, model\.clip_dim=5"),
     "inf text": ({"text_emb.npy": np.full((2, CAP_D), np.inf, np.float32)}, r"\.text_emb\.npy holds non-finite"),
     "empty mask": ({"text_mask.npy": np.zeros(4, bool)}, r"empty \.text_mask: no valid token within the first 6"),
-    "mask past truncation": ({"text_emb.npy": np.ones((9, CAP_D), np.float32),
-                              "text_mask.npy": np.arange(9) == 8}, r"empty \.text_mask"),
+    "mask past truncation": (
+        {"text_emb.npy": np.ones((9, CAP_D), np.float32), "text_mask.npy": np.arange(9) == 8},
+        r"empty \.text_mask",
+    ),
     "mask length": ({"text_mask.npy": np.ones(3, bool)}, r"\.text_mask\.npy must be 1-D with 4 entries"),
     "mask values": ({"clip_mask.npy": np.array([2, 1], np.int64)}, r"\.clip_mask\.npy must be bool or 0/1"),
     "corrupt npy": ({"latent.npy": npy(np.zeros((C, 1, 4, 4), np.float16))[:-7]}, r"unreadable \.latent\.npy \(EOF"),
     "not npy": ({"text_emb.npy": b"\x00garbage" * 9}, r"unreadable \.text_emb\.npy"),
-    "pickled": ({"latent.npy": npy(np.array([{"a": 1}], dtype=object), allow_pickle=True)},
-                r"unreadable \.latent\.npy"),
+    "pickled": (
+        {"latent.npy": npy(np.array([{"a": 1}], dtype=object), allow_pickle=True)},
+        r"unreadable \.latent\.npy",
+    ),
 }
 
 
@@ -171,8 +199,9 @@ def test_bad_and_corrupt_samples_in_a_shard_are_counted_not_fatal(tmp_path, capl
     with wds.TarWriter(str(tmp_path / "x.tar"), encoder=False, mtime=0.0) as writer:
         for sample in samples:
             writer.write(sample)
-    lo = loader(tmp_path, dp=1, workers=0, buffer=0, gbs=2, mbs=2, bad=0.5,
-                shards=resolve_shards(str(tmp_path / "x.tar")))
+    lo = loader(
+        tmp_path, dp=1, workers=0, buffer=0, gbs=2, mbs=2, bad=0.5, shards=resolve_shards(str(tmp_path / "x.tar"))
+    )
     keys = [k for step in range(5) for b in lo.microbatches(step, 0) for k in b["key"]]
     assert keys == [f"s{i:02d}" for i in range(12) if i not in (3, 8)]
     assert "x.tar key s03: unreadable .latent.npy (EOF" in caplog_data.text
@@ -212,7 +241,7 @@ def test_bucketing_single_shape_microbatches_each_sample_once(tmp_path):
             for epoch in range(position["epoch"] + 1):
                 order = stream_order(spec, epoch, stream)
                 if epoch == position["epoch"]:
-                    order = order[:position["consumed"]]
+                    order = order[: position["consumed"]]
                 read.update(names[where] for where in order)
                 if epoch == 0:
                     epoch0.update(names[where] for where in order)
@@ -228,7 +257,7 @@ def test_resume_with_samples_held_in_buckets_matches_uninterrupted(tmp_path):
     held_any = held_earlier_epoch = False
     for k in range(1, 13):
         first = loader(tmp_path)
-        assert hashes(first, range(k)) == straight[:2 * k]
+        assert hashes(first, range(k)) == straight[: 2 * k]
         states = json.loads(json.dumps([first.state_dict(r) for r in range(2)]))  # as in a checkpoint
         for state in states:
             for position in state["workers"]:
@@ -237,7 +266,7 @@ def test_resume_with_samples_held_in_buckets_matches_uninterrupted(tmp_path):
         resumed = loader(tmp_path)
         for r in range(2):
             resumed.load_state_dict(r, states[r])
-        assert hashes(resumed, range(k, 14)) == straight[2 * k:], f"resumed at step {k}"
+        assert hashes(resumed, range(k, 14)) == straight[2 * k :], f"resumed at step {k}"
     assert held_any and held_earlier_epoch, "some resume point must hold samples, one from an earlier epoch"
 
 
@@ -259,7 +288,7 @@ def test_resume_with_two_dataloader_workers(tmp_path):
         resumed = loader(tmp_path, **args, seed=1)
         for r in range(2):
             resumed.load_state_dict(r, states[r])
-        assert hashes(resumed, range(k, 8)) == base[2 * k:]
+        assert hashes(resumed, range(k, 8)) == base[2 * k :]
         resumed.close()
 
 
@@ -288,7 +317,7 @@ def test_bucketing_needs_one_item_per_sample(tmp_path):
 def _residual(x: np.ndarray, prototypes: np.ndarray) -> tuple[float, int]:
     """Smallest share of x's energy not explained by a scaled prototype, and which one."""
     flat, protos = x.ravel(), prototypes.reshape(len(prototypes), -1)
-    fits = (protos @ flat) ** 2 / (np.sum(protos ** 2, axis=1) * np.sum(flat ** 2))
+    fits = (protos @ flat) ** 2 / (np.sum(protos**2, axis=1) * np.sum(flat**2))
     return float(1 - fits.max()), int(fits.argmax())
 
 
@@ -305,7 +334,7 @@ def test_synthetic_dataset_is_deterministic_and_structured():
     for shape in shapes:
         prototypes = class_prototypes(shape, 4, 6, seed=4)
         assert prototypes.shape == (4, 6, *shape)
-        assert np.allclose(np.sqrt(np.mean(prototypes ** 2, axis=(1, 2, 3, 4))), 1.0, atol=1e-4)  # unit RMS
+        assert np.allclose(np.sqrt(np.mean(prototypes**2, axis=(1, 2, 3, 4))), 1.0, atol=1e-4)  # unit RMS
         group = [s for s in a if s["latent"].shape[1:] == shape]
         fits = [_residual(s["latent"], prototypes) for s in group]
         assert all(k == s["class"] for (_, k), s in zip(fits, group)), "nearest prototype = the sample's class"
@@ -349,8 +378,9 @@ def test_in_memory_sampler_is_stateless_and_single_shape(tmp_path):
     assert tokenizer is None
     assert isinstance(train, LatentMicrobatchSampler) and isinstance(valid, LatentMicrobatchSampler)
     _, again, _ = prepare_latent_data(cfg, topo(dp_rank=1), tmp_path)
-    assert [batch_hash(b) for s in (7, 0, 3) for r in range(2) for b in train.microbatches(s, r)] == \
-           [batch_hash(b) for s in (7, 0, 3) for r in range(2) for b in again.microbatches(s, r)]
+    assert [batch_hash(b) for s in (7, 0, 3) for r in range(2) for b in train.microbatches(s, r)] == [
+        batch_hash(b) for s in (7, 0, 3) for r in range(2) for b in again.microbatches(s, r)
+    ]
     batch = train.microbatches(0, 1)[0]
     assert set(batch) == {"latent", "text_emb", "text_mask", "clip_emb", "clip_mask", "sample_seed", "key"}
     assert batch["latent"].dtype == torch.float32 and batch["text_mask"].dtype == torch.bool
@@ -366,7 +396,7 @@ def test_in_memory_sampler_is_stateless_and_single_shape(tmp_path):
             assert len({train.samples[i]["latent"].shape for i in mb}) == 1
     assert train.epoch_microbatches(0) != train.epoch_microbatches(1)
     seeds = {(e, i): train.sample_seed(i, e) for e in (0, 1) for i in range(3)}
-    assert len(set(seeds.values())) == 6 and all(0 <= v < 2 ** 63 for v in seeds.values())
+    assert len(set(seeds.values())) == 6 and all(0 <= v < 2**63 for v in seeds.values())
     # held-out validation: disjoint keys, at least one global batch of whole single-shape microbatches
     train_keys = {s["key"] for s in train.samples}
     valid_keys = {s["key"] for s in valid.samples}
@@ -384,10 +414,38 @@ def test_in_memory_sampler_is_stateless_and_single_shape(tmp_path):
 
 def test_synth_latents_cli_writes_shards_the_loader_reads(tmp_path, capsys):
     out = tmp_path / "syn"
-    assert fmtrain_main(["data", "synth-latents", str(out), "--shapes", "2x4x4,1x4x6", "--samples", "12",
-                         "--classes", "3", "--channels", str(C), "--caption-dim", str(CAP_D), "--caption-tokens",
-                         str(CAP_L), "--clip-dim", str(CLIP_D), "--clip-tokens", str(CLIP_L), "--seed", "2",
-                         "--valid-fraction", "0.25", "--max-count", "5"]) == 0
+    assert (
+        fmtrain_main(
+            [
+                "data",
+                "synth-latents",
+                str(out),
+                "--shapes",
+                "2x4x4,1x4x6",
+                "--samples",
+                "12",
+                "--classes",
+                "3",
+                "--channels",
+                str(C),
+                "--caption-dim",
+                str(CAP_D),
+                "--caption-tokens",
+                str(CAP_L),
+                "--clip-dim",
+                str(CLIP_D),
+                "--clip-tokens",
+                str(CLIP_L),
+                "--seed",
+                "2",
+                "--valid-fraction",
+                "0.25",
+                "--max-count",
+                "5",
+            ]
+        )
+        == 0
+    )
     assert "wrote 18 training samples" in capsys.readouterr().out
     index = json.loads((out / "train" / INDEX_NAME).read_text())
     assert index["kind"] == "latent" and index["shapes"] == {"2x4x4": 9, "1x4x6": 9} and len(index["shards"]) == 4
@@ -397,8 +455,10 @@ def test_synth_latents_cli_writes_shards_the_loader_reads(tmp_path, capsys):
     _, train, valid = prepare_latent_data(cfg, topo(), tmp_path)
     assert isinstance(train, StreamingLoader) and isinstance(valid, StreamingLoader)
     assert train.layout()["pipeline"]["bucketing"] == "latent_shape"
-    reference = {s["key"]: s for s in synthetic_latent_dataset([(2, 4, 4), (1, 4, 6)], 12, 3, C, CAP_L, CAP_D,
-                                                               CLIP_L, CLIP_D, seed=2)}
+    reference = {
+        s["key"]: s
+        for s in synthetic_latent_dataset([(2, 4, 4), (1, 4, 6)], 12, 3, C, CAP_L, CAP_D, CLIP_L, CLIP_D, seed=2)
+    }
     seen = set()
     for step in range(8):
         for r in range(2):
@@ -419,15 +479,21 @@ def test_shard_latents_from_npz_skips_bad_files(tmp_path, capsys, caplog_data):
     src.mkdir()
     rng = np.random.default_rng(0)
     for i, shape in enumerate([(1, 4, 4), (2, 4, 4), (1, 4, 4)]):
-        np.savez(src / f"good{i}.npz", latent=rng.standard_normal((C, *shape)).astype(np.float16),
-                 text_emb=rng.standard_normal((3, CAP_D)).astype(np.float32), text_mask=np.array([1, 1, 0], np.uint8),
-                 clip_emb=rng.standard_normal((2, CLIP_D)).astype(np.float32), caption=np.array("a cat"))
+        np.savez(
+            src / f"good{i}.npz",
+            latent=rng.standard_normal((C, *shape)).astype(np.float16),
+            text_emb=rng.standard_normal((3, CAP_D)).astype(np.float32),
+            text_mask=np.array([1, 1, 0], np.uint8),
+            clip_emb=rng.standard_normal((2, CLIP_D)).astype(np.float32),
+            caption=np.array("a cat"),
+        )
     np.savez(src / "no_text.npz", latent=np.zeros((C, 1, 4, 4), np.float16))
     np.savez(src / "flat.npz", latent=np.zeros((C, 4, 4), np.float16), text_emb=np.zeros((2, CAP_D), np.float32))
     np.savez(src / "channels.npz", latent=np.zeros((3, 1, 4, 4), np.float16), text_emb=np.zeros((2, CAP_D), np.float32))
     (src / "junk.npz").write_bytes(b"PK\x03\x04 not really a zip" * 4)
-    assert fmtrain_main(["data", "shard", "latents", str(src), "--out", str(tmp_path / "out"),
-                         "--channels", str(C)]) == 0
+    assert (
+        fmtrain_main(["data", "shard", "latents", str(src), "--out", str(tmp_path / "out"), "--channels", str(C)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "wrote 3 latent samples in 1 shards" in printed and "4 of 7 files skipped" in printed
     log_text = caplog_data.text

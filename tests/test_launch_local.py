@@ -11,15 +11,32 @@ import time
 
 import pytest
 import yaml
-
 from conftest import REPO, TINY_OVERRIDES, TINY_RECIPE
 
 
 def _launch(run_dir, tokenizer, *extra) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "fmtrain.cli", "launch", "local", "--nproc", "2", str(TINY_RECIPE),
-           *TINY_OVERRIDES, f"data.tokenizer={tokenizer}", f"run.dir={run_dir}", *extra]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "fmtrain.cli",
+        "launch",
+        "local",
+        "--nproc",
+        "2",
+        str(TINY_RECIPE),
+        *TINY_OVERRIDES,
+        f"data.tokenizer={tokenizer}",
+        f"run.dir={run_dir}",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 def _wait_for_steps(proc: subprocess.Popen, metrics, n: int, timeout: float = 180) -> None:

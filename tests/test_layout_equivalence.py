@@ -9,7 +9,6 @@ layout that got its gradients wrong by a constant factor would still match on lo
 from __future__ import annotations
 
 import pytest
-
 from conftest import read_metrics, run_fmtrain
 
 STEPS = 10
@@ -28,8 +27,13 @@ LAYOUTS = {
 def _run(tmp_path, tiny_args, tp, pp, vpp, dp, extra=(), expect_log=None):
     run_dir = tmp_path / f"tp{tp}pp{pp}vpp{vpp}dp{dp}{'-'.join(extra)}"
     args = [a for a in tiny_args if not a.startswith("run.dir=")] + [
-        f"run.dir={run_dir}", f"train.max_steps={STEPS}", f"parallel.tp={tp}", f"parallel.pp={pp}",
-        f"parallel.vpp={vpp}", *extra]
+        f"run.dir={run_dir}",
+        f"train.max_steps={STEPS}",
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.vpp={vpp}",
+        *extra,
+    ]
     proc = run_fmtrain(args, nproc=tp * pp * dp)
     if expect_log is not None:
         assert expect_log in proc.stdout, f"{expect_log!r} not in the start-up log:\n{proc.stdout[:3000]}"
@@ -59,7 +63,7 @@ def test_reference_run_learns(reference):
     assert reference[STEPS]["loss"] < reference[1]["loss"] - 0.5
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS), ids=lambda l: "tp{}-pp{}-vpp{}-dp{}".format(*l))
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=lambda layout: "tp{}-pp{}-vpp{}-dp{}".format(*layout))
 def test_layout_matches_single_rank(reference, tmp_path, tiny_args, layout):
     tp, pp, vpp, dp = layout
     _assert_same_run(reference, _run(tmp_path, tiny_args, tp, pp, vpp, dp, LAYOUTS[layout]), str(layout))
@@ -79,12 +83,19 @@ def test_fused_kernels_match_unfused(reference, tmp_path, tiny_args):
     # megatron's compiled SwiGLU and fmtrain's compiled RoPE (what CUDA runs by default)
     # against the reference's plain ops; the fused cross entropy is bf16-only
     # (tests/test_fused_kernels.py).
-    run = _run(tmp_path, tiny_args, 2, 1, 1, 1, ["parallel.sequence_parallel=true", "model.fused_kernels=on"],
-               expect_log="fused kernels: activation, RoPE\n")
+    run = _run(
+        tmp_path,
+        tiny_args,
+        2,
+        1,
+        1,
+        1,
+        ["parallel.sequence_parallel=true", "model.fused_kernels=on"],
+        expect_log="fused kernels: activation, RoPE\n",
+    )
     _assert_same_run(reference, run, "tp2+sp with fused kernels")
 
 
 def test_foreach_adam_matches_fused_adam(reference, tmp_path, tiny_args):
-    run = _run(tmp_path, tiny_args, 1, 1, 1, 2, ["train.fused_adam=off"],
-               expect_log="optimizer torch AdamW (foreach)")
+    run = _run(tmp_path, tiny_args, 1, 1, 1, 2, ["train.fused_adam=off"], expect_log="optimizer torch AdamW (foreach)")
     _assert_same_run(reference, run, "dp2 with foreach AdamW")

@@ -9,14 +9,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fmtrain.config import LoggingConfig
 from fmtrain.train.metrics import (
-    KNOWN_PEAK_TFLOPS, MetricsLogger, StepTimer, device_peak_tflops, format_duration,
-    known_gpu_peak, throughput_metrics)
+    KNOWN_PEAK_TFLOPS,
+    MetricsLogger,
+    StepTimer,
+    device_peak_tflops,
+    format_duration,
+    known_gpu_peak,
+    throughput_metrics,
+)
 
 STEPS = [
     {"loss": 5.5, "lr": 1e-4, "grad_norm": 2.0, "tokens_per_s": 1000.0, "tflops": 0.1, "mfu": 0.25},
     {"loss": 5.0, "lr": 2e-4, "grad_norm": 1.5, "tokens_per_s": 1100.0, "tflops": 0.11, "mfu": 0.275},
-    {"loss": 4.5, "lr": 3e-4, "grad_norm": 1.0, "tokens_per_s": 1200.0, "tflops": 0.12, "mfu": 0.3,
-     "val_loss": 4.75},
+    {"loss": 4.5, "lr": 3e-4, "grad_norm": 1.0, "tokens_per_s": 1200.0, "tflops": 0.12, "mfu": 0.3, "val_loss": 4.75},
 ]
 
 
@@ -32,8 +37,15 @@ def test_logger_writes_jsonl_and_tensorboard(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/tflops",
-            "perf/mfu", "val/loss"} <= tags
+    assert {
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/tflops",
+        "perf/mfu",
+        "val/loss",
+    } <= tags
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [1, 2, 3]
     assert [e.value for e in loss] == [5.5, 5.0, 4.5]  # exactly representable in float32
@@ -64,16 +76,14 @@ def test_non_writer_writes_nothing(tmp_path):
 
 def test_progress_line_format_and_eta(tmp_path):
     logger = MetricsLogger(tmp_path, False, False, total_steps=100)
-    m = {"loss": 5.43214, "lr": 3e-4, "grad_norm": 1.2344, "tokens_per_s": 12345.4,
-         "tflops": 0.1512, "mfu": 0.1234}
+    m = {"loss": 5.43214, "lr": 3e-4, "grad_norm": 1.2344, "tokens_per_s": 12345.4, "tflops": 0.1512, "mfu": 0.1234}
     # 12 steps in 10 s -> 88 remaining steps take 88 * 10/12 = 73.3 s = 1m13s.
     assert logger.progress_line(12, m, elapsed_s=10.0) == (
-        "step 12/100 | loss 5.4321 | lr 3.00e-04 | grad 1.234 | 12,345 tok/s | 0.15 TFLOP/s"
-        " | MFU 12.3% | ETA 1m13s")
+        "step 12/100 | loss 5.4321 | lr 3.00e-04 | grad 1.234 | 12,345 tok/s | 0.15 TFLOP/s | MFU 12.3% | ETA 1m13s"
+    )
     # Resumed at step 50: 10 steps in 20 s -> 40 remaining take 80 s.
     resumed = MetricsLogger(tmp_path, False, False, total_steps=100, start_step=50)
-    assert resumed.progress_line(60, {"loss": 1.0}, elapsed_s=20.0) == \
-        "step 60/100 | loss 1.0000 | ETA 1m20s"
+    assert resumed.progress_line(60, {"loss": 1.0}, elapsed_s=20.0) == "step 60/100 | loss 1.0000 | ETA 1m20s"
     assert format_duration(45) == "45s"
     assert format_duration(7500) == "2h05m"
 

@@ -18,13 +18,26 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY_OVERRIDES, TINY_RECIPE, read_metrics
 
 DOCS_EXAMPLE = REPO / "docs" / "slurm_example.md"
 # How the 34B example was produced (docs/slurm_example.md shows this command's output).
-EXAMPLE_ARGS = ["launch", "slurm", "recipes/yi/34b.yaml", "--nodes", "4", "--gpus-per-node", "8",
-                "--partition", "gpu", "--time", "2-00:00:00", "--account", "my-project", "--dry-run"]
+EXAMPLE_ARGS = [
+    "launch",
+    "slurm",
+    "recipes/yi/34b.yaml",
+    "--nodes",
+    "4",
+    "--gpus-per-node",
+    "8",
+    "--partition",
+    "gpu",
+    "--time",
+    "2-00:00:00",
+    "--account",
+    "my-project",
+    "--dry-run",
+]
 EXAMPLE_CHECKOUT = "/path/to/fmtrain"
 JOB_TIMEOUT_S = 240
 
@@ -53,8 +66,14 @@ needs_cluster = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
 
 
 def fmtrain(args: list[str], timeout: int = 120, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fmtrain.cli", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return subprocess.run(
+        [sys.executable, "-m", "fmtrain.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
 
 
 @pytest.fixture
@@ -92,8 +111,10 @@ def submit(args: list[str]) -> tuple[str, subprocess.CompletedProcess]:
 
 def job_logs(run_dir: Path, job_id: str) -> str:
     out, err = run_dir / f"slurm-{job_id}.out", run_dir / f"slurm-{job_id}.err"
-    return (f"--- {out.name}\n{out.read_text() if out.exists() else '(missing)'}\n"
-            f"--- {err.name} (tail)\n{err.read_text()[-6000:] if err.exists() else '(missing)'}")
+    return (
+        f"--- {out.name}\n{out.read_text() if out.exists() else '(missing)'}\n"
+        f"--- {err.name} (tail)\n{err.read_text()[-6000:] if err.exists() else '(missing)'}"
+    )
 
 
 def wait_for_job(job_id: str, run_dir: Path, timeout: float = JOB_TIMEOUT_S, until=None) -> None:
@@ -110,8 +131,19 @@ def wait_for_job(job_id: str, run_dir: Path, timeout: float = JOB_TIMEOUT_S, unt
 
 
 def tiny_job_args(run_dir: Path, tokenizer: Path, *extra: str) -> list[str]:
-    return [str(TINY_RECIPE), "--nodes", "2", "--cpu", "--procs-per-node", "1", *TINY_OVERRIDES,
-            f"data.tokenizer={tokenizer}", f"run.dir={run_dir}", "train.log_interval=1", *extra]
+    return [
+        str(TINY_RECIPE),
+        "--nodes",
+        "2",
+        "--cpu",
+        "--procs-per-node",
+        "1",
+        *TINY_OVERRIDES,
+        f"data.tokenizer={tokenizer}",
+        f"run.dir={run_dir}",
+        "train.log_interval=1",
+        *extra,
+    ]
 
 
 # -- no cluster needed ------------------------------------------------------------------------
@@ -120,24 +152,48 @@ def tiny_job_args(run_dir: Path, tokenizer: Path, *extra: str) -> list[str]:
 def test_dry_run_34b_on_4_nodes_of_8_h100_is_the_documented_example(cli):
     status, script, err = cli(EXAMPLE_ARGS)
     assert status == 0, err
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=2-00:00:00", "#SBATCH --account=my-project",
-                 "#SBATCH --signal=B:USR1@300", "#SBATCH --requeue", "#SBATCH --open-mode=append",
-                 "export CUDA_DEVICE_MAX_CONNECTIONS=1", "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-                 "NPROC_PER_NODE=8", 'scontrol requeue "$SLURM_JOB_ID"'):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --account=my-project",
+        "#SBATCH --signal=B:USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "export CUDA_DEVICE_MAX_CONNECTIONS=1",
+        "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+        "NPROC_PER_NODE=8",
+        'scontrol requeue "$SLURM_JOB_ID"',
+    ):
         assert line in script, line
     assert f"#SBATCH --output={REPO}/runs/yi-34b/slurm-%j.out" in script
     assert "TP=8 PP=2 DP=2" in script
     assert "--rdzv-backend=c10d" in script and "-m fmtrain.launch.agent" in script
     # docs/slurm_example.md shows exactly this output (checkout path written as /path/to/fmtrain).
     shown = re.search(r"```bash\n(.*?)```", DOCS_EXAMPLE.read_text(), re.S).group(1)
-    assert script.replace(str(REPO), EXAMPLE_CHECKOUT) == shown, \
+    assert script.replace(str(REPO), EXAMPLE_CHECKOUT) == shown, (
         "docs/slurm_example.md is stale: regenerate it with `fmtrain " + " ".join(EXAMPLE_ARGS) + "`"
+    )
 
 
 def test_dry_run_of_a_cpu_job_has_no_gpu_settings(cli, tmp_path):
-    status, script, err = cli(["launch", "slurm", str(TINY_RECIPE), "--nodes", "2", "--cpu", "--procs-per-node",
-                               "2", "--dry-run", f"run.dir={tmp_path / 'run'}", *TINY_OVERRIDES])
+    status, script, err = cli(
+        [
+            "launch",
+            "slurm",
+            str(TINY_RECIPE),
+            "--nodes",
+            "2",
+            "--cpu",
+            "--procs-per-node",
+            "2",
+            "--dry-run",
+            f"run.dir={tmp_path / 'run'}",
+            *TINY_OVERRIDES,
+        ]
+    )
     assert status == 0, err
     assert "NPROC_PER_NODE=2" in script and "gloo" in script
     for absent in ("--gpus-per-node", "--exclusive", "CUDA_", "NCCL"):
@@ -145,15 +201,19 @@ def test_dry_run_of_a_cpu_job_has_no_gpu_settings(cli, tmp_path):
     assert not (tmp_path / "run").exists(), "--dry-run writes nothing"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("parallel.pp=4", "world size 2 is not divisible by parallel.tp x parallel.pp = 1 x 4 = 4"),
-    ("model.hiden_size=8", "unknown config key 'model.hiden_size'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("parallel.pp=4", "world size 2 is not divisible by parallel.tp x parallel.pp = 1 x 4 = 4"),
+        ("model.hiden_size=8", "unknown config key 'model.hiden_size'"),
+    ],
+)
 def test_invalid_recipe_fails_before_sbatch(cli, tmp_path, override, message):
     before = job_ids() if _REASON is None else set()
     run_dir = tmp_path / "run"
-    status, out, err = cli(["launch", "slurm", str(TINY_RECIPE), "--nodes", "2", "--cpu", *TINY_OVERRIDES,
-                            f"run.dir={run_dir}", override])
+    status, out, err = cli(
+        ["launch", "slurm", str(TINY_RECIPE), "--nodes", "2", "--cpu", *TINY_OVERRIDES, f"run.dir={run_dir}", override]
+    )
     assert status == 2
     assert "configuration error" in err and message in err, err
     assert "submitted job" not in out
@@ -182,8 +242,15 @@ def test_first_host_of_slurm_node_lists():
 def test_process_env_under_srun_without_torchrun(monkeypatch):
     import fmtrain.parallel as parallel
 
-    env = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1",
-           "SLURM_STEP_NODELIST": "gpu-[07-08]", "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_JOB_ID": "81723"}
+    env = {
+        "SLURM_STEP_ID": "0",
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NODELIST": "gpu-[07-08]",
+        "SLURM_JOB_NODELIST": "gpu-[07-08]",
+        "SLURM_JOB_ID": "81723",
+    }
     monkeypatch.setattr(os, "environ", dict(env))
     assert parallel.process_env() == (3, 4, 1)
     assert os.environ["MASTER_ADDR"] == "gpu-07" and os.environ["MASTER_PORT"] == str(15000 + 81723 % 15000)
@@ -209,8 +276,9 @@ def test_slurm_time_limits():
 
 
 def test_time_limit_shorter_than_the_save_notice_is_refused(cli):
-    status, _, err = cli(["launch", "slurm", str(TINY_RECIPE), "--nodes", "1", "--cpu", "--time", "4",
-                          "--grace", "300", "--dry-run"])
+    status, _, err = cli(
+        ["launch", "slurm", str(TINY_RECIPE), "--nodes", "1", "--cpu", "--time", "4", "--grace", "300", "--dry-run"]
+    )
     assert status == 2 and "--time=4 leaves no time before the --grace=300 s save notice" in err
 
 
@@ -220,8 +288,9 @@ def test_time_limit_shorter_than_the_save_notice_is_refused(cli):
 @needs_cluster
 def test_two_node_job_with_tensor_parallelism_across_nodes(tiny_tokenizer, tmp_path):
     run_dir = tmp_path / "run"
-    job_id, launch = submit(tiny_job_args(run_dir, tiny_tokenizer, "parallel.tp=2", "train.max_steps=6",
-                                          "checkpoint.save_at_end=true"))
+    job_id, launch = submit(
+        tiny_job_args(run_dir, tiny_tokenizer, "parallel.tp=2", "train.max_steps=6", "checkpoint.save_at_end=true")
+    )
     assert f"run dir  {run_dir}" in launch.stdout
     assert (run_dir / "fmtrain.sbatch").is_file() and (run_dir / "config.yaml").is_file()
     wait_for_job(job_id, run_dir)
@@ -249,8 +318,9 @@ def test_preempted_job_saves_requeues_and_resumes_without_repeating_a_step(tiny_
 
     run_dir = tmp_path / "run"
     steps = 80  # about 0.1 s each here: the notice (about a second to reach the ranks) lands mid-run
-    job_id, _ = submit(tiny_job_args(run_dir, tiny_tokenizer, f"train.max_steps={steps}",
-                                     "checkpoint.save_at_end=true"))
+    job_id, _ = submit(
+        tiny_job_args(run_dir, tiny_tokenizer, f"train.max_steps={steps}", "checkpoint.save_at_end=true")
+    )
     metrics_file = run_dir / "metrics.jsonl"
 
     def steps_logged() -> int:
@@ -283,11 +353,25 @@ def test_preempted_job_saves_requeues_and_resumes_without_repeating_a_step(tiny_
 def test_train_directly_under_srun_one_task_per_node(tiny_tokenizer, tmp_path):
     """No torchrun: rank, world size and rendezvous come from srun's variables."""
     run_dir = tmp_path / "run"
-    cmd = ["srun", "--nodes=2", "--ntasks-per-node=1", f"--chdir={REPO}", "--time=5",
-           sys.executable, "-m", "fmtrain.cli", "train", str(TINY_RECIPE), *TINY_OVERRIDES,
-           f"data.tokenizer={tiny_tokenizer}", f"run.dir={run_dir}", "train.max_steps=3"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cmd = [
+        "srun",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        f"--chdir={REPO}",
+        "--time=5",
+        sys.executable,
+        "-m",
+        "fmtrain.cli",
+        "train",
+        str(TINY_RECIPE),
+        *TINY_OVERRIDES,
+        f"data.tokenizer={tiny_tokenizer}",
+        f"run.dir={run_dir}",
+        "train.max_steps=3",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-6000:]}"
     assert "layout TP=1 PP=1 VPP=1 DP=2 on 2 cpu rank(s)" in proc.stdout
     assert sorted(read_metrics(run_dir)) == [1, 2, 3]

@@ -17,7 +17,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, free_port, read_metrics, run_fmtrain
 
 RECIPE = REPO / "recipes" / "step_video" / "dit_tiny.yaml"
@@ -27,12 +26,26 @@ WORKER_ARGS = ["train.global_batch_size=8", "train.micro_batch_size=2"]
 
 def _worker(tmp_path, tp: int, pp: int, sp: bool = False) -> dict:
     out = tmp_path / f"dit_tp{tp}_pp{pp}_sp{int(sp)}.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp),
-           "--master_port", str(free_port()), str(REPO / "tests" / "dit_worker.py"), str(out), str(RECIPE),
-           f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.sequence_parallel={str(sp).lower()}",
-           f"run.dir={tmp_path / 'run'}", *WORKER_ARGS]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(tp * pp),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "dit_worker.py"),
+        str(out),
+        str(RECIPE),
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.sequence_parallel={str(sp).lower()}",
+        f"run.dir={tmp_path / 'run'}",
+        *WORKER_ARGS,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return torch.load(out, weights_only=True)
 
@@ -49,16 +62,18 @@ def test_parameter_count_formula_matches_the_module(reference):
     assert reference["num_parameters"] == param_count(load_config(RECIPE))
 
 
-@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)],
-                         ids=["tp2", "pp2", "tp2-pp2", "tp2-sp"])
+@pytest.mark.parametrize(
+    "tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)], ids=["tp2", "pp2", "tp2-pp2", "tp2-sp"]
+)
 def test_layout_matches_single_rank(reference, tmp_path, tp, pp, sp):
     other = _worker(tmp_path, tp, pp, sp)
     # Forward: two microbatches of different latent shapes (the pipeline pads to the longer).
     assert len(other["predictions"]) == len(reference["predictions"]) == 2
     for got, ref in zip(other["predictions"], reference["predictions"]):
         assert got.shape == ref.shape
-        assert torch.allclose(got, ref, rtol=RTOL, atol=RTOL * float(ref.abs().max())), \
+        assert torch.allclose(got, ref, rtol=RTOL, atol=RTOL * float(ref.abs().max())), (
             f"prediction differs by {float((got - ref).abs().max())}"
+        )
     # Ten training steps: losses and gradient norms.
     assert torch.allclose(other["losses"], reference["losses"], rtol=RTOL)
     assert torch.allclose(other["grad_norms"], reference["grad_norms"], rtol=RTOL)
@@ -69,8 +84,19 @@ def test_tiny_recipe_learns_and_samples_move_toward_the_data(tmp_path):
     from fmtrain.data.latents import class_prototypes, class_text_embeddings
 
     run_dir = tmp_path / "run"
-    run_fmtrain([f"run.dir={run_dir}", "train.max_steps=200", "train.log_interval=50", "eval.interval=0",
-                 "logging.tensorboard=false", "logging.peak_tflops=1.0"], nproc=1, recipe=RECIPE, timeout=900)
+    run_fmtrain(
+        [
+            f"run.dir={run_dir}",
+            "train.max_steps=200",
+            "train.log_interval=50",
+            "eval.interval=0",
+            "logging.tensorboard=false",
+            "logging.peak_tflops=1.0",
+        ],
+        nproc=1,
+        recipe=RECIPE,
+        timeout=900,
+    )
     metrics = read_metrics(run_dir)
     first = metrics[1]["loss"]
     last = np.mean([metrics[s]["loss"] for s in range(191, 201)])
@@ -86,9 +112,31 @@ def test_tiny_recipe_learns_and_samples_move_toward_the_data(tmp_path):
     for k in range(classes):
         prompt, out = tmp_path / f"prompt{k}.npz", tmp_path / f"sample{k}.npy"
         np.savez(prompt, text_emb=text[k], clip_emb=clip[k])
-        proc = subprocess.run([sys.executable, "-m", "fmtrain.cli", "sample", str(RECIPE), "--ckpt", str(run_dir),
-                               "--prompt-emb", str(prompt), "--out", str(out), "--num", "4", "--seed", "5",
-                               "--shape", "2x8x8"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fmtrain.cli",
+                "sample",
+                str(RECIPE),
+                "--ckpt",
+                str(run_dir),
+                "--prompt-emb",
+                str(prompt),
+                "--out",
+                str(out),
+                "--num",
+                "4",
+                "--seed",
+                "5",
+                "--shape",
+                "2x8x8",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         x = np.load(out, allow_pickle=False)
         assert x.shape == (4, m.in_channels, *shape)
@@ -107,24 +155,62 @@ def test_sampler_is_reproducible_and_validates_its_prompt(tmp_path):
     outs = []
     for i in range(2):
         out = tmp_path / f"s{i}.npy"
-        proc = subprocess.run([sys.executable, "-m", "fmtrain.cli", "sample", str(RECIPE), "--prompt-emb", str(prompt),
-                               "--out", str(out), "--steps", "3", "--seed", "9"], cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fmtrain.cli",
+                "sample",
+                str(RECIPE),
+                "--prompt-emb",
+                str(prompt),
+                "--out",
+                str(out),
+                "--steps",
+                "3",
+                "--seed",
+                "9",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(np.load(out))
     assert np.array_equal(outs[0], outs[1])
     bad = tmp_path / "bad.npz"
     np.savez(bad, text_emb=np.ones((3, 50), np.float32), clip_emb=np.ones((2, 32), np.float32))
-    proc = subprocess.run([sys.executable, "-m", "fmtrain.cli", "sample", str(RECIPE), "--prompt-emb", str(bad),
-                           "--out", str(tmp_path / "x.npy")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fmtrain.cli",
+            "sample",
+            str(RECIPE),
+            "--prompt-emb",
+            str(bad),
+            "--out",
+            str(tmp_path / "x.npy"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "'text_emb' has shape (3, 50), expected [tokens, 64]" in proc.stderr
 
 
 def test_30b_recipe_size_and_memory():
-    proc = subprocess.run([sys.executable, "-m", "fmtrain.cli", "info", str(REPO / "recipes/step_video/dit_30b.yaml"),
-                           "--gpus", "256"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmtrain.cli", "info", str(REPO / "recipes/step_video/dit_30b.yaml"), "--gpus", "256"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(l for l in proc.stdout.splitlines() if l.startswith("parameters"))
+    line = next(text for text in proc.stdout.splitlines() if text.startswith("parameters"))
     params = int(line.split()[1].replace(",", ""))
     # 48 blocks x (8 h^2 attention + 2 h x 4h FFN) = 29.0B, plus AdaLN-single (6 h^2) and embedders.
     assert 29.0e9 < params < 30.5e9

@@ -20,30 +20,50 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import free_port
-
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "step_video" / "dit_tiny.yaml"
 WORKER = REPO / "tests" / "step_video_convert_worker.py"
 sys.path.insert(0, str(REPO / "tests"))
-ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
-       "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-SMALL = ["train.global_batch_size=2", "train.micro_batch_size=1", "train.warmup_steps=1", "eval.interval=0",
-         "logging.tensorboard=false"]
+ENV = {
+    **os.environ,
+    "PYTHONWARNINGS": "ignore",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+}
+SMALL = [
+    "train.global_batch_size=2",
+    "train.micro_batch_size=1",
+    "train.warmup_steps=1",
+    "eval.interval=0",
+    "logging.tensorboard=false",
+]
 TRANSFORMED = ("pos_embed.proj.weight", "proj_out.weight", "proj_out.bias")
 
 # The released 30B transformer/config.json (StepVideoModel.__init__ defaults).
-RELEASE_30B = {"_class_name": "StepVideoModel", "num_attention_heads": 48, "attention_head_dim": 128,
-               "in_channels": 64, "out_channels": 64, "num_layers": 48, "dropout": 0.0, "patch_size": 1,
-               "norm_type": "ada_norm_single", "norm_elementwise_affine": False, "norm_eps": 1e-6,
-               "use_additional_conditions": False, "caption_channels": [6144, 1024], "attention_type": "parallel"}
+RELEASE_30B = {
+    "_class_name": "StepVideoModel",
+    "num_attention_heads": 48,
+    "attention_head_dim": 128,
+    "in_channels": 64,
+    "out_channels": 64,
+    "num_layers": 48,
+    "dropout": 0.0,
+    "patch_size": 1,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "use_additional_conditions": False,
+    "caption_channels": [6144, 1024],
+    "attention_type": "parallel",
+}
 
 
 def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd[2:6])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd[2:6])} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -71,8 +91,22 @@ def _tiny_cfg(*overrides: str):
 def trained(tmp_path_factory) -> Path:
     """One training step of the tiny recipe at PP=2 (two ranks), saved: a real checkpoint."""
     run_dir = tmp_path_factory.mktemp("sv_convert") / "run"
-    _run([sys.executable, "-m", "fmtrain.cli", "train", "--nproc", "2", str(RECIPE), *SMALL,
-          f"run.dir={run_dir}", "parallel.pp=2", "train.max_steps=1", "checkpoint.save_at_end=true"])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "fmtrain.cli",
+            "train",
+            "--nproc",
+            "2",
+            str(RECIPE),
+            *SMALL,
+            f"run.dir={run_dir}",
+            "parallel.pp=2",
+            "train.max_steps=1",
+            "checkpoint.save_at_end=true",
+        ]
+    )
     state = json.loads((run_dir / "checkpoints" / "step_0000001" / "fmtrain_state.json").read_text())
     assert state["layout"]["pp"] == 2
     return run_dir / "checkpoints" / "step_0000001"
@@ -104,13 +138,27 @@ def test_key_shapes_for_30b_match_a_meta_build(single_rank):
     from fmtrain.config import load_config
     from fmtrain.models.registry import get_family
 
-    cfg = load_config(None, overrides_as_args(sv.fmtrain_model_overrides_from_release(RELEASE_30B, 24576))
-                      + ["model.seq_length=4096", "train.precision=bf16"])
+    cfg = load_config(
+        None,
+        overrides_as_args(sv.fmtrain_model_overrides_from_release(RELEASE_30B, 24576))
+        + ["model.seq_length=4096", "train.precision=bf16"],
+    )
     m = cfg.model
-    assert (m.num_layers, m.hidden_size, m.num_attention_heads, cfg.head_dim, m.ffn_hidden_size) == (48, 6144, 48, 128,
-                                                                                                     24576)
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, cfg.head_dim, m.ffn_hidden_size) == (
+        48,
+        6144,
+        48,
+        128,
+        24576,
+    )
     assert (m.in_channels, m.patch_size, m.caption_dim, m.clip_dim, m.rope_axes, m.rotary_base) == (
-        64, 1, 6144, 1024, "64,32,32", 1e4)
+        64,
+        1,
+        6144,
+        1024,
+        "64,32,32",
+        1e4,
+    )
     expected = sv.key_shapes_for_config(cfg)
     assert converter("step_video") is sv
 
@@ -178,15 +226,17 @@ def test_config_translation_and_refusals():
     assert "clip_projection.weight" not in shapes
     assert sv.hf_config_from_fmtrain(cfg_affine)["caption_channels"] == 64
 
-    for bad, field in (({"num_layers": 5}, r"model.num_layers=4 .* R/config.json has num_layers=5"),
-                       ({"attention_head_dim": 16},
-                        r"model.hidden_size=128 .* num_attention_heads x attention_head_dim=64"),
-                       ({"caption_channels": [64, 16]}, r"model.clip_dim=32 .* caption_channels\[1\]=16"),
-                       ({"norm_elementwise_affine": True},
-                        r"model.caption_norm_affine=False .* norm_elementwise_affine"),
-                       ({"use_additional_conditions": True}, "use_additional_conditions"),
-                       ({"out_channels": 16}, "out_channels=16"), ({"norm_type": "ada_norm"}, "norm_type"),
-                       ({"norm_eps": 1e-5}, "norm_eps"), ({"_class_name": "Other"}, "_class_name")):
+    for bad, field in (
+        ({"num_layers": 5}, r"model.num_layers=4 .* R/config.json has num_layers=5"),
+        ({"attention_head_dim": 16}, r"model.hidden_size=128 .* num_attention_heads x attention_head_dim=64"),
+        ({"caption_channels": [64, 16]}, r"model.clip_dim=32 .* caption_channels\[1\]=16"),
+        ({"norm_elementwise_affine": True}, r"model.caption_norm_affine=False .* norm_elementwise_affine"),
+        ({"use_additional_conditions": True}, "use_additional_conditions"),
+        ({"out_channels": 16}, "out_channels=16"),
+        ({"norm_type": "ada_norm"}, "norm_type"),
+        ({"norm_eps": 1e-5}, "norm_eps"),
+        ({"_class_name": "Other"}, "_class_name"),
+    ):
         with pytest.raises(ConfigError, match=field):
             sv.check_model_matches_hf(cfg, {**config_json, **bad}, "R/config.json")
 
@@ -261,8 +311,9 @@ def test_export_writes_the_release_layout(trained, release):
     files = sorted(set(index["weight_map"].values()))
     n = len(files)
     assert n > 1 and files == [f"diffusion_pytorch_model-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
-    assert sorted(p.name for p in weights.iterdir()) == sorted(files + [
-        "config.json", "diffusion_pytorch_model.safetensors.index.json"])
+    assert sorted(p.name for p in weights.iterdir()) == sorted(
+        files + ["config.json", "diffusion_pytorch_model.safetensors.index.json"]
+    )
     assert json.loads((weights / "config.json").read_text()) == sv.hf_config_from_fmtrain(cfg)
 
     exported = _read_all(weights)
@@ -295,7 +346,11 @@ def test_release_round_trip_is_bit_exact(trained, release, tmp_path, capsys, sin
     model = state["config"]["model"]
     assert state["contents"] == ["model"] and state["step"] == 0
     assert (model["family"], model["ffn_hidden_size"], model["rope_axes"], model["rotary_base"]) == (
-        "step_video", 512, "16,8,8", 1e4)
+        "step_video",
+        512,
+        "16,8,8",
+        1e4,
+    )
     assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "back"), "--max-shard-size", "2MB"]) == 0
     _assert_bit_exact(tmp_path / "back" / "transformer", original)
 
@@ -314,8 +369,23 @@ def test_import_at_tp2_gives_the_same_tensors(release, tmp_path):
     written as a TP=2 fmtrain checkpoint and exported back, bit for bit."""
     out = tmp_path / "tp2.json"
     ckpt = tmp_path / "tp2_ckpt"
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-          str(release), str(out), str(ckpt), str(RECIPE), *SMALL, "parallel.tp=2"])
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(WORKER),
+            str(release),
+            str(out),
+            str(ckpt),
+            str(RECIPE),
+            *SMALL,
+            "parallel.tp=2",
+        ]
+    )
     result = json.loads(out.read_text())
     print(f"\nTP=2 import: {result}")
     assert result["pieces"] == 2 * 81 and result["sliced"] == 2 * 4 * 7  # 7 split weights per block
@@ -348,12 +418,16 @@ def test_init_from_release_then_train(release, tmp_path, single_rank):
     assert "Step-Video" in logs[-1]
     model = engine.unwrapped_chunks()[0]
     with HFCheckpoint(release / "transformer") as ckpt:
+
         def check():
             params = dict(model.named_parameters())
-            assert torch.equal(params["transformer_blocks.2.attn1.wqkv.weight"],
-                               ckpt["transformer_blocks.2.attn1.wqkv.weight"].bfloat16())
-            assert torch.equal(params["pos_embed.proj.weight"],
-                               ckpt["pos_embed.proj.weight"].reshape(128, 8).bfloat16())
+            assert torch.equal(
+                params["transformer_blocks.2.attn1.wqkv.weight"],
+                ckpt["transformer_blocks.2.attn1.wqkv.weight"].bfloat16(),
+            )
+            assert torch.equal(
+                params["pos_embed.proj.weight"], ckpt["pos_embed.proj.weight"].reshape(128, 8).bfloat16()
+            )
             assert torch.equal(params["scale_shift_table"], ckpt["scale_shift_table"].bfloat16())
 
         check()
@@ -404,29 +478,46 @@ def test_broken_release_files_are_refused(release, tmp_path, capsys):
     root = broken("wrong_shape", wrong)
     with HFCheckpoint(root / "transformer") as ckpt, pytest.raises(HFCheckpointError) as exc:
         sv.check_hf_names(ckpt, s)
-    assert ("transformer_blocks.1.attn2.wkv.weight in diffusion_pytorch_model.safetensors has shape (128, 128)"
-            in str(exc.value)) and "expects (256, 128)" in str(exc.value)
-    refused(root, "transformer_blocks.1.attn2.wkv.weight", "(128, 128)", "(256, 128)",
-            "diffusion_pytorch_model.safetensors")
+    assert (
+        "transformer_blocks.1.attn2.wkv.weight in diffusion_pytorch_model.safetensors has shape (128, 128)"
+        in str(exc.value)
+    ) and "expects (256, 128)" in str(exc.value)
+    refused(
+        root, "transformer_blocks.1.attn2.wkv.weight", "(128, 128)", "(256, 128)", "diffusion_pytorch_model.safetensors"
+    )
 
     missing = {k: v for k, v in original.items() if k != "transformer_blocks.3.attn1.k_norm.weight"}
-    refused(broken("missing", missing), "missing 1 tensor(s): transformer_blocks.3.attn1.k_norm.weight "
-            "(expected shape (32,))")
+    refused(
+        broken("missing", missing),
+        "missing 1 tensor(s): transformer_blocks.3.attn1.k_norm.weight (expected shape (32,))",
+    )
 
     extra = {**original, "transformer_blocks.4.norm1.weight": torch.ones(128)}
-    refused(broken("unexpected", extra), "1 unexpected tensor(s): transformer_blocks.4.norm1.weight "
-            "(in diffusion_pytorch_model.safetensors, shape (128,))")
+    refused(
+        broken("unexpected", extra),
+        "1 unexpected tensor(s): transformer_blocks.4.norm1.weight "
+        "(in diffusion_pytorch_model.safetensors, shape (128,))",
+    )
 
     # The recipe's FFN width is not the checkpoint's (config.json cannot say; the weights do).
-    refused(good, "model.ffn_hidden_size=256 does not match the checkpoint",
-            "transformer_blocks.0.ff.net.0.proj.weight", "(512, 128)", "(256, 128)",
-            extra=("model.ffn_hidden_size=256",))
+    refused(
+        good,
+        "model.ffn_hidden_size=256 does not match the checkpoint",
+        "transformer_blocks.0.ff.net.0.proj.weight",
+        "(512, 128)",
+        "(256, 128)",
+        extra=("model.ffn_hidden_size=256",),
+    )
 
     # config.json disagrees with the recipe: the field and both values.
     other = json.loads(config_text)
     other["num_layers"] = 6
-    refused(broken("config", original, json.dumps(other)), "model.num_layers=4 does not match the checkpoint",
-            "config.json has num_layers=6", "dit_tiny.yaml")
+    refused(
+        broken("config", original, json.dumps(other)),
+        "model.num_layers=4 does not match the checkpoint",
+        "config.json has num_layers=6",
+        "dit_tiny.yaml",
+    )
     # Without a recipe the same files convert as a 6-layer model, whose blocks 4-5 are missing.
     refused(tmp_path / "config", "missing 32 tensor(s)", "transformer_blocks.4.", recipe=False)
     shutil.rmtree(tmp_path / "config")

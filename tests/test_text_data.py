@@ -60,8 +60,18 @@ def test_builtin_corpus_is_plain_text_scenes():
     assert docs[0].startswith("Hamlet\nACT I\nSCENE I. Elsinore. A platform before the castle.\n\n")
     assert "BERNARDO.\nWho's there?\n\nFRANCISCO.\nNay, answer me: stand, and unfold yourself." in docs[0]
     plays = {doc.split("\n", 1)[0] for doc in docs}
-    assert plays == {"Hamlet", "King Lear", "Macbeth", "Othello", "Romeo and Juliet", "Timon of Athens",
-                     "Antony and Cleopatra", "Coriolanus", "Julius Caesar", "Titus Andronicus"}
+    assert plays == {
+        "Hamlet",
+        "King Lear",
+        "Macbeth",
+        "Othello",
+        "Romeo and Juliet",
+        "Timon of Athens",
+        "Antony and Cleopatra",
+        "Coriolanus",
+        "Julius Caesar",
+        "Titus Andronicus",
+    }
     text = "".join(docs)
     for markdown in ("**", "_", "\\", "#", "  \n"):
         assert markdown not in text, markdown
@@ -163,7 +173,8 @@ def test_transformers_llama_tokenizer_agrees(sp, tokenizer_path):
     # tokenizers-backed class, LlamaTokenizer(vocab_file=...) ignores the file, and
     # from_pretrained converts the .model. Yi's special pieces must be named explicitly.
     hf = transformers.LlamaTokenizer.from_pretrained(
-        str(tokenizer_path), bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<unk>")
+        str(tokenizer_path), bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<unk>"
+    )
     assert len(hf) == VOCAB
     assert (hf.unk_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
     docs = read_documents("builtin:shakespeare")
@@ -206,8 +217,8 @@ def test_packed_real_text_and_shifted_labels(sp):
     assert torch.equal(batch["tokens"][:, 1:], batch["labels"][:, :-1])
     assert batch["loss_mask"].dtype == torch.float32 and bool((batch["loss_mask"] == 1).all())
     first = MicrobatchSampler(ds, 4, 2, 1, seed=0).window_indices(0, 0)[0]
-    assert batch["tokens"][0].tolist() == reference[first * 65: first * 65 + 64]
-    assert batch["labels"][0].tolist() == reference[first * 65 + 1: first * 65 + 65]
+    assert batch["tokens"][0].tolist() == reference[first * 65 : first * 65 + 64]
+    assert batch["labels"][0].tolist() == reference[first * 65 + 1 : first * 65 + 65]
 
 
 # --------------------------------------------------------------------------- sampler
@@ -258,7 +269,9 @@ def test_sampler_is_stateless():
         for x, y in zip(a.microbatches(step, rank), b.microbatches(step, rank), strict=True):
             for key in ("tokens", "labels", "loss_mask"):
                 assert torch.equal(x[key], y[key])
-    assert window_ids(a.microbatches(0, 0)[0]) != window_ids(MicrobatchSampler(ds, 8, 2, 2, seed=12).microbatches(0, 0)[0])
+    assert window_ids(a.microbatches(0, 0)[0]) != window_ids(
+        MicrobatchSampler(ds, 8, 2, 2, seed=12).microbatches(0, 0)[0]
+    )
 
 
 def test_dp2_union_equals_dp1():

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import yaml
-
 from conftest import read_metrics, run_fmtrain
 
 REQUIRED_METRICS = {"step", "loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "memory_gb"}

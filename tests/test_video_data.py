@@ -27,8 +27,26 @@ def video_dir(tmp_path_factory) -> Path:
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     root = tmp_path_factory.mktemp("video")
-    assert tool.main(["--out", str(root), "--count", "10", "--frames", "12", "--width", "40", "--height", "32",
-                      "--max-count", "3", "--quiet"]) == 0
+    assert (
+        tool.main(
+            [
+                "--out",
+                str(root),
+                "--count",
+                "10",
+                "--frames",
+                "12",
+                "--width",
+                "40",
+                "--height",
+                "32",
+                "--max-count",
+                "3",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -37,8 +55,14 @@ def pipeline(**kw) -> VideoPipeline:
 
 
 def video_loader(root, *, dp=2, workers=2, gbs=4, mbs=1, **kw):
-    spec = StreamSpec(resolve_shards(str(root / "shards")), dp_size=dp, num_workers=workers, seed=11,
-                      shuffle_buffer=2, max_bad_fraction=kw.pop("bad", 0.01))
+    spec = StreamSpec(
+        resolve_shards(str(root / "shards")),
+        dp_size=dp,
+        num_workers=workers,
+        seed=11,
+        shuffle_buffer=2,
+        max_bad_fraction=kw.pop("bad", 0.01),
+    )
     return StreamingLoader(pipeline(**kw), spec, global_batch_size=gbs, micro_batch_size=mbs)
 
 
@@ -46,8 +70,10 @@ def test_synthetic_videos_are_real_mp4_shards(video_dir):
     index = json.loads((video_dir / "shards" / INDEX_NAME).read_text())
     assert index["samples"] == 10 and [s["samples"] for s in index["shards"]] == [3, 3, 3, 1]
     assert index["fields"] == ["json", "mp4", "txt"] and index["skipped"] == []
-    captions = {json.loads(line)["video"]: json.loads(line)["caption"]
-                for line in (video_dir / "captions.jsonl").read_text().splitlines()}
+    captions = {
+        json.loads(line)["video"]: json.loads(line)["caption"]
+        for line in (video_dir / "captions.jsonl").read_text().splitlines()
+    }
     samples = [s for shard in resolve_shards(str(video_dir / "shards")) for _, s in read_shard(shard)]
     assert [s["__key__"] for s in samples] == [f"vid-{i:04d}" for i in range(10)]
     for sample in samples:
@@ -100,9 +126,13 @@ def test_video_stream_resume_and_coverage_dp2_workers2(video_dir):
             for j, batch in enumerate(batches[step, rank]):
                 keys[(step * 2 + j) % 2] += batch["key"]
         for worker, got in keys.items():
-            order = [k for e in range(4) for sh, p in stream_order(spec, e, spec.stream_id(rank, worker))
-                     for k in [f"vid-{3 * sh + p:04d}"] * 2]
-            assert got == order[:len(got)]
+            order = [
+                k
+                for e in range(4)
+                for sh, p in stream_order(spec, e, spec.stream_id(rank, worker))
+                for k in [f"vid-{3 * sh + p:04d}"] * 2
+            ]
+            assert got == order[: len(got)]
     epoch0 = [w for s in range(4) for w in stream_order(spec, 0, s)]
     assert sorted(3 * sh + p for sh, p in epoch0) == list(range(10))
     # stop after k steps, resume from the JSON state: the same batches
@@ -118,19 +148,25 @@ def test_video_stream_resume_and_coverage_dp2_workers2(video_dir):
             resumed.load_state_dict(r, states[r])
         got = [[batch_hash(b) for b in resumed.microbatches(s, r)] for s in range(k, 7) for r in range(2)]
         resumed.close()
-        assert got == straight[2 * k:], f"resumed at step {k}"
+        assert got == straight[2 * k :], f"resumed at step {k}"
 
 
 def test_undecodable_and_missing_videos_warn_and_count(video_dir, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="fmtrain.data")
     good = [s for shard in resolve_shards(str(video_dir / "shards")) for _, s in read_shard(shard)][:4]
     with wds.TarWriter(str(tmp_path / "v.tar"), encoder=False) as writer:
-        for i, sample in enumerate(good):
+        for sample in good:
             writer.write({k: v for k, v in sample.items() if k != "__url__"})
         writer.write({"__key__": "broken", "mp4": b"\x00\x00\x00\x18ftypmp42" + bytes(500), "json": b"{}"})
         writer.write({"__key__": "nomp4", "txt": b"a caption without a video"})
-    spec = StreamSpec(resolve_shards(str(tmp_path / "v.tar")), dp_size=1, num_workers=0, seed=0,
-                      shuffle_buffer=0, max_bad_fraction=0.5)
+    spec = StreamSpec(
+        resolve_shards(str(tmp_path / "v.tar")),
+        dp_size=1,
+        num_workers=0,
+        seed=0,
+        shuffle_buffer=0,
+        max_bad_fraction=0.5,
+    )
     loader = StreamingLoader(pipeline(clips=1), spec, global_batch_size=2, micro_batch_size=2)
     keys = [k for step in range(3) for b in loader.microbatches(step, 0) for k in b["key"]]
     assert "broken" not in keys and "nomp4" not in keys and len(keys) == 6
@@ -152,14 +188,30 @@ def test_shard_video_command(video_dir, tmp_path, caplog):
         np.save(latents / f"vid-{i:04d}.npy", np.full((4, 2, 2), i, dtype=np.float32))
     captions = tmp_path / "captions.tsv"
     captions.write_text("vid-0000.mp4\tzero\nvid-0001\tone\nvid-0002.mp4\ttwo\nzz-broken.mp4\tbroken\n")
-    assert fmtrain_main(["data", "shard", "video", str(videos), "--captions", str(captions), "--latents",
-                         str(latents), "--out", str(tmp_path / "out")]) == 0
+    assert (
+        fmtrain_main(
+            [
+                "data",
+                "shard",
+                "video",
+                str(videos),
+                "--captions",
+                str(captions),
+                "--latents",
+                str(latents),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     index = json.loads((tmp_path / "out" / INDEX_NAME).read_text())
     assert index["samples"] == 3 and index["fields"] == ["json", "latent.npy", "mp4", "txt"]
     assert [s["file"] for s in index["skipped"]] == [str(videos / "zz-broken.mp4")]
     assert "zz-broken.mp4 skipped: undecodable" in caplog.text
-    spec = StreamSpec(resolve_shards(str(tmp_path / "out")), dp_size=1, num_workers=0, seed=0,
-                      shuffle_buffer=0, shuffle=False)
+    spec = StreamSpec(
+        resolve_shards(str(tmp_path / "out")), dp_size=1, num_workers=0, seed=0, shuffle_buffer=0, shuffle=False
+    )
     batch = StreamingLoader(pipeline(clips=1), spec, global_batch_size=3, micro_batch_size=3).microbatches(0, 0)[0]
     assert batch["caption"] == ["zero", "one", "two"]
     assert batch["latent"].shape == (3, 4, 2, 2) and batch["latent"][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]

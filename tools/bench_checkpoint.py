@@ -51,13 +51,25 @@ def build_config(size: str, run_dir: Path, async_save: bool, seq: int, gbs: int,
     from fmtrain.config import load_config
 
     hidden, ffn, layers, heads, kv = SIZES[size]
-    return load_config(REPO / "recipes" / "yi" / "tiny.yaml", [
-        f"model.hidden_size={hidden}", f"model.ffn_hidden_size={ffn}", f"model.num_layers={layers}",
-        f"model.num_attention_heads={heads}", f"model.num_query_groups={kv}", "model.vocab_size=2048",
-        f"model.seq_length={seq}", f"train.global_batch_size={gbs}", f"train.micro_batch_size={mbs}",
-        "train.max_steps=1000", "train.warmup_steps=0", f"run.dir={run_dir}",
-        f"checkpoint.async_save={str(async_save).lower()}", "checkpoint.keep_last=2",
-    ])
+    return load_config(
+        REPO / "recipes" / "yi" / "tiny.yaml",
+        [
+            f"model.hidden_size={hidden}",
+            f"model.ffn_hidden_size={ffn}",
+            f"model.num_layers={layers}",
+            f"model.num_attention_heads={heads}",
+            f"model.num_query_groups={kv}",
+            "model.vocab_size=2048",
+            f"model.seq_length={seq}",
+            f"train.global_batch_size={gbs}",
+            f"train.micro_batch_size={mbs}",
+            "train.max_steps=1000",
+            "train.warmup_steps=0",
+            f"run.dir={run_dir}",
+            f"checkpoint.async_save={str(async_save).lower()}",
+            "checkpoint.keep_last=2",
+        ],
+    )
 
 
 def random_microbatches(n: int, mbs: int, seq: int, vocab: int, device, seed: int) -> list[dict]:
@@ -65,8 +77,13 @@ def random_microbatches(n: int, mbs: int, seq: int, vocab: int, device, seed: in
     out = []
     for _ in range(n):
         tokens = torch.randint(0, vocab, (mbs, seq + 1), generator=g)
-        out.append({"tokens": tokens[:, :-1].to(device), "labels": tokens[:, 1:].to(device),
-                    "loss_mask": torch.ones(mbs, seq, device=device)})
+        out.append(
+            {
+                "tokens": tokens[:, :-1].to(device),
+                "labels": tokens[:, 1:].to(device),
+                "loss_mask": torch.ones(mbs, seq, device=device),
+            }
+        )
     return out
 
 
@@ -94,8 +111,9 @@ def bench_one(size: str, async_save: bool, args, topo) -> dict:
     family = get_family(cfg.model.family)
     engine = build_engine(cfg, topo, family)
     writer = CheckpointWriter(cfg, run_dir, topo, log=lambda m: None)
-    batches = random_microbatches(num_microbatches(cfg, topo.dp), args.mbs, args.seq, cfg.model.vocab_size,
-                                  topo.device, seed=topo.dp_rank)
+    batches = random_microbatches(
+        num_microbatches(cfg, topo.dp), args.mbs, args.seq, cfg.model.vocab_size, topo.device, seed=topo.dp_rank
+    )
 
     step_idle, step_busy = [], []
     save_s, poll_s, prior_wait_s, complete_s = [], [], [], []
@@ -134,7 +152,8 @@ def bench_one(size: str, async_save: bool, args, topo) -> dict:
     waits = [save_s[c] + poll_s[c] + prior_wait_s[c + 1] for c in range(1, args.checkpoints + 1)]
     saved = writer.last_saved
     result = {
-        "size": size, "mode": mode,
+        "size": size,
+        "mode": mode,
         "params": family.param_count(cfg),
         "checkpoint_bytes": du_bytes(saved) if topo.is_writer else 0,
         "wait_s": waits,
@@ -179,30 +198,43 @@ def main() -> None:
             results.append(bench_one(size, async_save, args, topo))
             r = results[-1]
             if topo.is_writer:
-                print(f"{size:>4} {r['mode']:>5}: {r['checkpoint_bytes'] / 2**20:7.1f} MiB, loop waits "
-                      f"{r['wait_mean_s']:.3f} s per checkpoint ({', '.join(f'{w:.3f}' for w in r['wait_s'])})",
-                      flush=True)
+                print(
+                    f"{size:>4} {r['mode']:>5}: {r['checkpoint_bytes'] / 2**20:7.1f} MiB, loop waits "
+                    f"{r['wait_mean_s']:.3f} s per checkpoint ({', '.join(f'{w:.3f}' for w in r['wait_s'])})",
+                    flush=True,
+                )
     if topo.is_writer:
         device = torch.cuda.get_device_name() if topo.device.type == "cuda" else f"CPU ({topo.world_size} ranks, gloo)"
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True).stdout.strip()
-        print(f"\ndevice: {device}; ranks: {topo.world_size}; commit {commit}; "
-              f"{args.every} steps between checkpoints, {args.checkpoints} timed checkpoints each\n")
-        print("| model | checkpoint | sync: loop waits | async: loop waits | async / sync | async: in save() | "
-              "async: save start -> complete | step, no save | step, async write running |")
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+        print(
+            f"\ndevice: {device}; ranks: {topo.world_size}; commit {commit}; "
+            f"{args.every} steps between checkpoints, {args.checkpoints} timed checkpoints each\n"
+        )
+        print(
+            "| model | checkpoint | sync: loop waits | async: loop waits | async / sync | async: in save() | "
+            "async: save start -> complete | step, no save | step, async write running |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         by = {(r["size"], r["mode"]): r for r in results}
         for size in args.sizes.split(","):
             s, a = by[(size, "sync")], by[(size, "async")]
             busy = f"{a['step_during_write_s']:.3f} s" if a["step_during_write_s"] else "-"
             idle = f"{s['step_idle_s']:.3f} s" if s["step_idle_s"] else "-"
-            print(f"| {s['params'] / 1e6:.1f}M params | {s['checkpoint_bytes'] / 2**20:.0f} MiB | "
-                  f"{s['wait_mean_s']:.3f} s | {a['wait_mean_s']:.3f} s | {a['wait_mean_s'] / s['wait_mean_s']:.2f} | "
-                  f"{a['save_call_s']:.3f} s | {a['complete_s']:.3f} s | {idle} | {busy} |")
+            print(
+                f"| {s['params'] / 1e6:.1f}M params | {s['checkpoint_bytes'] / 2**20:.0f} MiB | "
+                f"{s['wait_mean_s']:.3f} s | {a['wait_mean_s']:.3f} s | {a['wait_mean_s'] / s['wait_mean_s']:.2f} | "
+                f"{a['save_call_s']:.3f} s | {a['complete_s']:.3f} s | {idle} | {busy} |"
+            )
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "results.json").write_text(json.dumps(
-            {"device": device, "ranks": topo.world_size, "commit": commit, "args": vars(args),
-             "results": results}, indent=1) + "\n")
+        (Path(args.out) / "results.json").write_text(
+            json.dumps(
+                {"device": device, "ranks": topo.world_size, "commit": commit, "args": vars(args), "results": results},
+                indent=1,
+            )
+            + "\n"
+        )
     parallel.destroy()
 
 

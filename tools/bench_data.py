@@ -32,8 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fmtrain.data.packing import TextPipeline  # noqa: E402
-from fmtrain.data.shards import (INDEX_NAME, read_shard, resolve_shards, write_text_shards,  # noqa: E402
-                                 write_video_shards)
+from fmtrain.data.shards import INDEX_NAME, read_shard, resolve_shards, write_text_shards, write_video_shards  # noqa: E402
 from fmtrain.data.stream import StreamingLoader, StreamSpec, StreamWorker  # noqa: E402
 from fmtrain.data.text import read_documents, train_tokenizer  # noqa: E402
 from fmtrain.data.video import VideoPipeline, default_codec, synthetic_video  # noqa: E402
@@ -43,8 +42,13 @@ def build_text(workdir: Path, repeat: int, vocab_size: int) -> tuple[Path, Path]
     shards = workdir / f"text-x{repeat}"
     docs = read_documents("builtin:shakespeare")
     if not (shards / INDEX_NAME).is_file():
-        write_text_shards(["builtin:shakespeare"], shards, shard_size=1_000_000, progress=False,
-                          documents=((f"doc-{r}-{i:06d}", d) for r in range(repeat) for i, d in enumerate(docs)))
+        write_text_shards(
+            ["builtin:shakespeare"],
+            shards,
+            shard_size=1_000_000,
+            progress=False,
+            documents=((f"doc-{r}-{i:06d}", d) for r in range(repeat) for i, d in enumerate(docs)),
+        )
     tokenizer = workdir / f"tokenizer-{vocab_size}.model"
     if not tokenizer.is_file():
         train_tokenizer(docs, vocab_size, tokenizer.with_suffix(""))
@@ -77,7 +81,12 @@ def raw_read(spec_path: Path) -> dict:
             samples += 1
             nbytes += sum(len(v) for k, v in sample.items() if isinstance(v, bytes))
     seconds = time.perf_counter() - start
-    return {"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds, "mb_per_s": nbytes / seconds / 1e6}
+    return {
+        "samples": samples,
+        "seconds": seconds,
+        "samples_per_s": samples / seconds,
+        "mb_per_s": nbytes / seconds / 1e6,
+    }
 
 
 def one_stream(pipeline, spec_path: Path, *, mbs: int, samples: int) -> dict:
@@ -92,8 +101,13 @@ def one_stream(pipeline, spec_path: Path, *, mbs: int, samples: int) -> dict:
         if position["seen"] >= samples:
             break
     seconds = time.perf_counter() - start
-    return {"samples": position["seen"], "seconds": seconds, "samples_per_s": position["seen"] / seconds,
-            "units": units, "units_per_s": units / seconds}
+    return {
+        "samples": position["seen"],
+        "seconds": seconds,
+        "samples_per_s": position["seen"] / seconds,
+        "units": units,
+        "units_per_s": units / seconds,
+    }
 
 
 def loader_run(pipeline, spec_path: Path, *, workers: int, mbs: int, seconds: float) -> dict:
@@ -112,8 +126,12 @@ def loader_run(pipeline, spec_path: Path, *, workers: int, mbs: int, seconds: fl
         units += sum(unit_count(b) for b in loader.microbatches(step, 0))
     elapsed = time.perf_counter() - start
     loader.close()
-    return {"workers": workers, "seconds": elapsed, "units_per_s": units / elapsed,
-            "units_per_s_per_worker": units / elapsed / workers}
+    return {
+        "workers": workers,
+        "seconds": elapsed,
+        "units_per_s": units / elapsed,
+        "units_per_s_per_worker": units / elapsed / workers,
+    }
 
 
 def unit_count(batch: dict) -> int:
@@ -147,24 +165,33 @@ def main(argv: list[str] | None = None) -> int:
     text_shards, tokenizer = build_text(workdir, args.text_repeat, args.vocab_size)
     video_shards = build_video(workdir, args.videos, args.frames, args.width, args.height)
     text_pipe = TextPipeline(tokenizer, args.seq_length, vocab_size=args.vocab_size)
-    video_pipe = VideoPipeline(frames=args.clip_frames, stride=args.clip_stride, size=args.clip_size,
-                               crop="random", clips=args.clips)
+    video_pipe = VideoPipeline(
+        frames=args.clip_frames, stride=args.clip_stride, size=args.clip_size, crop="random", clips=args.clips
+    )
 
     results: dict = {"load_average": os.getloadavg()[0], "cpus": os.cpu_count()}
     rows = []
-    for name, shards, pipe, mbs, unit in (("text", text_shards, text_pipe, args.text_mbs, "tokens"),
-                                          ("video", video_shards, video_pipe, args.video_mbs, "clips")):
+    for name, shards, pipe, mbs, unit in (
+        ("text", text_shards, text_pipe, args.text_mbs, "tokens"),
+        ("video", video_shards, video_pipe, args.video_mbs, "clips"),
+    ):
         raw = raw_read(shards)
         stream = one_stream(pipe, shards, mbs=mbs, samples=raw["samples"])
         loaders = [loader_run(pipe, shards, workers=w, mbs=mbs, seconds=args.seconds) for w in args.workers]
         results[name] = {"raw": raw, "one_worker": stream, "loader": loaders}
-        rows.append(f"| {name} | raw tar read (baseline) | {raw['samples_per_s']:,.0f} samples/s, "
-                    f"{raw['mb_per_s']:,.1f} MB/s | 1.00 |")
-        rows.append(f"| {name} | pipeline, 1 stream in-process | {stream['units_per_s']:,.0f} {unit}/s "
-                    f"({stream['samples_per_s']:,.0f} samples/s) | {stream['samples_per_s'] / raw['samples_per_s']:.3f} |")
+        rows.append(
+            f"| {name} | raw tar read (baseline) | {raw['samples_per_s']:,.0f} samples/s, "
+            f"{raw['mb_per_s']:,.1f} MB/s | 1.00 |"
+        )
+        rows.append(
+            f"| {name} | pipeline, 1 stream in-process | {stream['units_per_s']:,.0f} {unit}/s "
+            f"({stream['samples_per_s']:,.0f} samples/s) | {stream['samples_per_s'] / raw['samples_per_s']:.3f} |"
+        )
         for run in loaders:
-            rows.append(f"| {name} | StreamingLoader, {run['workers']} worker(s) | {run['units_per_s']:,.0f} {unit}/s "
-                        f"total, {run['units_per_s_per_worker']:,.0f} {unit}/s per worker | |")
+            rows.append(
+                f"| {name} | StreamingLoader, {run['workers']} worker(s) | {run['units_per_s']:,.0f} {unit}/s "
+                f"total, {run['units_per_s_per_worker']:,.0f} {unit}/s per worker | |"
+            )
     print("| data | what | throughput | samples/s vs raw |")
     print("|---|---|---|---|")
     print("\n".join(rows))

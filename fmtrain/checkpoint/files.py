@@ -16,8 +16,8 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from fmtrain.checkpoint.errors import CheckpointError
 
@@ -34,7 +34,7 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return checkpoints_dir(run_dir) / f"step_{step:07d}"
 
 
-def step_of(path: Path) -> Optional[int]:
+def step_of(path: Path) -> int | None:
     """The step of a complete checkpoint's directory name (None for .tmp and other names)."""
     match = _COMPLETE_NAME.fullmatch(Path(path).name)
     return int(match.group(1)) if match else None
@@ -57,7 +57,7 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_latest(run_dir: Path, log: Callable[[str], None] = print) -> Optional[Path]:
+def find_latest(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
     """The checkpoint ``latest`` names, or the newest complete one; incomplete ones are reported."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
@@ -69,8 +69,10 @@ def find_latest(run_dir: Path, log: Callable[[str], None] = print) -> Optional[P
         named = root / pointer.read_text().strip()
         if step_of(named) is not None and named.is_dir() and is_complete(named):
             return named
-        log(f"checkpoints/latest names {named}, which is missing or incomplete; "
-            "looking for the newest complete checkpoint")
+        log(
+            f"checkpoints/latest names {named}, which is missing or incomplete; "
+            "looking for the newest complete checkpoint"
+        )
     complete = complete_checkpoints(root)
     return complete[-1][1] if complete else None
 
@@ -101,8 +103,9 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def prune(run_dir: Path, keep_last: int, keep_every: int, newest_step: int,
-          log: Callable[[str], None] = print) -> list[Path]:
+def prune(
+    run_dir: Path, keep_last: int, keep_every: int, newest_step: int, log: Callable[[str], None] = print
+) -> list[Path]:
     """Retention after ``newest_step`` was completed (rank 0 only); returns what was removed.
 
     Kept: the ``keep_last`` newest complete checkpoints (all when 0), every one whose step is a
@@ -132,6 +135,5 @@ def prune(run_dir: Path, keep_last: int, keep_every: int, newest_step: int,
             shutil.rmtree(leftover, ignore_errors=True)
             removed.append(leftover)
     if removed:
-        log("retention (checkpoint.keep_last / keep_every) removed "
-            + ", ".join(p.name for p in sorted(removed)))
+        log("retention (checkpoint.keep_last / keep_every) removed " + ", ".join(p.name for p in sorted(removed)))
     return removed

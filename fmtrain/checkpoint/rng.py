@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -65,13 +64,15 @@ def restore(states: dict[str, torch.Tensor]) -> None:
     gauss = states["python_gauss"].tolist()
     random.setstate((3, tuple(int(w) for w in states["python"].tolist()), gauss[0] if gauss else None))
     pos, has_gauss, cached = states["numpy_meta"].tolist()
-    np.random.set_state(("MT19937", states["numpy_keys"].numpy().astype(np.uint32), int(pos),
-                         int(has_gauss), float(cached)))
+    np.random.set_state(
+        ("MT19937", states["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached))
+    )
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
-    tracker_states = {name[len("tracker/"):]: state.clone()
-                      for name, state in states.items() if name.startswith("tracker/")}
+    tracker_states = {
+        name[len("tracker/") :]: state.clone() for name, state in states.items() if name.startswith("tracker/")
+    }
     if tracker_states:
         _tracker().set_states(tracker_states)
 
@@ -82,7 +83,7 @@ def save(checkpoint_dir: Path, rank: int, states: dict[str, torch.Tensor]) -> No
     torch.save(states, path)
 
 
-def load(checkpoint_dir: Path, rank: int) -> Optional[dict[str, torch.Tensor]]:
+def load(checkpoint_dir: Path, rank: int) -> dict[str, torch.Tensor] | None:
     """This rank's saved states, or None when the checkpoint has none for it."""
     path = rng_file(checkpoint_dir, rank)
     if not path.is_file():

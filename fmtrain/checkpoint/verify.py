@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -29,8 +30,11 @@ from fmtrain.checkpoint.errors import CheckpointError
 
 DCP_METADATA = ".metadata"
 
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                "torch.distributed.checkpoint.filesystem")
+_DCP_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.planner",
+    "torch.distributed.checkpoint.filesystem",
+)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -64,8 +68,7 @@ def read_dcp_metadata(path: Path):
     except pickle.UnpicklingError as exc:
         raise CheckpointError(f"checkpoint {path}: refusing to read {index.name}: {exc}") from None
     except Exception as exc:  # truncated / garbage index
-        raise CheckpointError(f"checkpoint {path}: {index.name} is unreadable "
-                              f"({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"checkpoint {path}: {index.name} is unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def check_files(path: Path) -> None:
@@ -78,12 +81,15 @@ def check_files(path: Path) -> None:
     for name in sorted(needed):
         data_file = Path(path) / name
         if not data_file.is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing "
-                                  f"(its {DCP_METADATA} lists tensors stored there)")
+            raise CheckpointError(
+                f"checkpoint {path} is incomplete: {name} is missing (its {DCP_METADATA} lists tensors stored there)"
+            )
         size = data_file.stat().st_size
         if size < needed[name]:
-            raise CheckpointError(f"checkpoint {path} is truncated: {name} has {size} bytes, "
-                                  f"its {DCP_METADATA} needs at least {needed[name]}")
+            raise CheckpointError(
+                f"checkpoint {path} is truncated: {name} has {size} bytes, "
+                f"its {DCP_METADATA} needs at least {needed[name]}"
+            )
 
 
 def _sharded_tensors(sharded_state_dict: dict) -> Iterable:
@@ -106,24 +112,31 @@ def check_shapes(path: Path, model_sharded_state_dict: dict, describe_config_dif
     try:
         saved = dist_checkpointing.load_tensors_metadata(str(path))
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path}: cannot read its tensor index "
-                              f"({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"checkpoint {path}: cannot read its tensor index ({type(exc).__name__}: {exc})"
+        ) from None
     hint = f" ({describe_config_difference})" if describe_config_difference else ""
     for tensor in _sharded_tensors(model_sharded_state_dict):
         if tensor.key not in saved:
-            raise CheckpointError(f"checkpoint {path} does not fit this model: it has no tensor "
-                                  f"'{tensor.key}' (model shape {tuple(tensor.global_shape)}){hint}")
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: it has no tensor "
+                f"'{tensor.key}' (model shape {tuple(tensor.global_shape)}){hint}"
+            )
         saved_shape = tuple(saved[tensor.key].global_shape)
         if saved_shape != tuple(tensor.global_shape):
-            raise CheckpointError(f"checkpoint {path} does not fit this model: tensor '{tensor.key}' "
-                                  f"has shape {saved_shape} in the checkpoint and "
-                                  f"{tuple(tensor.global_shape)} in the model{hint}")
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model: tensor '{tensor.key}' "
+                f"has shape {saved_shape} in the checkpoint and "
+                f"{tuple(tensor.global_shape)} in the model{hint}"
+            )
 
 
 def config_difference(saved_config: dict, model_config: dict) -> str:
     """'model.hidden_size: checkpoint 64, this run 128; ...' for the model fields that differ."""
     saved_model = (saved_config or {}).get("model", {})
-    diffs = [f"model.{key}: checkpoint {saved_model[key]!r}, this run {value!r}"
-             for key, value in model_config.items()
-             if key in saved_model and saved_model[key] != value]
+    diffs = [
+        f"model.{key}: checkpoint {saved_model[key]!r}, this run {value!r}"
+        for key, value in model_config.items()
+        if key in saved_model and saved_model[key] != value
+    ]
     return "; ".join(diffs)

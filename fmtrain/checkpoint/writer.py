@@ -24,9 +24,9 @@ import json
 import multiprocessing
 import shutil
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
@@ -36,7 +36,7 @@ from fmtrain.checkpoint.errors import CheckpointError
 from fmtrain.config import Config
 
 
-def async_unsupported_reason() -> Optional[str]:
+def async_unsupported_reason() -> str | None:
     """Why asynchronous saving cannot work here, or None when it can."""
     if "fork" not in multiprocessing.get_all_start_methods():
         return "this platform cannot fork the writer process megatron's async save uses"
@@ -80,8 +80,16 @@ def start_helper_processes() -> None:
 class CheckpointWriter:
     """Saves checkpoints of one run into ``RUN_DIR/checkpoints`` (collective: every rank)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, topo, *, tokenizer_path: Optional[Path] = None,
-                 log: Callable[[str], None] = print, async_save: Optional[bool] = None):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: Path,
+        topo,
+        *,
+        tokenizer_path: Path | None = None,
+        log: Callable[[str], None] = print,
+        async_save: bool | None = None,
+    ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.topo = topo
@@ -102,22 +110,22 @@ class CheckpointWriter:
                 # Non-persistent: each save forks a fresh writer, whose copy-on-write memory is the
                 # snapshot of the state (a persistent, spawned worker would share live CPU tensors).
                 self._queue = AsyncCallsQueue(persistent=False)
-        self._in_flight: Optional[Path] = None
+        self._in_flight: Path | None = None
         self._helpers_started = False
-        self.last_saved: Optional[Path] = None
+        self.last_saved: Path | None = None
         self.blocked_s = 0.0
         """Seconds the caller spent inside save / poll / wait (the loop's wait for checkpoints)."""
         self.last_duration_s = 0.0
         """Seconds from the start of the last completed save until it was complete."""
 
     @property
-    def in_flight(self) -> Optional[Path]:
+    def in_flight(self) -> Path | None:
         """The ``.tmp`` directory of the save being written in the background, if any."""
         return self._in_flight
 
     # ------------------------------------------------------------------ saving
 
-    def save(self, step: int, engine, extra_state: Optional[dict] = None) -> Path:
+    def save(self, step: int, engine, extra_state: dict | None = None) -> Path:
         """Checkpoint ``engine`` after ``step`` optimizer steps; returns the final directory.
 
         Synchronous: the checkpoint is complete on return. Asynchronous: it is scheduled, and
@@ -157,7 +165,7 @@ class CheckpointWriter:
             self.blocked_s += time.perf_counter() - started
         return final
 
-    def _state(self, step: int, extra_state: Optional[dict]) -> dict:
+    def _state(self, step: int, extra_state: dict | None) -> dict:
         t, topo = self.cfg.train, self.topo
         return {
             "step": step,

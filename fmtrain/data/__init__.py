@@ -24,6 +24,18 @@ from fmtrain.data.text import (
     train_tokenizer,
 )
 
-__all__ = ["BOS_ID", "BUILTIN_CORPORA", "EOS_ID", "UNK_ID", "MicrobatchSampler", "PackedTextDataset",
-           "build_text_datasets", "default_tokenizer_path", "ensure_tokenizer", "load_tokenizer",
-           "read_documents", "split_documents", "train_tokenizer"]
+__all__ = [
+    "BOS_ID",
+    "BUILTIN_CORPORA",
+    "EOS_ID",
+    "UNK_ID",
+    "MicrobatchSampler",
+    "PackedTextDataset",
+    "build_text_datasets",
+    "default_tokenizer_path",
+    "ensure_tokenizer",
+    "load_tokenizer",
+    "read_documents",
+    "split_documents",
+    "train_tokenizer",
+]

@@ -37,10 +37,13 @@ def _videos(paths: list[str]) -> list[Path]:
 def cmd_shard_text(args: argparse.Namespace) -> int:
     from fmtrain.data.shards import parse_size, write_text_shards
 
-    index = write_text_shards(args.files, args.out, shard_size=parse_size(args.shard_size),
-                              max_count=args.max_count, tokenizer=args.tokenizer)
-    print(f"wrote {index['samples']} documents in {len(index['shards'])} shards to {args.out} "
-          f"(index: {Path(args.out) / 'index.json'})")
+    index = write_text_shards(
+        args.files, args.out, shard_size=parse_size(args.shard_size), max_count=args.max_count, tokenizer=args.tokenizer
+    )
+    print(
+        f"wrote {index['samples']} documents in {len(index['shards'])} shards to {args.out} "
+        f"(index: {Path(args.out) / 'index.json'})"
+    )
     return 0
 
 
@@ -52,11 +55,19 @@ def cmd_shard_video(args: argparse.Namespace) -> int:
         print("fmtrain: error: no video files given", file=sys.stderr)
         return 1
     captions = read_captions(args.captions) if args.captions else None
-    index = write_video_shards(videos, args.out, captions=captions, latents=args.latents,
-                               text_embs=args.text_embs, shard_size=parse_size(args.shard_size),
-                               max_count=args.max_count)
-    print(f"wrote {index['samples']} videos in {len(index['shards'])} shards to {args.out} "
-          f"({len(index['skipped'])} skipped; index: {Path(args.out) / 'index.json'})")
+    index = write_video_shards(
+        videos,
+        args.out,
+        captions=captions,
+        latents=args.latents,
+        text_embs=args.text_embs,
+        shard_size=parse_size(args.shard_size),
+        max_count=args.max_count,
+    )
+    print(
+        f"wrote {index['samples']} videos in {len(index['shards'])} shards to {args.out} "
+        f"({len(index['skipped'])} skipped; index: {Path(args.out) / 'index.json'})"
+    )
     return 0
 
 
@@ -76,14 +87,22 @@ def cmd_shard_latents(args: argparse.Namespace) -> int:
     if not files:
         print("fmtrain: error: no .npz files given", file=sys.stderr)
         return 1
-    index = write_npz_latent_shards(files, args.out, shard_size=parse_size(args.shard_size),
-                                    max_count=args.max_count, in_channels=args.channels or None,
-                                    patch_size=args.patch_size, caption_dim=args.caption_dim or None,
-                                    clip_dim=args.clip_dim or None)
+    index = write_npz_latent_shards(
+        files,
+        args.out,
+        shard_size=parse_size(args.shard_size),
+        max_count=args.max_count,
+        in_channels=args.channels or None,
+        patch_size=args.patch_size,
+        caption_dim=args.caption_dim or None,
+        clip_dim=args.clip_dim or None,
+    )
     skipped = index["skipped"]
-    print(f"wrote {index['samples']} latent samples in {len(index['shards'])} shards to {args.out} "
-          f"({len(skipped)} of {len(files)} files skipped{': see the warnings' if skipped else ''}; "
-          f"index: {Path(args.out) / 'index.json'})")
+    print(
+        f"wrote {index['samples']} latent samples in {len(index['shards'])} shards to {args.out} "
+        f"({len(skipped)} of {len(files)} files skipped{': see the warnings' if skipped else ''}; "
+        f"index: {Path(args.out) / 'index.json'})"
+    )
     return 0
 
 
@@ -92,16 +111,29 @@ def cmd_synth_latents(args: argparse.Namespace) -> int:
     from fmtrain.data.shards import parse_size
 
     if (args.clip_dim > 0) != (args.clip_tokens > 0):
-        raise ValueError(f"--clip-dim={args.clip_dim} and --clip-tokens={args.clip_tokens} must both be positive "
-                         "or both 0")
+        raise ValueError(
+            f"--clip-dim={args.clip_dim} and --clip-tokens={args.clip_tokens} must both be positive or both 0"
+        )
     train, valid = write_synthetic_latent_shards(
-        args.out_dir, shapes=parse_latent_shapes(args.shapes), samples=args.samples, classes=args.classes,
-        channels=args.channels, caption_tokens=args.caption_tokens, caption_dim=args.caption_dim,
-        clip_tokens=args.clip_tokens, clip_dim=args.clip_dim, seed=args.seed, valid_fraction=args.valid_fraction,
-        shard_size=parse_size(args.shard_size), max_count=args.max_count)
+        args.out_dir,
+        shapes=parse_latent_shapes(args.shapes),
+        samples=args.samples,
+        classes=args.classes,
+        channels=args.channels,
+        caption_tokens=args.caption_tokens,
+        caption_dim=args.caption_dim,
+        clip_tokens=args.clip_tokens,
+        clip_dim=args.clip_dim,
+        seed=args.seed,
+        valid_fraction=args.valid_fraction,
+        shard_size=parse_size(args.shard_size),
+        max_count=args.max_count,
+    )
     out = Path(args.out_dir)
-    print(f"wrote {train['samples']} training samples in {len(train['shards'])} shards to {out / 'train'}"
-          + (f" and {valid['samples']} validation samples to {out / 'valid'}" if valid else ""))
+    print(
+        f"wrote {train['samples']} training samples in {len(train['shards'])} shards to {out / 'train'}"
+        + (f" and {valid['samples']} validation samples to {out / 'valid'}" if valid else "")
+    )
     return 0
 
 
@@ -123,8 +155,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
         try:
             text = sample_text(sample)
         except UnicodeDecodeError:
-            print(f"fmtrain: warning: {sample.get('__url__')} key {sample.get('__key__')}: .txt is not UTF-8; "
-                  "skipped", file=sys.stderr)
+            print(
+                f"fmtrain: warning: {sample.get('__url__')} key {sample.get('__key__')}: .txt is not UTF-8; skipped",
+                file=sys.stderr,
+            )
             continue
         if text:
             docs.append(text)
@@ -164,6 +198,7 @@ def _guarded(func):
         except (BadDataError, ValueError, FileNotFoundError) as exc:
             print(f"fmtrain: error: {exc}", file=sys.stderr)
             return 1
+
     return run
 
 
@@ -193,8 +228,11 @@ def register_data(sub) -> None:
     video.add_argument("--text-embs", default=None, help="folder of STEM.npy text embeddings (.text_emb.npy)")
     video.set_defaults(func=_guarded(cmd_shard_video))
 
-    latents = ssub.add_parser("latents", help="per-sample .npz files (latent, text_emb, optional text_mask, "
-                                              "clip_emb, clip_mask, caption) -> latent shards")
+    latents = ssub.add_parser(
+        "latents",
+        help="per-sample .npz files (latent, text_emb, optional text_mask, "
+        "clip_emb, clip_mask, caption) -> latent shards",
+    )
     latents.add_argument("files", nargs="+", help=".npz files or folders of them")
     sizes(latents)
     latents.add_argument("--channels", type=int, default=0, help="check the latent channel count (0: any)")

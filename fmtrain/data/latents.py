@@ -37,8 +37,8 @@ import logging
 import math
 import zipfile
 import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -96,8 +96,9 @@ def _load_npy(sample: dict, field: str) -> np.ndarray:
     return array
 
 
-def check_latent(latent: np.ndarray, *, in_channels: Optional[int] = None, patch_size: int = 1,
-                 name: str = ".latent.npy") -> np.ndarray:
+def check_latent(
+    latent: np.ndarray, *, in_channels: int | None = None, patch_size: int = 1, name: str = ".latent.npy"
+) -> np.ndarray:
     """A float [C, T, H, W] latent with finite values (and C = ``in_channels`` when given,
     H and W divisible by ``patch_size``); raises :class:`BadSample` naming the problem."""
     if latent.ndim != 4:
@@ -116,8 +117,9 @@ def check_latent(latent: np.ndarray, *, in_channels: Optional[int] = None, patch
     return latent
 
 
-def check_embedding(emb: np.ndarray, mask: Optional[np.ndarray], *, dim: Optional[int], tokens: Optional[int],
-                    name: str) -> tuple[np.ndarray, np.ndarray]:
+def check_embedding(
+    emb: np.ndarray, mask: np.ndarray | None, *, dim: int | None, tokens: int | None, name: str
+) -> tuple[np.ndarray, np.ndarray]:
     """A float [L, dim] embedding and its [L] mask (default all ones), truncated to ``tokens``
     rows when given; raises :class:`BadSample` (naming ``.{name}_emb.npy``) for a wrong shape,
     dtype, non-finite values, or no valid token left. Returns (emb, bool mask)."""
@@ -133,8 +135,10 @@ def check_embedding(emb: np.ndarray, mask: Optional[np.ndarray], *, dim: Optiona
         mask = np.ones(emb.shape[0], dtype=bool)
     else:
         if mask.ndim != 1 or mask.shape[0] != emb.shape[0]:
-            raise BadSample(f".{name}_mask.npy must be 1-D with {emb.shape[0]} entries (one per row of {field}), "
-                            f"got shape {tuple(mask.shape)}")
+            raise BadSample(
+                f".{name}_mask.npy must be 1-D with {emb.shape[0]} entries (one per row of {field}), "
+                f"got shape {tuple(mask.shape)}"
+            )
         if mask.dtype != np.bool_:
             if not np.issubdtype(mask.dtype, np.integer) or (mask.size and not np.isin(mask, (0, 1)).all()):
                 raise BadSample(f".{name}_mask.npy must be bool or 0/1 integers, got {mask.dtype}")
@@ -149,8 +153,9 @@ def check_embedding(emb: np.ndarray, mask: Optional[np.ndarray], *, dim: Optiona
     return emb, mask
 
 
-def _pad_stack(embs: Sequence[np.ndarray], masks: Sequence[np.ndarray], tokens: int,
-               dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_stack(
+    embs: Sequence[np.ndarray], masks: Sequence[np.ndarray], tokens: int, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[L_i, dim] arrays -> zero-padded float32 [b, tokens, dim] and bool [b, tokens]."""
     out = np.zeros((len(embs), tokens, dim), dtype=np.float32)
     valid = np.zeros((len(embs), tokens), dtype=bool)
@@ -161,21 +166,25 @@ def _pad_stack(embs: Sequence[np.ndarray], masks: Sequence[np.ndarray], tokens: 
     return torch.from_numpy(out), torch.from_numpy(valid)
 
 
-def collate_latents(items: Sequence[dict], *, caption_tokens: int, caption_dim: int, clip_tokens: int = 0,
-                    clip_dim: int = 0) -> dict:
+def collate_latents(
+    items: Sequence[dict], *, caption_tokens: int, caption_dim: int, clip_tokens: int = 0, clip_dim: int = 0
+) -> dict:
     """Items (``latent``, ``text_emb``, ``text_mask``, [``clip_emb``, ``clip_mask``],
     ``sample_seed``, ``key``) of one latent shape -> a microbatch (format in the module doc)."""
     shapes = sorted({tuple(item["latent"].shape) for item in items})
     if len(shapes) != 1:
-        raise ValueError(f"one microbatch must hold one latent shape, got {shapes} (keys "
-                         f"{[item['key'] for item in items]})")
+        raise ValueError(
+            f"one microbatch must hold one latent shape, got {shapes} (keys {[item['key'] for item in items]})"
+        )
     latent = np.stack([np.asarray(item["latent"], dtype=np.float32) for item in items])  # (b, C, T, H, W)
-    text_emb, text_mask = _pad_stack([i["text_emb"] for i in items], [i["text_mask"] for i in items],
-                                     caption_tokens, caption_dim)
+    text_emb, text_mask = _pad_stack(
+        [i["text_emb"] for i in items], [i["text_mask"] for i in items], caption_tokens, caption_dim
+    )
     batch = {"latent": torch.from_numpy(latent), "text_emb": text_emb, "text_mask": text_mask}
     if clip_dim > 0:
-        batch["clip_emb"], batch["clip_mask"] = _pad_stack([i["clip_emb"] for i in items],
-                                                           [i["clip_mask"] for i in items], clip_tokens, clip_dim)
+        batch["clip_emb"], batch["clip_mask"] = _pad_stack(
+            [i["clip_emb"] for i in items], [i["clip_mask"] for i in items], clip_tokens, clip_dim
+        )
     batch["sample_seed"] = torch.tensor([int(i["sample_seed"]) for i in items], dtype=torch.int64)
     batch["key"] = [str(i["key"]) for i in items]
     return batch
@@ -190,11 +199,21 @@ class LatentPipeline:
     item_size = 1
     pad_at_epoch_end = False
 
-    def __init__(self, *, in_channels: int, caption_tokens: int, caption_dim: int, patch_size: int = 1,
-                 clip_tokens: int = 0, clip_dim: int = 0):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        caption_tokens: int,
+        caption_dim: int,
+        patch_size: int = 1,
+        clip_tokens: int = 0,
+        clip_dim: int = 0,
+    ):
         if min(in_channels, caption_tokens, caption_dim, patch_size) < 1:
-            raise ValueError(f"in_channels={in_channels}, caption_tokens={caption_tokens}, caption_dim={caption_dim} "
-                             f"and patch_size={patch_size} must be >= 1")
+            raise ValueError(
+                f"in_channels={in_channels}, caption_tokens={caption_tokens}, caption_dim={caption_dim} "
+                f"and patch_size={patch_size} must be >= 1"
+            )
         if clip_dim < 0 or clip_tokens < 0 or (clip_dim > 0) != (clip_tokens > 0):
             raise ValueError(f"clip_dim={clip_dim} and clip_tokens={clip_tokens} must both be positive or both 0")
         self.in_channels, self.patch_size = in_channels, patch_size
@@ -202,10 +221,16 @@ class LatentPipeline:
         self.clip_tokens, self.clip_dim = clip_tokens, clip_dim
 
     @classmethod
-    def from_config(cls, cfg) -> "LatentPipeline":
+    def from_config(cls, cfg) -> LatentPipeline:
         m = cfg.model
-        return cls(in_channels=m.in_channels, caption_tokens=m.caption_tokens, caption_dim=m.caption_dim,
-                   patch_size=m.patch_size, clip_tokens=m.clip_tokens if m.clip_dim > 0 else 0, clip_dim=m.clip_dim)
+        return cls(
+            in_channels=m.in_channels,
+            caption_tokens=m.caption_tokens,
+            caption_dim=m.caption_dim,
+            patch_size=m.patch_size,
+            clip_tokens=m.clip_tokens if m.clip_dim > 0 else 0,
+            clip_dim=m.clip_dim,
+        )
 
     def units(self, sample: dict, ctx: SampleContext) -> list[dict]:
         required = ["latent.npy", "text_emb.npy"] + (["clip_emb.npy"] if self.clip_dim > 0 else [])
@@ -214,8 +239,7 @@ class LatentPipeline:
             fields = sorted(k for k in sample if not k.startswith("__"))
             why = " (model.clip_dim > 0 needs a CLIP-style embedding)" if missing == ["clip_emb.npy"] else ""
             raise BadSample(f"missing field: {', '.join('.' + f for f in missing)}{why} (has {fields or 'nothing'})")
-        latent = check_latent(_load_npy(sample, "latent.npy"), in_channels=self.in_channels,
-                              patch_size=self.patch_size)
+        latent = check_latent(_load_npy(sample, "latent.npy"), in_channels=self.in_channels, patch_size=self.patch_size)
         item = {"latent": latent}
         encoders = [("text", self.caption_dim, self.caption_tokens)]
         if self.clip_dim > 0:
@@ -223,7 +247,8 @@ class LatentPipeline:
         for name, dim, tokens in encoders:
             mask = _load_npy(sample, f"{name}_mask.npy") if f"{name}_mask.npy" in sample else None
             item[f"{name}_emb"], item[f"{name}_mask"] = check_embedding(
-                _load_npy(sample, f"{name}_emb.npy"), mask, dim=dim, tokens=tokens, name=name)
+                _load_npy(sample, f"{name}_emb.npy"), mask, dim=dim, tokens=tokens, name=name
+            )
         item["sample_seed"] = int(ctx.rng().integers(0, SEED_LIMIT, dtype=np.int64))
         item["key"] = sample.get("__key__", ctx.key)
         return [item]
@@ -235,20 +260,33 @@ class LatentPipeline:
         return tuple(int(s) for s in item["latent"].shape[1:])
 
     def collate(self, items: list[dict]) -> dict:
-        return collate_latents(items, caption_tokens=self.caption_tokens, caption_dim=self.caption_dim,
-                               clip_tokens=self.clip_tokens, clip_dim=self.clip_dim)
+        return collate_latents(
+            items,
+            caption_tokens=self.caption_tokens,
+            caption_dim=self.caption_dim,
+            clip_tokens=self.clip_tokens,
+            clip_dim=self.clip_dim,
+        )
 
     def fingerprint(self) -> dict:
-        return {"kind": "latent", "in_channels": self.in_channels, "patch_size": self.patch_size,
-                "caption_tokens": self.caption_tokens, "caption_dim": self.caption_dim,
-                "clip_tokens": self.clip_tokens, "clip_dim": self.clip_dim, "bucketing": "latent_shape"}
+        return {
+            "kind": "latent",
+            "in_channels": self.in_channels,
+            "patch_size": self.patch_size,
+            "caption_tokens": self.caption_tokens,
+            "caption_dim": self.caption_dim,
+            "clip_tokens": self.clip_tokens,
+            "clip_dim": self.clip_dim,
+            "bucketing": "latent_shape",
+        }
 
 
 # --------------------------------------------------------------------------- synthetic latents
 
 
-def class_prototypes(shape: Sequence[int], classes: int, channels: int, seed: int, *,
-                     components: int = 3) -> np.ndarray:
+def class_prototypes(
+    shape: Sequence[int], classes: int, channels: int, seed: int, *, components: int = 3
+) -> np.ndarray:
     """``classes`` smooth latents of one (T, H, W) shape: float32 [classes, channels, T, H, W].
 
     Class k, channel c is a sum of ``components`` separable cosines
@@ -267,7 +305,7 @@ def class_prototypes(shape: Sequence[int], classes: int, channels: int, seed: in
         # (C, J, N) per axis
         waves = [np.cos(2 * np.pi * freq[..., a, None] * grids[a] + phase[..., a, None]) for a in range(3)]
         field = np.einsum("cj,cjt,cjh,cjw->cthw", amp, *waves)
-        rms = math.sqrt(float(np.mean(field ** 2)))
+        rms = math.sqrt(float(np.mean(field**2)))
         out[k] = field / max(rms, 1e-6)
     return out
 
@@ -275,13 +313,22 @@ def class_prototypes(shape: Sequence[int], classes: int, channels: int, seed: in
 def class_text_embeddings(classes: int, tokens: int, dim: int, seed: int, *, tag: int = 0) -> np.ndarray:
     """Fixed random per-class text embeddings (a different vector per token): float32
     [classes, tokens, dim]; ``tag`` separates the LLM-style (0) and CLIP-style (1) ones."""
-    return np.stack([np.random.default_rng([seed, 0x7E47, tag, k]).standard_normal((tokens, dim))
-                     for k in range(classes)]).astype(np.float32)
+    return np.stack(
+        [np.random.default_rng([seed, 0x7E47, tag, k]).standard_normal((tokens, dim)) for k in range(classes)]
+    ).astype(np.float32)
 
 
-def synthetic_latent_dataset(shapes: Sequence[Sequence[int]], samples_per_shape: int, classes: int, channels: int,
-                             caption_tokens: int, caption_dim: int, clip_tokens: int = 0, clip_dim: int = 0,
-                             seed: int = 0) -> list[dict]:
+def synthetic_latent_dataset(
+    shapes: Sequence[Sequence[int]],
+    samples_per_shape: int,
+    classes: int,
+    channels: int,
+    caption_tokens: int,
+    caption_dim: int,
+    clip_tokens: int = 0,
+    clip_dim: int = 0,
+    seed: int = 0,
+) -> list[dict]:
     """A structured latent dataset, deterministic from ``seed``: per shape, ``samples_per_shape``
     samples, sample i of class ``i % classes``.
 
@@ -358,17 +405,29 @@ class LatentMicrobatchSampler:
     (seed, tag, sample index, epoch). Microbatches have the :func:`collate_latents` format.
     """
 
-    def __init__(self, samples: Sequence[dict], global_batch_size: int, micro_batch_size: int, dp_size: int,
-                 seed: int, *, caption_tokens: int, caption_dim: int, clip_tokens: int = 0, clip_dim: int = 0,
-                 tag: int = 0):
+    def __init__(
+        self,
+        samples: Sequence[dict],
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_size: int,
+        seed: int,
+        *,
+        caption_tokens: int,
+        caption_dim: int,
+        clip_tokens: int = 0,
+        clip_dim: int = 0,
+        tag: int = 0,
+    ):
         num_microbatches = microbatches_per_rank(global_batch_size, micro_batch_size, dp_size)
         self.samples = list(samples)
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_size, self.seed, self.tag = dp_size, seed, tag
         self.num_microbatches = num_microbatches
         """Microbatches per rank per global step."""
-        self._collate = dict(caption_tokens=caption_tokens, caption_dim=caption_dim, clip_tokens=clip_tokens,
-                             clip_dim=clip_dim)
+        self._collate = dict(
+            caption_tokens=caption_tokens, caption_dim=caption_dim, clip_tokens=clip_tokens, clip_dim=clip_dim
+        )
         groups: dict[Shape, list[int]] = {}
         for i, sample in enumerate(self.samples):
             groups.setdefault(tuple(int(s) for s in sample["latent"].shape[1:]), []).append(i)
@@ -377,8 +436,10 @@ class LatentMicrobatchSampler:
         """Microbatches per epoch."""
         if self.per_epoch == 0:
             sizes = {shape_name(s): len(groups[s]) for s in sorted(groups)}
-            raise ValueError(f"no latent shape has micro_batch_size={micro_batch_size} samples (samples per shape: "
-                             f"{sizes}); every microbatch must hold one shape")
+            raise ValueError(
+                f"no latent shape has micro_batch_size={micro_batch_size} samples (samples per shape: "
+                f"{sizes}); every microbatch must hold one shape"
+            )
         self._epochs: dict[int, list[list[int]]] = {}
 
     def __len__(self) -> int:
@@ -393,7 +454,7 @@ class LatentMicrobatchSampler:
             mbs, batches = self.micro_batch_size, []
             for bucket in self.buckets:
                 order = [bucket[j] for j in rng.permutation(len(bucket))]
-                batches += [order[k:k + mbs] for k in range(0, len(order) - mbs + 1, mbs)]
+                batches += [order[k : k + mbs] for k in range(0, len(order) - mbs + 1, mbs)]
             self._epochs[epoch] = [batches[j] for j in rng.permutation(len(batches))]
         return self._epochs[epoch]
 
@@ -405,8 +466,10 @@ class LatentMicrobatchSampler:
             raise ValueError(f"dp_rank={dp_rank} is not in [0, dp_size={self.dp_size})")
         per_step = self.num_microbatches * self.dp_size
         start = global_step * per_step + dp_rank * self.num_microbatches
-        return [(p // self.per_epoch, self.epoch_microbatches(p // self.per_epoch)[p % self.per_epoch])
-                for p in range(start, start + self.num_microbatches)]
+        return [
+            (p // self.per_epoch, self.epoch_microbatches(p // self.per_epoch)[p % self.per_epoch])
+            for p in range(start, start + self.num_microbatches)
+        ]
 
     def sample_seed(self, index: int, epoch: int) -> int:
         return _int_seed(self.seed, self.tag, index, epoch, 4) % SEED_LIMIT
@@ -420,8 +483,9 @@ class LatentMicrobatchSampler:
         return out
 
 
-def synthetic_holdout(samples_per_shape: int, shapes: Sequence[Shape], micro_batch_size: int,
-                      global_batch_size: int) -> dict[Shape, int]:
+def synthetic_holdout(
+    samples_per_shape: int, shapes: Sequence[Shape], micro_batch_size: int, global_batch_size: int
+) -> dict[Shape, int]:
     """Validation samples per shape of the in-memory synthetic split: 1/16 of each shape,
     rounded up to whole microbatches, grown until they make at least one global batch."""
     mbs = micro_batch_size
@@ -438,15 +502,17 @@ def synthetic_holdout(samples_per_shape: int, shapes: Sequence[Shape], micro_bat
                 counts[s] += mbs
                 grown = True
     if sum(c // mbs for c in counts.values()) < need:
-        raise ValueError(f"data.synthetic_samples={samples_per_shape} per shape x {len(shapes)} shapes is too "
-                         f"small to hold out one global batch ({global_batch_size}) for validation")
+        raise ValueError(
+            f"data.synthetic_samples={samples_per_shape} per shape x {len(shapes)} shapes is too "
+            f"small to hold out one global batch ({global_batch_size}) for validation"
+        )
     return counts
 
 
 # --------------------------------------------------------------------------- writers
 
 
-def _compact(emb: np.ndarray, mask: Optional[np.ndarray]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def _compact(emb: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     """Drop trailing padding rows when that loses nothing (mask a prefix, padding rows zero):
     the pipeline pads them back identically. Returns (emb, mask or None for all ones)."""
     if mask is None:
@@ -481,13 +547,21 @@ def latent_shard_sample(sample: dict, key: str) -> dict:
     return out
 
 
-def write_latent_shards(samples: Iterable[dict], out_dir: str | Path, *, shard_size: int = 64_000_000,
-                        max_count: int = 100_000, meta: Optional[dict] = None, progress: bool = True) -> dict:
+def write_latent_shards(
+    samples: Iterable[dict],
+    out_dir: str | Path,
+    *,
+    shard_size: int = 64_000_000,
+    max_count: int = 100_000,
+    meta: dict | None = None,
+    progress: bool = True,
+) -> dict:
     """Numpy latent samples (see :func:`latent_shard_sample`; ``key`` optional) -> latent shards
     with ``index.json`` (kind ``latent``; ``shapes`` counts the samples per latent shape).
     Returns the index."""
-    writer = IndexedShardWriter(out_dir, kind="latent", shard_size=shard_size, max_count=max_count,
-                                meta=dict(meta or {}))
+    writer = IndexedShardWriter(
+        out_dir, kind="latent", shard_size=shard_size, max_count=max_count, meta=dict(meta or {})
+    )
     shapes: dict[str, int] = {}
     keys: set[str] = set()
     bar = Progress(f"sharding latents into {out_dir}", unit="samples", enabled=progress)
@@ -507,8 +581,14 @@ def write_latent_shards(samples: Iterable[dict], out_dir: str | Path, *, shard_s
     return index
 
 
-def read_npz_sample(path: str | Path, *, in_channels: Optional[int] = None, patch_size: int = 1,
-                    caption_dim: Optional[int] = None, clip_dim: Optional[int] = None) -> dict:
+def read_npz_sample(
+    path: str | Path,
+    *,
+    in_channels: int | None = None,
+    patch_size: int = 1,
+    caption_dim: int | None = None,
+    clip_dim: int | None = None,
+) -> dict:
     """One per-sample ``.npz`` (``latent``, ``text_emb``, optional ``text_mask``, ``clip_emb``,
     ``clip_mask``, ``caption``) checked as the stream checks it; raises :class:`BadSample`
     (or OSError) naming the problem."""
@@ -527,8 +607,7 @@ def read_npz_sample(path: str | Path, *, in_channels: Optional[int] = None, patc
             arrays = {k: archive[k] for k in archive.files}
     except (ValueError, EOFError, OSError, KeyError, zipfile.BadZipFile, zlib.error) as exc:  # a damaged member
         raise BadSample(f"unreadable member ({exc})") from None
-    sample = {"latent": check_latent(arrays["latent"], in_channels=in_channels, patch_size=patch_size,
-                                     name="latent")}
+    sample = {"latent": check_latent(arrays["latent"], in_channels=in_channels, patch_size=patch_size, name="latent")}
     for name, dim in (("text", caption_dim), ("clip", clip_dim)):
         if f"{name}_emb" in arrays:
             check_embedding(arrays[f"{name}_emb"], arrays.get(f"{name}_mask"), dim=dim, tokens=None, name=name)
@@ -545,10 +624,18 @@ def read_npz_sample(path: str | Path, *, in_channels: Optional[int] = None, patc
     return sample
 
 
-def write_npz_latent_shards(files: Sequence[str | Path], out_dir: str | Path, *, shard_size: int = 64_000_000,
-                            max_count: int = 100_000, in_channels: Optional[int] = None, patch_size: int = 1,
-                            caption_dim: Optional[int] = None, clip_dim: Optional[int] = None,
-                            progress: bool = True) -> dict:
+def write_npz_latent_shards(
+    files: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    shard_size: int = 64_000_000,
+    max_count: int = 100_000,
+    in_channels: int | None = None,
+    patch_size: int = 1,
+    caption_dim: int | None = None,
+    clip_dim: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Per-sample ``.npz`` files -> latent shards (``fmtrain data shard latents``). A file that
     cannot be used is skipped with a warning naming it; the index lists them under ``skipped``."""
     skipped: list[dict] = []
@@ -558,8 +645,9 @@ def write_npz_latent_shards(files: Sequence[str | Path], out_dir: str | Path, *,
         for path in map(Path, files):
             bar.update(1)
             try:
-                sample = read_npz_sample(path, in_channels=in_channels, patch_size=patch_size,
-                                         caption_dim=caption_dim, clip_dim=clip_dim)
+                sample = read_npz_sample(
+                    path, in_channels=in_channels, patch_size=patch_size, caption_dim=caption_dim, clip_dim=clip_dim
+                )
             except (BadSample, OSError) as exc:
                 reason = str(exc) if isinstance(exc, BadSample) else f"unreadable ({exc.strerror or exc})"
                 log.warning("fmtrain data: warning: latent file %s skipped: %s", path, reason)
@@ -570,57 +658,98 @@ def write_npz_latent_shards(files: Sequence[str | Path], out_dir: str | Path, *,
         bar.close()
 
     try:
-        index = write_latent_shards(good(), out_dir, shard_size=shard_size, max_count=max_count,
-                                    meta={"skipped": skipped}, progress=False)
+        index = write_latent_shards(
+            good(), out_dir, shard_size=shard_size, max_count=max_count, meta={"skipped": skipped}, progress=False
+        )
     except BadDataError:
-        raise BadDataError(f"none of the {len(files)} .npz files could be sharded ({len(skipped)} skipped; "
-                           "see the warnings)") from None
+        raise BadDataError(
+            f"none of the {len(files)} .npz files could be sharded ({len(skipped)} skipped; see the warnings)"
+        ) from None
     return index
 
 
-def write_synthetic_latent_shards(out_dir: str | Path, *, shapes: Sequence[Shape], samples: int, classes: int,
-                                  channels: int, caption_tokens: int, caption_dim: int, clip_tokens: int = 0,
-                                  clip_dim: int = 0, seed: int = 0, valid_fraction: float = 0.0,
-                                  shard_size: int = 64_000_000, max_count: int = 100_000,
-                                  progress: bool = True) -> tuple[dict, Optional[dict]]:
+def write_synthetic_latent_shards(
+    out_dir: str | Path,
+    *,
+    shapes: Sequence[Shape],
+    samples: int,
+    classes: int,
+    channels: int,
+    caption_tokens: int,
+    caption_dim: int,
+    clip_tokens: int = 0,
+    clip_dim: int = 0,
+    seed: int = 0,
+    valid_fraction: float = 0.0,
+    shard_size: int = 64_000_000,
+    max_count: int = 100_000,
+    progress: bool = True,
+) -> tuple[dict, dict | None]:
     """:func:`synthetic_latent_dataset` written as ``OUT/train`` (and ``OUT/valid``, with
     ``round(samples * valid_fraction)`` (at least 1) samples of each shape, when
     ``valid_fraction > 0``). Returns (train index, valid index or None)."""
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction={valid_fraction} must be in [0, 1)")
-    dataset = synthetic_latent_dataset(shapes, samples, classes, channels, caption_tokens, caption_dim,
-                                       clip_tokens, clip_dim, seed)
+    dataset = synthetic_latent_dataset(
+        shapes, samples, classes, channels, caption_tokens, caption_dim, clip_tokens, clip_dim, seed
+    )
     held = max(1, round(samples * valid_fraction)) if valid_fraction > 0 else 0
     if held >= samples:
         raise ValueError(f"valid_fraction={valid_fraction} of {samples} samples per shape leaves no training sample")
     train, valid = split_by_shape(dataset, {tuple(s): held for s in shapes}, seed)
-    meta = {"synthetic": {"shapes": [shape_name(s) for s in shapes], "classes": classes, "channels": channels,
-                          "caption_tokens": caption_tokens, "caption_dim": caption_dim, "clip_tokens": clip_tokens,
-                          "clip_dim": clip_dim, "seed": seed}}
+    meta = {
+        "synthetic": {
+            "shapes": [shape_name(s) for s in shapes],
+            "classes": classes,
+            "channels": channels,
+            "caption_tokens": caption_tokens,
+            "caption_dim": caption_dim,
+            "clip_tokens": clip_tokens,
+            "clip_dim": clip_dim,
+            "seed": seed,
+        }
+    }
     out_dir = Path(out_dir)
-    train_index = write_latent_shards(train, out_dir / "train", shard_size=shard_size, max_count=max_count,
-                                      meta=meta, progress=progress)
+    train_index = write_latent_shards(
+        train, out_dir / "train", shard_size=shard_size, max_count=max_count, meta=meta, progress=progress
+    )
     valid_index = None
     if valid:
-        valid_index = write_latent_shards(valid, out_dir / "valid", shard_size=shard_size, max_count=max_count,
-                                          meta=meta, progress=progress)
+        valid_index = write_latent_shards(
+            valid, out_dir / "valid", shard_size=shard_size, max_count=max_count, meta=meta, progress=progress
+        )
     return train_index, valid_index
 
 
 # --------------------------------------------------------------------------- from a Config
 
 
-def build_latent_loader(cfg, shards_spec: str, *, dp_size: int, name: str = "train",
-                        hash_log: Optional[Path] = None, verbose: bool = True) -> StreamingLoader:
+def build_latent_loader(
+    cfg, shards_spec: str, *, dp_size: int, name: str = "train", hash_log: Path | None = None, verbose: bool = True
+) -> StreamingLoader:
     """A streaming loader of latent microbatches (bucketed by shape) from latent shards."""
     d = cfg.data
     train = name == "train"
-    spec = StreamSpec(resolve_shards(shards_spec), dp_size=dp_size, num_workers=d.num_workers if train else 0,
-                      seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer if train else 0, shuffle=train,
-                      name=name, max_bad_fraction=d.max_bad_fraction)
-    return StreamingLoader(LatentPipeline.from_config(cfg), spec, global_batch_size=cfg.train.global_batch_size,
-                           micro_batch_size=cfg.train.micro_batch_size, prefetch=d.prefetch,
-                           timeout=d.worker_timeout, hash_log=hash_log, verbose=verbose)
+    spec = StreamSpec(
+        resolve_shards(shards_spec),
+        dp_size=dp_size,
+        num_workers=d.num_workers if train else 0,
+        seed=cfg.run.seed,
+        shuffle_buffer=d.shuffle_buffer if train else 0,
+        shuffle=train,
+        name=name,
+        max_bad_fraction=d.max_bad_fraction,
+    )
+    return StreamingLoader(
+        LatentPipeline.from_config(cfg),
+        spec,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        prefetch=d.prefetch,
+        timeout=d.worker_timeout,
+        hash_log=hash_log,
+        verbose=verbose,
+    )
 
 
 def synthetic_datasets(cfg) -> tuple[list[dict], list[dict]]:
@@ -631,9 +760,17 @@ def synthetic_datasets(cfg) -> tuple[list[dict], list[dict]]:
     m, d, t = cfg.model, cfg.data, cfg.train
     shapes = latent_shapes(cfg)
     clip_dim = m.clip_dim
-    samples = synthetic_latent_dataset(shapes, d.synthetic_samples, d.synthetic_classes, m.in_channels,
-                                       m.caption_tokens, m.caption_dim, m.clip_tokens if clip_dim > 0 else 0,
-                                       clip_dim, cfg.run.seed)
+    samples = synthetic_latent_dataset(
+        shapes,
+        d.synthetic_samples,
+        d.synthetic_classes,
+        m.in_channels,
+        m.caption_tokens,
+        m.caption_dim,
+        m.clip_tokens if clip_dim > 0 else 0,
+        clip_dim,
+        cfg.run.seed,
+    )
     counts = synthetic_holdout(d.synthetic_samples, shapes, t.micro_batch_size, t.global_batch_size)
     return split_by_shape(samples, counts, cfg.run.seed)
 
@@ -658,19 +795,23 @@ def prepare_latent_data(cfg, topo, run_dir: Path):
             valid = build_latent_loader(cfg, d.valid_shards, dp_size=topo.dp, name="valid", verbose=verbose)
         return None, train, valid
     if d.corpus != SYNTHETIC_CORPUS:
-        raise ConfigError(f"data.corpus={d.corpus!r}: model.family={m.family} trains on latents: set data.shards "
-                          f"to latent shards (fmtrain data shard latents / synth-latents), or "
-                          f"data.corpus={SYNTHETIC_CORPUS} for the in-memory synthetic dataset")
+        raise ConfigError(
+            f"data.corpus={d.corpus!r}: model.family={m.family} trains on latents: set data.shards "
+            f"to latent shards (fmtrain data shard latents / synth-latents), or "
+            f"data.corpus={SYNTHETIC_CORPUS} for the in-memory synthetic dataset"
+        )
     try:
         train_samples, valid_samples = synthetic_datasets(cfg)
         clip = dict(clip_tokens=m.clip_tokens if m.clip_dim > 0 else 0, clip_dim=m.clip_dim)
         common = dict(caption_tokens=m.caption_tokens, caption_dim=m.caption_dim, **clip)
-        train = LatentMicrobatchSampler(train_samples, t.global_batch_size, t.micro_batch_size, topo.dp,
-                                        cfg.run.seed, tag=0, **common)
+        train = LatentMicrobatchSampler(
+            train_samples, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed, tag=0, **common
+        )
         valid = None
         if cfg.eval.interval:
-            valid = LatentMicrobatchSampler(valid_samples, t.global_batch_size, t.micro_batch_size, topo.dp,
-                                            cfg.run.seed, tag=1, **common)
+            valid = LatentMicrobatchSampler(
+                valid_samples, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed, tag=1, **common
+            )
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise
@@ -678,9 +819,27 @@ def prepare_latent_data(cfg, topo, run_dir: Path):
     return None, train, valid
 
 
-__all__ = ["SYNTHETIC_CORPUS", "parse_latent_shapes", "shape_name", "check_latent", "check_embedding",
-           "collate_latents", "LatentPipeline", "class_prototypes", "class_text_embeddings",
-           "synthetic_latent_dataset", "holdout_indices", "split_by_shape", "LatentMicrobatchSampler",
-           "synthetic_holdout", "latent_shard_sample", "write_latent_shards", "read_npz_sample",
-           "write_npz_latent_shards", "write_synthetic_latent_shards", "build_latent_loader", "synthetic_datasets",
-           "prepare_latent_data"]
+__all__ = [
+    "SYNTHETIC_CORPUS",
+    "parse_latent_shapes",
+    "shape_name",
+    "check_latent",
+    "check_embedding",
+    "collate_latents",
+    "LatentPipeline",
+    "class_prototypes",
+    "class_text_embeddings",
+    "synthetic_latent_dataset",
+    "holdout_indices",
+    "split_by_shape",
+    "LatentMicrobatchSampler",
+    "synthetic_holdout",
+    "latent_shard_sample",
+    "write_latent_shards",
+    "read_npz_sample",
+    "write_npz_latent_shards",
+    "write_synthetic_latent_shards",
+    "build_latent_loader",
+    "synthetic_datasets",
+    "prepare_latent_data",
+]

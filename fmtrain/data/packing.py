@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +29,15 @@ class TextPipeline:
 
     pad_at_epoch_end = True
 
-    def __init__(self, tokenizer_path: Optional[str | Path], seq_length: int, *, eos_id: int = EOS_ID,
-                 vocab_size: Optional[int] = None, reset_position_ids: bool = False):
+    def __init__(
+        self,
+        tokenizer_path: str | Path | None,
+        seq_length: int,
+        *,
+        eos_id: int = EOS_ID,
+        vocab_size: int | None = None,
+        reset_position_ids: bool = False,
+    ):
         if seq_length < 1:
             raise ValueError(f"seq_length={seq_length} must be at least 1")
         self.tokenizer_path = str(tokenizer_path) if tokenizer_path else None
@@ -95,12 +102,16 @@ class TextPipeline:
         return batch
 
     def fingerprint(self) -> dict:
-        return {"kind": "text", "seq_length": self.seq_length, "eos_id": self.eos_id,
-                "reset_position_ids": self.reset_position_ids,
-                "tokenizer": _file_digest(self.tokenizer_path)}
+        return {
+            "kind": "text",
+            "seq_length": self.seq_length,
+            "eos_id": self.eos_id,
+            "reset_position_ids": self.reset_position_ids,
+            "tokenizer": _file_digest(self.tokenizer_path),
+        }
 
 
-def _file_digest(path: Optional[str]) -> Optional[str]:
+def _file_digest(path: str | None) -> str | None:
     if not path or not Path(path).is_file():
         return None
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

@@ -34,9 +34,9 @@ import re
 import sys
 import tarfile
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -70,8 +70,7 @@ class Progress:
     """A one-line progress bar on stderr (redrawn in place on a terminal, a line every few
     seconds otherwise)."""
 
-    def __init__(self, desc: str, total: Optional[int] = None, unit: str = "it",
-                 enabled: bool = True, stream=None):
+    def __init__(self, desc: str, total: int | None = None, unit: str = "it", enabled: bool = True, stream=None):
         self.desc, self.total, self.unit = desc, total, unit
         self.n = 0
         self.extra = ""
@@ -131,7 +130,11 @@ def _index_shards(index_path: Path) -> tuple[dict, list[Shard]]:
         raise BadDataError(f"{index_path}: not an fmtrain shard index (expected format {INDEX_FORMAT!r})")
     shards = []
     for i, entry in enumerate(index["shards"]):
-        if not isinstance(entry, dict) or not isinstance(entry.get("url"), str) or not isinstance(entry.get("samples"), int):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("url"), str)
+            or not isinstance(entry.get("samples"), int)
+        ):
             raise BadDataError(f"{index_path}: shards[{i}] needs a string 'url' and an integer 'samples'")
         url = entry["url"]
         if is_local(url) and not local_path(url).is_absolute():
@@ -216,7 +219,7 @@ def resolve_shards(spec: str, *, count_missing: bool = True) -> list[Shard]:
 _META = re.compile(r"__[^/]*__($|/)")
 
 
-def _member_key(name: str) -> Optional[str]:
+def _member_key(name: str) -> str | None:
     """The sample key webdataset's grouping gives a tar member, None if it skips the member."""
     if "/" not in name and name.startswith("__") and name.endswith("__"):
         return None
@@ -254,8 +257,9 @@ def _count(url: str) -> tuple[int, bool]:
         if isinstance(exc, tarfile.ReadError) and str(exc).startswith("empty file"):
             return 0, False
         where = f"after key {last}" if last is not None else "at its start"
-        log.warning("fmtrain data: warning: shard %s: unreadable %s (%s); counted %d samples",
-                    url, where, _describe(exc), count)
+        log.warning(
+            "fmtrain data: warning: shard %s: unreadable %s (%s); counted %d samples", url, where, _describe(exc), count
+        )
         return count, True
     return count, False
 
@@ -287,10 +291,13 @@ def _samples(url: str, errors: list) -> Iterator[dict]:
     return group_by_keys(files, handler=skip)
 
 
-def read_shard(shard: Shard, start: int = 0, stop: Optional[int] = None,
-               keep: Optional[Callable[[int], bool]] = None,
-               warn: Callable[[str], None] = lambda m: log.warning("%s", m)
-               ) -> Iterator[tuple[int, Optional[dict]]]:
+def read_shard(
+    shard: Shard,
+    start: int = 0,
+    stop: int | None = None,
+    keep: Callable[[int], bool] | None = None,
+    warn: Callable[[str], None] = lambda m: log.warning("%s", m),
+) -> Iterator[tuple[int, dict | None]]:
     """``(position, sample)`` for every position in ``[start, stop)`` of ``shard``.
 
     ``sample`` is the raw member dict (``__key__``, ``__url__`` and one ``bytes`` value per
@@ -323,8 +330,10 @@ def read_shard(shard: Shard, start: int = 0, stop: Optional[int] = None,
     if pos < stop:
         why = _describe(failures[0]) if failures else f"it holds {pos} samples, its count says {shard.samples}"
         where = f"after key {last_key}" if last_key is not None else "at its start"
-        warn(f"fmtrain data: warning: shard {shard.url}: unreadable {where} ({why}); "
-             f"positions {pos}..{stop - 1} skipped as bad")
+        warn(
+            f"fmtrain data: warning: shard {shard.url}: unreadable {where} ({why}); "
+            f"positions {pos}..{stop - 1} skipped as bad"
+        )
         for p in range(max(pos, start), stop):
             if keep is None or keep(p):
                 yield p, None
@@ -338,7 +347,7 @@ def iter_samples(shards: Sequence[Shard]) -> Iterator[dict]:
                 yield sample
 
 
-def sample_text(sample: dict) -> Optional[str]:
+def sample_text(sample: dict) -> str | None:
     """The ``.txt`` field of a raw sample as text, None when absent."""
     raw = sample.get("txt")
     return None if raw is None else raw.decode("utf-8")
@@ -380,8 +389,16 @@ class IndexedShardWriter:
     shard. Tar headers carry mtime 0, so the same input gives byte-identical shards.
     """
 
-    def __init__(self, out_dir: str | Path, *, kind: str, shard_size: int = 64_000_000,
-                 max_count: int = 100_000, prefix: str = "shard", meta: Optional[dict] = None):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        kind: str,
+        shard_size: int = 64_000_000,
+        max_count: int = 100_000,
+        prefix: str = "shard",
+        meta: dict | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if (self.out_dir / INDEX_NAME).exists():
@@ -390,7 +407,7 @@ class IndexedShardWriter:
         self.shard_size, self.max_count = shard_size, max_count
         self.shards: list[dict] = []
         self.fields: set[str] = set()
-        self._writer: Optional[wds.ShardWriter] = None
+        self._writer: wds.ShardWriter | None = None
 
     def _opener(self, fname: str):
         return open(fname + ".partial", "wb")
@@ -398,15 +415,22 @@ class IndexedShardWriter:
     def _post(self, fname: str) -> None:
         os.replace(fname + ".partial", fname)
         assert self._writer is not None
-        self.shards.append({"url": Path(fname).name, "samples": self._writer.count,
-                            "bytes": Path(fname).stat().st_size})
+        self.shards.append(
+            {"url": Path(fname).name, "samples": self._writer.count, "bytes": Path(fname).stat().st_size}
+        )
 
     def write(self, sample: dict) -> None:
         if self._writer is None:
-            self._writer = wds.ShardWriter(str(self.out_dir / f"{self.prefix}-%06d.tar"),
-                                           maxcount=self.max_count, maxsize=self.shard_size,
-                                           post=self._post, verbose=0, opener=self._opener,
-                                           encoder=False, mtime=0.0)
+            self._writer = wds.ShardWriter(
+                str(self.out_dir / f"{self.prefix}-%06d.tar"),
+                maxcount=self.max_count,
+                maxsize=self.shard_size,
+                post=self._post,
+                verbose=0,
+                opener=self._opener,
+                encoder=False,
+                mtime=0.0,
+            )
         self.fields.update(k for k in sample if not k.startswith("__"))
         self._writer.write(sample)
         # ShardWriter counts payload bytes; count what the tar file holds (headers, padding) instead
@@ -421,8 +445,14 @@ class IndexedShardWriter:
         if self._writer is None:
             raise BadDataError(f"nothing to write into {self.out_dir}: no usable input samples")
         self._writer.close()
-        index = {"format": INDEX_FORMAT, "kind": self.kind, "fields": sorted(self.fields),
-                 "samples": sum(s["samples"] for s in self.shards), "shards": self.shards, **self.meta}
+        index = {
+            "format": INDEX_FORMAT,
+            "kind": self.kind,
+            "fields": sorted(self.fields),
+            "samples": sum(s["samples"] for s in self.shards),
+            "shards": self.shards,
+            **self.meta,
+        }
         _write_atomic(self.out_dir / INDEX_NAME, json.dumps(index, indent=1) + "\n")
         return index
 
@@ -446,8 +476,13 @@ def write_index(spec: str, out: str | Path) -> dict:
         entries.append({"url": entry_url, "samples": count_samples(url)})
         progress.update(1)
     progress.close()
-    index = {"format": INDEX_FORMAT, "kind": "unknown", "fields": [],
-             "samples": sum(e["samples"] for e in entries), "shards": entries}
+    index = {
+        "format": INDEX_FORMAT,
+        "kind": "unknown",
+        "fields": [],
+        "samples": sum(e["samples"] for e in entries),
+        "shards": entries,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(out, json.dumps(index, indent=1) + "\n")
     return index
@@ -459,10 +494,16 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_text_shards(files: Sequence[str], out_dir: str | Path, *, shard_size: int = 64_000_000,
-                      max_count: int = 100_000, tokenizer: Optional[str | Path] = None,
-                      documents: Optional[Iterable[tuple[str, str]]] = None,
-                      progress: bool = True) -> dict:
+def write_text_shards(
+    files: Sequence[str],
+    out_dir: str | Path,
+    *,
+    shard_size: int = 64_000_000,
+    max_count: int = 100_000,
+    tokenizer: str | Path | None = None,
+    documents: Iterable[tuple[str, str]] | None = None,
+    progress: bool = True,
+) -> dict:
     """Text files (``.txt``/``.jsonl``, optionally gzipped, or ``builtin:NAME``) -> text shards.
 
     One sample per document (see :func:`fmtrain.data.text.read_documents`), keyed
@@ -476,8 +517,11 @@ def write_text_shards(files: Sequence[str], out_dir: str | Path, *, shard_size: 
     dtype = np.uint16 if processor is not None and processor.vocab_size() <= 1 << 16 else np.int32
     meta = {"source": [str(f) for f in files]}
     if processor is not None:
-        meta["tokenizer"] = {"path": str(tokenizer), "vocab_size": processor.vocab_size(),
-                             "dtype": np.dtype(dtype).name}
+        meta["tokenizer"] = {
+            "path": str(tokenizer),
+            "vocab_size": processor.vocab_size(),
+            "dtype": np.dtype(dtype).name,
+        }
     writer = IndexedShardWriter(out_dir, kind="text", shard_size=shard_size, max_count=max_count, meta=meta)
 
     def generate() -> Iterator[tuple[str, str]]:
@@ -547,10 +591,17 @@ def read_captions(path: str | Path) -> dict[str, str]:
     return out
 
 
-def write_video_shards(videos: Sequence[str | Path], out_dir: str | Path, *,
-                       captions: Optional[dict[str, str]] = None, latents: Optional[str | Path] = None,
-                       text_embs: Optional[str | Path] = None, shard_size: int = 64_000_000,
-                       max_count: int = 100_000, progress: bool = True) -> dict:
+def write_video_shards(
+    videos: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    captions: dict[str, str] | None = None,
+    latents: str | Path | None = None,
+    text_embs: str | Path | None = None,
+    shard_size: int = 64_000_000,
+    max_count: int = 100_000,
+    progress: bool = True,
+) -> dict:
     """Video files -> video shards: ``.mp4`` (or the file's own container extension),
     ``.json`` (fps, frames, width, height, duration, codec), ``.txt`` caption, and
     ``.latent.npy`` / ``.text_emb.npy`` from ``STEM.npy`` files in ``latents`` / ``text_embs``.
@@ -611,8 +662,9 @@ def write_video_shards(videos: Sequence[str | Path], out_dir: str | Path, *,
     return index
 
 
-def prepare_corpus_shards(corpus: str, out_dir: str | Path, *, valid_fraction: float, seed: int,
-                          shards: int = 8, progress: bool = True) -> tuple[Path, Optional[Path]]:
+def prepare_corpus_shards(
+    corpus: str, out_dir: str | Path, *, valid_fraction: float, seed: int, shards: int = 8, progress: bool = True
+) -> tuple[Path, Path | None]:
     """Train/validation text shards of a corpus, split as the in-memory path splits it
     (:func:`fmtrain.data.text.split_documents`), written once and reused: ``OUT/train/`` and
     ``OUT/valid/``, each with an index. Returns the two index paths (valid None when
@@ -629,12 +681,32 @@ def prepare_corpus_shards(corpus: str, out_dir: str | Path, *, valid_fraction: f
     for name, part, count in (("train", train, shards), ("valid", valid, 1)):
         if not part:
             continue
-        write_text_shards([corpus], out_dir / name, max_count=math.ceil(len(part) / count), progress=progress,
-                          documents=((f"{stem}-{name}-{i:09d}", d) for i, d in enumerate(part)))
+        write_text_shards(
+            [corpus],
+            out_dir / name,
+            max_count=math.ceil(len(part) / count),
+            progress=progress,
+            documents=((f"{stem}-{name}-{i:09d}", d) for i, d in enumerate(part)),
+        )
     return train_index, valid_index if valid else None
 
 
-__all__ = ["BadDataError", "Shard", "Progress", "INDEX_NAME", "expand_shard_spec", "resolve_shards",
-           "count_samples", "read_shard", "iter_samples", "sample_text", "parse_size",
-           "IndexedShardWriter", "write_index", "write_text_shards", "write_video_shards",
-           "read_captions", "prepare_corpus_shards"]
+__all__ = [
+    "BadDataError",
+    "Shard",
+    "Progress",
+    "INDEX_NAME",
+    "expand_shard_spec",
+    "resolve_shards",
+    "count_samples",
+    "read_shard",
+    "iter_samples",
+    "sample_text",
+    "parse_size",
+    "IndexedShardWriter",
+    "write_index",
+    "write_text_shards",
+    "write_video_shards",
+    "read_captions",
+    "prepare_corpus_shards",
+]

@@ -77,9 +77,10 @@ import math
 import random
 import zlib
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -182,8 +183,7 @@ class StreamSpec:
         nonempty = [(i, s) for i, s in enumerate(self.shards) if s.samples > 0]
         total = sum(s.samples for _, s in nonempty)
         if total == 0:
-            raise BadDataError(f"{self.name} shards hold no samples ({len(self.shards)} shards: "
-                               f"{_names(self.shards)})")
+            raise BadDataError(f"{self.name} shards hold no samples ({len(self.shards)} shards: {_names(self.shards)})")
         slices = math.ceil(self.streams / len(nonempty))
         units = []
         for i, shard in nonempty:
@@ -193,7 +193,8 @@ class StreamSpec:
             raise BadDataError(
                 f"{self.name} shards hold {total} samples in {len(nonempty)} non-empty shards, fewer than the "
                 f"{self.streams} streams (DP size {self.dp_size} x {self.workers} workers) that must each get one; "
-                "add data or lower data.num_workers")
+                "add data or lower data.num_workers"
+            )
         self._units = units
         self._epoch_cache: dict[int, list[Unit]] = {}
 
@@ -230,17 +231,24 @@ class StreamSpec:
 
     def stream_units(self, epoch: int, stream: int) -> list[Unit]:
         """Units of one stream in one epoch, in reading order."""
-        return self.epoch_units(epoch)[stream::self.streams]
+        return self.epoch_units(epoch)[stream :: self.streams]
 
     def shuffle_seed(self, epoch: int, stream: int) -> int:
         return _int_seed(self.seed, self.tag, epoch, stream, 2)
 
     def fingerprint(self) -> dict:
         digest = hashlib.sha256(json.dumps([[s.url, s.samples] for s in self.shards]).encode()).hexdigest()
-        return {"name": self.name, "dp_size": self.dp_size, "workers": self.workers, "seed": self.seed,
-                "shuffle_buffer": self.shuffle_buffer, "shuffle": self.shuffle,
-                "num_shards": len(self.shards), "samples": sum(s.samples for s in self.shards),
-                "shards_sha256": digest[:16]}
+        return {
+            "name": self.name,
+            "dp_size": self.dp_size,
+            "workers": self.workers,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "shuffle": self.shuffle,
+            "num_shards": len(self.shards),
+            "samples": sum(s.samples for s in self.shards),
+            "shards_sha256": digest[:16],
+        }
 
 
 def _names(shards: Sequence[Shard], limit: int = 4) -> str:
@@ -262,7 +270,7 @@ class PositionShuffle:
         self.buffer: list[int] = []
         self.next_read = 0
 
-    def next(self) -> Optional[int]:
+    def next(self) -> int | None:
         while len(self.buffer) < self.size and self.next_read < self.length:
             self.buffer.append(self.next_read)
             self.next_read += 1
@@ -284,22 +292,25 @@ def stream_order(spec: StreamSpec, epoch: int, stream: int) -> list[tuple[int, i
     return out
 
 
-def read_positions(spec: StreamSpec, stream: int, wanted: Sequence[tuple[int, int]],
-                   warn: Callable[[str], None]) -> dict[tuple[int, int], tuple[Shard, Optional[dict]]]:
+def read_positions(
+    spec: StreamSpec, stream: int, wanted: Sequence[tuple[int, int]], warn: Callable[[str], None]
+) -> dict[tuple[int, int], tuple[Shard, dict | None]]:
     """Raw samples at ``(epoch, index)`` places of stream ``stream`` (index = position in that
     epoch's :func:`stream_order`): ``{(epoch, index): (shard, sample or None)}``. Reads only
     the shards holding them."""
     by_epoch: dict[int, list[int]] = {}
     for epoch, index in wanted:
         by_epoch.setdefault(int(epoch), []).append(int(index))
-    out: dict[tuple[int, int], tuple[Shard, Optional[dict]]] = {}
+    out: dict[tuple[int, int], tuple[Shard, dict | None]] = {}
     for epoch, indices in sorted(by_epoch.items()):
         order = stream_order(spec, epoch, stream)
         need: dict[int, dict[int, int]] = {}  # shard -> {position in shard: index in stream order}
         for index in indices:
             if not 0 <= index < len(order):
-                raise StreamResumeError(f"stream {stream} epoch {epoch}: held sample {index} is past the epoch's "
-                                        f"{len(order)} samples (the shards changed since the checkpoint?)")
+                raise StreamResumeError(
+                    f"stream {stream} epoch {epoch}: held sample {index} is past the epoch's "
+                    f"{len(order)} samples (the shards changed since the checkpoint?)"
+                )
             shard, position = order[index]
             need.setdefault(shard, {})[position] = index
         for shard_index in sorted(need):
@@ -318,12 +329,13 @@ class _Event:
     epoch: int
     index: int = 0
     shard: str = ""
-    sample: Optional[dict] = None
+    sample: dict | None = None
     length: int = 0
 
 
-def _read_units(spec: StreamSpec, units: list[Unit], held: set[int], cursor: int,
-                warn: Callable[[str], None]) -> Iterator[tuple[int, Shard, Optional[dict]]]:
+def _read_units(
+    spec: StreamSpec, units: list[Unit], held: set[int], cursor: int, warn: Callable[[str], None]
+) -> Iterator[tuple[int, Shard, dict | None]]:
     """(stream position, shard, raw sample or None) for the positions a (resumed) shuffle
     still needs: those in ``held`` (all below ``cursor``) and every position from ``cursor``."""
     held_sorted = sorted(held)
@@ -345,8 +357,7 @@ def _read_units(spec: StreamSpec, units: list[Unit], held: set[int], cursor: int
         start = end
 
 
-def _events(spec: StreamSpec, stream: int, epoch: int, skip: int,
-            warn: Callable[[str], None]) -> Iterator[_Event]:
+def _events(spec: StreamSpec, stream: int, epoch: int, skip: int, warn: Callable[[str], None]) -> Iterator[_Event]:
     """The stream's samples from ``skip`` emitted samples into ``epoch`` on, forever."""
     while True:
         units = spec.stream_units(epoch, stream)
@@ -354,10 +365,12 @@ def _events(spec: StreamSpec, stream: int, epoch: int, skip: int,
         shuffle = PositionShuffle(length, spec.shuffle_buffer, spec.shuffle_seed(epoch, stream))
         for _ in range(skip):
             if shuffle.next() is None:
-                raise StreamResumeError(f"stream {stream} epoch {epoch}: position {skip} is past the epoch's "
-                                        f"{length} samples (the shards changed since the checkpoint?)")
+                raise StreamResumeError(
+                    f"stream {stream} epoch {epoch}: position {skip} is past the epoch's "
+                    f"{length} samples (the shards changed since the checkpoint?)"
+                )
         reader = _read_units(spec, units, set(shuffle.buffer), shuffle.next_read, warn)
-        pending: dict[int, tuple[Shard, Optional[dict]]] = {}
+        pending: dict[int, tuple[Shard, dict | None]] = {}
         index = skip
         while (pos := shuffle.next()) is not None:
             while pos not in pending:
@@ -372,15 +385,33 @@ def _events(spec: StreamSpec, stream: int, epoch: int, skip: int,
 
 def initial_position(worker: int) -> dict:
     """The position of a worker that has produced nothing yet."""
-    return {"worker": worker, "epoch": 0, "consumed": 0, "carry": 0, "offset": 0, "micro": 0,
-            "seen": 0, "bad": 0, "epoch_good": 0, "idle_epochs": 0}
+    return {
+        "worker": worker,
+        "epoch": 0,
+        "consumed": 0,
+        "carry": 0,
+        "offset": 0,
+        "micro": 0,
+        "seen": 0,
+        "bad": 0,
+        "epoch_good": 0,
+        "idle_epochs": 0,
+    }
 
 
 class StreamWorker:
     """One stream: (DP rank, worker) -> microbatches, each with the position after it."""
 
-    def __init__(self, pipeline: Pipeline, spec: StreamSpec, dp_rank: int, worker: int,
-                 micro_batch_size: int, position: Optional[dict] = None, verbose: bool = True):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        spec: StreamSpec,
+        dp_rank: int,
+        worker: int,
+        micro_batch_size: int,
+        position: dict | None = None,
+        verbose: bool = True,
+    ):
         self.pipeline, self.spec = pipeline, spec
         self.dp_rank, self.worker = dp_rank, worker
         self.stream = spec.stream_id(dp_rank, worker)
@@ -391,8 +422,10 @@ class StreamWorker:
         self.bucketed = getattr(pipeline, "bucket_of", None) is not None
         if self.bucketed:
             if pipeline.item_size != 1:
-                raise ValueError(f"{type(pipeline).__name__} defines bucket_of but has item_size "
-                                 f"{pipeline.item_size}; bucketing needs one item per sample (item_size 1)")
+                raise ValueError(
+                    f"{type(pipeline).__name__} defines bucket_of but has item_size "
+                    f"{pipeline.item_size}; bucketing needs one item per sample (item_size 1)"
+                )
             self.pos.setdefault("held", [])
 
     # -- bad input
@@ -404,10 +437,13 @@ class StreamWorker:
         if self._warned <= MAX_WARNINGS:
             log.warning("%s", message)
         elif self._warned == MAX_WARNINGS + 1:
-            log.warning("fmtrain data: DP rank %d worker %d: more bad input; further warnings suppressed, "
-                        "still counting", self.dp_rank, self.worker)
+            log.warning(
+                "fmtrain data: DP rank %d worker %d: more bad input; further warnings suppressed, still counting",
+                self.dp_rank,
+                self.worker,
+            )
 
-    def _bad(self, shard: str, key: Optional[str], reason: Optional[str], window: int) -> None:
+    def _bad(self, shard: str, key: str | None, reason: str | None, window: int) -> None:
         pos = self.pos
         pos["seen"] += 1
         pos["bad"] += 1
@@ -418,7 +454,8 @@ class StreamWorker:
             raise BadDataError(
                 f"{self.spec.name} data: {pos['bad']} bad of {pos['seen']} samples read by DP rank {self.dp_rank} "
                 f"worker {self.worker} ({pos['bad'] / pos['seen']:.1%}) exceeds data.max_bad_fraction={limit}; "
-                f"last: shard {shard} key {key}: {reason or 'unreadable (see the shard warning above)'}")
+                f"last: shard {shard} key {key}: {reason or 'unreadable (see the shard warning above)'}"
+            )
 
     def _units(self, event: _Event, count: bool, window: int) -> Sequence:
         key = event.sample.get("__key__") if event.sample is not None else None
@@ -448,7 +485,8 @@ class StreamWorker:
                 raise BadDataError(
                     f"{self.spec.name} data: DP rank {self.dp_rank} worker {self.worker} read two "
                     f"epochs without one usable sample (last epoch: {event.length} samples); "
-                    "see the warnings above")
+                    "see the warnings above"
+                )
         else:
             pos["idle_epochs"] = 0
         pos.update(epoch=event.epoch + 1, consumed=0, epoch_good=0)
@@ -468,7 +506,9 @@ class StreamWorker:
         for _ in range(pos["carry"]):  # re-unpack the partly used samples (counted already)
             event = next(events)
             if event.kind != "sample":
-                raise StreamResumeError(f"stream {self.stream}: carried samples run past the end of epoch {pos['epoch']}")
+                raise StreamResumeError(
+                    f"stream {self.stream}: carried samples run past the end of epoch {pos['epoch']}"
+                )
             parts.append(self._units(event, count=False, window=window))
         offset = pos["offset"]
         available = sum(len(p) for p in parts) - offset
@@ -481,7 +521,7 @@ class StreamWorker:
                 head = parts[0]
                 t = min(len(head) - offset, n)
                 if t:
-                    pieces.append(head[offset:offset + t])
+                    pieces.append(head[offset : offset + t])
                 offset += t
                 n -= t
                 available -= t
@@ -524,8 +564,10 @@ class StreamWorker:
 
     def _one_item(self, units: Sequence, where: str) -> Any:
         if len(units) != 1:
-            raise ValueError(f"{type(self.pipeline).__name__} defines bucket_of but gave {len(units)} units for "
-                             f"{where}; bucketing needs exactly one unit per usable sample")
+            raise ValueError(
+                f"{type(self.pipeline).__name__} defines bucket_of but gave {len(units)} units for "
+                f"{where}; bucketing needs exactly one unit per usable sample"
+            )
         return self.pipeline.make_item([units[0:1]], 1)
 
     def _iter_bucketed(self) -> Iterator[tuple[dict, dict]]:
@@ -542,13 +584,16 @@ class StreamWorker:
             if not units:
                 raise StreamResumeError(
                     f"stream {self.stream}: sample {index} of epoch {epoch} (shard {event.shard or '?'}) waited in a "
-                    "bucket at the checkpoint but is no longer usable (the shards changed since the checkpoint?)")
+                    "bucket at the checkpoint but is no longer usable (the shards changed since the checkpoint?)"
+                )
             item = self._one_item(units, f"held sample {index} of epoch {epoch}")
             bucket = buckets.setdefault(pipeline.bucket_of(item), [])
             bucket.append((item, [epoch, index]))
             if len(bucket) >= mbs:
-                raise StreamResumeError(f"stream {self.stream}: the checkpoint holds {len(bucket)} waiting samples "
-                                        f"of one bucket, not fewer than micro_batch_size={mbs}")
+                raise StreamResumeError(
+                    f"stream {self.stream}: the checkpoint holds {len(bucket)} waiting samples "
+                    f"of one bucket, not fewer than micro_batch_size={mbs}"
+                )
         for event in _events(self.spec, self.stream, pos["epoch"], pos["consumed"], self._warn):
             if event.kind == "end":
                 window = self._end_epoch(event)
@@ -575,8 +620,16 @@ class _RankDataset(torch.utils.data.IterableDataset):
     """The DataLoader side of one DP rank: DataLoader process ``i`` serves logical worker
     ``(i + phase) % W`` so that the round-robin continues across a resume."""
 
-    def __init__(self, pipeline: Pipeline, spec: StreamSpec, dp_rank: int, positions: list[dict],
-                 phase: int, micro_batch_size: int, verbose: bool):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        spec: StreamSpec,
+        dp_rank: int,
+        positions: list[dict],
+        phase: int,
+        micro_batch_size: int,
+        verbose: bool,
+    ):
         super().__init__()
         self.pipeline, self.spec, self.dp_rank = pipeline, spec, dp_rank
         self.positions, self.phase = positions, phase
@@ -585,32 +638,40 @@ class _RankDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker = ((info.id if info is not None else 0) + self.phase) % self.spec.workers
-        for batch, position in StreamWorker(self.pipeline, self.spec, self.dp_rank, worker,
-                                            self.micro_batch_size, self.positions[worker], self.verbose):
+        for batch, position in StreamWorker(
+            self.pipeline, self.spec, self.dp_rank, worker, self.micro_batch_size, self.positions[worker], self.verbose
+        ):
             batch["_position"] = position
             yield batch
 
 
 class _RankStream:
-    def __init__(self, loader: "StreamingLoader", dp_rank: int, step: int, micro: int, positions: list[dict]):
+    def __init__(self, loader: StreamingLoader, dp_rank: int, step: int, micro: int, positions: list[dict]):
         self.loader, self.dp_rank = loader, dp_rank
         self.next_step, self.micro = step, micro
         self.positions = [dict(p) for p in positions]
-        self._it: Optional[Iterator[dict]] = None
+        self._it: Iterator[dict] | None = None
         self._loader_obj = None
 
     def _iterator(self) -> Iterator[dict]:
         if self._it is None:
             lo, spec = self.loader, self.loader.spec
             workers = spec.workers
-            dataset = _RankDataset(lo.pipeline, spec, self.dp_rank, self.positions, self.micro % workers,
-                                   lo.micro_batch_size, lo.verbose)
+            dataset = _RankDataset(
+                lo.pipeline, spec, self.dp_rank, self.positions, self.micro % workers, lo.micro_batch_size, lo.verbose
+            )
             if spec.num_workers == 0:
                 self._it = iter(dataset)
             else:
                 self._loader_obj = torch.utils.data.DataLoader(
-                    dataset, batch_size=None, num_workers=spec.num_workers, prefetch_factor=lo.prefetch,
-                    timeout=lo.timeout, generator=torch.Generator(), persistent_workers=False)
+                    dataset,
+                    batch_size=None,
+                    num_workers=spec.num_workers,
+                    prefetch_factor=lo.prefetch,
+                    timeout=lo.timeout,
+                    generator=torch.Generator(),
+                    persistent_workers=False,
+                )
                 self._it = iter(self._loader_obj)
         return self._it
 
@@ -619,8 +680,10 @@ class _RankStream:
             batch = next(self._iterator())
         except RuntimeError as exc:
             if "timed out" in str(exc):
-                raise BadDataError(f"{self.loader.spec.name} data: DP rank {self.dp_rank}: no microbatch from the "
-                                   f"DataLoader workers within data.worker_timeout={self.loader.timeout}s") from exc
+                raise BadDataError(
+                    f"{self.loader.spec.name} data: DP rank {self.dp_rank}: no microbatch from the "
+                    f"DataLoader workers within data.worker_timeout={self.loader.timeout}s"
+                ) from exc
             raise
         position = batch.pop("_position")
         self.positions[position["worker"]] = position
@@ -657,13 +720,24 @@ class StreamingLoader:
     process serves its own.
     """
 
-    def __init__(self, pipeline: Pipeline, spec: StreamSpec, *, global_batch_size: int,
-                 micro_batch_size: int, prefetch: int = 2, timeout: float = 0.0,
-                 hash_log: Optional[str | Path] = None, verbose: bool = True):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        spec: StreamSpec,
+        *,
+        global_batch_size: int,
+        micro_batch_size: int,
+        prefetch: int = 2,
+        timeout: float = 0.0,
+        hash_log: str | Path | None = None,
+        verbose: bool = True,
+    ):
         per_step = micro_batch_size * spec.dp_size
         if min(global_batch_size, micro_batch_size) < 1 or global_batch_size % per_step:
-            raise ValueError(f"global_batch_size={global_batch_size} is not a positive multiple of "
-                             f"micro_batch_size x dp_size = {micro_batch_size} x {spec.dp_size}")
+            raise ValueError(
+                f"global_batch_size={global_batch_size} is not a positive multiple of "
+                f"micro_batch_size x dp_size = {micro_batch_size} x {spec.dp_size}"
+            )
         self.pipeline, self.spec = pipeline, spec
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.num_microbatches = global_batch_size // per_step
@@ -677,13 +751,20 @@ class StreamingLoader:
 
     def layout(self) -> dict:
         """What a checkpoint's stream state is only valid for."""
-        return {**self.spec.fingerprint(), "global_batch_size": self.global_batch_size,
-                "micro_batch_size": self.micro_batch_size, "pipeline": self.pipeline.fingerprint()}
+        return {
+            **self.spec.fingerprint(),
+            "global_batch_size": self.global_batch_size,
+            "micro_batch_size": self.micro_batch_size,
+            "pipeline": self.pipeline.fingerprint(),
+        }
 
     def _start(self, dp_rank: int) -> dict:
         if dp_rank not in self._starts:
-            self._starts[dp_rank] = {"step": 0, "micro": 0,
-                                     "workers": [initial_position(w) for w in range(self.spec.workers)]}
+            self._starts[dp_rank] = {
+                "step": 0,
+                "micro": 0,
+                "workers": [initial_position(w) for w in range(self.spec.workers)],
+            }
         return self._starts[dp_rank]
 
     def state_dict(self, dp_rank: int) -> dict:
@@ -702,18 +783,26 @@ class StreamingLoader:
         for w, position in enumerate(workers):
             expected = len(range(w, state["micro"], self.spec.workers))
             if position["worker"] != w or position["micro"] != expected:
-                raise StreamResumeError(f"stream state of DP rank {dp_rank} is inconsistent: worker {w} made "
-                                        f"{position['micro']} microbatches, {expected} expected")
-        self._starts[dp_rank] = {"step": int(state["step"]), "micro": int(state["micro"]),
-                                 "workers": [dict(p) for p in workers]}
+                raise StreamResumeError(
+                    f"stream state of DP rank {dp_rank} is inconsistent: worker {w} made "
+                    f"{position['micro']} microbatches, {expected} expected"
+                )
+        self._starts[dp_rank] = {
+            "step": int(state["step"]),
+            "micro": int(state["micro"]),
+            "workers": [dict(p) for p in workers],
+        }
         self._drop(dp_rank)
 
     def start_at(self, step: int) -> None:
         """Serve the stream's beginning as global step ``step`` (a run resumed from a checkpoint
         without stream state: the data restarts, the step count does not)."""
         for rank in range(self.spec.dp_size):
-            self._starts[rank] = {"step": step, "micro": 0,
-                                  "workers": [initial_position(w) for w in range(self.spec.workers)]}
+            self._starts[rank] = {
+                "step": step,
+                "micro": 0,
+                "workers": [initial_position(w) for w in range(self.spec.workers)],
+            }
             self._drop(rank)
 
     def _drop(self, dp_rank: int) -> None:
@@ -731,8 +820,10 @@ class StreamingLoader:
         rank = self._ranks.get(dp_rank)
         if rank is None or global_step < rank.next_step:
             if global_step < start["step"]:
-                raise ValueError(f"{self.spec.name} stream of DP rank {dp_rank} starts at step {start['step']}; "
-                                 f"step {global_step} is before it")
+                raise ValueError(
+                    f"{self.spec.name} stream of DP rank {dp_rank} starts at step {start['step']}; "
+                    f"step {global_step} is before it"
+                )
             self._drop(dp_rank)
             rank = self._ranks[dp_rank] = _RankStream(self, dp_rank, start["step"], start["micro"], start["workers"])
         while rank.next_step < global_step:  # skip ahead
@@ -744,8 +835,10 @@ class StreamingLoader:
         if self.hash_log is not None:
             self.hash_log.parent.mkdir(parents=True, exist_ok=True)
             with self.hash_log.open("a") as f:
-                f.write(json.dumps({"step": global_step, "dp_rank": dp_rank,
-                                    "hashes": [batch_hash(b) for b in batches]}) + "\n")
+                f.write(
+                    json.dumps({"step": global_step, "dp_rank": dp_rank, "hashes": [batch_hash(b) for b in batches]})
+                    + "\n"
+                )
         return batches
 
     def close(self) -> None:
@@ -775,27 +868,51 @@ def ensure_stream_tokenizer(cfg, run_dir: str | Path) -> Path:
         if text:
             docs.append(text)
     if not docs:
-        raise BadDataError(f"data.shards={cfg.data.shards}: no .txt samples to train a tokenizer on "
-                           "(pre-tokenised shards need data.tokenizer)")
+        raise BadDataError(
+            f"data.shards={cfg.data.shards}: no .txt samples to train a tokenizer on "
+            "(pre-tokenised shards need data.tokenizer)"
+        )
     return train_tokenizer(docs, cfg.model.vocab_size, path.with_suffix(""))
 
 
-def build_text_loader(cfg, shards_spec: str, tokenizer_path: str | Path, *, dp_size: int,
-                      name: str = "train", hash_log: Optional[Path] = None,
-                      verbose: bool = True) -> StreamingLoader:
+def build_text_loader(
+    cfg,
+    shards_spec: str,
+    tokenizer_path: str | Path,
+    *,
+    dp_size: int,
+    name: str = "train",
+    hash_log: Path | None = None,
+    verbose: bool = True,
+) -> StreamingLoader:
     """A streaming loader of packed ``model.seq_length`` windows from text shards."""
     from fmtrain.data.packing import TextPipeline
 
     d = cfg.data
     train = name == "train"
-    spec = StreamSpec(resolve_shards(shards_spec), dp_size=dp_size, num_workers=d.num_workers if train else 0,
-                      seed=cfg.run.seed, shuffle_buffer=d.shuffle_buffer if train else 0, shuffle=train,
-                      name=name, max_bad_fraction=d.max_bad_fraction)
-    pipeline = TextPipeline(tokenizer_path, cfg.model.seq_length, vocab_size=cfg.model.vocab_size,
-                            reset_position_ids=d.reset_position_ids)
-    return StreamingLoader(pipeline, spec, global_batch_size=cfg.train.global_batch_size,
-                           micro_batch_size=cfg.train.micro_batch_size, prefetch=d.prefetch,
-                           timeout=d.worker_timeout, hash_log=hash_log, verbose=verbose)
+    spec = StreamSpec(
+        resolve_shards(shards_spec),
+        dp_size=dp_size,
+        num_workers=d.num_workers if train else 0,
+        seed=cfg.run.seed,
+        shuffle_buffer=d.shuffle_buffer if train else 0,
+        shuffle=train,
+        name=name,
+        max_bad_fraction=d.max_bad_fraction,
+    )
+    pipeline = TextPipeline(
+        tokenizer_path, cfg.model.seq_length, vocab_size=cfg.model.vocab_size, reset_position_ids=d.reset_position_ids
+    )
+    return StreamingLoader(
+        pipeline,
+        spec,
+        global_batch_size=cfg.train.global_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size,
+        prefetch=d.prefetch,
+        timeout=d.worker_timeout,
+        hash_log=hash_log,
+        verbose=verbose,
+    )
 
 
 def prepare_stream_data(cfg, topo, run_dir: Path):
@@ -810,16 +927,16 @@ def prepare_stream_data(cfg, topo, run_dir: Path):
         tokenizer_path = ensure_stream_tokenizer(cfg, run_dir)
     verbose = topo.tp_rank == 0 and topo.pp_rank == 0
     hash_log = Path(run_dir) / "data" / f"batch_hashes.rank{topo.rank}.jsonl" if cfg.data.log_batch_hashes else None
-    train = build_text_loader(cfg, cfg.data.shards, tokenizer_path, dp_size=topo.dp, hash_log=hash_log,
-                              verbose=verbose)
+    train = build_text_loader(cfg, cfg.data.shards, tokenizer_path, dp_size=topo.dp, hash_log=hash_log, verbose=verbose)
     valid = None
     if cfg.eval.interval and cfg.data.valid_shards:
-        valid = build_text_loader(cfg, cfg.data.valid_shards, tokenizer_path, dp_size=topo.dp, name="valid",
-                                  verbose=verbose)
+        valid = build_text_loader(
+            cfg, cfg.data.valid_shards, tokenizer_path, dp_size=topo.dp, name="valid", verbose=verbose
+        )
     return tokenizer_path, train, valid
 
 
-def checkpoint_state(batches, topo) -> Optional[dict]:
+def checkpoint_state(batches, topo) -> dict | None:
     """``{"data": ...}`` for ``checkpoint.save(extra_state=...)``: every DP rank's stream
     position, gathered to all ranks (collective: call on every rank). None for the stateless
     in-memory sampler."""
@@ -836,8 +953,9 @@ def checkpoint_state(batches, topo) -> Optional[dict]:
     return {"data": {"layout": batches.layout(), "ranks": [ranks[r] for r in range(topo.dp)]}}
 
 
-def restore_state(batches, cfg, run_dir: Path, start_step: int, topo,
-                  log_fn: Callable[[str], None] = print, path: Optional[Path] = None) -> None:
+def restore_state(
+    batches, cfg, run_dir: Path, start_step: int, topo, log_fn: Callable[[str], None] = print, path: Path | None = None
+) -> None:
     """Put a streaming loader where the checkpoint the run resumed from (``path``; default
     ``checkpoint.load``, else RUN_DIR's checkpoint of ``start_step``) left it.
 
@@ -860,29 +978,57 @@ def restore_state(batches, cfg, run_dir: Path, start_step: int, topo,
             raise StreamResumeError(
                 f"checkpoint {path} was written by a run streaming data.shards={saved_shards} but holds no "
                 "stream state, so the stream cannot continue exactly; resume from a checkpoint written by "
-                "the training loop")
-        log_fn(f"checkpoint {path} has no data-stream state: {batches.spec.name} data starts from the "
-               f"beginning of data.shards at step {start_step}")
+                "the training loop"
+            )
+        log_fn(
+            f"checkpoint {path} has no data-stream state: {batches.spec.name} data starts from the "
+            f"beginning of data.shards at step {start_step}"
+        )
         batches.start_at(start_step)
         return
     saved, current = data["layout"], batches.layout()
     if saved != current:
-        diffs = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
-                 for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        diffs = [
+            f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)
+        ]
         raise StreamResumeError(
             f"checkpoint {path}: its data stream was laid out differently, so the run cannot continue it "
             "exactly (streams are not re-partitioned; resume with the DP size, data.num_workers, shards, seed, "
-            "batch sizes and data settings it was saved with): " + "; ".join(diffs))
+            "batch sizes and data settings it was saved with): " + "; ".join(diffs)
+        )
     if data["ranks"][topo.dp_rank]["step"] != start_step:
-        raise StreamResumeError(f"checkpoint {path}: stream state is for step {data['ranks'][topo.dp_rank]['step']}, "
-                                f"the checkpoint for step {start_step}")
+        raise StreamResumeError(
+            f"checkpoint {path}: stream state is for step {data['ranks'][topo.dp_rank]['step']}, "
+            f"the checkpoint for step {start_step}"
+        )
     batches.load_state_dict(topo.dp_rank, data["ranks"][topo.dp_rank])
     pos = data["ranks"][topo.dp_rank]["workers"]
-    log_fn(f"data stream resumed at step {start_step}: epoch {min(p['epoch'] for p in pos)}, "
-           f"{sum(p['seen'] for p in pos)} samples read by DP rank {topo.dp_rank} ({sum(p['bad'] for p in pos)} bad)")
+    log_fn(
+        f"data stream resumed at step {start_step}: epoch {min(p['epoch'] for p in pos)}, "
+        f"{sum(p['seen'] for p in pos)} samples read by DP rank {topo.dp_rank} ({sum(p['bad'] for p in pos)} bad)"
+    )
 
 
-__all__ = ["BadSample", "BadDataError", "StreamResumeError", "SampleContext", "Pipeline", "Unit",
-           "StreamSpec", "PositionShuffle", "stream_order", "read_positions", "StreamWorker", "StreamingLoader",
-           "batch_hash", "initial_position", "ensure_stream_tokenizer", "build_text_loader", "prepare_stream_data",
-           "checkpoint_state", "restore_state"]
+__all__ = [
+    "BadSample",
+    "BadDataError",
+    "StreamResumeError",
+    "SampleContext",
+    "Pipeline",
+    "Unit",
+    "StreamSpec",
+    "PositionShuffle",
+    "stream_order",
+    "read_positions",
+    "StreamWorker",
+    "StreamingLoader",
+    "batch_hash",
+    "initial_position",
+    "ensure_stream_tokenizer",
+    "build_text_loader",
+    "prepare_stream_data",
+    "checkpoint_state",
+    "restore_state",
+]

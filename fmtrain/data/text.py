@@ -20,9 +20,10 @@ import io
 import json
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING
 
 import sentencepiece as spm
 import torch
@@ -57,8 +58,10 @@ def read_documents(corpus: str) -> list[str]:
     if corpus.startswith("builtin:"):
         name = corpus.split(":", 1)[1]
         if name not in BUILTIN_CORPORA:
-            raise ValueError(f"unknown built-in corpus '{corpus}'; known: "
-                             + ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_CORPORA)))
+            raise ValueError(
+                f"unknown built-in corpus '{corpus}'; known: "
+                + ", ".join(f"builtin:{n}" for n in sorted(BUILTIN_CORPORA))
+            )
         resource = resources.files("fmtrain.data").joinpath("corpus", BUILTIN_CORPORA[name])
         documents = _parse_jsonl(gzip.decompress(resource.read_bytes()).decode("utf-8"), corpus)
     else:
@@ -71,8 +74,9 @@ def read_documents(corpus: str) -> list[str]:
         gzipped = bool(suffixes) and suffixes[-1] == "gz"
         kind = (suffixes[-2] if gzipped and len(suffixes) > 1 else suffixes[-1]) if suffixes else ""
         if kind not in ("txt", "jsonl"):
-            raise ValueError(f"corpus {path}: unsupported file type; expected .txt or .jsonl "
-                             "(optionally .gz), or builtin:NAME")
+            raise ValueError(
+                f"corpus {path}: unsupported file type; expected .txt or .jsonl (optionally .gz), or builtin:NAME"
+            )
         raw = path.read_bytes()
         try:
             text = (gzip.decompress(raw) if gzipped else raw).decode("utf-8")
@@ -108,8 +112,7 @@ def _parse_jsonl(text: str, source: str) -> list[str]:
     return documents
 
 
-def split_documents(documents: Sequence[str], valid_fraction: float,
-                    seed: int) -> tuple[list[str], list[str]]:
+def split_documents(documents: Sequence[str], valid_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Shuffle document order with ``seed``, then hold out the last ``valid_fraction`` of them.
 
     Returns (train, valid). At least one document is held out when ``valid_fraction`` > 0;
@@ -120,9 +123,11 @@ def split_documents(documents: Sequence[str], valid_fraction: float,
     shuffled = [documents[i] for i in order]
     n_valid = max(1, round(n * valid_fraction)) if valid_fraction > 0 else 0
     if n_valid >= n:
-        raise ValueError(f"data.valid_fraction={valid_fraction} holds out {n_valid} of the corpus's "
-                         f"{n} documents, leaving none for training; lower it or use 0")
-    return shuffled[:n - n_valid], shuffled[n - n_valid:]
+        raise ValueError(
+            f"data.valid_fraction={valid_fraction} holds out {n_valid} of the corpus's "
+            f"{n} documents, leaving none for training; lower it or use 0"
+        )
+    return shuffled[: n - n_valid], shuffled[n - n_valid :]
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -164,20 +169,25 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_prefix: str
             normalization_rule_name="identity",
             character_coverage=0.99995,
             max_sentence_length=_MAX_SENTENCE_BYTES,
-            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-            unk_piece=UNK_PIECE, bos_piece=BOS_PIECE, eos_piece=EOS_PIECE,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            pad_id=-1,
+            unk_piece=UNK_PIECE,
+            bos_piece=BOS_PIECE,
+            eos_piece=EOS_PIECE,
             num_threads=1,
             input_sentence_size=0,
             shuffle_input_sentence=False,
             minloglevel=2,
         )
     except RuntimeError as exc:
-        raise ValueError(f"training a {vocab_size}-piece tokenizer for {model_path} on "
-                         f"{len(documents)} documents failed: {exc}") from None
+        raise ValueError(
+            f"training a {vocab_size}-piece tokenizer for {model_path} on {len(documents)} documents failed: {exc}"
+        ) from None
     model = buffer.getvalue()
     processor = spm.SentencePieceProcessor(model_proto=model)
-    vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n"
-                    for i in range(processor.vocab_size()))
+    vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(processor.vocab_size()))
     _write_atomic(model_path.with_suffix(".vocab"), vocab.encode("utf-8"))
     _write_atomic(model_path, model)
     return model_path
@@ -222,7 +232,7 @@ class PackedTextDataset:
         stream = torch.empty(total, dtype=torch.int64)
         offset = 0
         for doc in documents:
-            stream[offset:offset + len(doc)] = torch.as_tensor(doc, dtype=torch.int64)
+            stream[offset : offset + len(doc)] = torch.as_tensor(doc, dtype=torch.int64)
             stream[offset + len(doc)] = eos_id
             offset += len(doc) + 1
         self.num_tokens = total
@@ -251,8 +261,9 @@ class MicrobatchSampler:
     cut into microbatches of ``mbs`` windows.
     """
 
-    def __init__(self, dataset: PackedTextDataset, global_batch_size: int, micro_batch_size: int,
-                 dp_size: int, seed: int):
+    def __init__(
+        self, dataset: PackedTextDataset, global_batch_size: int, micro_batch_size: int, dp_size: int, seed: int
+    ):
         if len(dataset) == 0:
             raise ValueError("dataset has no windows: the corpus is shorter than one sequence")
         num_microbatches = microbatches_per_rank(global_batch_size, micro_batch_size, dp_size)
@@ -299,11 +310,12 @@ class MicrobatchSampler:
         mbs = self.micro_batch_size
         batches = []
         for k in range(0, len(indices), mbs):
-            windows = torch.stack([self.dataset.window(i) for i in indices[k:k + mbs]])  # (mbs, S + 1)
+            windows = torch.stack([self.dataset.window(i) for i in indices[k : k + mbs]])  # (mbs, S + 1)
             tokens = windows[:, :-1].contiguous()
             labels = windows[:, 1:].contiguous()
-            batches.append({"tokens": tokens, "labels": labels,
-                            "loss_mask": torch.ones(tokens.shape, dtype=torch.float32)})
+            batches.append(
+                {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(tokens.shape, dtype=torch.float32)}
+            )
         return batches
 
 
@@ -315,7 +327,7 @@ def default_tokenizer_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / "tokenizer" / "tokenizer.model"
 
 
-def existing_tokenizer(cfg: "Config", run_dir: str | Path) -> Path:
+def existing_tokenizer(cfg: Config, run_dir: str | Path) -> Path:
     """``data.tokenizer`` (which must exist), else RUN_DIR/tokenizer/tokenizer.model, which a
     caller trains when it is not there yet."""
     if cfg.data.tokenizer:
@@ -326,7 +338,7 @@ def existing_tokenizer(cfg: "Config", run_dir: str | Path) -> Path:
     return default_tokenizer_path(run_dir)
 
 
-def ensure_tokenizer(cfg: "Config", run_dir: str | Path) -> Path:
+def ensure_tokenizer(cfg: Config, run_dir: str | Path) -> Path:
     """The run's tokenizer model, trained now if needed. Call on one rank only, then barrier.
 
     ``data.tokenizer`` when set (it must exist); otherwise RUN_DIR/tokenizer/tokenizer.model,
@@ -340,40 +352,57 @@ def ensure_tokenizer(cfg: "Config", run_dir: str | Path) -> Path:
     return train_tokenizer(train_docs, cfg.model.vocab_size, path.with_suffix(""))
 
 
-def build_text_datasets(cfg: "Config", tokenizer_path: str | Path
-                        ) -> tuple[PackedTextDataset, Optional[PackedTextDataset]]:
+def build_text_datasets(cfg: Config, tokenizer_path: str | Path) -> tuple[PackedTextDataset, PackedTextDataset | None]:
     """(train, validation) datasets of ``model.seq_length`` windows; validation is None when
     ``data.valid_fraction`` is 0. Deterministic, so every rank builds the same datasets."""
     processor = load_tokenizer(tokenizer_path)
     if processor.vocab_size() != cfg.model.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {processor.vocab_size()} pieces but "
-                         f"model.vocab_size={cfg.model.vocab_size}")
+        raise ValueError(
+            f"tokenizer {tokenizer_path} has {processor.vocab_size()} pieces but "
+            f"model.vocab_size={cfg.model.vocab_size}"
+        )
     eos_id = processor.eos_id()
     if eos_id < 0:
         raise ValueError(f"tokenizer {tokenizer_path} has no end-of-sequence piece to separate documents")
-    train_docs, valid_docs = split_documents(read_documents(cfg.data.corpus), cfg.data.valid_fraction,
-                                             cfg.run.seed)
+    train_docs, valid_docs = split_documents(read_documents(cfg.data.corpus), cfg.data.valid_fraction, cfg.run.seed)
     seq_length = cfg.model.seq_length
     train = PackedTextDataset(processor.encode(train_docs), seq_length, eos_id)
     if len(train) == 0:
-        raise ValueError(f"corpus {cfg.data.corpus}: the training split has {train.num_tokens} tokens, "
-                         f"fewer than one window of model.seq_length + 1 = {seq_length + 1}")
+        raise ValueError(
+            f"corpus {cfg.data.corpus}: the training split has {train.num_tokens} tokens, "
+            f"fewer than one window of model.seq_length + 1 = {seq_length + 1}"
+        )
     if not valid_docs:
         return train, None
     valid = PackedTextDataset(processor.encode(valid_docs), seq_length, eos_id)
     if len(valid) == 0:
-        raise ValueError(f"corpus {cfg.data.corpus}: the validation split (data.valid_fraction="
-                         f"{cfg.data.valid_fraction}, {len(valid_docs)} documents) has {valid.num_tokens} "
-                         f"tokens, fewer than one window of model.seq_length + 1 = {seq_length + 1}")
+        raise ValueError(
+            f"corpus {cfg.data.corpus}: the validation split (data.valid_fraction="
+            f"{cfg.data.valid_fraction}, {len(valid_docs)} documents) has {valid.num_tokens} "
+            f"tokens, fewer than one window of model.seq_length + 1 = {seq_length + 1}"
+        )
     return train, valid
 
 
-__all__ = ["UNK_ID", "BOS_ID", "EOS_ID", "BUILTIN_CORPORA", "read_documents", "split_documents",
-           "train_tokenizer", "load_tokenizer", "PackedTextDataset", "MicrobatchSampler",
-           "default_tokenizer_path", "existing_tokenizer", "ensure_tokenizer", "build_text_datasets"]
+__all__ = [
+    "UNK_ID",
+    "BOS_ID",
+    "EOS_ID",
+    "BUILTIN_CORPORA",
+    "read_documents",
+    "split_documents",
+    "train_tokenizer",
+    "load_tokenizer",
+    "PackedTextDataset",
+    "MicrobatchSampler",
+    "default_tokenizer_path",
+    "existing_tokenizer",
+    "ensure_tokenizer",
+    "build_text_datasets",
+]
 
 
-def prepare_text_data(cfg: "Config", topo, run_dir: Path):
+def prepare_text_data(cfg: Config, topo, run_dir: Path):
     """The LLM families' data: (tokenizer path, train batches, validation batches or None).
 
     Streams WebDataset shards when ``data.shards`` is set (the stream's position goes into

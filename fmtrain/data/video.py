@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from fractions import Fraction
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -65,9 +65,14 @@ def probe_video(data: bytes) -> dict:
         if frames == 0:
             raise ValueError("no decodable frames")
         fps = float(rate)
-        return {"fps": fps, "frames": frames, "width": stream.codec_context.width,
-                "height": stream.codec_context.height, "duration": frames / fps if fps else None,
-                "codec": stream.codec_context.name}
+        return {
+            "fps": fps,
+            "frames": frames,
+            "width": stream.codec_context.width,
+            "height": stream.codec_context.height,
+            "duration": frames / fps if fps else None,
+            "codec": stream.codec_context.name,
+        }
     finally:
         container.close()
 
@@ -116,8 +121,17 @@ class VideoPipeline:
     item_size = 1
     pad_at_epoch_end = False
 
-    def __init__(self, *, frames: int = 16, stride: int = 4, size: int = 224, crop: str = "random",
-                 clips: int = 1, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(
+        self,
+        *,
+        frames: int = 16,
+        stride: int = 4,
+        size: int = 224,
+        crop: str = "random",
+        clips: int = 1,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ):
         if min(frames, stride, size, clips) < 1:
             raise ValueError(f"frames={frames}, stride={stride}, size={size} and clips={clips} must be >= 1")
         if crop not in ("center", "random"):
@@ -129,7 +143,7 @@ class VideoPipeline:
         self._bias = -self.mean / self.std
 
     @staticmethod
-    def video_field(sample: dict) -> Optional[str]:
+    def video_field(sample: dict) -> str | None:
         return next((ext for ext in VIDEO_EXTENSIONS if ext in sample), None)
 
     def _frame_count(self, sample: dict, data: bytes) -> int:
@@ -192,14 +206,17 @@ class VideoPipeline:
             top, left = (h - s) // 2, (w - s) // 2
         else:
             top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-        return np.ascontiguousarray(clip[:, top:top + s, left:left + s])
+        return np.ascontiguousarray(clip[:, top : top + s, left : left + s])
 
     def make_item(self, pieces: list[Sequence], size: int) -> dict:
         return pieces[0][0]
 
     def collate(self, items: list[dict]) -> dict:
-        batch = {"video": torch.stack([c["video"] for c in items]),  # (mbs, 3, T, size, size)
-                 "key": [c["key"] for c in items], "caption": [c["caption"] for c in items]}
+        batch = {
+            "video": torch.stack([c["video"] for c in items]),  # (mbs, 3, T, size, size)
+            "key": [c["key"] for c in items],
+            "caption": [c["caption"] for c in items],
+        }
         for name in ("latent", "text_emb"):
             values = [c.get(name) for c in items]
             if all(v is not None for v in values) and len({tuple(v.shape) for v in values}) == 1:
@@ -207,22 +224,36 @@ class VideoPipeline:
         return batch
 
     def fingerprint(self) -> dict:
-        return {"kind": "video", "frames": self.frames, "stride": self.stride, "size": self.size,
-                "crop": self.crop, "clips": self.clips, "mean": self.mean.flatten().tolist(),
-                "std": self.std.flatten().tolist()}
+        return {
+            "kind": "video",
+            "frames": self.frames,
+            "stride": self.stride,
+            "size": self.size,
+            "crop": self.crop,
+            "clips": self.clips,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }
 
     @classmethod
-    def from_config(cls, cfg) -> "VideoPipeline":
+    def from_config(cls, cfg) -> VideoPipeline:
         d = cfg.data
-        return cls(frames=d.video_frames, stride=d.video_stride, size=d.video_size, crop=d.video_crop,
-                   clips=d.video_clips)
+        return cls(
+            frames=d.video_frames, stride=d.video_stride, size=d.video_size, crop=d.video_crop, clips=d.video_clips
+        )
 
 
 # --------------------------------------------------------------------------- synthetic videos
 
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230), "yellow": (235, 210, 40),
-           "white": (245, 245, 245), "magenta": (210, 50, 200)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 210, 40),
+    "white": (245, 245, 245),
+    "magenta": (210, 50, 200),
+}
 
 
 def default_codec() -> str:
@@ -236,8 +267,9 @@ def default_codec() -> str:
         return "mpeg4"
 
 
-def synthetic_video(seed: int, *, frames: int = 32, width: int = 64, height: int = 64, fps: int = 8,
-                    codec: Optional[str] = None) -> tuple[bytes, str]:
+def synthetic_video(
+    seed: int, *, frames: int = 32, width: int = 64, height: int = 64, fps: int = 8, codec: str | None = None
+) -> tuple[bytes, str]:
     """An mp4 of 1-3 coloured squares and discs moving (and bouncing) over a grey gradient.
 
     Returns (mp4 bytes, a caption naming the shapes and their directions). Deterministic
@@ -259,7 +291,8 @@ def synthetic_video(seed: int, *, frames: int = 32, width: int = 64, height: int
         shapes.append((colour, kind, r, pos, vel))
     caption = " and ".join(
         f"a {c} {k} moving {'right' if v[0] > 0 else 'left'} and {'down' if v[1] > 0 else 'up'}"
-        for c, k, _, _, v in shapes)
+        for c, k, _, _, v in shapes
+    )
     codec = codec or default_codec()
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as out:
@@ -288,5 +321,12 @@ def synthetic_video(seed: int, *, frames: int = 32, width: int = 64, height: int
     return buffer.getvalue(), caption
 
 
-__all__ = ["VideoPipeline", "probe_video", "decode_frames", "synthetic_video", "default_codec",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = [
+    "VideoPipeline",
+    "probe_video",
+    "decode_frames",
+    "synthetic_video",
+    "default_codec",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+]

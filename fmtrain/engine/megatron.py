@@ -18,8 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
@@ -44,18 +43,19 @@ class MegatronEngine:
         self.topo = topo
         self.family = family
         self.params_dtype = resolve_params_dtype(cfg, topo.device)
-        self.tconfig = family.transformer_config(
-            cfg, params_dtype=self.params_dtype, use_cpu=topo.device.type == "cpu")
+        self.tconfig = family.transformer_config(cfg, params_dtype=self.params_dtype, use_cpu=topo.device.type == "cpu")
         p = cfg.parallel
 
         chunks = []
         for vp in range(p.vpp):
             vp_stage = vp if p.vpp > 1 else None
             chunk = family.build_chunk(
-                cfg, self.tconfig,
+                cfg,
+                self.tconfig,
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage)
+                vp_stage=vp_stage,
+            )
             chunk.model_type = getattr(chunk, "model_type", None) or _encoder_or_decoder()
             for param in chunk.parameters():
                 tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
@@ -75,9 +75,12 @@ class MegatronEngine:
         )
         self.chunks = [
             DistributedDataParallel(
-                config=self.tconfig, ddp_config=ddp_config, module=chunk,
+                config=self.tconfig,
+                ddp_config=ddp_config,
+                module=chunk,
                 # Only the first chunk's buckets overlap with the backward of later chunks.
-                disable_bucketing=i > 0)
+                disable_bucketing=i > 0,
+            )
             for i, chunk in enumerate(chunks)
         ]
         for chunk in self.chunks:
@@ -86,10 +89,17 @@ class MegatronEngine:
         t = cfg.train
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
-                optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
-                adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=t.adam_eps,
-                clip_grad=t.grad_clip, bf16=self.params_dtype == torch.bfloat16,
-                params_dtype=self.params_dtype, use_distributed_optimizer=p.distributed_optimizer,
+                optimizer="adam",
+                lr=t.lr,
+                min_lr=t.min_lr,
+                weight_decay=t.weight_decay,
+                adam_beta1=t.adam_beta1,
+                adam_beta2=t.adam_beta2,
+                adam_eps=t.adam_eps,
+                clip_grad=t.grad_clip,
+                bf16=self.params_dtype == torch.bfloat16,
+                params_dtype=self.params_dtype,
+                use_distributed_optimizer=p.distributed_optimizer,
             ),
             self.chunks,
         )
@@ -196,8 +206,11 @@ class MegatronEngine:
         non-finite gradient on any rank makes the reduced gradient, and so the global norm,
         non-finite, and a norm that overflows fp32 is non-finite too.
         """
-        norms = [buffer.grad_data.norm(p=2) for chunk in self.chunks
-                 for buffer in chunk.buffers + chunk.expert_parallel_buffers]
+        norms = [
+            buffer.grad_data.norm(p=2)
+            for chunk in self.chunks
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers
+        ]
         bad = torch.zeros(1, dtype=torch.float32, device=self.topo.device)
         if norms:
             bad += (~torch.isfinite(torch.stack(norms).float().sum())).float()
@@ -230,9 +243,10 @@ class MegatronEngine:
         metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
         # Loading fills these state tensors; saving before the first applied update needs them too.
         self._materialize_optimizer_state()
-        return {"model": model_sd,
-                "optimizer": self.optimizer.sharded_state_dict(
-                    model_sd, is_loading=for_loading, metadata=metadata)}
+        return {
+            "model": model_sd,
+            "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=for_loading, metadata=metadata),
+        }
 
     def _materialize_optimizer_state(self) -> None:
         """Give a fresh optimizer the state tensors a checkpoint is loaded into.
@@ -299,11 +313,18 @@ class MegatronEngine:
         """Which optional fused kernels this engine runs (printed at start-up)."""
         c = self.tconfig
         # RoPE is fused by Transformer Engine, or compiled inside fmtrain's SDPA core attention.
-        compiled_rope = any(getattr(m, "compile_rope", False)
-                            for chunk in self.unwrapped_chunks() for m in chunk.modules())
-        fused = [name for name, on in (("activation", c.bias_activation_fusion),
-                                       ("cross entropy", c.cross_entropy_loss_fusion),
-                                       ("RoPE", c.apply_rope_fusion or compiled_rope)) if on]
+        compiled_rope = any(
+            getattr(m, "compile_rope", False) for chunk in self.unwrapped_chunks() for m in chunk.modules()
+        )
+        fused = [
+            name
+            for name, on in (
+                ("activation", c.bias_activation_fusion),
+                ("cross entropy", c.cross_entropy_loss_fusion),
+                ("RoPE", c.apply_rope_fusion or compiled_rope),
+            )
+            if on
+        ]
         return f"optimizer {self.adam_kernel}; fused kernels: {', '.join(fused) or 'none'}"
 
     def num_parameters(self) -> int:
@@ -334,14 +355,23 @@ def _select_adam_kernel(optimizer, choice: str) -> str:
 
     if not mcore_optimizer.USING_PYTORCH_OPTIMIZER:
         return "FusedAdam (apex / Transformer Engine)"
-    inners = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-              if isinstance(getattr(opt, "optimizer", None), torch.optim.Adam | torch.optim.AdamW)]
+    inners = [
+        opt.optimizer
+        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+        if isinstance(getattr(opt, "optimizer", None), torch.optim.Adam | torch.optim.AdamW)
+    ]
     if choice == "off" or not inners:
         return "torch AdamW (foreach)"
     supported = set(_get_fused_kernels_supported_devices())
-    unsupported = sorted({f"{p.dtype} on {p.device.type}" for inner in inners for group in inner.param_groups
-                          for p in group["params"]
-                          if p.device.type not in supported or not p.is_floating_point()})
+    unsupported = sorted(
+        {
+            f"{p.dtype} on {p.device.type}"
+            for inner in inners
+            for group in inner.param_groups
+            for p in group["params"]
+            if p.device.type not in supported or not p.is_floating_point()
+        }
+    )
     if unsupported:
         if choice == "on":
             raise ValueError(f"train.fused_adam=on but torch has no fused AdamW for {', '.join(unsupported)}")
@@ -364,6 +394,7 @@ def _keep_step_out_of_tensor_state(opt) -> None:
     for a ``step`` tensor that is not there. Copy the tensors the checkpoint has and leave
     ``step`` to ``load_state_dict``.
     """
+
     def set_states(model_param, tensors):
         group_index, group_order = opt.model_param_group_index_map[model_param]
         main_param = opt.optimizer.param_groups[group_index]["params"][group_order]
@@ -377,6 +408,7 @@ def _keep_step_out_of_tensor_state(opt) -> None:
 
 def _nan_loss(forward_step):
     """``forward_step`` whose loss (and reported loss) is multiplied by NaN: fault injection."""
+
     def poisoned_forward_step(data_iterator, model):
         output, loss_func = forward_step(data_iterator, model)
 
@@ -387,7 +419,9 @@ def _nan_loss(forward_step):
                 report[0] = report[0] * math.nan
                 rest[-1] = {**rest[-1], "loss": report}
             return (loss * math.nan, *rest)
+
         return output, poisoned_loss_func
+
     return poisoned_forward_step
 
 

@@ -21,7 +21,6 @@ import shlex
 import sys
 from pathlib import Path
 
-
 DEFAULT_GRACE_S = 300
 """Save notice before the time limit: finish the step in flight and write a checkpoint."""
 
@@ -104,12 +103,15 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
         nproc = args.procs_per_node or 1
         gpus = 0
     elif args.gpus_per_node is None:
-        raise ConfigError("give --gpus-per-node G (one training process per GPU), "
-                          "or --cpu --procs-per-node K for CPU nodes")
+        raise ConfigError(
+            "give --gpus-per-node G (one training process per GPU), or --cpu --procs-per-node K for CPU nodes"
+        )
     else:
         if args.procs_per_node and args.procs_per_node != args.gpus_per_node:
-            raise ConfigError(f"--procs-per-node={args.procs_per_node} with --gpus-per-node={args.gpus_per_node}: "
-                              "GPU jobs run one process per GPU (--procs-per-node is for --cpu)")
+            raise ConfigError(
+                f"--procs-per-node={args.procs_per_node} with --gpus-per-node={args.gpus_per_node}: "
+                "GPU jobs run one process per GPU (--procs-per-node is for --cpu)"
+            )
         nproc = gpus = args.gpus_per_node
     if nproc < 1:
         raise ConfigError(f"--procs-per-node={nproc} must be at least 1")
@@ -121,20 +123,32 @@ def cmd_launch_slurm(args: argparse.Namespace) -> int:
     cfg, run_dir = _prepare(args.recipe, args.overrides, world)
     per_node = f"{gpus} GPU(s)" if gpus else f"{nproc} CPU process(es), gloo"
     job = slurm.SlurmJob(
-        run_dir=run_dir, nodes=args.nodes, nproc_per_node=nproc, gpus_per_node=gpus,
-        requeue_exit_code=_requeue_exit_code(), job_name=args.job_name or f"fmtrain-{run_dir.name}",
-        partition=args.partition, time=args.time, account=args.account, grace_s=args.grace,
+        run_dir=run_dir,
+        nodes=args.nodes,
+        nproc_per_node=nproc,
+        gpus_per_node=gpus,
+        requeue_exit_code=_requeue_exit_code(),
+        job_name=args.job_name or f"fmtrain-{run_dir.name}",
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+        grace_s=args.grace,
         extra_sbatch=args.sbatch or [],
         command=_slurm_command(args),
-        summary=(f"{Path(args.recipe).name} ({cfg.model.family}), {args.nodes} node(s) x {per_node} = "
-                 f"{world} processes, TP={cfg.parallel.tp} PP={cfg.parallel.pp} "
-                 f"DP={data_parallel_size(cfg, world)}"),
+        summary=(
+            f"{Path(args.recipe).name} ({cfg.model.family}), {args.nodes} node(s) x {per_node} = "
+            f"{world} processes, TP={cfg.parallel.tp} PP={cfg.parallel.pp} "
+            f"DP={data_parallel_size(cfg, world)}"
+        ),
     )
     template = Path(args.template) if args.template else slurm.TEMPLATE
     script = slurm.render(job, template)
     if gpus and cfg.parallel.tp > gpus:
-        print(f"fmtrain launch slurm: note: parallel.tp={cfg.parallel.tp} spans nodes "
-              f"({gpus} GPUs per node); tensor parallelism across nodes is slow", file=sys.stderr)
+        print(
+            f"fmtrain launch slurm: note: parallel.tp={cfg.parallel.tp} spans nodes "
+            f"({gpus} GPUs per node); tensor parallelism across nodes is slow",
+            file=sys.stderr,
+        )
     if args.dry_run:
         print(script, end="")
         return 0
@@ -166,38 +180,54 @@ def cmd_launch_local(args: argparse.Namespace) -> int:
 
 def register_launch(sub) -> None:
     """Add ``fmtrain launch {slurm,local}`` to the CLI's subcommands."""
-    launch = sub.add_parser("launch", help="start a run as a SLURM job or locally (requeue on preemption)",
-                            description=__doc__.split("\n\n")[0])
+    launch = sub.add_parser(
+        "launch",
+        help="start a run as a SLURM job or locally (requeue on preemption)",
+        description=__doc__.split("\n\n")[0],
+    )
     kinds = launch.add_subparsers(dest="launcher", required=True, parser_class=_IntermixedParser)
 
     s = kinds.add_parser(
-        "slurm", help="write an sbatch script into the run directory and submit it",
+        "slurm",
+        help="write an sbatch script into the run directory and submit it",
         description="Validate RECIPE for nodes x processes, write RUN_DIR/fmtrain.sbatch (from "
-                    "launch/slurm/fmtrain.sbatch) and RUN_DIR/config.yaml, and submit with sbatch.")
+        "launch/slurm/fmtrain.sbatch) and RUN_DIR/config.yaml, and submit with sbatch.",
+    )
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", help="section.key=value")
     s.add_argument("--nodes", type=int, required=True)
     s.add_argument("--gpus-per-node", type=int, default=None, help="training processes per node = GPUs")
     s.add_argument("--cpu", action="store_true", help="CPU nodes, gloo (same as --gpus-per-node 0)")
-    s.add_argument("--procs-per-node", "--nproc-per-node", type=int, default=0,
-                   help="training processes per CPU node (default 1)")
+    s.add_argument(
+        "--procs-per-node", "--nproc-per-node", type=int, default=0, help="training processes per CPU node (default 1)"
+    )
     s.add_argument("--partition")
     s.add_argument("--time", help="time limit, e.g. 4:00:00 or 2-00:00:00")
     s.add_argument("--account")
-    s.add_argument("--grace", type=int, default=DEFAULT_GRACE_S,
-                   help="seconds before the time limit at which the job is told to save and requeue "
-                        f"(default {DEFAULT_GRACE_S}; SLURM may send it up to a minute earlier)")
+    s.add_argument(
+        "--grace",
+        type=int,
+        default=DEFAULT_GRACE_S,
+        help="seconds before the time limit at which the job is told to save and requeue "
+        f"(default {DEFAULT_GRACE_S}; SLURM may send it up to a minute earlier)",
+    )
     s.add_argument("--job-name", help="default fmtrain-RUN_DIR_NAME")
-    s.add_argument("--sbatch", action="append", metavar="OPTION",
-                   help="extra #SBATCH option, e.g. --sbatch=--qos=high (repeatable)")
+    s.add_argument(
+        "--sbatch",
+        action="append",
+        metavar="OPTION",
+        help="extra #SBATCH option, e.g. --sbatch=--qos=high (repeatable)",
+    )
     s.add_argument("--template", help="sbatch template (default launch/slurm/fmtrain.sbatch)")
     s.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
     s.set_defaults(func=cmd_launch_slurm)
 
     loc = kinds.add_parser(
-        "local", help="train on this machine; start again after a save-and-requeue",
+        "local",
+        help="train on this machine; start again after a save-and-requeue",
         description="Validate RECIPE for N processes, write RUN_DIR/config.yaml and train from it with N "
-                    "local processes; SIGUSR1 saves and restarts, as a SLURM requeue would.")
+        "local processes; SIGUSR1 saves and restarts, as a SLURM requeue would.",
+    )
     loc.add_argument("--nproc", type=int, required=True)
     loc.add_argument("recipe")
     loc.add_argument("overrides", nargs="*", help="section.key=value")

@@ -65,7 +65,7 @@ def _child_pids() -> list[int]:
         except OSError:
             continue
         # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         if len(fields) > 1 and int(fields[1]) == me:
             children.append(int(entry.name))
     return children
@@ -76,8 +76,12 @@ def _pass_on(signum, frame) -> None:
     received = signal.Signals(signum)
     sent = signal.SIGTERM if received == signal.SIGTERM else signal.SIGUSR1
     pids = _child_pids()
-    print(f"fmtrain.launch.agent: {received.name}: sending {sent.name} to {len(pids)} training process(es) "
-          "(save a checkpoint and exit)", file=sys.stderr, flush=True)
+    print(
+        f"fmtrain.launch.agent: {received.name}: sending {sent.name} to {len(pids)} training process(es) "
+        "(save a checkpoint and exit)",
+        file=sys.stderr,
+        flush=True,
+    )
     for pid in pids:
         try:
             os.kill(pid, sent)
@@ -128,21 +132,29 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1, RELAY_SIGNAL):
         signal.signal(sig, _pass_on)
     node = os.environ.get("SLURMD_NODENAME", os.uname().nodename)
-    print(f"fmtrain.launch.agent: node {node} (SLURM node index {os.environ.get('SLURM_NODEID', '-')}): "
-          f"{args.nproc_per_node} training process(es), rendezvous "
-          f"{'standalone' if args.standalone else args.rdzv_endpoint}", flush=True)
+    print(
+        f"fmtrain.launch.agent: node {node} (SLURM node index {os.environ.get('SLURM_NODEID', '-')}): "
+        f"{args.nproc_per_node} training process(es), rendezvous "
+        f"{'standalone' if args.standalone else args.rdzv_endpoint}",
+        flush=True,
+    )
     try:
         run(args)
     except ChildFailedError as exc:
         codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
         if requeue in codes.values():
-            print(f"fmtrain.launch.agent: training exited with the requeue status {requeue} "
-                  f"(exit codes by rank: {codes})", file=sys.stderr, flush=True)
+            print(
+                f"fmtrain.launch.agent: training exited with the requeue status {requeue} "
+                f"(exit codes by rank: {codes})",
+                file=sys.stderr,
+                flush=True,
+            )
             return requeue
         for rank, failure in sorted(exc.failures.items()):
             how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
-            print(f"fmtrain.launch.agent: rank {rank} (pid {failure.pid}) failed with {how}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"fmtrain.launch.agent: rank {rank} (pid {failure.pid}) failed with {how}", file=sys.stderr, flush=True
+            )
         return 1
     except SignalException as exc:
         # SIGINT/SIGHUP/SIGQUIT: torchrun passed it on and waited for the workers.

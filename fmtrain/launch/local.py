@@ -20,8 +20,17 @@ from pathlib import Path
 
 
 def agent_command(nproc: int, config_path: Path) -> list[str]:
-    return [sys.executable, "-m", "fmtrain.launch.agent", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "fmtrain.cli", "train", str(config_path)]
+    return [
+        sys.executable,
+        "-m",
+        "fmtrain.launch.agent",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "fmtrain.cli",
+        "train",
+        str(config_path),
+    ]
 
 
 def run(config_path: Path, nproc: int, requeue_exit_code: int, max_starts: int = 100) -> int:
@@ -47,8 +56,10 @@ def run(config_path: Path, nproc: int, requeue_exit_code: int, max_starts: int =
             if state["stop"]:
                 print(f"fmtrain launch local: training saved and stopped after {state['stop']}", flush=True)
                 return status
-            print(f"fmtrain launch local: training saved and asked to be requeued (status {status}); "
-                  "starting again", flush=True)
+            print(
+                f"fmtrain launch local: training saved and asked to be requeued (status {status}); starting again",
+                flush=True,
+            )
         print(f"fmtrain launch local: giving up after {max_starts} starts", file=sys.stderr, flush=True)
         return requeue_exit_code
     finally:

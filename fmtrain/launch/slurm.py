@@ -15,7 +15,6 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from fmtrain.config import ConfigError
 from fmtrain.parallel.slurm import PORT_BASE, PORT_SPAN
@@ -25,13 +24,20 @@ SCRIPT_NAME = "fmtrain.sbatch"
 
 # GPU jobs only; a CPU (gloo) job gets none of these.
 GPU_ENVIRONMENT = [
-    ("CUDA_DEVICE_MAX_CONNECTIONS", "1",
-     "megatron: one hardware queue, so TP communication is issued ahead of the GEMMs it overlaps"),
-    ("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1",
-     "a failed or hung NCCL collective ends the process instead of blocking until the time limit"),
+    (
+        "CUDA_DEVICE_MAX_CONNECTIONS",
+        "1",
+        "megatron: one hardware queue, so TP communication is issued ahead of the GEMMs it overlaps",
+    ),
+    (
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+        "1",
+        "a failed or hung NCCL collective ends the process instead of blocking until the time limit",
+    ),
 ]
-GPU_ENVIRONMENT_NOTE = ("# Site-specific, when NCCL picks the wrong network: "
-                        "export NCCL_SOCKET_IFNAME=... NCCL_IB_HCA=...")
+GPU_ENVIRONMENT_NOTE = (
+    "# Site-specific, when NCCL picks the wrong network: export NCCL_SOCKET_IFNAME=... NCCL_IB_HCA=..."
+)
 
 
 @dataclass
@@ -49,9 +55,9 @@ class SlurmJob:
     workdir: Path = field(default_factory=Path.cwd)
     """The job's working directory (relative paths in the config resolve against it)."""
     job_name: str = ""
-    partition: Optional[str] = None
-    time: Optional[str] = None
-    account: Optional[str] = None
+    partition: str | None = None
+    time: str | None = None
+    account: str | None = None
     grace_s: int = 300
     """SIGUSR1 this many seconds before the time limit."""
     extra_sbatch: list[str] = field(default_factory=list)
@@ -71,8 +77,9 @@ def time_limit_seconds(text: str) -> int:
     """Seconds in a SLURM time limit: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
     if not match:
-        raise ConfigError(f"--time={text!r} is not a SLURM time limit "
-                          "(minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)")
+        raise ConfigError(
+            f"--time={text!r} is not a SLURM time limit (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS)"
+        )
     days, a, b, c = match.groups()
     a, b, c = int(a), int(b or 0), int(c or 0)
     if days is not None:  # D-H[:M[:S]]
@@ -96,9 +103,11 @@ def sbatch_directives(job: SlurmJob) -> list[str]:
         ("ntasks-per-node", "1", "one torchrun agent per node"),
     ]
     if job.gpus_per_node:
-        lines += [("gpus-per-node", str(job.gpus_per_node)),
-                  ("exclusive", None, "whole nodes: every CPU for the data loaders"),
-                  ("mem", "0", "and all of each node's memory")]
+        lines += [
+            ("gpus-per-node", str(job.gpus_per_node)),
+            ("exclusive", None, "whole nodes: every CPU for the data loaders"),
+            ("mem", "0", "and all of each node's memory"),
+        ]
     for name in ("partition", "account", "time"):
         value = getattr(job, name)
         if value:
@@ -167,8 +176,10 @@ def submit(script: Path) -> str:
     try:
         proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
     except FileNotFoundError:
-        raise SubmitError("sbatch not found on PATH (not a SLURM login node?); the script is at "
-                          f"{script}, and --dry-run prints it without submitting") from None
+        raise SubmitError(
+            "sbatch not found on PATH (not a SLURM login node?); the script is at "
+            f"{script}, and --dry-run prints it without submitting"
+        ) from None
     if proc.returncode != 0:
         raise SubmitError(f"sbatch {script} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout.strip().split(";")[0]

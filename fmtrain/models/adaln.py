@@ -15,8 +15,14 @@ import torch
 import torch.nn.functional as F
 
 
-def timestep_sinusoid(t: torch.Tensor, dim: int = 256, *, flip_sin_to_cos: bool = True,
-                      downscale_freq_shift: float = 0.0, max_period: float = 10000.0) -> torch.Tensor:
+def timestep_sinusoid(
+    t: torch.Tensor,
+    dim: int = 256,
+    *,
+    flip_sin_to_cos: bool = True,
+    downscale_freq_shift: float = 0.0,
+    max_period: float = 10000.0,
+) -> torch.Tensor:
     """[b] (fractional) timesteps -> [b, dim] fp32 features: frequencies
     ``max_period^(-i / (dim/2 - shift))``, [cos, sin] when ``flip_sin_to_cos`` (the DDPM / diffusers form)."""
     half = dim // 2

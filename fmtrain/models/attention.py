@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +49,11 @@ class SDPACoreAttention(MegatronModule):
         layer_number: int,
         attn_mask_type: AttnMaskType,
         attention_type: str,
-        attention_dropout: Optional[float] = None,
-        softmax_scale: Optional[float] = None,
-        cp_comm_type: Optional[str] = None,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
         pg_collection=None,
-        rotary_base: Optional[float] = None,
+        rotary_base: float | None = None,
         compile_rope: bool = False,
     ):
         super().__init__(config=config)
@@ -71,8 +70,9 @@ class SDPACoreAttention(MegatronModule):
         self.heads_per_partition = divide(config.num_attention_heads, tp)
         self.groups_per_partition = divide(config.num_query_groups or config.num_attention_heads, tp)
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
         if packed_seq_params is not None:
             raise ValueError("packed sequences need Transformer Engine's attention")
         mask_type = attn_mask_type or self.attn_mask_type
@@ -84,8 +84,9 @@ class SDPACoreAttention(MegatronModule):
         if self.rotary_base is not None:
             # Positions 0..s-1 of this sequence (sequence parallelism has gathered it by now).
             seq, head_dim = query.shape[0], query.shape[-1]
-            cos, sin = (t[:, None, None, :] for t in rope_1d_cos_sin(
-                seq, head_dim, self.rotary_base, query.device, query.dtype))
+            cos, sin = (
+                t[:, None, None, :] for t in rope_1d_cos_sin(seq, head_dim, self.rotary_base, query.device, query.dtype)
+            )
             q, k = self.rotate(query, cos, sin), self.rotate(key, cos, sin)
         else:
             q, k = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key))
@@ -98,9 +99,15 @@ class SDPACoreAttention(MegatronModule):
         rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout > 0 else contextlib.nullcontext()
         with rng:
             context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None,
-                scale=self.softmax_scale, enable_gqa=self.groups_per_partition != self.heads_per_partition)
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal and mask is None,
+                scale=self.softmax_scale,
+                enable_gqa=self.groups_per_partition != self.heads_per_partition,
+            )
         # [b, np, sq, hn] -> [sq, b, np * hn]
         b, h, s, d = context.shape
         return context.permute(2, 0, 1, 3).reshape(s, b, h * d)
-

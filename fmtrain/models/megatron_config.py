@@ -16,8 +16,7 @@ import torch
 from fmtrain.config import Config, ConfigError
 
 # megatron's own fusions that need apex or a CUDA extension; fmtrain runs without them.
-_APEX_ONLY_FUSIONS = dict(masked_softmax_fusion=False, persist_layer_norm=False,
-                          gradient_accumulation_fusion=False)
+_APEX_ONLY_FUSIONS = dict(masked_softmax_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False)
 
 
 def transformer_engine_available() -> bool:
@@ -41,8 +40,10 @@ def fused_kernels_enabled(cfg: Config, *, use_cpu: bool) -> bool:
         return False
     missing = torch_compile_missing(use_cpu=use_cpu)
     if choice == "on" and missing:
-        raise ConfigError(f"model.fused_kernels=on: megatron compiles them with torch.compile, which "
-                          f"needs {' and '.join(missing)}; set model.fused_kernels=off")
+        raise ConfigError(
+            f"model.fused_kernels=on: megatron compiles them with torch.compile, which "
+            f"needs {' and '.join(missing)}; set model.fused_kernels=off"
+        )
     return not missing and (choice == "on" or not use_cpu)
 
 

@@ -6,9 +6,10 @@ data, trainer and checkpoint code call these fields and never branch on the fami
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -18,8 +19,9 @@ from fmtrain.models.init import InitRule
 
 
 class BuildChunk(Protocol):
-    def __call__(self, cfg: Config, tconfig: TransformerConfig, *, pre_process: bool,
-                 post_process: bool, vp_stage: Optional[int]) -> torch.nn.Module: ...
+    def __call__(
+        self, cfg: Config, tconfig: TransformerConfig, *, pre_process: bool, post_process: bool, vp_stage: int | None
+    ) -> torch.nn.Module: ...
 
 
 class MakeTransformerConfig(Protocol):
@@ -34,7 +36,7 @@ class ForwardStep(Protocol):
 
 
 class PrepareData(Protocol):
-    def __call__(self, cfg: Config, topo: Any, run_dir: Path) -> tuple[Optional[Path], Any, Any]:
+    def __call__(self, cfg: Config, topo: Any, run_dir: Path) -> tuple[Path | None, Any, Any]:
         """(tokenizer path or None, train batches, validation batches or None); both batch
         sources answer ``microbatches(global_step, dp_rank) -> list[dict]``."""
         ...
@@ -62,14 +64,14 @@ class ModelFamily:
     """Model FLOPs (forward + backward) of one training sample, for throughput and MFU."""
     tokens_per_sample: Callable[[Config], int]
     param_count: Callable[[Config], int]
-    memory_estimate: Callable[[Config, int, Optional[int]], Any]
+    memory_estimate: Callable[[Config, int, int | None], Any]
     """(cfg, dp, microbatches per step) -> fmtrain.train.flops.MemoryEstimate of the busiest GPU."""
     prepare_data: PrepareData
-    prepare_step: Optional[PrepareStep] = None
+    prepare_step: PrepareStep | None = None
     """Only for families whose pipeline tensor size depends on the batch (None: model.seq_length)."""
-    validate: Optional[Callable[[Config], None]] = None
+    validate: Callable[[Config], None] | None = None
     """Family-specific config rules, raising ConfigError (run before any process group starts)."""
-    sample: Optional[Callable[..., torch.Tensor]] = None
+    sample: Callable[..., torch.Tensor] | None = None
     """Generative families: ``sample(cfg, *, checkpoint, prompt_file, shape, num, seed, device)``
     -> generated latents (``fmtrain sample``)."""
 

@@ -14,7 +14,7 @@ frame-major, then row, then column, as a [T, H, W] grid flattens. Shared by the 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -31,13 +31,15 @@ def _cos_sin_cached(shape: tuple[int, ...], axes: tuple[int, ...], theta: float,
     angles = []
     for i, dim in enumerate(axes):
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim))
-        freqs = pos[:, i:i + 1] * inv_freq[None, :]  # [S, dim/2]
+        freqs = pos[:, i : i + 1] * inv_freq[None, :]  # [S, dim/2]
         angles.append(torch.cat([freqs, freqs], dim=-1))  # rotate-half pairs channel j with j + dim/2
     angle = torch.cat(angles, dim=-1)
     return angle.cos().float(), angle.sin().float()
 
 
-def rope_3d_cos_sin(shape: Sequence[int], axes: Sequence[int], theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_3d_cos_sin(
+    shape: Sequence[int], axes: Sequence[int], theta: float, device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [T*H*W, sum(axes)] in fp32 (cached per grid)."""
     return _cos_sin_cached(tuple(int(n) for n in shape), tuple(int(a) for a in axes), float(theta), str(device))
 
@@ -50,8 +52,9 @@ def _cos_sin_1d_cached(seq_len: int, dim: int, theta: float, device: str, dtype:
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
-def rope_1d_cos_sin(seq_len: int, dim: int, theta: float, device,
-                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_1d_cos_sin(
+    seq_len: int, dim: int, theta: float, device, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin tables [seq_len, dim] for positions 0..seq_len-1, computed in fp32 and stored
     in ``dtype`` (cached)."""
     return _cos_sin_1d_cached(int(seq_len), int(dim), float(theta), str(device), dtype)
@@ -72,8 +75,8 @@ def apply_rope_3d(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, axes: S
     out = []
     start = 0
     for dim in axes:
-        chunk = xf[..., start:start + dim]
-        out.append(chunk * cos[..., start:start + dim] + rotate_half(chunk) * sin[..., start:start + dim])
+        chunk = xf[..., start : start + dim]
+        out.append(chunk * cos[..., start : start + dim] + rotate_half(chunk) * sin[..., start : start + dim])
         start += dim
     if start < x.shape[-1]:  # channels beyond the rotated ones pass through
         out.append(xf[..., start:])

@@ -42,9 +42,9 @@ the global element count (the exact batch mean).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint,
-                                             sharded_state_dict_default)
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
 from megatron.core.utils import get_attr_wrapped_model
 
 from fmtrain.config import Config, ConfigError, rope_axes
@@ -67,8 +70,12 @@ from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.registry import ModelFamily, register
 from fmtrain.models.rope import apply_rope_3d, rope_3d_cos_sin
 from fmtrain.objectives import flow_matching as fm
-from fmtrain.train.flops import MemoryEstimate, activation_bytes_per_layer, in_flight_layer_microbatches, \
-    state_bytes_per_param
+from fmtrain.train.flops import (
+    MemoryEstimate,
+    activation_bytes_per_layer,
+    in_flight_layer_microbatches,
+    state_bytes_per_param,
+)
 
 BLOCK_NORM_EPS = 1e-5
 """LayerNorm eps inside the blocks (the release's block default)."""
@@ -96,15 +103,15 @@ class DiTInputs:
     """[b, caption_tokens, caption_dim]."""
     text_mask: torch.Tensor
     """[b, caption_tokens] bool, True = attend."""
-    clip_emb: Optional[torch.Tensor] = None
-    clip_mask: Optional[torch.Tensor] = None
-    x_t: Optional[torch.Tensor] = None
+    clip_emb: torch.Tensor | None = None
+    clip_mask: torch.Tensor | None = None
+    x_t: torch.Tensor | None = None
     """[b, C, T, H, W] noised latents (first stage)."""
-    target: Optional[torch.Tensor] = None
+    target: torch.Tensor | None = None
     """[b, C, T, H, W] velocity target (last stage); None: return the prediction."""
-    drop_text: Optional[torch.Tensor] = None
+    drop_text: torch.Tensor | None = None
     """[b] bool: replace the text condition by the null condition (CFG training)."""
-    pipeline_rows: Optional[int] = None
+    pipeline_rows: int | None = None
     """Rows of the tensor sent between pipeline stages (this TP rank's), when padded."""
 
     @property
@@ -112,11 +119,17 @@ class DiTInputs:
         return self.t.shape[0]
 
 
-def null_condition(text_emb: torch.Tensor, text_mask: torch.Tensor,
-                   clip_emb: Optional[torch.Tensor], clip_mask: Optional[torch.Tensor], drop: torch.Tensor):
+def null_condition(
+    text_emb: torch.Tensor,
+    text_mask: torch.Tensor,
+    clip_emb: torch.Tensor | None,
+    clip_mask: torch.Tensor | None,
+    drop: torch.Tensor,
+):
     """The unconditional input of classifier-free guidance for the samples where ``drop``:
     zero embeddings with only the first token of each encoder attended (so attention stays
     defined). The sampler's unconditional branch uses the same function."""
+
     def apply(emb, mask):
         if emb is None:
             return None, None
@@ -159,10 +172,18 @@ class SelfAttention(MegatronModule):
         super().__init__(config=config)
         h, d = config.hidden_size, config.kv_channels
         self.head_dim, self.axes = d, axes
-        self.wqkv = ColumnParallelLinear(h, 3 * h, config=config, init_method=config.init_method, bias=False,
-                                         gather_output=False)
-        self.wo = RowParallelLinear(h, h, config=config, init_method=config.output_layer_init_method, bias=False,
-                                    input_is_parallel=True, skip_bias_add=False)
+        self.wqkv = ColumnParallelLinear(
+            h, 3 * h, config=config, init_method=config.init_method, bias=False, gather_output=False
+        )
+        self.wo = RowParallelLinear(
+            h,
+            h,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
         self.q_norm = HeadRMSNorm(d, OUTER_NORM_EPS, dtype=config.params_dtype)
         self.k_norm = HeadRMSNorm(d, OUTER_NORM_EPS, dtype=config.params_dtype)
 
@@ -187,16 +208,25 @@ class CrossAttention(MegatronModule):
         super().__init__(config=config)
         h, d = config.hidden_size, config.kv_channels
         self.head_dim = d
-        self.wq = ColumnParallelLinear(h, h, config=config, init_method=config.init_method, bias=False,
-                                       gather_output=False)
-        self.wkv = ColumnParallelLinear(h, 2 * h, config=config, init_method=config.init_method, bias=False,
-                                        gather_output=False)
+        self.wq = ColumnParallelLinear(
+            h, h, config=config, init_method=config.init_method, bias=False, gather_output=False
+        )
+        self.wkv = ColumnParallelLinear(
+            h, 2 * h, config=config, init_method=config.init_method, bias=False, gather_output=False
+        )
         # The context is not split over the sequence (it is short and every rank holds all of
         # it): no all-gather on input, and the input gradient is all-reduced instead.
         self.wkv.sequence_parallel = False
         self.wkv.allreduce_dgrad = config.tensor_model_parallel_size > 1
-        self.wo = RowParallelLinear(h, h, config=config, init_method=config.output_layer_init_method, bias=False,
-                                    input_is_parallel=True, skip_bias_add=False)
+        self.wo = RowParallelLinear(
+            h,
+            h,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
         self.q_norm = HeadRMSNorm(d, OUTER_NORM_EPS, dtype=config.params_dtype)
         self.k_norm = HeadRMSNorm(d, OUTER_NORM_EPS, dtype=config.params_dtype)
 
@@ -216,8 +246,14 @@ class CrossAttention(MegatronModule):
 class _GeluProjection(MegatronModule):
     def __init__(self, config: TransformerConfig):
         super().__init__(config=config)
-        self.proj = ColumnParallelLinear(config.hidden_size, config.ffn_hidden_size, config=config,
-                                         init_method=config.init_method, bias=False, gather_output=False)
+        self.proj = ColumnParallelLinear(
+            config.hidden_size,
+            config.ffn_hidden_size,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+        )
 
     def forward(self, x):
         y, _ = self.proj(x)
@@ -229,9 +265,15 @@ class FeedForward(MegatronModule):
 
     def __init__(self, config: TransformerConfig):
         super().__init__(config=config)
-        down = RowParallelLinear(config.ffn_hidden_size, config.hidden_size, config=config,
-                                 init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
-                                 skip_bias_add=False)
+        down = RowParallelLinear(
+            config.ffn_hidden_size,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=False,
+            input_is_parallel=True,
+            skip_bias_add=False,
+        )
         self.net = _Sequence(config, _GeluProjection(config), torch.nn.Identity(), down)
 
     def forward(self, x):
@@ -299,8 +341,9 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], channels: int, 
 class StepVideoDiT(MegatronModule):
     """One pipeline chunk of the DiT: embedders on the first stage, the final layer on the last."""
 
-    def __init__(self, cfg: Config, config: TransformerConfig, *, pre_process: bool, post_process: bool,
-                 vp_stage: Optional[int]):
+    def __init__(
+        self, cfg: Config, config: TransformerConfig, *, pre_process: bool, post_process: bool, vp_stage: int | None
+    ):
         super().__init__(config=config)
         m = cfg.model
         h, dtype = config.hidden_size, config.params_dtype
@@ -313,21 +356,23 @@ class StepVideoDiT(MegatronModule):
         self.recompute = m.recompute == "full"
         self.sequence_parallel = config.sequence_parallel
         self.tp = config.tensor_model_parallel_size
-        self.input_tensor: Optional[torch.Tensor] = None
+        self.input_tensor: torch.Tensor | None = None
         if pre_process:
-            self.pos_embed = _PatchEmbed(m.in_channels * m.patch_size ** 2, h, dtype)
+            self.pos_embed = _PatchEmbed(m.in_channels * m.patch_size**2, h, dtype)
             self.adaln_single = AdaLNSingle(h, dtype=dtype)
-            self.caption_norm = torch.nn.LayerNorm(m.caption_dim, eps=OUTER_NORM_EPS,
-                                                   elementwise_affine=m.caption_norm_affine, dtype=dtype)
+            self.caption_norm = torch.nn.LayerNorm(
+                m.caption_dim, eps=OUTER_NORM_EPS, elementwise_affine=m.caption_norm_affine, dtype=dtype
+            )
             self.caption_projection = _CaptionProjection(m.caption_dim, h, dtype)
             self.clip_projection = torch.nn.Linear(m.clip_dim, h, dtype=dtype) if m.clip_dim else None
         self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
         self.transformer_blocks = torch.nn.ModuleList(
-            [StepVideoBlock(config, self.axes) for _ in range(get_num_layers_to_build(config, vp_stage=vp_stage))])
+            [StepVideoBlock(config, self.axes) for _ in range(get_num_layers_to_build(config, vp_stage=vp_stage))]
+        )
         if post_process:
             self.norm_out = torch.nn.LayerNorm(h, eps=OUTER_NORM_EPS, elementwise_affine=False, dtype=dtype)
             self.scale_shift_table = torch.nn.Parameter(torch.zeros(2, h, dtype=dtype))
-            self.proj_out = torch.nn.Linear(h, m.patch_size ** 2 * m.in_channels, dtype=dtype)
+            self.proj_out = torch.nn.Linear(h, m.patch_size**2 * m.in_channels, dtype=dtype)
 
     def set_input_tensor(self, input_tensor) -> None:
         if isinstance(input_tensor, (list, tuple)):
@@ -336,7 +381,7 @@ class StepVideoDiT(MegatronModule):
 
     # -- checkpoint keys: blocks under their global index, whatever the pipeline layout
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         # The TP group is passed explicitly: megatron only falls back to it when metadata is
         # absent, and replicated tensors need the TP rank in their replica id.
         tp_group = parallel_state.get_tensor_model_parallel_group()
@@ -345,18 +390,23 @@ class StepVideoDiT(MegatronModule):
         for name, child in self.named_children():
             if name == "transformer_blocks":
                 continue
-            state.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
-                                                    tp_group=tp_group))
+            state.update(
+                sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group)
+            )
         own: dict = {}
         self._save_to_state_dict(own, "", keep_vars=True)
         if own:
-            state.update(make_sharded_tensors_for_checkpoint(own, prefix, {}, sharded_offsets, tp_group=tp_group,
-                                                             dp_cp_group=metadata["dp_cp_group"]))
+            state.update(
+                make_sharded_tensors_for_checkpoint(
+                    own, prefix, {}, sharded_offsets, tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"]
+                )
+            )
         for local, block in enumerate(self.transformer_blocks):
             local_prefix = f"{prefix}transformer_blocks.{local}."
             block_state = block.sharded_state_dict(local_prefix, sharded_offsets, metadata)
-            replace_prefix_for_sharding(block_state, local_prefix,
-                                        f"{prefix}transformer_blocks.{self.layer_offset + local}.")
+            replace_prefix_for_sharding(
+                block_state, local_prefix, f"{prefix}transformer_blocks.{self.layer_offset + local}."
+            )
             state.update(block_state)
         return state
 
@@ -372,20 +422,27 @@ class StepVideoDiT(MegatronModule):
         text_emb, text_mask, clip_emb, clip_mask = inputs.text_emb, inputs.text_mask, inputs.clip_emb, inputs.clip_mask
         if inputs.drop_text is not None and bool(inputs.drop_text.any()):
             text_emb, text_mask, clip_emb, clip_mask = null_condition(
-                text_emb, text_mask, clip_emb, clip_mask, inputs.drop_text)
+                text_emb, text_mask, clip_emb, clip_mask, inputs.drop_text
+            )
         context = self.caption_projection(self.caption_norm(text_emb.to(dtype)))
         key_mask = text_mask
         if self.clip_projection is not None:
             context = torch.cat([self.clip_projection(clip_emb.to(dtype)), context], dim=1)
             key_mask = torch.cat([clip_mask, text_mask], dim=1)
-        return (tokens, context.transpose(0, 1), key_mask,
-                modulation.view(b, 6, h).transpose(0, 1), embedded.unsqueeze(0))
+        return (
+            tokens,
+            context.transpose(0, 1),
+            key_mask,
+            modulation.view(b, 6, h).transpose(0, 1),
+            embedded.unsqueeze(0),
+        )
 
     def _key_mask(self, inputs: DiTInputs) -> torch.Tensor:
         text_mask, clip_mask = inputs.text_mask, inputs.clip_mask
         if inputs.drop_text is not None and bool(inputs.drop_text.any()):
-            _, text_mask, _, clip_mask = null_condition(inputs.text_emb, text_mask, inputs.clip_emb, clip_mask,
-                                                        inputs.drop_text)
+            _, text_mask, _, clip_mask = null_condition(
+                inputs.text_emb, text_mask, inputs.clip_emb, clip_mask, inputs.drop_text
+            )
         return torch.cat([clip_mask, text_mask], dim=1) if inputs.clip_emb is not None else text_mask
 
     def _local_tokens(self, inputs: DiTInputs) -> int:
@@ -393,8 +450,10 @@ class StepVideoDiT(MegatronModule):
         tokens = t * hp * wp
         if self.sequence_parallel:
             if tokens % self.tp:
-                raise ValueError(f"latent grid {inputs.grid} has {tokens} tokens, not divisible by "
-                                 f"parallel.tp={self.tp} (required by parallel.sequence_parallel)")
+                raise ValueError(
+                    f"latent grid {inputs.grid} has {tokens} tokens, not divisible by "
+                    f"parallel.tp={self.tp} (required by parallel.sequence_parallel)"
+                )
             return tokens // self.tp
         return tokens
 
@@ -409,12 +468,13 @@ class StepVideoDiT(MegatronModule):
             key_mask = self._key_mask(inputs)
             n_ctx = key_mask.shape[1]
             x = packed[:n_local]
-            context = packed[n_local:n_local + n_ctx]
-            modulation = packed[n_local + n_ctx:n_local + n_ctx + 6]
-            embedded = packed[n_local + n_ctx + 6:n_local + n_ctx + MODULATION_ROWS]
+            context = packed[n_local : n_local + n_ctx]
+            modulation = packed[n_local + n_ctx : n_local + n_ctx + 6]
+            embedded = packed[n_local + n_ctx + 6 : n_local + n_ctx + MODULATION_ROWS]
         # Under SP each rank modulates a slice of the tokens: sum the modulation's gradient over TP.
-        block_modulation = (tensor_parallel.copy_to_tensor_model_parallel_region(modulation)
-                            if self.sequence_parallel else modulation)
+        block_modulation = (
+            tensor_parallel.copy_to_tensor_model_parallel_region(modulation) if self.sequence_parallel else modulation
+        )
         cos, sin = rope_3d_cos_sin(inputs.grid, self.axes, self.rope_theta, x.device)
         for block in self.transformer_blocks:
             if self.recompute and self.training:
@@ -447,12 +507,14 @@ class StepVideoDiT(MegatronModule):
 
 def transformer_config(cfg: Config, *, params_dtype: torch.dtype, use_cpu: bool) -> TransformerConfig:
     # The DiT's blocks are fmtrain modules: megatron's fused activation / cross entropy do not apply.
-    return TransformerConfig(**shared_transformer_kwargs(cfg, params_dtype=params_dtype),
-                             add_bias_linear=False, bias_activation_fusion=False)
+    return TransformerConfig(
+        **shared_transformer_kwargs(cfg, params_dtype=params_dtype), add_bias_linear=False, bias_activation_fusion=False
+    )
 
 
-def build_chunk(cfg: Config, tconfig: TransformerConfig, *, pre_process: bool, post_process: bool,
-                vp_stage: Optional[int]) -> torch.nn.Module:
+def build_chunk(
+    cfg: Config, tconfig: TransformerConfig, *, pre_process: bool, post_process: bool, vp_stage: int | None
+) -> torch.nn.Module:
     return StepVideoDiT(cfg, tconfig, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
 
 
@@ -461,17 +523,26 @@ def latent_grid(latent_shape, patch_size: int) -> tuple[int, int, int]:
     return int(t), int(h) // patch_size, int(w) // patch_size
 
 
-def make_inputs(cfg: Config, batch: dict, device, *, training: bool, need_x_t: bool, need_target: bool) -> tuple[DiTInputs, torch.Tensor]:
+def make_inputs(
+    cfg: Config, batch: dict, device, *, training: bool, need_x_t: bool, need_target: bool
+) -> tuple[DiTInputs, torch.Tensor]:
     """The flow-matching draw of one microbatch: (inputs, per-sample loss weights)."""
     f = cfg.flow
     latent = batch["latent"].to(device, non_blocking=True)
     seeds = batch["sample_seed"]
-    t = fm.sample_timesteps(fm.seeded_generators(seeds, device, _SALT_TIME), mode=f.timestep_sampling,
-                            logit_mean=f.logit_mean, logit_std=f.logit_std, shift=f.shift, device=device)
+    t = fm.sample_timesteps(
+        fm.seeded_generators(seeds, device, _SALT_TIME),
+        mode=f.timestep_sampling,
+        logit_mean=f.logit_mean,
+        logit_std=f.logit_std,
+        shift=f.shift,
+        device=device,
+    )
     x_t = target = None
     if need_x_t or need_target:
-        noise = fm.per_sample_noise(fm.seeded_generators(seeds, device, _SALT_NOISE), tuple(latent.shape[1:]),
-                                    device=device)
+        noise = fm.per_sample_noise(
+            fm.seeded_generators(seeds, device, _SALT_NOISE), tuple(latent.shape[1:]), device=device
+        )
         x_t = fm.interpolate(noise, latent, t) if need_x_t else None
         target = fm.velocity_target(noise, latent) if need_target else None
     drop = None
@@ -479,11 +550,17 @@ def make_inputs(cfg: Config, batch: dict, device, *, training: bool, need_x_t: b
         drop = fm.drop_condition(fm.seeded_generators(seeds, device, _SALT_DROP), f.text_drop_prob, device=device)
     clip = batch.get("clip_emb")
     inputs = DiTInputs(
-        grid=latent_grid(latent.shape, cfg.model.patch_size), t=t,
-        text_emb=batch["text_emb"].to(device), text_mask=batch["text_mask"].to(device).bool(),
+        grid=latent_grid(latent.shape, cfg.model.patch_size),
+        t=t,
+        text_emb=batch["text_emb"].to(device),
+        text_mask=batch["text_mask"].to(device).bool(),
         clip_emb=clip.to(device) if clip is not None else None,
         clip_mask=batch["clip_mask"].to(device).bool() if clip is not None else None,
-        x_t=x_t, target=target, drop_text=drop, pipeline_rows=batch.get("pipeline_rows"))
+        x_t=x_t,
+        target=target,
+        drop_text=drop,
+        pipeline_rows=batch.get("pipeline_rows"),
+    )
     return inputs, fm.get_weighting(f.loss_weighting)(t)
 
 
@@ -499,10 +576,17 @@ def make_forward_step(cfg: Config):
         first = get_attr_wrapped_model(model, "pre_process")
         last = get_attr_wrapped_model(model, "post_process")
         # "predict_only" microbatches return the velocity prediction instead of error sums.
-        inputs, weights = make_inputs(cfg, batch, device, training=model.training, need_x_t=first,
-                                      need_target=last and not batch.get("predict_only", False))
+        inputs, weights = make_inputs(
+            cfg,
+            batch,
+            device,
+            training=model.training,
+            need_x_t=first,
+            need_target=last and not batch.get("predict_only", False),
+        )
         output = model(inputs=inputs)
         return output, functools.partial(_loss, weights, cfg.flow.l1_weight)
+
     return forward_step
 
 
@@ -554,9 +638,18 @@ def init_rule(cfg: Config) -> Callable[[str], InitRule]:
 
 def _dims(cfg: Config) -> dict:
     m = cfg.model
-    return dict(layers=m.num_layers, h=m.hidden_size, d=cfg.head_dim, ffn=m.ffn_hidden_size,
-                patch=m.in_channels * m.patch_size ** 2, cap=m.caption_dim, clip=m.clip_dim,
-                ctx=m.caption_tokens + m.clip_tokens, cap_tokens=m.caption_tokens, clip_tokens=m.clip_tokens)
+    return dict(
+        layers=m.num_layers,
+        h=m.hidden_size,
+        d=cfg.head_dim,
+        ffn=m.ffn_hidden_size,
+        patch=m.in_channels * m.patch_size**2,
+        cap=m.caption_dim,
+        clip=m.clip_dim,
+        ctx=m.caption_tokens + m.clip_tokens,
+        cap_tokens=m.caption_tokens,
+        clip_tokens=m.clip_tokens,
+    )
 
 
 def block_param_count(h: int, d: int, ffn: int) -> int:
@@ -592,7 +685,7 @@ def training_flops(cfg: Config, video_tokens: int) -> float:
     return 3.0 * (k["layers"] * per_layer + outer + text)
 
 
-def memory_estimate(cfg: Config, dp: int, num_microbatches: Optional[int] = None) -> MemoryEstimate:
+def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -> MemoryEstimate:
     """Peak memory of the first pipeline stage (it holds the most microbatches under 1F1B).
 
     Activations per block: Korthikanti's GPT-layer count with flash attention (SDPA never
@@ -607,8 +700,20 @@ def memory_estimate(cfg: Config, dp: int, num_microbatches: Optional[int] = None
     linear = block - (4 * k["h"] + 4 * k["d"] + 6 * k["h"])
     params = layers_per_stage * (linear // p.tp + block - linear)
     params += param_count(cfg) - m.num_layers * block  # embedders (first stage) and final layer, replicated
-    per_layer = activation_bytes_per_layer(m.seq_length, t.micro_batch_size, k["h"], m.num_attention_heads,
-                                           p.tp, p.sequence_parallel, m.recompute, flash_attention=True) * 42 / 34
+    per_layer = (
+        activation_bytes_per_layer(
+            m.seq_length,
+            t.micro_batch_size,
+            k["h"],
+            m.num_attention_heads,
+            p.tp,
+            p.sequence_parallel,
+            m.recompute,
+            flash_attention=True,
+        )
+        * 42
+        / 34
+    )
     act = per_layer * in_flight_layer_microbatches(0, m.num_layers, p.pp, p.vpp, num_microbatches) * (1 if bf16 else 2)
     state = params * state_bytes_per_param(bf16, p.distributed_optimizer, dp)
     return MemoryEstimate(params, state, act, state + act)
@@ -616,15 +721,17 @@ def memory_estimate(cfg: Config, dp: int, num_microbatches: Optional[int] = None
 
 def validate(cfg: Config) -> None:
     if cfg.model.recompute == "selective":
-        raise ConfigError("model.recompute=selective: the DiT's SDPA attention stores no score matrix, so "
-                          "there is nothing selective to recompute; use none or full")
+        raise ConfigError(
+            "model.recompute=selective: the DiT's SDPA attention stores no score matrix, so "
+            "there is nothing selective to recompute; use none or full"
+        )
     fm.get_weighting(cfg.flow.loss_weighting)
 
 
 # ----------------------------------------------------------------------------- sampling
 
 
-def fit_tokens(emb: torch.Tensor, mask: Optional[torch.Tensor], length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_tokens(emb: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[L, D] embedding (+ [L] mask) truncated or zero-padded to ``length`` tokens, with its mask."""
     if mask is None:
         mask = torch.ones(emb.shape[0], dtype=torch.bool)
@@ -632,14 +739,23 @@ def fit_tokens(emb: torch.Tensor, mask: Optional[torch.Tensor], length: int) -> 
     if emb.shape[0] >= length:
         return emb[:length], mask[:length]
     pad = length - emb.shape[0]
-    return (torch.cat([emb, emb.new_zeros(pad, emb.shape[1])]),
-            torch.cat([mask, torch.zeros(pad, dtype=torch.bool)]))
+    return (torch.cat([emb, emb.new_zeros(pad, emb.shape[1])]), torch.cat([mask, torch.zeros(pad, dtype=torch.bool)]))
 
 
 @torch.no_grad()
-def sample_latents(model: StepVideoDiT, cfg: Config, condition: dict, *, grid_shape: tuple[int, int, int],
-                   num: int, seed: int, steps: int, shift: float, guidance_scale: float,
-                   device) -> torch.Tensor:
+def sample_latents(
+    model: StepVideoDiT,
+    cfg: Config,
+    condition: dict,
+    *,
+    grid_shape: tuple[int, int, int],
+    num: int,
+    seed: int,
+    steps: int,
+    shift: float,
+    guidance_scale: float,
+    device,
+) -> torch.Tensor:
     """Generate ``num`` latents [num, C, T, H, W] for one prompt by Euler integration of the
     predicted velocity from noise (t=0) to data (t=1), with classifier-free guidance against
     :func:`null_condition`. ``condition``: ``text_emb`` [caption_tokens, caption_dim],
@@ -657,8 +773,13 @@ def sample_latents(model: StepVideoDiT, cfg: Config, condition: dict, *, grid_sh
         value = condition.get(name)
         return None if value is None else value.to(device).unsqueeze(0).expand(num, *value.shape)
 
-    base = dict(grid=(t_frames, height // m.patch_size, width // m.patch_size), text_emb=expand("text_emb"),
-                text_mask=expand("text_mask"), clip_emb=expand("clip_emb"), clip_mask=expand("clip_mask"))
+    base = dict(
+        grid=(t_frames, height // m.patch_size, width // m.patch_size),
+        text_emb=expand("text_emb"),
+        text_mask=expand("text_mask"),
+        clip_emb=expand("clip_emb"),
+        clip_mask=expand("clip_mask"),
+    )
     drop_all = torch.ones(num, dtype=torch.bool, device=device)
 
     def velocity(x, t):
@@ -667,11 +788,12 @@ def sample_latents(model: StepVideoDiT, cfg: Config, condition: dict, *, grid_sh
     def uncond_velocity(x, t):
         return model(inputs=DiTInputs(t=t, x_t=x, drop_text=drop_all, **base))
 
-    return fm.euler_sample(velocity, x0, steps=steps, shift=shift, uncond_velocity=uncond_velocity,
-                           guidance_scale=guidance_scale)
+    return fm.euler_sample(
+        velocity, x0, steps=steps, shift=shift, uncond_velocity=uncond_velocity, guidance_scale=guidance_scale
+    )
 
 
-def build_for_inference(cfg: Config, checkpoint: Optional[str], device) -> StepVideoDiT:
+def build_for_inference(cfg: Config, checkpoint: str | None, device) -> StepVideoDiT:
     """The whole DiT on one device (bf16 on GPU, fp32 on CPU) with a checkpoint's weights
     (any layout it was saved in), or the run seed's initial weights when ``checkpoint`` is None."""
     from fmtrain.checkpoint import load_model_weights
@@ -705,7 +827,9 @@ def load_prompt_embedding(path: str, cfg: Config) -> dict:
     def get(key: str, dim: int, length: int, required: bool):
         if key not in data:
             if required:
-                raise ValueError(f"prompt embedding {file}: no '{key}' array (has: {', '.join(sorted(data)) or 'none'})")
+                raise ValueError(
+                    f"prompt embedding {file}: no '{key}' array (has: {', '.join(sorted(data)) or 'none'})"
+                )
             return None, None
         emb = torch.from_numpy(np.asarray(data[key], dtype=np.float32))
         if emb.dim() == 3 and emb.shape[0] == 1:
@@ -724,13 +848,24 @@ def load_prompt_embedding(path: str, cfg: Config) -> dict:
     return condition
 
 
-def sample(cfg: Config, *, checkpoint: Optional[str], prompt_file: str, shape: tuple[int, int, int], num: int,
-           seed: int, device) -> torch.Tensor:
+def sample(
+    cfg: Config, *, checkpoint: str | None, prompt_file: str, shape: tuple[int, int, int], num: int, seed: int, device
+) -> torch.Tensor:
     """``fmtrain sample``: latents for one prompt embedding file, with the flow.* sampler settings."""
     f = cfg.flow
     model = build_for_inference(cfg, checkpoint, device)
-    return sample_latents(model, cfg, load_prompt_embedding(prompt_file, cfg), grid_shape=shape, num=num, seed=seed,
-                          steps=f.sample_steps, shift=f.sample_shift, guidance_scale=f.guidance_scale, device=device)
+    return sample_latents(
+        model,
+        cfg,
+        load_prompt_embedding(prompt_file, cfg),
+        grid_shape=shape,
+        num=num,
+        seed=seed,
+        steps=f.sample_steps,
+        shift=f.sample_shift,
+        guidance_scale=f.guidance_scale,
+        device=device,
+    )
 
 
 def prepare_data(cfg: Config, topo, run_dir):
@@ -739,18 +874,20 @@ def prepare_data(cfg: Config, topo, run_dir):
     return prepare_latent_data(cfg, topo, run_dir)
 
 
-STEP_VIDEO = register(ModelFamily(
-    name="step_video",
-    transformer_config=transformer_config,
-    build_chunk=build_chunk,
-    make_forward_step=make_forward_step,
-    init_rule=init_rule,
-    flops_per_sample=lambda cfg: training_flops(cfg, cfg.model.seq_length),
-    tokens_per_sample=lambda cfg: cfg.model.seq_length,
-    param_count=param_count,
-    memory_estimate=memory_estimate,
-    prepare_data=prepare_data,
-    prepare_step=prepare_pipeline_step,
-    validate=validate,
-    sample=sample,
-))
+STEP_VIDEO = register(
+    ModelFamily(
+        name="step_video",
+        transformer_config=transformer_config,
+        build_chunk=build_chunk,
+        make_forward_step=make_forward_step,
+        init_rule=init_rule,
+        flops_per_sample=lambda cfg: training_flops(cfg, cfg.model.seq_length),
+        tokens_per_sample=lambda cfg: cfg.model.seq_length,
+        param_count=param_count,
+        memory_estimate=memory_estimate,
+        prepare_data=prepare_data,
+        prepare_step=prepare_pipeline_step,
+        validate=validate,
+        sample=sample,
+    )
+)

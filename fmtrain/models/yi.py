@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +50,11 @@ def resolve_attention_backend(cfg: Config) -> str:
 
 def transformer_config(cfg: Config, *, params_dtype: torch.dtype, use_cpu: bool) -> TransformerConfig:
     m = cfg.model
-    recompute = {"none": {}, "selective": {"recompute_granularity": "selective"},
-                 "full": {"recompute_granularity": "full", "recompute_method": "uniform",
-                          "recompute_num_layers": 1}}[m.recompute]
+    recompute = {
+        "none": {},
+        "selective": {"recompute_granularity": "selective"},
+        "full": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    }[m.recompute]
     fused = fused_kernels_enabled(cfg, use_cpu=use_cpu)
     return TransformerConfig(
         **shared_transformer_kwargs(cfg, params_dtype=params_dtype),
@@ -89,17 +91,19 @@ def layer_spec(cfg: Config, tconfig: TransformerConfig) -> ModuleSpec:
         # other fused kernels.
         spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
             module=SDPACoreAttention,
-            params={"rotary_base": cfg.model.rotary_base, "compile_rope": tconfig.bias_activation_fusion})
+            params={"rotary_base": cfg.model.rotary_base, "compile_rope": tconfig.bias_activation_fusion},
+        )
     return spec
 
 
-def build_chunk(cfg: Config, tconfig: TransformerConfig, *, pre_process: bool,
-                post_process: bool, vp_stage: Optional[int]) -> torch.nn.Module:
+def build_chunk(
+    cfg: Config, tconfig: TransformerConfig, *, pre_process: bool, post_process: bool, vp_stage: int | None
+) -> torch.nn.Module:
     m = cfg.model
     # A block spec (not just a layer spec) so the final norm is fmtrain's RMSNorm too.
     block = TransformerBlockSubmodules(
-        layer_specs=[layer_spec(cfg, tconfig)] * get_num_layers_to_build(tconfig, vp_stage=vp_stage),
-        layer_norm=RMSNorm)
+        layer_specs=[layer_spec(cfg, tconfig)] * get_num_layers_to_build(tconfig, vp_stage=vp_stage), layer_norm=RMSNorm
+    )
     rope_in_core_attention = resolve_attention_backend(cfg) == "sdpa"
     return GPTModel(
         config=tconfig,
@@ -161,21 +165,28 @@ def init_rule(cfg: Config) -> Callable[[str], InitRule]:
 
 def _shape_args(cfg: Config) -> dict:
     m = cfg.model
-    return dict(num_layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads,
-                kv_heads=m.num_query_groups, head_dim=cfg.head_dim, ffn=m.ffn_hidden_size,
-                vocab=m.vocab_size)
+    return dict(
+        num_layers=m.num_layers,
+        hidden=m.hidden_size,
+        heads=m.num_attention_heads,
+        kv_heads=m.num_query_groups,
+        head_dim=cfg.head_dim,
+        ffn=m.ffn_hidden_size,
+        vocab=m.vocab_size,
+    )
 
 
 def flops_per_sample(cfg: Config) -> float:
     return cfg.model.seq_length * transformer_training_flops_per_token(
-        **_shape_args(cfg), seq_len=cfg.model.seq_length, swiglu=True, causal=True)
+        **_shape_args(cfg), seq_len=cfg.model.seq_length, swiglu=True, causal=True
+    )
 
 
 def param_count(cfg: Config) -> int:
     return transformer_param_count(**_shape_args(cfg), swiglu=True, tied=cfg.model.tie_embeddings)
 
 
-def memory_estimate(cfg: Config, dp: int, num_microbatches: Optional[int] = None):
+def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None):
     from fmtrain.train.flops import memory_per_gpu_from_config
 
     return memory_per_gpu_from_config(cfg, dp=dp, num_microbatches=num_microbatches)
@@ -187,15 +198,17 @@ def prepare_data(cfg: Config, topo, run_dir):
     return prepare_text_data(cfg, topo, run_dir)
 
 
-YI = register(ModelFamily(
-    name="yi",
-    transformer_config=transformer_config,
-    build_chunk=build_chunk,
-    make_forward_step=lambda cfg: forward_step,
-    memory_estimate=memory_estimate,
-    prepare_data=prepare_data,
-    init_rule=init_rule,
-    flops_per_sample=flops_per_sample,
-    tokens_per_sample=lambda cfg: cfg.model.seq_length,
-    param_count=param_count,
-))
+YI = register(
+    ModelFamily(
+        name="yi",
+        transformer_config=transformer_config,
+        build_chunk=build_chunk,
+        make_forward_step=lambda cfg: forward_step,
+        memory_estimate=memory_estimate,
+        prepare_data=prepare_data,
+        init_rule=init_rule,
+        flops_per_sample=flops_per_sample,
+        tokens_per_sample=lambda cfg: cfg.model.seq_length,
+        param_count=param_count,
+    )
+)

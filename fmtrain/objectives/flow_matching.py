@@ -17,7 +17,7 @@ again after a resume).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -54,8 +54,15 @@ def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
     return t / (t + shift * (1.0 - t))
 
 
-def sample_timesteps(generators: list[torch.Generator], *, mode: str, logit_mean: float = 0.0,
-                     logit_std: float = 1.0, shift: float = 1.0, device=None) -> torch.Tensor:
+def sample_timesteps(
+    generators: list[torch.Generator],
+    *,
+    mode: str,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    shift: float = 1.0,
+    device=None,
+) -> torch.Tensor:
     """One t in (0, 1) per generator: ``uniform`` or ``logit_normal`` (sigmoid of a normal),
     then the time shift. [b] float32."""
     device = device or generators[0].device
@@ -69,8 +76,9 @@ def sample_timesteps(generators: list[torch.Generator], *, mode: str, logit_mean
     return shift_time(t.float(), shift)
 
 
-def per_sample_noise(generators: list[torch.Generator], shape: tuple[int, ...], *, device=None,
-                     dtype=torch.float32) -> torch.Tensor:
+def per_sample_noise(
+    generators: list[torch.Generator], shape: tuple[int, ...], *, device=None, dtype=torch.float32
+) -> torch.Tensor:
     """[b, *shape] standard normal noise, sample i drawn from generator i."""
     device = device or generators[0].device
     return torch.stack([torch.randn(shape, generator=g, device=device, dtype=dtype) for g in generators])
@@ -110,9 +118,11 @@ def loss_from_error_sums(sums: torch.Tensor, weights: torch.Tensor, l1_weight: f
     w = weights.to(sums.dtype)
     loss_sum = (w * (sse + l1_weight * sae)).sum()
     total = count.sum()
-    reports = {"loss": torch.stack([loss_sum, total]).detach(),
-               "mse": torch.stack([sse.sum(), total]).detach(),
-               "l1": torch.stack([sae.sum(), total]).detach()}
+    reports = {
+        "loss": torch.stack([loss_sum, total]).detach(),
+        "mse": torch.stack([sse.sum(), total]).detach(),
+        "l1": torch.stack([sae.sum(), total]).detach(),
+    }
     return loss_sum, total, reports
 
 
@@ -132,10 +142,15 @@ def euler_grid(steps: int, shift: float, *, device=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def euler_sample(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, *,
-                 steps: int, shift: float = 1.0,
-                 uncond_velocity: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-                 guidance_scale: float = 1.0) -> torch.Tensor:
+def euler_sample(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    *,
+    steps: int,
+    shift: float = 1.0,
+    uncond_velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    guidance_scale: float = 1.0,
+) -> torch.Tensor:
     """Integrate dx/dt = v(x, t) from t=0 (``x0``, noise) to t=1 with Euler steps.
 
     With ``uncond_velocity`` and ``guidance_scale`` != 1, classifier-free guidance:
@@ -164,6 +179,19 @@ def seeded_generators(seeds: torch.Tensor, device, salt: int) -> list[torch.Gene
     return gens
 
 
-__all__ = ["Weighting", "register_weighting", "get_weighting", "shift_time", "sample_timesteps",
-           "per_sample_noise", "interpolate", "velocity_target", "error_sums", "loss_from_error_sums",
-           "drop_condition", "euler_grid", "euler_sample", "seeded_generators"]
+__all__ = [
+    "Weighting",
+    "register_weighting",
+    "get_weighting",
+    "shift_time",
+    "sample_timesteps",
+    "per_sample_noise",
+    "interpolate",
+    "velocity_target",
+    "error_sums",
+    "loss_from_error_sums",
+    "drop_condition",
+    "euler_grid",
+    "euler_sample",
+    "seeded_generators",
+]

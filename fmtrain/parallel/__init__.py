@@ -61,8 +61,7 @@ def _env_int(*names: str, default: int) -> int:
 def process_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's variables, else srun's, else one process."""
     if "RANK" in os.environ:
-        return (_env_int("RANK", default=0), _env_int("WORLD_SIZE", default=1),
-                _env_int("LOCAL_RANK", default=0))
+        return (_env_int("RANK", default=0), _env_int("WORLD_SIZE", default=1), _env_int("LOCAL_RANK", default=0))
     # A task of an srun step (not the batch script, which has SLURM_PROCID=0 but no step id):
     # rank 0's node and a port from the job id give every task the same rendezvous address.
     if "SLURM_STEP_ID" in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
@@ -70,8 +69,11 @@ def process_env() -> tuple[int, int, int]:
         if master is not None:
             os.environ.setdefault("MASTER_ADDR", master[0])
             os.environ.setdefault("MASTER_PORT", str(master[1]))
-        return (_env_int("SLURM_PROCID", default=0), _env_int("SLURM_NTASKS", default=1),
-                _env_int("SLURM_LOCALID", default=0))
+        return (
+            _env_int("SLURM_PROCID", default=0),
+            _env_int("SLURM_NTASKS", default=1),
+            _env_int("SLURM_LOCALID", default=0),
+        )
     return 0, 1, 0
 
 
@@ -103,9 +105,12 @@ def initialize(cfg: Config, timeout_minutes: int = 30) -> Topology:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         dist.init_process_group(
-            backend=backend, rank=rank, world_size=world_size,
+            backend=backend,
+            rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
-            device_id=device if use_cuda else None)
+            device_id=device if use_cuda else None,
+        )
 
     from megatron.core import parallel_state
 
@@ -120,8 +125,13 @@ def initialize(cfg: Config, timeout_minutes: int = 30) -> Topology:
             create_gloo_process_groups=True,
         )
     topo = Topology(
-        rank=rank, world_size=world_size, local_rank=local_rank,
-        tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp,
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        tp=p.tp,
+        pp=p.pp,
+        vpp=p.vpp,
+        dp=dp,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),

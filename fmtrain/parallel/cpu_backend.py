@@ -32,8 +32,22 @@ _REAL_TORCH = torch
 _INSTALLED = False
 
 # Factory functions megatron calls with a device argument.
-_FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn",
-              "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor", "eye")
+_FACTORIES = (
+    "empty",
+    "zeros",
+    "ones",
+    "full",
+    "tensor",
+    "arange",
+    "rand",
+    "randn",
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "as_tensor",
+    "eye",
+)
 
 
 def _cpu_device(device):
@@ -53,6 +67,7 @@ def _factory_on_cpu(fn):
         # pin_memory needs an accelerator; on CPU it means nothing.
         kwargs.pop("pin_memory", None)
         return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -186,6 +201,7 @@ def _with_cuda_type_strings(fn):
     def wrapper(*args, **kwargs):
         with _cuda_type_strings():
             return fn(*args, **kwargs)
+
     return wrapper
 
 
@@ -197,8 +213,16 @@ def _tensor_cuda_on_cpu(self, device=None, non_blocking=False, memory_format=tor
 _TAG_FORWARD, _TAG_BACKWARD = 1, 2
 
 
-def _tagged_batched_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next,
-                            tensor_recv_next, group, prev_pipeline_rank, next_pipeline_rank):
+def _tagged_batched_p2p_ops(
+    *,
+    tensor_send_prev,
+    tensor_recv_prev,
+    tensor_send_next,
+    tensor_recv_next,
+    group,
+    prev_pipeline_rank,
+    next_pipeline_rank,
+):
     """megatron's batched pipeline exchange with one tag per direction.
 
     With two stages (or interleaving) the previous and the next stage are the same peer, and
@@ -266,12 +290,15 @@ def install() -> None:
     # The tracker warns when the CPU generator moves inside a fork; here the CPU generator *is*
     # the forked device generator, so it always moves.
     logging.getLogger(tp_random.__name__).addFilter(
-        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage())
+        lambda record: "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+    )
 
     distrib_optimizer.DistributedOptimizer.__init__ = _with_cuda_type_strings(
-        distrib_optimizer.DistributedOptimizer.__init__)
+        distrib_optimizer.DistributedOptimizer.__init__
+    )
     optimizer.Float16OptimizerWithFloat16Params.__init__ = _with_cuda_type_strings(
-        optimizer.Float16OptimizerWithFloat16Params.__init__)
+        optimizer.Float16OptimizerWithFloat16Params.__init__
+    )
     wrapped_clip = _with_cuda_type_strings(clip_grads.clip_grad_by_total_norm_fp32)
     clip_grads.clip_grad_by_total_norm_fp32 = wrapped_clip
     optimizer.clip_grad_by_total_norm_fp32 = wrapped_clip
@@ -280,10 +307,8 @@ def install() -> None:
 
     from megatron.core.distributed import param_and_grad_buffer
 
-    param_and_grad_buffer.dist_reduce_scatter_func = _skip_on_one_rank(
-        param_and_grad_buffer.dist_reduce_scatter_func)
-    param_and_grad_buffer.dist_all_gather_func = _skip_on_one_rank(
-        param_and_grad_buffer.dist_all_gather_func)
+    param_and_grad_buffer.dist_reduce_scatter_func = _skip_on_one_rank(param_and_grad_buffer.dist_reduce_scatter_func)
+    param_and_grad_buffer.dist_all_gather_func = _skip_on_one_rank(param_and_grad_buffer.dist_all_gather_func)
 
     # Tensor.cuda() cannot succeed on a CPU-only build; megatron calls it to "move" tensors
     # that are already where they belong.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 PORT_BASE = 15000
 PORT_SPAN = 15000
@@ -39,6 +39,7 @@ def first_host(nodelist: str) -> str:
         elif ch == "," and depth == 0:
             text = text[:i]
             break
+
     # Each bracket group contributes the first value of its first range, keeping zero padding:
     # "rack[1-2]-gpu[07-08]" -> "rack1-gpu07".
     def first_of_group(match: re.Match) -> str:
@@ -55,7 +56,7 @@ def job_port(job_id: str | int) -> int:
     return PORT_BASE + int(job_id) % PORT_SPAN
 
 
-def srun_master(env: Optional[Mapping[str, str]] = None) -> Optional[tuple[str, int]]:
+def srun_master(env: Mapping[str, str] | None = None) -> tuple[str, int] | None:
     """(MASTER_ADDR, MASTER_PORT) for a task started by srun, or None outside a SLURM step.
 
     The address is the first host of the step's node list (``SLURM_STEP_NODELIST``, else the

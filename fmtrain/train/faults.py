@@ -27,7 +27,6 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 ENV_NAN = "FMTRAIN_TEST_NAN_AT_STEP"
 ENV_SIGNAL = "FMTRAIN_TEST_SIGNAL_AT_STEP"
@@ -55,7 +54,7 @@ class FaultInjection:
     hang_steps: frozenset[int] = frozenset()
 
     @classmethod
-    def from_env(cls) -> "FaultInjection":
+    def from_env(cls) -> FaultInjection:
         return cls(_steps(ENV_NAN), _steps(ENV_SIGNAL), _steps(ENV_HANG))
 
     @property
@@ -63,8 +62,11 @@ class FaultInjection:
         return bool(self.nan_steps or self.signal_steps or self.hang_steps)
 
     def describe(self) -> str:
-        parts = [f"{name}={','.join(map(str, sorted(steps)))}" for name, steps in
-                 ((ENV_NAN, self.nan_steps), (ENV_SIGNAL, self.signal_steps), (ENV_HANG, self.hang_steps)) if steps]
+        parts = [
+            f"{name}={','.join(map(str, sorted(steps)))}"
+            for name, steps in ((ENV_NAN, self.nan_steps), (ENV_SIGNAL, self.signal_steps), (ENV_HANG, self.hang_steps))
+            if steps
+        ]
         return "fault injection active: " + " ".join(parts)
 
     def poison_loss(self, step: int) -> bool:
@@ -98,17 +100,21 @@ class SkipCounter:
         """The streak reached ``limit`` (never when the limit is 0)."""
         return bool(self.limit) and len(self.streak) >= self.limit
 
-    def raise_fault(self, loss: float, grad_norm: float, last_checkpoint: Optional[Path]) -> None:
-        kept = (f"the last checkpoint, {last_checkpoint}, is left as it is" if last_checkpoint
-                else "no checkpoint was written")
+    def raise_fault(self, loss: float, grad_norm: float, last_checkpoint: Path | None) -> None:
+        kept = (
+            f"the last checkpoint, {last_checkpoint}, is left as it is"
+            if last_checkpoint
+            else "no checkpoint was written"
+        )
         raise NumericFaultError(
             f"steps {self.streak[0]}-{self.streak[-1]}: {len(self.streak)} consecutive steps had a "
             f"non-finite loss or gradient norm (last: loss={_fmt(loss)}, grad_norm={_fmt(grad_norm)}); "
             f"stopping (train.max_consecutive_skips={self.limit}). Their updates were skipped, so the "
-            f"weights and optimizer state are those of step {self.streak[0] - 1}; {kept}")
+            f"weights and optimizer state are those of step {self.streak[0] - 1}; {kept}"
+        )
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     if value is None:
         return "n/a"
     return f"{value:.4g}" if math.isfinite(value) else str(value)

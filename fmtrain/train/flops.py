@@ -8,7 +8,6 @@ hand and evaluated for layouts far larger than the machine running it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from fmtrain.config import Config
 
@@ -24,17 +23,25 @@ def _attention_widths(heads: int, kv_heads: int, head_dim: int) -> int:
     return q + kv + kv + q
 
 
-def _layer_linear_params(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int,
-                         swiglu: bool) -> int:
+def _layer_linear_params(hidden: int, heads: int, kv_heads: int, head_dim: int, ffn: int, swiglu: bool) -> int:
     """Weights of one layer's linear layers: these are the ones tensor parallelism shards."""
     attn = hidden * _attention_widths(heads, kv_heads, head_dim)
     mlp = hidden * ffn * (3 if swiglu else 2)
     return attn + mlp
 
 
-def transformer_param_count(num_layers: int, hidden: int, heads: int, kv_heads: int,
-                            head_dim: int, ffn: int, vocab: int, swiglu: bool = True,
-                            tied: bool = False, bias: bool = False) -> int:
+def transformer_param_count(
+    num_layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    ffn: int,
+    vocab: int,
+    swiglu: bool = True,
+    tied: bool = False,
+    bias: bool = False,
+) -> int:
     """Exact parameter count of a pre-norm decoder (Llama layout).
 
     Per layer: q/k/v/o projections, a gated (SwiGLU: gate, up, down) or plain (fc1, fc2)
@@ -50,10 +57,18 @@ def transformer_param_count(num_layers: int, hidden: int, heads: int, kv_heads: 
     return num_layers * per_layer + hidden + embeddings
 
 
-def transformer_training_flops_per_token(num_layers: int, hidden: int, heads: int,
-                                         kv_heads: int, head_dim: int, ffn: int, vocab: int,
-                                         seq_len: int, swiglu: bool = True,
-                                         causal: bool = True) -> int:
+def transformer_training_flops_per_token(
+    num_layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    ffn: int,
+    vocab: int,
+    seq_len: int,
+    swiglu: bool = True,
+    causal: bool = True,
+) -> int:
     """Model FLOPs per trained token (forward + backward = 3x forward, recompute excluded).
 
     Per layer: ``6*h*(q+k+v+o widths)`` for the projections, ``6*h*ffn*(3|2)`` for the MLP,
@@ -74,7 +89,8 @@ def _check_family(cfg: Config) -> None:
     if cfg.model.family not in DECODER_FAMILIES:
         raise ValueError(
             f"model.family={cfg.model.family!r}: the FLOP/parameter formulas here assume a "
-            f"decoder-only SwiGLU transformer ({', '.join(DECODER_FAMILIES)})")
+            f"decoder-only SwiGLU transformer ({', '.join(DECODER_FAMILIES)})"
+        )
 
 
 def model_flops_per_token_from_config(cfg: Config) -> int:
@@ -82,8 +98,17 @@ def model_flops_per_token_from_config(cfg: Config) -> int:
     _check_family(cfg)
     m = cfg.model
     return transformer_training_flops_per_token(
-        m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, cfg.head_dim,
-        m.ffn_hidden_size, m.vocab_size, m.seq_length, swiglu=True, causal=True)
+        m.num_layers,
+        m.hidden_size,
+        m.num_attention_heads,
+        m.num_query_groups,
+        cfg.head_dim,
+        m.ffn_hidden_size,
+        m.vocab_size,
+        m.seq_length,
+        swiglu=True,
+        causal=True,
+    )
 
 
 def param_count_from_config(cfg: Config) -> int:
@@ -91,8 +116,16 @@ def param_count_from_config(cfg: Config) -> int:
     _check_family(cfg)
     m = cfg.model
     return transformer_param_count(
-        m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, cfg.head_dim,
-        m.ffn_hidden_size, m.vocab_size, swiglu=True, tied=m.tie_embeddings)
+        m.num_layers,
+        m.hidden_size,
+        m.num_attention_heads,
+        m.num_query_groups,
+        cfg.head_dim,
+        m.ffn_hidden_size,
+        m.vocab_size,
+        swiglu=True,
+        tied=m.tie_embeddings,
+    )
 
 
 # ----------------------------------------------------------------------------- memory
@@ -110,9 +143,16 @@ def state_bytes_per_param(bf16: bool, distributed_optimizer: bool, dp: int) -> f
     return 8 + 8 / dp if distributed_optimizer else 16.0
 
 
-def activation_bytes_per_layer(seq_len: int, micro_batch_size: int, hidden: int, heads: int,
-                               tp: int = 1, sequence_parallel: bool = False,
-                               recompute: str = "none", flash_attention: bool = False) -> float:
+def activation_bytes_per_layer(
+    seq_len: int,
+    micro_batch_size: int,
+    hidden: int,
+    heads: int,
+    tp: int = 1,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
+    flash_attention: bool = False,
+) -> float:
     """Activation bytes one transformer layer keeps for backward, per microbatch.
 
     Korthikanti et al. 2022, Table 2, which assumes 16-bit activations (1-byte dropout
@@ -135,8 +175,9 @@ def activation_bytes_per_layer(seq_len: int, micro_batch_size: int, hidden: int,
     return sbh * (10 + 24 / t + scores / t)
 
 
-def in_flight_layer_microbatches(rank: int, num_layers: int, pp: int, vpp: int = 1,
-                                 num_microbatches: Optional[int] = None) -> float:
+def in_flight_layer_microbatches(
+    rank: int, num_layers: int, pp: int, vpp: int = 1, num_microbatches: int | None = None
+) -> float:
     """Layer-microbatches of activations pipeline rank ``rank`` holds at its peak under 1F1B.
 
     Non-interleaved: rank r runs p - r warm-up forwards before its first backward, each
@@ -167,20 +208,39 @@ class MemoryEstimate:
 
     def format(self) -> str:
         gib = 2**30
-        return (f"{self.params_per_gpu / 1e6:,.1f}M params/GPU | "
-                f"weights+grads+optimizer {self.weights_grads_optimizer_bytes / gib:.2f} GiB | "
-                f"activations {self.activation_bytes / gib:.2f} GiB | "
-                f"total {self.total_bytes / gib:.2f} GiB "
-                "(estimate; excludes CUDA context, allocator fragmentation and comm buffers)")
+        return (
+            f"{self.params_per_gpu / 1e6:,.1f}M params/GPU | "
+            f"weights+grads+optimizer {self.weights_grads_optimizer_bytes / gib:.2f} GiB | "
+            f"activations {self.activation_bytes / gib:.2f} GiB | "
+            f"total {self.total_bytes / gib:.2f} GiB "
+            "(estimate; excludes CUDA context, allocator fragmentation and comm buffers)"
+        )
 
 
-def memory_per_gpu(num_layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
-                   ffn: int, vocab: int, seq_len: int, micro_batch_size: int, *, tp: int = 1,
-                   pp: int = 1, vpp: int = 1, dp: int = 1, sequence_parallel: bool = False,
-                   recompute: str = "none", flash_attention: bool = True,
-                   distributed_optimizer: bool = True, bf16: bool = True,
-                   num_microbatches: Optional[int] = None, swiglu: bool = True,
-                   tied: bool = False) -> MemoryEstimate:
+def memory_per_gpu(
+    num_layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    ffn: int,
+    vocab: int,
+    seq_len: int,
+    micro_batch_size: int,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int = 1,
+    dp: int = 1,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
+    flash_attention: bool = True,
+    distributed_optimizer: bool = True,
+    bf16: bool = True,
+    num_microbatches: int | None = None,
+    swiglu: bool = True,
+    tied: bool = False,
+) -> MemoryEstimate:
     """Estimate the peak memory of the worst pipeline stage (first or last) of a layout.
 
     Parameters per GPU: l/p layers with their linear weights split over tp (norms
@@ -196,19 +256,18 @@ def memory_per_gpu(num_layers: int, hidden: int, heads: int, kv_heads: int, head
     if num_layers % (pp * vpp):
         raise ValueError(f"num_layers={num_layers} is not divisible by pp*vpp={pp * vpp}")
     layers = num_layers // pp
-    layer_params = (_layer_linear_params(hidden, heads, kv_heads, head_dim, ffn, swiglu) // tp
-                    + 2 * hidden)
+    layer_params = _layer_linear_params(hidden, heads, kv_heads, head_dim, ffn, swiglu) // tp + 2 * hidden
     embedding = vocab * hidden // tp
-    per_layer_act = activation_bytes_per_layer(seq_len, micro_batch_size, hidden, heads, tp,
-                                               sequence_parallel, recompute, flash_attention)
+    per_layer_act = activation_bytes_per_layer(
+        seq_len, micro_batch_size, hidden, heads, tp, sequence_parallel, recompute, flash_attention
+    )
     act_scale = 1 if bf16 else 2
     logits = 4 * seq_len * micro_batch_size * vocab / tp
     per_param = state_bytes_per_param(bf16, distributed_optimizer, dp)
 
     def stage(rank: int) -> MemoryEstimate:
         params = layers * layer_params
-        act = per_layer_act * in_flight_layer_microbatches(rank, num_layers, pp, vpp,
-                                                          num_microbatches) * act_scale
+        act = per_layer_act * in_flight_layer_microbatches(rank, num_layers, pp, vpp, num_microbatches) * act_scale
         if rank == 0:
             params += embedding
         if rank == pp - 1:
@@ -223,10 +282,13 @@ def memory_per_gpu(num_layers: int, hidden: int, heads: int, kv_heads: int, head
     return max(stages, key=lambda e: e.total_bytes)
 
 
-def memory_per_gpu_from_config(cfg: Config, dp: int,
-                               num_microbatches: Optional[int] = None,
-                               flash_attention: Optional[bool] = None,
-                               bf16: Optional[bool] = None) -> MemoryEstimate:
+def memory_per_gpu_from_config(
+    cfg: Config,
+    dp: int,
+    num_microbatches: int | None = None,
+    flash_attention: bool | None = None,
+    bf16: bool | None = None,
+) -> MemoryEstimate:
     """``memory_per_gpu`` for a Config and a data-parallel size.
 
     ``flash_attention`` defaults to every backend but ``local`` (megatron's own core
@@ -240,17 +302,40 @@ def memory_per_gpu_from_config(cfg: Config, dp: int,
     if bf16 is None:
         bf16 = cfg.train.precision != "fp32"
     return memory_per_gpu(
-        m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, cfg.head_dim,
-        m.ffn_hidden_size, m.vocab_size, m.seq_length, cfg.train.micro_batch_size,
-        tp=p.tp, pp=p.pp, vpp=p.vpp, dp=dp, sequence_parallel=p.sequence_parallel,
-        recompute=m.recompute, flash_attention=flash_attention,
-        distributed_optimizer=p.distributed_optimizer, bf16=bf16,
-        num_microbatches=num_microbatches, swiglu=True, tied=m.tie_embeddings)
+        m.num_layers,
+        m.hidden_size,
+        m.num_attention_heads,
+        m.num_query_groups,
+        cfg.head_dim,
+        m.ffn_hidden_size,
+        m.vocab_size,
+        m.seq_length,
+        cfg.train.micro_batch_size,
+        tp=p.tp,
+        pp=p.pp,
+        vpp=p.vpp,
+        dp=dp,
+        sequence_parallel=p.sequence_parallel,
+        recompute=m.recompute,
+        flash_attention=flash_attention,
+        distributed_optimizer=p.distributed_optimizer,
+        bf16=bf16,
+        num_microbatches=num_microbatches,
+        swiglu=True,
+        tied=m.tie_embeddings,
+    )
 
 
 __all__ = [
-    "DECODER_FAMILIES", "MemoryEstimate", "activation_bytes_per_layer",
-    "in_flight_layer_microbatches", "memory_per_gpu", "memory_per_gpu_from_config",
-    "model_flops_per_token_from_config", "param_count_from_config", "state_bytes_per_param",
-    "transformer_param_count", "transformer_training_flops_per_token",
+    "DECODER_FAMILIES",
+    "MemoryEstimate",
+    "activation_bytes_per_layer",
+    "in_flight_layer_microbatches",
+    "memory_per_gpu",
+    "memory_per_gpu_from_config",
+    "model_flops_per_token_from_config",
+    "param_count_from_config",
+    "state_bytes_per_param",
+    "transformer_param_count",
+    "transformer_training_flops_per_token",
 ]

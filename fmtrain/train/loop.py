@@ -93,9 +93,12 @@ def _train(cfg: Config) -> dict:
 
     tokenizer_path, train_batches, valid_batches = family.prepare_data(cfg, topo, run_dir)
     engine = build_engine(cfg, topo, family)
-    log0(topo, f"fmtrain: {cfg.model.family} with {family.param_count(cfg) / 1e6:.2f}M parameters, "
-               f"layout TP={topo.tp} PP={topo.pp} VPP={topo.vpp} DP={topo.dp} on {topo.world_size} "
-               f"{topo.device.type} rank(s), run dir {run_dir}")
+    log0(
+        topo,
+        f"fmtrain: {cfg.model.family} with {family.param_count(cfg) / 1e6:.2f}M parameters, "
+        f"layout TP={topo.tp} PP={topo.pp} VPP={topo.vpp} DP={topo.dp} on {topo.world_size} "
+        f"{topo.device.type} rank(s), run dir {run_dir}",
+    )
     log0(topo, f"kernels: {engine.kernel_summary()}")
 
     # model.init_from_hf: released weights for a run that has no checkpoint of its own yet.
@@ -104,8 +107,15 @@ def _train(cfg: Config) -> dict:
     start_step = resumed.step if resumed else 0
     if resumed:
         checkpoint.check_data_position(resumed, cfg)
-    data_stream.restore_state(train_batches, cfg, run_dir, start_step, topo, log_fn=lambda m: log0(topo, m),
-                              path=resumed.path if resumed else None)
+    data_stream.restore_state(
+        train_batches,
+        cfg,
+        run_dir,
+        start_step,
+        topo,
+        log_fn=lambda m: log0(topo, m),
+        path=resumed.path if resumed else None,
+    )
 
     peak, peak_source = device_peak_tflops(cfg.logging, topo.device) if topo.is_writer else (0.0, "")
     peak = _broadcast_float(peak, topo)
@@ -114,14 +124,20 @@ def _train(cfg: Config) -> dict:
     t = cfg.train
     tokens_per_step = t.global_batch_size * family.tokens_per_sample(cfg)
     flops_per_token = family.flops_per_sample(cfg) / family.tokens_per_sample(cfg)
-    timer = StepTimer(flops_per_token=flops_per_token, num_devices=topo.world_size,
-                      peak_tflops=peak, device=topo.device)
-    logger = MetricsLogger(run_dir, is_writer=topo.is_writer, tensorboard=cfg.logging.tensorboard,
-                           total_steps=t.max_steps, start_step=start_step)
-    writer = checkpoint.CheckpointWriter(cfg, run_dir, topo, tokenizer_path=tokenizer_path,
-                                         log=lambda m: log0(topo, m))
-    skips = SkipCounter(limit=t.max_consecutive_skips,
-                        total=int(resumed.state.get("skipped_steps", 0)) if resumed else 0)
+    timer = StepTimer(
+        flops_per_token=flops_per_token, num_devices=topo.world_size, peak_tflops=peak, device=topo.device
+    )
+    logger = MetricsLogger(
+        run_dir,
+        is_writer=topo.is_writer,
+        tensorboard=cfg.logging.tensorboard,
+        total_steps=t.max_steps,
+        start_step=start_step,
+    )
+    writer = checkpoint.CheckpointWriter(cfg, run_dir, topo, tokenizer_path=tokenizer_path, log=lambda m: log0(topo, m))
+    skips = SkipCounter(
+        limit=t.max_consecutive_skips, total=int(resumed.state.get("skipped_steps", 0)) if resumed else 0
+    )
     stop = signals.StopCheck(t.exit_after_minutes, topo.device, started=started_monotonic)
     if injected.active:
         log0(topo, injected.describe())
@@ -142,9 +158,15 @@ def _train(cfg: Config) -> dict:
             timer.start()
             result = engine.train_step(microbatches, lr, poison_loss=injected.poison_loss(done))
             skips.count(done, result.update_applied)
-            metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
-                       **timer.stop(tokens_per_step), "memory_gb": _memory_gb(topo.device),
-                       "update_applied": float(result.update_applied), "skipped_steps": skips.total}
+            metrics = {
+                "loss": result.loss,
+                "lr": lr,
+                "grad_norm": result.grad_norm,
+                **timer.stop(tokens_per_step),
+                "memory_gb": _memory_gb(topo.device),
+                "update_applied": float(result.update_applied),
+                "skipped_steps": skips.total,
+            }
             metrics.update({f"{k}": v for k, v in result.extra.items()})
             if valid_batches is not None and (done % cfg.eval.interval == 0 or done == t.max_steps):
                 metrics["val_loss"] = evaluate(engine, valid_batches, cfg, topo)
@@ -152,14 +174,18 @@ def _train(cfg: Config) -> dict:
             if topo.is_writer and (done % t.log_interval == 0 or done == t.max_steps or done == start_step + 1):
                 print(logger.progress_line(done, metrics, time.perf_counter() - started), flush=True)
             if not result.update_applied:
-                log0(topo, f"step {done}: loss {result.loss:.4g}, grad norm {result.grad_norm:.4g}: not finite, "
-                           f"update skipped ({len(skips.streak)} in a row, {skips.total} in the run)")
+                log0(
+                    topo,
+                    f"step {done}: loss {result.loss:.4g}, grad norm {result.grad_norm:.4g}: not finite, "
+                    f"update skipped ({len(skips.streak)} in a row, {skips.total} in the run)",
+                )
             if skips.exhausted():
                 writer.wait()  # a save still in flight holds the last good state: complete it
                 skips.raise_fault(result.loss, result.grad_norm, checkpoint.find_latest(run_dir, log=lambda m: None))
             writer.poll()
             saved_now = (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or (
-                done == t.max_steps and cfg.checkpoint.save_at_end)
+                done == t.max_steps and cfg.checkpoint.save_at_end
+            )
             if saved_now:
                 save(done)
             injected.after_step(done, topo.rank, topo.world_size)
@@ -168,8 +194,11 @@ def _train(cfg: Config) -> dict:
                 if not saved_now:
                     save(done)
                 writer.wait()
-                log0(topo, f"stopping after step {done} ({reason}): checkpoint {writer.last_saved} is "
-                           f"complete; exiting with status {signals.REQUEUE_EXIT_CODE} (requeue)")
+                log0(
+                    topo,
+                    f"stopping after step {done} ({reason}): checkpoint {writer.last_saved} is "
+                    f"complete; exiting with status {signals.REQUEUE_EXIT_CODE} (requeue)",
+                )
                 raise signals.RequeueRequested(done, reason, str(writer.last_saved))
         writer.close()
     except (signals.RequeueRequested, NumericFaultError):

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping, Optional
 
 import torch
 
@@ -25,7 +25,7 @@ KNOWN_PEAK_TFLOPS: dict[str, float] = {
 }
 
 
-def known_gpu_peak(name: str) -> Optional[tuple[float, str]]:
+def known_gpu_peak(name: str) -> tuple[float, str] | None:
     """(peak, KNOWN_PEAK_TFLOPS key) for a CUDA device name, or None when not known.
 
     torch reports e.g. "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA H200",
@@ -46,8 +46,9 @@ def known_gpu_peak(name: str) -> Optional[tuple[float, str]]:
     return KNOWN_PEAK_TFLOPS[key], key
 
 
-def measure_gemm_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int = 5,
-                        calls_per_repeat: int = 1) -> float:
+def measure_gemm_tflops(
+    device: torch.device, n: int, dtype: torch.dtype, repeats: int = 5, calls_per_repeat: int = 1
+) -> float:
     """Best observed TFLOP/s of an n x n x n matmul (2*n^3 FLOPs) on ``device``.
 
     One warm-up call first (allocation, kernel selection, thread-pool start-up), then the
@@ -94,13 +95,18 @@ def device_peak_tflops(logging_cfg: LoggingConfig, device: torch.device) -> tupl
     return peak, f"measured CPU GEMM (fp32 2048^3, {torch.get_num_threads()} threads)"
 
 
-def throughput_metrics(tokens: int, seconds: float, flops_per_token: float, num_devices: int,
-                       peak_tflops: float) -> dict[str, float]:
+def throughput_metrics(
+    tokens: int, seconds: float, flops_per_token: float, num_devices: int, peak_tflops: float
+) -> dict[str, float]:
     """tokens/s over all devices, model TFLOP/s per device, and MFU as a fraction of peak."""
     tokens_per_s = tokens / seconds
     tflops = flops_per_token * tokens_per_s / num_devices / 1e12
-    return {"step_time_s": seconds, "tokens_per_s": tokens_per_s, "tflops": tflops,
-            "mfu": tflops / peak_tflops if peak_tflops > 0 else 0.0}
+    return {
+        "step_time_s": seconds,
+        "tokens_per_s": tokens_per_s,
+        "tflops": tflops,
+        "mfu": tflops / peak_tflops if peak_tflops > 0 else 0.0,
+    }
 
 
 class StepTimer:
@@ -110,16 +116,21 @@ class StepTimer:
     in it, not just their launch. ``clock`` is injectable so tests can be exact.
     """
 
-    def __init__(self, flops_per_token: float, num_devices: int, peak_tflops: float,
-                 device: Optional[torch.device] = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        flops_per_token: float,
+        num_devices: int,
+        peak_tflops: float,
+        device: torch.device | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.flops_per_token = flops_per_token
         self.num_devices = num_devices
         self.peak_tflops = peak_tflops
         self._cuda = device is not None and device.type == "cuda"
         self._device = device
         self._clock = clock
-        self._t0: Optional[float] = None
+        self._t0: float | None = None
 
     def _sync(self) -> None:
         if self._cuda:
@@ -136,8 +147,7 @@ class StepTimer:
         self._sync()
         seconds = self._clock() - self._t0
         self._t0 = None
-        return throughput_metrics(tokens, seconds, self.flops_per_token, self.num_devices,
-                                  self.peak_tflops)
+        return throughput_metrics(tokens, seconds, self.flops_per_token, self.num_devices, self.peak_tflops)
 
 
 # Metric name -> TensorBoard tag; names containing "/" are used as tags unchanged, any
@@ -178,8 +188,9 @@ class MetricsLogger:
     only averages over steps this process ran.
     """
 
-    def __init__(self, run_dir: Path, is_writer: bool, tensorboard: bool, total_steps: int,
-                 start_step: int = 0) -> None:
+    def __init__(
+        self, run_dir: Path, is_writer: bool, tensorboard: bool, total_steps: int, start_step: int = 0
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.is_writer = is_writer
         self.total_steps = total_steps
@@ -194,6 +205,7 @@ class MetricsLogger:
         self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # slow import; only when used
+
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tb"))
 
     @property
@@ -244,7 +256,7 @@ class MetricsLogger:
             self._tb.close()
             self._tb = None
 
-    def __enter__(self) -> "MetricsLogger":
+    def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -252,6 +264,14 @@ class MetricsLogger:
 
 
 __all__ = [
-    "KNOWN_PEAK_TFLOPS", "MetricsLogger", "StepTimer", "TB_TAGS", "device_peak_tflops",
-    "format_duration", "known_gpu_peak", "measure_gemm_tflops", "tb_tag", "throughput_metrics",
+    "KNOWN_PEAK_TFLOPS",
+    "MetricsLogger",
+    "StepTimer",
+    "TB_TAGS",
+    "device_peak_tflops",
+    "format_duration",
+    "known_gpu_peak",
+    "measure_gemm_tflops",
+    "tb_tag",
+    "throughput_metrics",
 ]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Optional
 
 REQUEUE_EXIT_CODE = 99
 """Exit status of every training rank that saved a checkpoint because it was asked to stop
@@ -38,7 +37,7 @@ def _record(signum, frame) -> None:
     _received.setdefault(signal.Signals(signum).name, time.time())
 
 
-def install() -> Optional[dict]:
+def install() -> dict | None:
     """Record SIGTERM and SIGUSR1 instead of dying (main thread only).
 
     Returns the handlers it replaced, for :func:`uninstall`; None when the recorders were
@@ -52,7 +51,7 @@ def install() -> Optional[dict]:
     return previous
 
 
-def uninstall(previous: Optional[dict]) -> None:
+def uninstall(previous: dict | None) -> None:
     """Put back what :func:`install` replaced (no-op for None) and forget recorded signals."""
     global _installed
     if previous is None:
@@ -71,9 +70,11 @@ def received() -> list[str]:
 class RequeueRequested(Exception):
     """Raised on every rank after the checkpoint for a stop was saved; exit with REQUEUE_EXIT_CODE."""
 
-    def __init__(self, step: int, reason: str, checkpoint: Optional[str]):
-        super().__init__(f"stopped after step {step} ({reason}); checkpoint {checkpoint}; "
-                         f"exit status {REQUEUE_EXIT_CODE} asks to be requeued")
+    def __init__(self, step: int, reason: str, checkpoint: str | None):
+        super().__init__(
+            f"stopped after step {step} ({reason}); checkpoint {checkpoint}; "
+            f"exit status {REQUEUE_EXIT_CODE} asks to be requeued"
+        )
         self.step = step
         self.reason = reason
         self.checkpoint = checkpoint
@@ -84,7 +85,7 @@ class StopCheck:
 
     _REASONS = ("SIGTERM", "SIGUSR1")
 
-    def __init__(self, exit_after_minutes: float, device, started: Optional[float] = None):
+    def __init__(self, exit_after_minutes: float, device, started: float | None = None):
         self.budget_s = exit_after_minutes * 60.0
         self.device = device
         self.started = time.monotonic() if started is None else started
@@ -94,7 +95,7 @@ class StopCheck:
         over = self.budget_s > 0 and time.monotonic() - self.started >= self.budget_s
         return [int(name in seen) for name in self._REASONS] + [int(over)]
 
-    def check(self) -> Optional[str]:
+    def check(self) -> str | None:
         """Every rank: None to go on, else the reason all ranks stop (collective)."""
         import torch
         import torch.distributed as dist

@@ -36,8 +36,8 @@ import resource
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -80,8 +80,9 @@ def converter(family: str):
         from fmtrain.checkpoint.hf import step_video
 
         return step_video
-    raise ConfigError(f"model.family={family!r} has no checkpoint converter; known: "
-                      f"{', '.join(sorted(CONVERTER_FAMILIES))}")
+    raise ConfigError(
+        f"model.family={family!r} has no checkpoint converter; known: {', '.join(sorted(CONVERTER_FAMILIES))}"
+    )
 
 
 def weights_dir(path: Path, conv) -> Path:
@@ -115,8 +116,9 @@ def _peak_rss_mb() -> float:
 
 
 def _read_hf_config(hf_dir: Path) -> dict:
-    return read_config_json(Path(hf_dir) / "config.json",
-                            f"{hf_dir}: no config.json (a Hugging Face model directory has one)")
+    return read_config_json(
+        Path(hf_dir) / "config.json", f"{hf_dir}: no config.json (a Hugging Face model directory has one)"
+    )
 
 
 def read_config_json(file: Path, missing: str) -> dict:
@@ -129,8 +131,9 @@ def read_config_json(file: Path, missing: str) -> dict:
         raise ConfigError(f"{file}: not valid JSON ({exc})") from None
 
 
-def check_architecture(cfg: Config, want: dict, source_fields: dict[str, str], source: str,
-                       shown: Optional[dict] = None) -> None:
+def check_architecture(
+    cfg: Config, want: dict, source_fields: dict[str, str], source: str, shown: dict | None = None
+) -> None:
     """Raise ConfigError naming the first ``model.*`` field whose value differs from ``want``
     (what the checkpoint's config fixes); ``source_fields`` names the config.json field behind
     each, ``shown`` replaces an expected value in the message."""
@@ -139,8 +142,10 @@ def check_architecture(cfg: Config, want: dict, source_fields: dict[str, str], s
         have = cfg.head_dim if name == "model.head_dim" else getattr(cfg.model, name.split(".", 1)[1])
         same = math.isclose(have, expected, rel_tol=1e-9) if isinstance(expected, float) else have == expected
         if not same:
-            raise ConfigError(f"{name}={have!r} does not match the checkpoint: {source} has "
-                              f"{field_name}={(shown or {}).get(name, expected)!r}")
+            raise ConfigError(
+                f"{name}={have!r} does not match the checkpoint: {source} has "
+                f"{field_name}={(shown or {}).get(name, expected)!r}"
+            )
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
@@ -151,7 +156,7 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------------- import
 
 
-def from_hf_config(hf_dir: Path, recipe: Optional[str], overrides: list[str]) -> Config:
+def from_hf_config(hf_dir: Path, recipe: str | None, overrides: list[str]) -> Config:
     """The run config for converting ``hf_dir``: the recipe's, or one made from config.json
     (the family recognised from it); either way every architecture field must match the
     checkpoint (the error names it)."""
@@ -183,10 +188,12 @@ def _build_chunks(cfg: Config, family, params_dtype: torch.dtype, device: torch.
     for vp in range(p.vpp):
         vp_stage = vp if p.vpp > 1 else None
         chunk = family.build_chunk(
-            cfg, tconfig,
+            cfg,
+            tconfig,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage)
+            vp_stage=vp_stage,
+        )
         chunks.append(chunk.to(device))
     return chunks
 
@@ -198,8 +205,9 @@ def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def load_hf_weights(chunks: list[torch.nn.Module], hf_dir: Path, cfg: Config, *,
-                    allow_pickle: bool = False) -> tuple[int, int, int]:
+def load_hf_weights(
+    chunks: list[torch.nn.Module], hf_dir: Path, cfg: Config, *, allow_pickle: bool = False
+) -> tuple[int, int, int]:
     """Read this rank's slices of ``hf_dir`` into ``chunks``; (tensors set, bytes read, bytes
     in the checkpoint's model tensors)."""
     from fmtrain.checkpoint.hf.io import HFCheckpoint
@@ -233,8 +241,15 @@ def _hf_dtype(hf_dir: Path, conv, allow_pickle: bool) -> torch.dtype:
             raise HFCheckpointError(f"{ckpt.path}: no tensor {conv.DTYPE_PROBE} ({conv.FORMAT})") from None
 
 
-def convert_from_hf(cfg: Config, hf_dir: Path, out_dir: Path, *, dtype: str = "auto",
-                    allow_pickle: bool = False, overwrite: bool = False) -> Path:
+def convert_from_hf(
+    cfg: Config,
+    hf_dir: Path,
+    out_dir: Path,
+    *,
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Write ``hf_dir`` as a model-only fmtrain checkpoint for ``cfg.parallel`` (every rank)."""
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -251,12 +266,16 @@ def convert_from_hf(cfg: Config, hf_dir: Path, out_dir: Path, *, dtype: str = "a
         params_dtype = torch.float32
     family = get_family(cfg.model.family)
     chunks = _build_chunks(cfg, family, params_dtype, topo.device)
-    log(f"fmtrain convert from-hf: {hf_dir} -> {out_dir} at TP={topo.tp} PP={topo.pp} VPP={topo.vpp} "
-        f"DP={topo.dp} ({topo.world_size} rank(s)), {_DTYPE_NAMES[params_dtype]}")
+    log(
+        f"fmtrain convert from-hf: {hf_dir} -> {out_dir} at TP={topo.tp} PP={topo.pp} VPP={topo.vpp} "
+        f"DP={topo.dp} ({topo.world_size} rank(s)), {_DTYPE_NAMES[params_dtype]}"
+    )
     count, read, total = load_hf_weights(chunks, hf_dir, cfg, allow_pickle=allow_pickle)
     share = _read_share(read, total, topo)
-    log(f"loaded {count} tensor pieces on rank 0; each rank read at most {100 * share:.1f}% of the "
-        f"checkpoint's {total / 2**20:.1f} MiB")
+    log(
+        f"loaded {count} tensor pieces on rank 0; each rank read at most {100 * share:.1f}% of the "
+        f"checkpoint's {total / 2**20:.1f} MiB"
+    )
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if topo.is_writer:
@@ -282,8 +301,10 @@ def convert_from_hf(cfg: Config, hf_dir: Path, out_dir: Path, *, dtype: str = "a
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
-        log(f"wrote {out_dir} (model only, step 0{', with tokenizer.model' if tokenizer.is_file() else ''}) "
-            f"in {time.perf_counter() - started:.1f}s; train from it with checkpoint.load={out_dir}")
+        log(
+            f"wrote {out_dir} (model only, step 0{', with tokenizer.model' if tokenizer.is_file() else ''}) "
+            f"in {time.perf_counter() - started:.1f}s; train from it with checkpoint.load={out_dir}"
+        )
     dist.barrier()
     return out_dir
 
@@ -302,8 +323,7 @@ def init_from_hf(cfg: Config, run_dir: Path, engine, topo, log: Log = print) -> 
     hf_dir = Path(cfg.model.init_from_hf)
     resuming = cfg.checkpoint.load or find_latest(run_dir, log=lambda m: None)
     if resuming:
-        log(f"model.init_from_hf={hf_dir} not used: the run resumes from "
-            f"{cfg.checkpoint.load or resuming}")
+        log(f"model.init_from_hf={hf_dir} not used: the run resumes from {cfg.checkpoint.load or resuming}")
         return False
     if not hf_dir.is_dir():
         raise ConfigError(f"model.init_from_hf={hf_dir}: no such directory")
@@ -316,8 +336,10 @@ def init_from_hf(cfg: Config, run_dir: Path, engine, topo, log: Log = print) -> 
     if optimizer is not None:
         optimizer.reload_model_params()
     share = _read_share(read, total, topo)
-    log(f"initialised from {conv.FORMAT} weights {hf_dir} ({count} tensor pieces on rank 0; each rank read "
-        f"at most {100 * share:.1f}% of {total / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f}s")
+    log(
+        f"initialised from {conv.FORMAT} weights {hf_dir} ({count} tensor pieces on rank 0; each rank read "
+        f"at most {100 * share:.1f}% of {total / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f}s"
+    )
     return True
 
 
@@ -362,7 +384,7 @@ class DistCheckpointReader:
         md = self.metadata[key]
         size = tuple(md.size)
         region_offsets = tuple(index) + (0,) * (len(size) - len(index))
-        region_sizes = (1,) * len(index) + size[len(index):]
+        region_sizes = (1,) * len(index) + size[len(index) :]
 
         class OneRegion(DefaultLoadPlanner):
             def create_local_plan(self) -> LoadPlan:
@@ -376,7 +398,7 @@ class DistCheckpointReader:
         with warnings.catch_warnings():  # "torch.distributed is ... uninitialized": intended here
             warnings.simplefilter("ignore", UserWarning)
             load({key: buffer}, storage_reader=self._reader_cls(str(self.path)), planner=OneRegion(), no_dist=True)
-        return buffer.reshape(size[len(index):])
+        return buffer.reshape(size[len(index) :])
 
 
 def _resolve_checkpoint(path: Path) -> Path:
@@ -392,9 +414,16 @@ def _resolve_checkpoint(path: Path) -> Path:
     raise ConfigError(f"{path}: not an fmtrain checkpoint (no {STATE_FILE}) nor a run directory with one")
 
 
-def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
-                 max_shard_bytes: int = 5 * 10**9, overwrite: bool = False, log: Log = print,
-                 cfg: Optional[Config] = None) -> Path:
+def export_to_hf(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 10**9,
+    overwrite: bool = False,
+    log: Log = print,
+    cfg: Config | None = None,
+) -> Path:
     """Write the released format of the checkpoint's family from an fmtrain checkpoint (one
     process): a Hugging Face ``LlamaForCausalLM`` directory for Yi, the Step-Video-T2V
     ``transformer/`` layout for step_video.
@@ -421,8 +450,10 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     else:
         saved = (state.get("config") or {}).get("model", {}).get("family", cfg.model.family)
         if saved != cfg.model.family:
-            raise ConfigError(f"model.family={cfg.model.family!r} does not match the checkpoint {ckpt}, "
-                              f"saved with model.family={saved!r}")
+            raise ConfigError(
+                f"model.family={cfg.model.family!r} does not match the checkpoint {ckpt}, "
+                f"saved with model.family={saved!r}"
+            )
         whose = "the given config"
     conv = converter(cfg.model.family)
     s = conv.shapes_from_config(cfg)
@@ -435,8 +466,9 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     stored_dtypes, from_main = set(), 0
     for key, index in order:
         if key not in reader:
-            raise ConfigError(f"{ckpt}: the checkpoint has no tensor {key!r}, which {whose} "
-                              f"(model.family={cfg.model.family}) needs")
+            raise ConfigError(
+                f"{ckpt}: the checkpoint has no tensor {key!r}, which {whose} (model.family={cfg.model.family}) needs"
+            )
         shape, stored = reader.info(key, len(index))
         source = key
         if dtype == "fp32" and stored != torch.float32 and f"optimizer.state.param.{key}" in reader:
@@ -449,8 +481,10 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
             raise ConfigError(f"{ckpt}: {key} {index} has shape {shape}, which does not fit {whose} ({exc})") from None
         for name, t in produced.items():
             if tuple(t.shape) != expected[name]:
-                raise ConfigError(f"{ckpt}: {key} {index} has shape {shape}, which does not give {name} "
-                                  f"the shape {expected[name]} that {whose} implies")
+                raise ConfigError(
+                    f"{ckpt}: {key} {index} has shape {shape}, which does not give {name} "
+                    f"the shape {expected[name]} that {whose} implies"
+                )
         work.append((key, index, source, [(name, tuple(t.shape)) for name, t in produced.items()]))
     names = [name for *_, outs in work for name, _ in outs]
     if names != list(expected):
@@ -469,12 +503,14 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     target = tmp / conv.WEIGHTS_SUBDIR if conv.WEIGHTS_SUBDIR else tmp
     target.mkdir(parents=True)
     writer = StreamingShardWriter(target, shards, prefix=conv.WEIGHTS_PREFIX)
-    log(f"fmtrain convert to-hf: {ckpt} (saved at TP={state['layout'].get('tp')} PP={state['layout'].get('pp')}, "
+    log(
+        f"fmtrain convert to-hf: {ckpt} (saved at TP={state['layout'].get('tp')} PP={state['layout'].get('pp')}, "
         f"step {state.get('step')}) -> {out} ({conv.FORMAT}): {len(specs)} tensors, "
         f"{writer.total_bytes / 2**20:.1f} MiB {_DTYPE_NAMES.get(out_dtype, out_dtype)} in {len(shards)} shard(s)"
-        + (f", {from_main} of {len(work)} from the optimizer's fp32 main weights" if from_main else ""))
+        + (f", {from_main} of {len(work)} from the optimizer's fp32 main weights" if from_main else "")
+    )
     last_report = time.perf_counter()
-    for i, (key, index, source, outs) in enumerate(work, 1):
+    for i, (key, index, source, _) in enumerate(work, 1):
         full = reader.read(source, index)
         for name, t in conv.hf_tensors_from_megatron(key, index, full, s).items():
             writer.write(name, t.to(out_dtype))
@@ -490,8 +526,10 @@ def export_to_hf(ckpt_dir: str | Path, out_dir: str | Path, *, dtype: Optional[s
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    log(f"wrote {out}: {len(shards)} safetensors shard(s){extra} in {time.perf_counter() - started:.1f}s, "
-        f"peak memory {_peak_rss_mb():.0f} MiB")
+    log(
+        f"wrote {out}: {len(shards)} safetensors shard(s){extra} in {time.perf_counter() - started:.1f}s, "
+        f"peak memory {_peak_rss_mb():.0f} MiB"
+    )
     return out
 
 
@@ -511,14 +549,24 @@ def demo_export_and_generate(run_dir: Path, prompt: str, max_new_tokens: int = 2
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                   do_sample=False)
-    text = tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=False)
-    log(f"transformers ({type(model).__name__} from {out}), greedy, {max_new_tokens} tokens:\n"
-        f"  {prompt!r} -> {text!r}")
+        generated = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+        )
+    text = tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=False)
+    log(f"transformers ({type(model).__name__} from {out}), greedy, {max_new_tokens} tokens:\n  {prompt!r} -> {text!r}")
     return 0
 
 
-__all__ = ["convert_from_hf", "from_hf_config", "init_from_hf", "export_to_hf", "load_hf_weights",
-           "DistCheckpointReader", "demo_export_and_generate", "converter", "detect_family", "weights_dir",
-           "CONVERTER_FAMILIES"]
+__all__ = [
+    "convert_from_hf",
+    "from_hf_config",
+    "init_from_hf",
+    "export_to_hf",
+    "load_hf_weights",
+    "DistCheckpointReader",
+    "demo_export_and_generate",
+    "converter",
+    "detect_family",
+    "weights_dir",
+    "CONVERTER_FAMILIES",
+]

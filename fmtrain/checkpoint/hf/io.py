@@ -26,8 +26,8 @@ import math
 import os
 import shutil
 import struct
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -41,8 +41,15 @@ CONFIG = "config.json"
 
 # safetensors dtype names (the format's spec) <-> torch dtypes.
 _SAFE_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _SAFE_NAMES = {v: k for k, v in _SAFE_DTYPES.items()}
@@ -68,7 +75,7 @@ class HFCheckpoint:
         self.path = Path(path)
         self.allow_pickle = allow_pickle
         self._handles: dict[Path, object] = {}
-        self._pickled: tuple[Optional[Path], dict] = (None, {})
+        self._pickled: tuple[Path | None, dict] = (None, {})
         self._weight_map, self._format = self._discover()
         self.bytes_read = 0
         """Bytes of tensor data returned so far (full tensors and slices)."""
@@ -94,8 +101,9 @@ class HFCheckpoint:
         # Other stems (diffusers: diffusion_pytorch_model.safetensors.index.json).
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if len(indexes) > 1:
-            raise HFCheckpointError(f"{path}: several safetensors indexes "
-                                    f"({', '.join(i.name for i in indexes)}); keep one")
+            raise HFCheckpointError(
+                f"{path}: several safetensors indexes ({', '.join(i.name for i in indexes)}); keep one"
+            )
         if indexes:
             return self._map_from_index(indexes[0]), "safetensors"
         shards = sorted(path.glob("*.safetensors"))
@@ -108,14 +116,16 @@ class HFCheckpoint:
         if bins:
             return self._pickle_map(bins), "pickle"
         raise HFCheckpointError(
-            f"{path}: no {SAFE_INDEX}, {SAFE_SINGLE}, *.safetensors(.index.json) or pytorch_model*.bin found")
+            f"{path}: no {SAFE_INDEX}, {SAFE_SINGLE}, *.safetensors(.index.json) or pytorch_model*.bin found"
+        )
 
     def _refuse_pickle(self, where: Path) -> None:
         if not self.allow_pickle:
             raise HFCheckpointError(
                 f"{where}: this checkpoint is stored as pickled PyTorch files (.bin). fmtrain reads "
                 "safetensors by default; convert it to safetensors, or pass allow_pickle=True to "
-                "read it with torch.load(weights_only=True) if you trust its source.")
+                "read it with torch.load(weights_only=True) if you trust its source."
+            )
 
     def _map_from_index(self, index_file: Path) -> dict[str, Path]:
         try:
@@ -252,7 +262,7 @@ class HFCheckpoint:
         self._handles.clear()
         self._pickled = (None, {})
 
-    def __enter__(self) -> "HFCheckpoint":
+    def __enter__(self) -> HFCheckpoint:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -260,12 +270,19 @@ class HFCheckpoint:
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
-    return t.is_contiguous() and t.storage_offset() == 0 and \
-        t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    return (
+        t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
 
 
-def save_hf_checkpoint(tensors: dict[str, torch.Tensor], out_dir: str | os.PathLike, config: dict, *,
-                       max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Path:
+def save_hf_checkpoint(
+    tensors: dict[str, torch.Tensor],
+    out_dir: str | os.PathLike,
+    config: dict,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path:
     """Write ``tensors`` as safetensors (sharded above ``max_shard_bytes``) plus ``config.json``.
 
     The directory is assembled as ``OUT.tmp`` and renamed to ``OUT`` once complete. An existing
@@ -300,8 +317,9 @@ def save_hf_checkpoint(tensors: dict[str, torch.Tensor], out_dir: str | os.PathL
             save_file(shard, str(tmp / fname), metadata=metadata)
             weight_map.update({name: fname for name in shard})
         total = sum(t.numel() * t.element_size() for t in ready.values())
-        (tmp / SAFE_INDEX).write_text(json.dumps(
-            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+        (tmp / SAFE_INDEX).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if out.exists():
         shutil.rmtree(out)
@@ -313,11 +331,21 @@ def parse_size(text: str | int) -> int:
     """``"5GB"``, ``"200KB"``, ``"1.5GiB"`` or a byte count -> bytes (GB = 10**9, GiB = 2**30)."""
     if isinstance(text, int):
         return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     raw = text.strip().upper().replace(" ", "")
     number = raw.rstrip("KMGTIB")
-    unit = raw[len(number):]
+    unit = raw[len(number) :]
     try:
         value = float(number)
     except ValueError:
@@ -370,8 +398,9 @@ class StreamingShardWriter:
     multiple of 8, then the raw little-endian tensor data in header order).
     """
 
-    def __init__(self, directory: Path, shards: list[list[TensorSpec]], metadata: Optional[dict] = None,
-                 prefix: str = "model"):
+    def __init__(
+        self, directory: Path, shards: list[list[TensorSpec]], metadata: dict | None = None, prefix: str = "model"
+    ):
         self.directory = Path(directory)
         self.shards = shards
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -379,7 +408,7 @@ class StreamingShardWriter:
         self.files = shard_file_names(len(shards), prefix)
         self._queue = [(i, spec) for i, shard in enumerate(shards) for spec in shard]
         self._pos = 0
-        self._open: Optional[tuple[int, object]] = None
+        self._open: tuple[int, object] | None = None
         self.total_bytes = sum(math.prod(s[2]) * _element_size(s[1]) for _, s in self._queue)
 
     def _start(self, shard: int):
@@ -389,8 +418,11 @@ class StreamingShardWriter:
             if dtype not in _SAFE_NAMES:
                 raise HFCheckpointError(f"{name}: dtype {dtype} cannot be stored in safetensors")
             nbytes = math.prod(shape) * _element_size(dtype)
-            header[name] = {"dtype": _SAFE_NAMES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _SAFE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode("utf-8")
         text += b" " * (-len(text) % 8)
@@ -404,8 +436,10 @@ class StreamingShardWriter:
             raise HFCheckpointError(f"{name}: more tensors written than planned")
         shard, (want_name, dtype, shape) = self._queue[self._pos]
         if name != want_name or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
-            raise HFCheckpointError(f"export wrote {name} {tensor.dtype} {tuple(tensor.shape)} where the plan "
-                                    f"has {want_name} {dtype} {tuple(shape)}")
+            raise HFCheckpointError(
+                f"export wrote {name} {tensor.dtype} {tuple(tensor.shape)} where the plan "
+                f"has {want_name} {dtype} {tuple(shape)}"
+            )
         if self._open is None or self._open[0] != shard:
             if self._open is not None:
                 self._open[1].close()
@@ -421,13 +455,23 @@ class StreamingShardWriter:
             self._open[1].close()
             self._open = None
         if self._pos != len(self._queue):
-            missing = [spec[0] for _, spec in self._queue[self._pos:]]
+            missing = [spec[0] for _, spec in self._queue[self._pos :]]
             raise HFCheckpointError(f"export stopped before {len(missing)} tensor(s), e.g. {missing[0]}")
         if len(self.shards) > 1:
             weight_map = {spec[0]: self.files[i] for i, spec in self._queue}
-            (self.directory / index_file_name(self.prefix)).write_text(json.dumps(
-                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
+            (self.directory / index_file_name(self.prefix)).write_text(
+                json.dumps({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n"
+            )
 
 
-__all__ = ["HFCheckpoint", "HFCheckpointError", "save_hf_checkpoint", "parse_size", "plan_shards",
-           "shard_file_names", "index_file_name", "StreamingShardWriter", "TensorSpec"]
+__all__ = [
+    "HFCheckpoint",
+    "HFCheckpointError",
+    "save_hf_checkpoint",
+    "parse_size",
+    "plan_shards",
+    "shard_file_names",
+    "index_file_name",
+    "StreamingShardWriter",
+    "TensorSpec",
+]

@@ -10,8 +10,8 @@ them here, and exporting reassembles them here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -67,8 +67,9 @@ def local_shards(chunks: Iterable[torch.nn.Module]) -> Iterator[LocalShard]:
                 raise ValueError(f"{sh.key}: flattened shards are not expected in a model state dict")
             prepend = sh.prepend_axis_num
             if tuple(sh.data.shape) != tuple(sh.local_shape):
-                raise ValueError(f"{sh.key}: local tensor {tuple(sh.data.shape)} != shard shape "
-                                 f"{tuple(sh.local_shape)}")
+                raise ValueError(
+                    f"{sh.key}: local tensor {tuple(sh.data.shape)} != shard shape {tuple(sh.local_shape)}"
+                )
             yield LocalShard(
                 key=sh.key,
                 index=tuple(sh.global_offset[:prepend]),
@@ -89,7 +90,7 @@ def load_global_tensors(chunks: Iterable[torch.nn.Module], full_tensor: FullTens
     Consecutive shards of one tensor (the gate and up halves of a SwiGLU ``linear_fc1``)
     reuse the last full tensor instead of building it again.
     """
-    cached: tuple[Optional[GlobalName], Optional[torch.Tensor]] = (None, None)
+    cached: tuple[GlobalName | None, torch.Tensor | None] = (None, None)
     count = 0
     for shard in local_shards(chunks):
         if cached[0] == shard.name:
@@ -99,8 +100,10 @@ def load_global_tensors(chunks: Iterable[torch.nn.Module], full_tensor: FullTens
             cached = (shard.name, full)
         if tuple(full.shape) != shard.global_shape:
             where = f" (layer {shard.index[0]})" if shard.index else ""
-            raise ValueError(f"{shard.key}{where}: converted tensor has shape {tuple(full.shape)}, "
-                             f"the model expects {shard.global_shape}")
+            raise ValueError(
+                f"{shard.key}{where}: converted tensor has shape {tuple(full.shape)}, "
+                f"the model expects {shard.global_shape}"
+            )
         shard.data.copy_(shard.piece_of(full).to(device=shard.data.device, dtype=shard.data.dtype))
         count += 1
     return count
@@ -123,15 +126,18 @@ def load_global_pieces(chunks: Iterable[torch.nn.Module], piece: PieceFn) -> int
         data = piece(shard.key, shard.index, shard.offset, tuple(shard.data.shape))
         if tuple(data.shape) != tuple(shard.data.shape):
             where = f" (layer {shard.index[0]})" if shard.index else ""
-            raise ValueError(f"{shard.key}{where}: the converter gave a piece of shape {tuple(data.shape)} "
-                             f"at offset {shard.offset}, the model holds {tuple(shard.data.shape)}")
+            raise ValueError(
+                f"{shard.key}{where}: the converter gave a piece of shape {tuple(data.shape)} "
+                f"at offset {shard.offset}, the model holds {tuple(shard.data.shape)}"
+            )
         shard.data.copy_(data.to(device=shard.data.device, dtype=shard.data.dtype))
         count += 1
     return count
 
 
-def _assemble(pieces: Iterable[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], torch.Tensor]]
-              ) -> dict[GlobalName, torch.Tensor]:
+def _assemble(
+    pieces: Iterable[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, ...], torch.Tensor]],
+) -> dict[GlobalName, torch.Tensor]:
     full: dict[GlobalName, torch.Tensor] = {}
     filled: dict[GlobalName, int] = {}
     for key, index, global_shape, offset, data in pieces:
@@ -143,22 +149,28 @@ def _assemble(pieces: Iterable[tuple[str, tuple[int, ...], tuple[int, ...], tupl
         filled[name] += data.numel()
     for name, t in full.items():
         if filled[name] != t.numel():
-            raise RuntimeError(f"{name[0]} {name[1]}: gathered {filled[name]} of {t.numel()} elements "
-                               "(main replicas do not tile the tensor)")
+            raise RuntimeError(
+                f"{name[0]} {name[1]}: gathered {filled[name]} of {t.numel()} elements "
+                "(main replicas do not tile the tensor)"
+            )
     return full
 
 
 @torch.no_grad()
-def gather_global_tensors(chunks: Iterable[torch.nn.Module], *, dst: int = 0,
-                          group: Optional[dist.ProcessGroup] = None) -> Optional[dict[GlobalName, torch.Tensor]]:
+def gather_global_tensors(
+    chunks: Iterable[torch.nn.Module], *, dst: int = 0, group: dist.ProcessGroup | None = None
+) -> dict[GlobalName, torch.Tensor] | None:
     """Full CPU tensors by (key, index) on rank ``dst`` of ``group``; None on the other ranks.
 
     Collective over ``group`` (default: all ranks) when torch.distributed is initialised. Each
     rank sends the main replicas of its shards (other TP / DP copies are skipped), so rank
     ``dst`` ends up holding the whole model once: fine for export, not for a hot path.
     """
-    pieces = [(s.key, s.index, s.global_shape, s.offset, s.data.detach().cpu())
-              for s in local_shards(chunks) if s.main_replica]
+    pieces = [
+        (s.key, s.index, s.global_shape, s.offset, s.data.detach().cpu())
+        for s in local_shards(chunks)
+        if s.main_replica
+    ]
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return _assemble(pieces)
     rank = dist.get_rank(group)
@@ -169,5 +181,11 @@ def gather_global_tensors(chunks: Iterable[torch.nn.Module], *, dst: int = 0,
     return _assemble(p for rank_pieces in received for p in rank_pieces)
 
 
-__all__ = ["LocalShard", "GlobalName", "local_shards", "load_global_tensors", "load_global_pieces",
-           "gather_global_tensors"]
+__all__ = [
+    "LocalShard",
+    "GlobalName",
+    "local_shards",
+    "load_global_tensors",
+    "load_global_pieces",
+    "gather_global_tensors",
+]

@@ -54,9 +54,10 @@ import functools
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -82,10 +83,19 @@ RELEASE_ROPE_THETA = 10000.0
 
 # StepVideoModel.__init__ defaults: diffusers fills a field config.json lacks with these.
 RELEASE_DEFAULTS: dict[str, Any] = {
-    "num_attention_heads": 48, "attention_head_dim": 128, "in_channels": 64, "out_channels": 64,
-    "num_layers": 48, "dropout": 0.0, "patch_size": 1, "norm_type": "ada_norm_single",
-    "norm_elementwise_affine": False, "norm_eps": 1e-6, "use_additional_conditions": False,
-    "caption_channels": [6144, 1024], "attention_type": "parallel",
+    "num_attention_heads": 48,
+    "attention_head_dim": 128,
+    "in_channels": 64,
+    "out_channels": 64,
+    "num_layers": 48,
+    "dropout": 0.0,
+    "patch_size": 1,
+    "norm_type": "ada_norm_single",
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "use_additional_conditions": False,
+    "caption_channels": [6144, 1024],
+    "attention_type": "parallel",
 }
 
 
@@ -104,22 +114,32 @@ class StepVideoShapes:
 
     @property
     def patch_features(self) -> int:
-        return self.in_channels * self.patch ** 2
+        return self.in_channels * self.patch**2
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "StepVideoShapes":
+    def from_config(cls, cfg: Config) -> StepVideoShapes:
         m = cfg.model
         if m.family != "step_video":
             raise ConfigError(f"model.family={m.family!r}: this converter is for the step_video family")
-        return cls(num_layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads,
-                   head_dim=cfg.head_dim, ffn=m.ffn_hidden_size, in_channels=m.in_channels,
-                   patch=m.patch_size, caption_dim=m.caption_dim, clip_dim=m.clip_dim,
-                   caption_norm_affine=m.caption_norm_affine)
+        return cls(
+            num_layers=m.num_layers,
+            hidden=m.hidden_size,
+            heads=m.num_attention_heads,
+            head_dim=cfg.head_dim,
+            ffn=m.ffn_hidden_size,
+            in_channels=m.in_channels,
+            patch=m.patch_size,
+            caption_dim=m.caption_dim,
+            clip_dim=m.clip_dim,
+            caption_norm_affine=m.caption_norm_affine,
+        )
 
     def describe(self) -> str:
-        return (f"{self.num_layers} layers, hidden {self.hidden} ({self.heads} heads x {self.head_dim}), "
-                f"FFN {self.ffn}, in_channels {self.in_channels}, patch {self.patch}, caption {self.caption_dim}, "
-                f"clip {self.clip_dim}, caption_norm_affine {self.caption_norm_affine}")
+        return (
+            f"{self.num_layers} layers, hidden {self.hidden} ({self.heads} heads x {self.head_dim}), "
+            f"FFN {self.ffn}, in_channels {self.in_channels}, patch {self.patch}, caption {self.caption_dim}, "
+            f"clip {self.clip_dim}, caption_norm_affine {self.caption_norm_affine}"
+        )
 
 
 def shapes_from_config(cfg: Config) -> StepVideoShapes:
@@ -133,12 +153,14 @@ def recognizes(config_json: dict) -> bool:
 # ---------------------------------------------------------------------- config
 
 
-def hf_config_from_fmtrain(cfg: Config, dtype: Optional[torch.dtype] = None) -> dict:
+def hf_config_from_fmtrain(cfg: Config, dtype: torch.dtype | None = None) -> dict:
     """``transformer/config.json`` of the release for ``cfg.model`` (diffusers records no dtype)."""
     s = StepVideoShapes.from_config(cfg)
     if s.hidden != s.heads * s.head_dim:
-        raise ConfigError(f"model.hidden_size={s.hidden} is not num_attention_heads x head_dim = "
-                          f"{s.heads} x {s.head_dim}: the release's inner_dim is their product")
+        raise ConfigError(
+            f"model.hidden_size={s.hidden} is not num_attention_heads x head_dim = "
+            f"{s.heads} x {s.head_dim}: the release's inner_dim is their product"
+        )
     return {
         "_class_name": CLASS_NAME,
         "num_attention_heads": s.heads,
@@ -165,7 +187,7 @@ def _caption_channels(value: Any) -> tuple[int, int]:
     raise ConfigError(f"config.json caption_channels={value!r}: expected an int or [LLM dim, CLIP dim]")
 
 
-def fmtrain_model_overrides_from_release(config_json: dict, ffn_hidden_size: Optional[int] = None) -> dict[str, Any]:
+def fmtrain_model_overrides_from_release(config_json: dict, ffn_hidden_size: int | None = None) -> dict[str, Any]:
     """``model.*`` values for a release ``transformer/config.json`` (missing fields take the
     release defaults, as diffusers does). Features fmtrain's DiT does not have are refused by
     name. ``ffn_hidden_size`` (not in config.json) comes from ``ff.net.0.proj.weight``."""
@@ -176,14 +198,18 @@ def fmtrain_model_overrides_from_release(config_json: dict, ffn_hidden_size: Opt
     if c["norm_type"] != "ada_norm_single":
         raise ConfigError(f"config.json norm_type={c['norm_type']!r}: fmtrain's DiT implements ada_norm_single only")
     if c["use_additional_conditions"]:
-        raise ConfigError("config.json use_additional_conditions=true: fmtrain's DiT has no resolution / "
-                          "frame-rate conditioning")
+        raise ConfigError(
+            "config.json use_additional_conditions=true: fmtrain's DiT has no resolution / frame-rate conditioning"
+        )
     if c["out_channels"] is not None and c["out_channels"] != c["in_channels"]:
-        raise ConfigError(f"config.json out_channels={c['out_channels']} differs from in_channels="
-                          f"{c['in_channels']}: fmtrain's DiT predicts the input's channels")
+        raise ConfigError(
+            f"config.json out_channels={c['out_channels']} differs from in_channels="
+            f"{c['in_channels']}: fmtrain's DiT predicts the input's channels"
+        )
     if not math.isclose(float(c["norm_eps"]), RELEASE_NORM_EPS, rel_tol=1e-9):
-        raise ConfigError(f"config.json norm_eps={c['norm_eps']}: fmtrain's caption and final norms use "
-                          f"{RELEASE_NORM_EPS}")
+        raise ConfigError(
+            f"config.json norm_eps={c['norm_eps']}: fmtrain's caption and final norms use {RELEASE_NORM_EPS}"
+        )
     heads, d = int(c["num_attention_heads"]), int(c["attention_head_dim"])
     caption, clip = _caption_channels(c["caption_channels"])
     out: dict[str, Any] = {
@@ -228,11 +254,15 @@ def model_overrides(release_weights: Path) -> list[str]:
 
 # fmtrain field -> the config.json field it comes from (for messages).
 _RELEASE_FIELD = {
-    "model.family": "_class_name", "model.num_layers": "num_layers",
+    "model.family": "_class_name",
+    "model.num_layers": "num_layers",
     "model.hidden_size": "num_attention_heads x attention_head_dim",
-    "model.num_attention_heads": "num_attention_heads", "model.head_dim": "attention_head_dim",
-    "model.in_channels": "in_channels", "model.patch_size": "patch_size",
-    "model.caption_dim": "caption_channels[0]", "model.clip_dim": "caption_channels[1]",
+    "model.num_attention_heads": "num_attention_heads",
+    "model.head_dim": "attention_head_dim",
+    "model.in_channels": "in_channels",
+    "model.patch_size": "patch_size",
+    "model.caption_dim": "caption_channels[0]",
+    "model.clip_dim": "caption_channels[1]",
     "model.caption_norm_affine": "norm_elementwise_affine",
 }
 ARCHITECTURE_FIELDS = tuple(_RELEASE_FIELD)
@@ -242,8 +272,13 @@ ARCHITECTURE_FIELDS = tuple(_RELEASE_FIELD)
 def check_model_matches_hf(cfg: Config, config_json: dict, source: str) -> None:
     """Raise :class:`ConfigError` naming the first ``model.*`` field that differs from the
     release ``config.json`` (``source`` names it in the message)."""
-    check_architecture(cfg, fmtrain_model_overrides_from_release(config_json), _RELEASE_FIELD, source,
-                       shown={"model.family": CLASS_NAME})
+    check_architecture(
+        cfg,
+        fmtrain_model_overrides_from_release(config_json),
+        _RELEASE_FIELD,
+        source,
+        shown={"model.family": CLASS_NAME},
+    )
 
 
 # ---------------------------------------------------------------------- shapes and key mapping
@@ -253,13 +288,21 @@ def _block_shapes(s: StepVideoShapes) -> dict[str, tuple[int, ...]]:
     h, d = s.hidden, s.head_dim
     return {
         "scale_shift_table": (6, h),
-        "norm1.weight": (h,), "norm1.bias": (h,),
-        "attn1.wqkv.weight": (3 * h, h), "attn1.wo.weight": (h, h),
-        "attn1.q_norm.weight": (d,), "attn1.k_norm.weight": (d,),
-        "norm2.weight": (h,), "norm2.bias": (h,),
-        "attn2.wq.weight": (h, h), "attn2.wkv.weight": (2 * h, h), "attn2.wo.weight": (h, h),
-        "attn2.q_norm.weight": (d,), "attn2.k_norm.weight": (d,),
-        "ff.net.0.proj.weight": (s.ffn, h), "ff.net.2.weight": (h, s.ffn),
+        "norm1.weight": (h,),
+        "norm1.bias": (h,),
+        "attn1.wqkv.weight": (3 * h, h),
+        "attn1.wo.weight": (h, h),
+        "attn1.q_norm.weight": (d,),
+        "attn1.k_norm.weight": (d,),
+        "norm2.weight": (h,),
+        "norm2.bias": (h,),
+        "attn2.wq.weight": (h, h),
+        "attn2.wkv.weight": (2 * h, h),
+        "attn2.wo.weight": (h, h),
+        "attn2.q_norm.weight": (d,),
+        "attn2.k_norm.weight": (d,),
+        "ff.net.0.proj.weight": (s.ffn, h),
+        "ff.net.2.weight": (h, s.ffn),
     }
 
 
@@ -269,27 +312,36 @@ def fmtrain_key_shapes(s: StepVideoShapes) -> dict[str, tuple[int, ...]]:
     h, p = s.hidden, s.patch_features
     out: dict[str, tuple[int, ...]] = {
         "scale_shift_table": (2, h),
-        "pos_embed.proj.weight": (h, p), "pos_embed.proj.bias": (h,),
+        "pos_embed.proj.weight": (h, p),
+        "pos_embed.proj.bias": (h,),
     }
     block = _block_shapes(s)
     for n in range(s.num_layers):
         out.update({f"transformer_blocks.{n}.{k}": v for k, v in block.items()})
-    out.update({
-        "proj_out.weight": (p, h), "proj_out.bias": (p,),
-        "adaln_single.emb.timestep_embedder.linear_1.weight": (h, TIMESTEP_FEATURES),
-        "adaln_single.emb.timestep_embedder.linear_1.bias": (h,),
-        "adaln_single.emb.timestep_embedder.linear_2.weight": (h, h),
-        "adaln_single.emb.timestep_embedder.linear_2.bias": (h,),
-        "adaln_single.linear.weight": (6 * h, h), "adaln_single.linear.bias": (6 * h,),
-    })
+    out.update(
+        {
+            "proj_out.weight": (p, h),
+            "proj_out.bias": (p,),
+            "adaln_single.emb.timestep_embedder.linear_1.weight": (h, TIMESTEP_FEATURES),
+            "adaln_single.emb.timestep_embedder.linear_1.bias": (h,),
+            "adaln_single.emb.timestep_embedder.linear_2.weight": (h, h),
+            "adaln_single.emb.timestep_embedder.linear_2.bias": (h,),
+            "adaln_single.linear.weight": (6 * h, h),
+            "adaln_single.linear.bias": (6 * h,),
+        }
+    )
     if s.clip_dim:
         out.update({"clip_projection.weight": (h, s.clip_dim), "clip_projection.bias": (h,)})
     if s.caption_norm_affine:
         out.update({"caption_norm.weight": (s.caption_dim,), "caption_norm.bias": (s.caption_dim,)})
-    out.update({
-        "caption_projection.linear_1.weight": (h, s.caption_dim), "caption_projection.linear_1.bias": (h,),
-        "caption_projection.linear_2.weight": (h, h), "caption_projection.linear_2.bias": (h,),
-    })
+    out.update(
+        {
+            "caption_projection.linear_1.weight": (h, s.caption_dim),
+            "caption_projection.linear_1.bias": (h,),
+            "caption_projection.linear_2.weight": (h, h),
+            "caption_projection.linear_2.bias": (h,),
+        }
+    )
     return out
 
 
@@ -312,8 +364,9 @@ def key_shapes_for_config(cfg: Config) -> dict[str, tuple[int, ...]]:
     return hf_shapes(StepVideoShapes.from_config(cfg))
 
 
-def export_order(s: StepVideoShapes,
-                 present: Callable[[str], bool] = lambda key: True) -> list[tuple[str, tuple[int, ...]]]:
+def export_order(
+    s: StepVideoShapes, present: Callable[[str], bool] = lambda key: True
+) -> list[tuple[str, tuple[int, ...]]]:
     """fmtrain checkpoint tensors (key, prepended index) in release order; blocks carry their
     number in the key, so the index is always ()."""
     return [(key, ()) for key in fmtrain_key_shapes(s)]
@@ -335,8 +388,9 @@ def _rows_pqc_to_cpq(t: torch.Tensor, s: StepVideoShapes) -> torch.Tensor:
 _TRANSFORMED = ("pos_embed.proj.weight", "proj_out.weight", "proj_out.bias")
 
 
-def hf_tensors_from_megatron(key: str, index: tuple[int, ...], t: torch.Tensor,
-                             s: StepVideoShapes) -> dict[str, torch.Tensor]:
+def hf_tensors_from_megatron(
+    key: str, index: tuple[int, ...], t: torch.Tensor, s: StepVideoShapes
+) -> dict[str, torch.Tensor]:
     """Release tensors for one full fmtrain tensor (works on meta tensors too)."""
     if index or key not in _fmtrain_keys(s):
         raise ValueError(f"no Step-Video release mapping for fmtrain tensor {key!r} {index or ''}".rstrip())
@@ -347,8 +401,11 @@ def hf_tensors_from_megatron(key: str, index: tuple[int, ...], t: torch.Tensor,
     if key == "scale_shift_table" and s.caption_norm_affine:
         # The release's norm_out takes norm_elementwise_affine too; fmtrain's has no affine:
         # an identity affine reproduces it.
-        return {key: t, "norm_out.weight": torch.ones(s.hidden, dtype=t.dtype, device=t.device),
-                "norm_out.bias": torch.zeros(s.hidden, dtype=t.dtype, device=t.device)}
+        return {
+            key: t,
+            "norm_out.weight": torch.ones(s.hidden, dtype=t.dtype, device=t.device),
+            "norm_out.bias": torch.zeros(s.hidden, dtype=t.dtype, device=t.device),
+        }
     return {key: t}
 
 
@@ -380,29 +437,37 @@ def check_hf_names(ckpt: HFCheckpoint, s: StepVideoShapes) -> None:
     if missing or extra:
         parts = []
         if missing:
-            parts.append(f"missing {len(missing)} tensor(s): " + ", ".join(
-                f"{name} (expected shape {expected[name]})" for name in missing[:3]))
+            parts.append(
+                f"missing {len(missing)} tensor(s): "
+                + ", ".join(f"{name} (expected shape {expected[name]})" for name in missing[:3])
+            )
         if extra:
-            parts.append(f"{len(extra)} unexpected tensor(s): " + ", ".join(
-                f"{name} (in {ckpt.file_of(name).name}, shape {ckpt.info(name)[0]})" for name in extra[:3]))
+            parts.append(
+                f"{len(extra)} unexpected tensor(s): "
+                + ", ".join(f"{name} (in {ckpt.file_of(name).name}, shape {ckpt.info(name)[0]})" for name in extra[:3])
+            )
         raise HFCheckpointError(f"{ckpt.path}: does not match the model ({s.describe()}): {'; '.join(parts)}")
     if s.num_layers:
         found = ckpt.info(FFN_KEY)[0]
         if len(found) == 2 and found[1] == s.hidden and found[0] != s.ffn:
             raise HFCheckpointError(
                 f"model.ffn_hidden_size={s.ffn} does not match the checkpoint: {FFN_KEY} in "
-                f"{ckpt.file_of(FFN_KEY)} has shape {found} (FFN {found[0]}), the model expects {expected[FFN_KEY]}")
+                f"{ckpt.file_of(FFN_KEY)} has shape {found} (FFN {found[0]}), the model expects {expected[FFN_KEY]}"
+            )
     for name, shape in expected.items():
         found = ckpt.info(name)[0]
         if tuple(found) != tuple(shape):
-            raise HFCheckpointError(f"{ckpt.path}: tensor {name} in {ckpt.file_of(name).name} has shape "
-                                    f"{tuple(found)}, the model ({s.describe()}) expects {tuple(shape)}")
+            raise HFCheckpointError(
+                f"{ckpt.path}: tensor {name} in {ckpt.file_of(name).name} has shape "
+                f"{tuple(found)}, the model ({s.describe()}) expects {tuple(shape)}"
+            )
     if s.caption_norm_affine:
         for name, value in (("norm_out.weight", 1.0), ("norm_out.bias", 0.0)):
             if not bool((ckpt[name].float() == value).all()):
                 raise HFCheckpointError(
                     f"{ckpt.path}: {name} in {ckpt.file_of(name).name} is not all {value:g}: fmtrain's final "
-                    "LayerNorm has no affine (model.caption_norm_affine adds only the caption norm's)")
+                    "LayerNorm has no affine (model.caption_norm_affine adds only the caption norm's)"
+                )
 
 
 def load_hf_slices_into_chunks(chunks: list[torch.nn.Module], ckpt: HFCheckpoint, s: StepVideoShapes) -> int:
@@ -415,8 +480,9 @@ def load_hf_slices_into_chunks(chunks: list[torch.nn.Module], ckpt: HFCheckpoint
 
     def piece(key: str, index: tuple[int, ...], offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
         if index or key not in known:
-            raise HFCheckpointError(f"fmtrain tensor {key} {index or ''} has no Step-Video release mapping "
-                                    f"({s.describe()})")
+            raise HFCheckpointError(
+                f"fmtrain tensor {key} {index or ''} has no Step-Video release mapping ({s.describe()})"
+            )
         region = tuple(slice(o, o + n) for o, n in zip(offset, shape))
         try:
             if key in _TRANSFORMED:
@@ -433,12 +499,13 @@ def _weights_dir(release_dir: str | Path) -> Path:
 
 
 def read_release_config(release_dir: str | Path) -> dict:
-    return read_config_json(_weights_dir(release_dir) / "config.json",
-                            f"{release_dir}: no {WEIGHTS_SUBDIR}/config.json (a Step-Video release has one)")
+    return read_config_json(
+        _weights_dir(release_dir) / "config.json",
+        f"{release_dir}: no {WEIGHTS_SUBDIR}/config.json (a Step-Video release has one)",
+    )
 
 
-def load_step_video(chunks: list[torch.nn.Module], release_dir: str | Path, cfg: Config, *,
-                    strict: bool = True) -> int:
+def load_step_video(chunks: list[torch.nn.Module], release_dir: str | Path, cfg: Config, *, strict: bool = True) -> int:
     """Load a release (``RELEASE`` or ``RELEASE/transformer``) into this rank's chunks.
 
     Checks config.json against ``cfg.model`` and (``strict``) the tensor names and shapes
@@ -452,7 +519,7 @@ def load_step_video(chunks: list[torch.nn.Module], release_dir: str | Path, cfg:
         return load_hf_slices_into_chunks(chunks, ckpt, s)
 
 
-def load_step_video_into_engine(engine, release_dir: str | Path, cfg: Optional[Config] = None) -> int:
+def load_step_video_into_engine(engine, release_dir: str | Path, cfg: Config | None = None) -> int:
     """:func:`load_step_video` into a built engine (``engine.cfg`` by default), then refresh the
     optimizer's main (fp32) weights, so that fine-tuning starts from the release."""
     count = load_step_video(engine.unwrapped_chunks(), release_dir, cfg or engine.cfg)
@@ -462,8 +529,9 @@ def load_step_video_into_engine(engine, release_dir: str | Path, cfg: Optional[C
     return count
 
 
-def import_step_video(release_dir: str | Path, cfg: Config, out_dir: str | Path, *, dtype: str = "auto",
-                      overwrite: bool = False) -> Path:
+def import_step_video(
+    release_dir: str | Path, cfg: Config, out_dir: str | Path, *, dtype: str = "auto", overwrite: bool = False
+) -> Path:
     """Write the release as a model-only fmtrain checkpoint for ``cfg.parallel`` (collective:
     every rank of that layout calls it; ``fmtrain convert from-hf`` does this)."""
     from fmtrain.checkpoint.hf.convert import convert_from_hf
@@ -482,9 +550,16 @@ def write_export_extras(ckpt_dir: Path, out_dir: Path, cfg: Config, log: Callabl
     return ""
 
 
-def export_step_video(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Optional[Config] = None, *,
-                      dtype: Optional[str] = None, max_shard_size: str | int = "5GB", overwrite: bool = False,
-                      log: Callable[[str], None] = print) -> Path:
+def export_step_video(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    cfg: Config | None = None,
+    *,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Write ``OUT/transformer/{config.json, diffusion_pytorch_model*.safetensors[, index]}``
     from an fmtrain checkpoint (or run directory) of any (TP, PP) layout, in one process,
     one tensor at a time. ``cfg`` defaults to the checkpoint's saved config; ``dtype`` (bf16 |
@@ -494,18 +569,35 @@ def export_step_video(checkpoint_dir: str | Path, out_dir: str | Path, cfg: Opti
     from fmtrain.checkpoint.hf.io import parse_size
 
     ckpt = _resolve_checkpoint(Path(checkpoint_dir))
-    family = cfg.model.family if cfg is not None else \
-        (read_state(ckpt).get("config") or {}).get("model", {}).get("family")
+    family = (
+        cfg.model.family if cfg is not None else (read_state(ckpt).get("config") or {}).get("model", {}).get("family")
+    )
     if family != "step_video":
         raise ConfigError(f"{ckpt}: model.family={family!r}, not step_video")
-    return export_to_hf(ckpt, out_dir, dtype=dtype, max_shard_bytes=parse_size(max_shard_size),
-                        overwrite=overwrite, log=log, cfg=cfg)
+    return export_to_hf(
+        ckpt, out_dir, dtype=dtype, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, log=log, cfg=cfg
+    )
 
 
 __all__ = [
-    "StepVideoShapes", "hf_config_from_fmtrain", "fmtrain_model_overrides_from_release", "model_overrides",
-    "check_model_matches_hf", "fmtrain_key_shapes", "hf_shapes", "key_shapes_for_config", "export_order",
-    "hf_tensors_from_megatron", "fmtrain_tensor_from_release", "check_hf_names", "load_hf_slices_into_chunks",
-    "load_step_video", "load_step_video_into_engine", "import_step_video", "export_step_video",
-    "read_release_config", "ARCHITECTURE_FIELDS", "RELEASE_DEFAULTS",
+    "StepVideoShapes",
+    "hf_config_from_fmtrain",
+    "fmtrain_model_overrides_from_release",
+    "model_overrides",
+    "check_model_matches_hf",
+    "fmtrain_key_shapes",
+    "hf_shapes",
+    "key_shapes_for_config",
+    "export_order",
+    "hf_tensors_from_megatron",
+    "fmtrain_tensor_from_release",
+    "check_hf_names",
+    "load_hf_slices_into_chunks",
+    "load_step_video",
+    "load_step_video_into_engine",
+    "import_step_video",
+    "export_step_video",
+    "read_release_config",
+    "ARCHITECTURE_FIELDS",
+    "RELEASE_DEFAULTS",
 ]

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from fmtrain.data.text import BOS_PIECE, EOS_PIECE, UNK_PIECE
 
@@ -46,9 +46,11 @@ def _check_special_pieces(model_file: Path) -> None:
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    found = {"unk": sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None,
-             "bos": sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None,
-             "eos": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None}
+    found = {
+        "unk": sp.id_to_piece(sp.unk_id()) if sp.unk_id() >= 0 else None,
+        "bos": sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None,
+        "eos": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None,
+    }
     want = {"unk": UNK_PIECE, "bos": BOS_PIECE, "eos": EOS_PIECE}
     if found != want:
         raise ValueError(f"{model_file}: special pieces {found} are not Yi's {want}")
@@ -67,8 +69,9 @@ def _tokenizer_json(model_file: Path, out: Path) -> bool:
     return True
 
 
-def write_hf_tokenizer(model_file: str | Path, out_dir: str | Path, *, model_max_length: int,
-                       log: Callable[[str], None] = print) -> list[str]:
+def write_hf_tokenizer(
+    model_file: str | Path, out_dir: str | Path, *, model_max_length: int, log: Callable[[str], None] = print
+) -> list[str]:
     """Write the tokenizer files for ``model_file`` into ``out_dir``; returns the names written."""
     model_file, out_dir = Path(model_file), Path(out_dir)
     _check_special_pieces(model_file)
@@ -94,8 +97,10 @@ def write_hf_tokenizer(model_file: str | Path, out_dir: str | Path, *, model_max
             written.append("tokenizer.json")
         else:
             config["add_prefix_space"] = True
-            log("note: transformers is not installed, so no tokenizer.json was written; transformers 5's "
-                "LlamaTokenizer will encode text that starts with a space differently from SentencePiece")
+            log(
+                "note: transformers is not installed, so no tokenizer.json was written; transformers 5's "
+                "LlamaTokenizer will encode text that starts with a space differently from SentencePiece"
+            )
     else:
         config["add_prefix_space"] = False
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -103,7 +108,7 @@ def write_hf_tokenizer(model_file: str | Path, out_dir: str | Path, *, model_max
     return written
 
 
-def find_tokenizer(directory: Path) -> Optional[Path]:
+def find_tokenizer(directory: Path) -> Path | None:
     path = Path(directory) / "tokenizer.model"
     return path if path.is_file() else None
 

@@ -35,15 +35,17 @@ is needed (unlike Meta's original Llama checkpoints).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from fmtrain.checkpoint.hf.convert import check_architecture
 from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError, save_hf_checkpoint
+
 # fmtrain.checkpoint.hf.layout (megatron) is imported where chunks are touched, so that config
 # translation and export planning (fmtrain convert's parent process, to-hf) stay light.
 from fmtrain.config import Config, ConfigError
@@ -68,7 +70,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 # ---------------------------------------------------------------------- config
 
 
-def hf_config_from_fmtrain(cfg: Config, dtype: Optional[torch.dtype] = None) -> dict:
+def hf_config_from_fmtrain(cfg: Config, dtype: torch.dtype | None = None) -> dict:
     """``config.json`` of the ``LlamaForCausalLM`` equivalent to ``cfg.model``.
 
     ``dtype`` is the dtype the weights are written in; by default the run's precision
@@ -116,8 +118,10 @@ def _rope_theta(config: dict) -> float:
     for source, name in ((params, "rope_parameters"), (scaling, "rope_scaling")):
         kind = source.get("rope_type", source.get("type", "default"))
         if kind != "default":
-            raise ConfigError(f"config.json {name}.rope_type={kind!r}: fmtrain implements plain RoPE "
-                              "only (no scaled / extended-context variants)")
+            raise ConfigError(
+                f"config.json {name}.rope_type={kind!r}: fmtrain implements plain RoPE "
+                "only (no scaled / extended-context variants)"
+            )
     theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
     return float(theta)
 
@@ -138,8 +142,11 @@ def fmtrain_model_overrides_from_hf(config_json: dict) -> dict[str, Any]:
     act = c.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ConfigError(f"config.json hidden_act={act!r}: fmtrain's Yi model uses SwiGLU (silu)")
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads", "vocab_size") if k not in c]
+    missing = [
+        k
+        for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        if k not in c
+    ]
     if missing:
         raise ConfigError(f"config.json lacks {', '.join(missing)}")
     heads = int(c["num_attention_heads"])
@@ -170,11 +177,16 @@ def overrides_as_args(overrides: dict[str, Any]) -> list[str]:
 
 # fmtrain field -> the config.json field it comes from (for messages).
 _HF_FIELD = {
-    "model.family": "model_type", "model.num_layers": "num_hidden_layers",
-    "model.hidden_size": "hidden_size", "model.num_attention_heads": "num_attention_heads",
-    "model.num_query_groups": "num_key_value_heads", "model.head_dim": "head_dim",
-    "model.ffn_hidden_size": "intermediate_size", "model.vocab_size": "vocab_size",
-    "model.rotary_base": "rope_theta", "model.norm_epsilon": "rms_norm_eps",
+    "model.family": "model_type",
+    "model.num_layers": "num_hidden_layers",
+    "model.hidden_size": "hidden_size",
+    "model.num_attention_heads": "num_attention_heads",
+    "model.num_query_groups": "num_key_value_heads",
+    "model.head_dim": "head_dim",
+    "model.ffn_hidden_size": "intermediate_size",
+    "model.vocab_size": "vocab_size",
+    "model.rotary_base": "rope_theta",
+    "model.norm_epsilon": "rms_norm_eps",
     "model.tie_embeddings": "tie_word_embeddings",
 }
 ARCHITECTURE_FIELDS = tuple(_HF_FIELD)
@@ -206,20 +218,33 @@ class YiShapes:
         return self.heads // self.groups
 
     @classmethod
-    def from_chunk(cls, chunk: torch.nn.Module) -> "YiShapes":
+    def from_chunk(cls, chunk: torch.nn.Module) -> YiShapes:
         """From a built megatron GPTModel chunk (its TransformerConfig holds the global sizes)."""
         c = chunk.config
-        return cls(num_layers=c.num_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
-                   groups=c.num_query_groups or c.num_attention_heads, head_dim=c.kv_channels,
-                   ffn=c.ffn_hidden_size, vocab=chunk.vocab_size,
-                   tied=bool(chunk.share_embeddings_and_output_weights))
+        return cls(
+            num_layers=c.num_layers,
+            hidden=c.hidden_size,
+            heads=c.num_attention_heads,
+            groups=c.num_query_groups or c.num_attention_heads,
+            head_dim=c.kv_channels,
+            ffn=c.ffn_hidden_size,
+            vocab=chunk.vocab_size,
+            tied=bool(chunk.share_embeddings_and_output_weights),
+        )
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "YiShapes":
+    def from_config(cls, cfg: Config) -> YiShapes:
         m = cfg.model
-        return cls(num_layers=m.num_layers, hidden=m.hidden_size, heads=m.num_attention_heads,
-                   groups=m.num_query_groups, head_dim=cfg.head_dim, ffn=m.ffn_hidden_size,
-                   vocab=m.vocab_size, tied=m.tie_embeddings)
+        return cls(
+            num_layers=m.num_layers,
+            hidden=m.hidden_size,
+            heads=m.num_attention_heads,
+            groups=m.num_query_groups,
+            head_dim=cfg.head_dim,
+            ffn=m.ffn_hidden_size,
+            vocab=m.vocab_size,
+            tied=m.tie_embeddings,
+        )
 
 
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: YiShapes) -> torch.Tensor:
@@ -241,10 +266,8 @@ def unpack_qkv(qkv: torch.Tensor, s: YiShapes) -> tuple[torch.Tensor, torch.Tens
 
 # ---------------------------------------------------------------------- key mapping
 
-_INPUT_NORM = ("decoder.layers.self_attention.linear_qkv.layer_norm_weight",
-               "decoder.layers.input_layernorm.weight")
-_MLP_NORM = ("decoder.layers.mlp.linear_fc1.layer_norm_weight",
-             "decoder.layers.pre_mlp_layernorm.weight")
+_INPUT_NORM = ("decoder.layers.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.input_layernorm.weight")
+_MLP_NORM = ("decoder.layers.mlp.linear_fc1.layer_norm_weight", "decoder.layers.pre_mlp_layernorm.weight")
 
 
 def hf_names(s: YiShapes) -> list[str]:
@@ -252,10 +275,17 @@ def hf_names(s: YiShapes) -> list[str]:
     names = ["model.embed_tokens.weight"]
     for i in range(s.num_layers):
         p = f"model.layers.{i}."
-        names += [p + "input_layernorm.weight", p + "self_attn.q_proj.weight",
-                  p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight",
-                  p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight",
-                  p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
+        names += [
+            p + "input_layernorm.weight",
+            p + "self_attn.q_proj.weight",
+            p + "self_attn.k_proj.weight",
+            p + "self_attn.v_proj.weight",
+            p + "self_attn.o_proj.weight",
+            p + "post_attention_layernorm.weight",
+            p + "mlp.gate_proj.weight",
+            p + "mlp.up_proj.weight",
+            p + "mlp.down_proj.weight",
+        ]
     names.append("model.norm.weight")
     if not s.tied:
         names.append("lm_head.weight")
@@ -265,11 +295,17 @@ def hf_names(s: YiShapes) -> list[str]:
 def hf_shapes(s: YiShapes) -> dict[str, tuple[int, ...]]:
     """Shape of every Hugging Face tensor of this model (current names), in :func:`hf_names` order."""
     q, kv = s.heads * s.head_dim, s.groups * s.head_dim
-    per_layer = {"input_layernorm.weight": (s.hidden,), "self_attn.q_proj.weight": (q, s.hidden),
-                 "self_attn.k_proj.weight": (kv, s.hidden), "self_attn.v_proj.weight": (kv, s.hidden),
-                 "self_attn.o_proj.weight": (s.hidden, q), "post_attention_layernorm.weight": (s.hidden,),
-                 "mlp.gate_proj.weight": (s.ffn, s.hidden), "mlp.up_proj.weight": (s.ffn, s.hidden),
-                 "mlp.down_proj.weight": (s.hidden, s.ffn)}
+    per_layer = {
+        "input_layernorm.weight": (s.hidden,),
+        "self_attn.q_proj.weight": (q, s.hidden),
+        "self_attn.k_proj.weight": (kv, s.hidden),
+        "self_attn.v_proj.weight": (kv, s.hidden),
+        "self_attn.o_proj.weight": (s.hidden, q),
+        "post_attention_layernorm.weight": (s.hidden,),
+        "mlp.gate_proj.weight": (s.ffn, s.hidden),
+        "mlp.up_proj.weight": (s.ffn, s.hidden),
+        "mlp.down_proj.weight": (s.hidden, s.ffn),
+    }
     out = {}
     for name in hf_names(s):
         if name in ("model.embed_tokens.weight", "lm_head.weight"):
@@ -285,8 +321,9 @@ Segment = tuple[str, int, int]
 """(Hugging Face tensor name, first row, number of rows): consecutive rows of a megatron tensor."""
 
 
-def hf_row_segments(key: str, index: tuple[int, ...], s: YiShapes,
-                    resolve: Callable[[str], str] = lambda name: name) -> list[Segment]:
+def hf_row_segments(
+    key: str, index: tuple[int, ...], s: YiShapes, resolve: Callable[[str], str] = lambda name: name
+) -> list[Segment]:
     """The rows of the global megatron tensor ``key`` (layer ``index``), top to bottom, as row
     ranges of Hugging Face tensors; columns map one to one. This is
     :func:`megatron_tensor_from_hf` without reading anything, so a rank can read just the rows
@@ -308,8 +345,11 @@ def hf_row_segments(key: str, index: tuple[int, ...], s: YiShapes,
         q_rows, d = s.heads_per_group * s.head_dim, s.head_dim
         segments = []
         for g in range(s.groups):  # megatron's grouping, see pack_qkv
-            segments += [(p + "self_attn.q_proj.weight", g * q_rows, q_rows),
-                         (p + "self_attn.k_proj.weight", g * d, d), (p + "self_attn.v_proj.weight", g * d, d)]
+            segments += [
+                (p + "self_attn.q_proj.weight", g * q_rows, q_rows),
+                (p + "self_attn.k_proj.weight", g * d, d),
+                (p + "self_attn.v_proj.weight", g * d, d),
+            ]
         return segments
     if key == "decoder.layers.self_attention.linear_proj.weight":
         return [(p + "self_attn.o_proj.weight", 0, s.hidden)]
@@ -320,8 +360,9 @@ def hf_row_segments(key: str, index: tuple[int, ...], s: YiShapes,
     raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} (layer {index[0]})")
 
 
-def read_piece(ckpt: HFCheckpoint, segments: list[Segment], offset: tuple[int, ...],
-               shape: tuple[int, ...]) -> torch.Tensor:
+def read_piece(
+    ckpt: HFCheckpoint, segments: list[Segment], offset: tuple[int, ...], shape: tuple[int, ...]
+) -> torch.Tensor:
     """Rows ``offset[0]:offset[0]+shape[0]`` (and the columns likewise) of the tensor that
     ``segments`` stacks, reading only those rows and columns from ``ckpt``."""
     lo, hi = offset[0], offset[0] + shape[0]
@@ -364,8 +405,12 @@ def megatron_tensor_from_hf(key: str, index: tuple[int, ...], get: HFTensors, s:
     if key in _MLP_NORM:
         return _norm(get, n, "post_attention_layernorm")
     if key == "decoder.layers.self_attention.linear_qkv.weight":
-        return pack_qkv(get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
-                        get(p + "self_attn.v_proj.weight"), s)
+        return pack_qkv(
+            get(p + "self_attn.q_proj.weight"),
+            get(p + "self_attn.k_proj.weight"),
+            get(p + "self_attn.v_proj.weight"),
+            s,
+        )
     if key == "decoder.layers.self_attention.linear_proj.weight":
         return get(p + "self_attn.o_proj.weight")
     if key == "decoder.layers.mlp.linear_fc1.weight":
@@ -392,8 +437,7 @@ def hf_tensors_from_megatron(key: str, index: tuple[int, ...], t: torch.Tensor, 
         return {p + "post_attention_layernorm.weight": t}
     if key == "decoder.layers.self_attention.linear_qkv.weight":
         q, k, v = unpack_qkv(t, s)
-        return {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                p + "self_attn.v_proj.weight": v}
+        return {p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v}
     if key == "decoder.layers.self_attention.linear_proj.weight":
         return {p + "self_attn.o_proj.weight": t}
     if key == "decoder.layers.mlp.linear_fc1.weight":
@@ -407,8 +451,7 @@ def hf_tensors_from_megatron(key: str, index: tuple[int, ...], t: torch.Tensor, 
 # ---------------------------------------------------------------------- import
 
 
-def load_hf_into_chunks(chunks: list[torch.nn.Module], hf_tensors: HFTensors,
-                        shapes: Optional[YiShapes] = None) -> int:
+def load_hf_into_chunks(chunks: list[torch.nn.Module], hf_tensors: HFTensors, shapes: YiShapes | None = None) -> int:
     """Set this rank's chunks (any TP / PP / VPP layout) from Hugging Face tensors.
 
     ``hf_tensors`` gives full HF tensors by name (e.g. an :class:`HFCheckpoint`); only the
@@ -452,16 +495,19 @@ def check_hf_names(ckpt: HFCheckpoint, s: YiShapes) -> None:
             parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
         if extra:
             parts.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
-        raise HFCheckpointError(f"{ckpt.path}: does not match the model "
-                                f"({s.num_layers} layers, tied={s.tied}): {'; '.join(parts)}")
+        raise HFCheckpointError(
+            f"{ckpt.path}: does not match the model ({s.num_layers} layers, tied={s.tied}): {'; '.join(parts)}"
+        )
     # Shapes from the file headers, before anything is copied.
     resolve = norm_resolver(ckpt)
     for name, shape in hf_shapes(s).items():
         found, _ = ckpt.info(resolve(name))
         if tuple(found) != tuple(shape):
-            raise HFCheckpointError(f"{ckpt.path}: tensor {resolve(name)} has shape {tuple(found)}, the model "
-                                    f"({s.hidden} hidden, {s.heads} heads / {s.groups} KV heads of "
-                                    f"{s.head_dim}, FFN {s.ffn}, vocab {s.vocab}) expects {tuple(shape)}")
+            raise HFCheckpointError(
+                f"{ckpt.path}: tensor {resolve(name)} has shape {tuple(found)}, the model "
+                f"({s.hidden} hidden, {s.heads} heads / {s.groups} KV heads of "
+                f"{s.head_dim}, FFN {s.ffn}, vocab {s.vocab}) expects {tuple(shape)}"
+            )
 
 
 def norm_resolver(ckpt: HFCheckpoint) -> Callable[[str], str]:
@@ -481,8 +527,9 @@ def norm_resolver(ckpt: HFCheckpoint) -> Callable[[str], str]:
     return resolve
 
 
-def load_hf_slices_into_chunks(chunks: list[torch.nn.Module], ckpt: HFCheckpoint,
-                               shapes: Optional[YiShapes] = None) -> int:
+def load_hf_slices_into_chunks(
+    chunks: list[torch.nn.Module], ckpt: HFCheckpoint, shapes: YiShapes | None = None
+) -> int:
     """:func:`load_hf_into_chunks` reading only this rank's rows / columns of each tensor."""
     s = shapes or YiShapes.from_chunk(chunks[0])
     resolve = norm_resolver(ckpt)
@@ -499,8 +546,7 @@ def load_hf_slices_into_chunks(chunks: list[torch.nn.Module], ckpt: HFCheckpoint
     return load_global_pieces(chunks, piece)
 
 
-def load_hf(chunks: list[torch.nn.Module], path: str | Path, *, allow_pickle: bool = False,
-            strict: bool = True) -> int:
+def load_hf(chunks: list[torch.nn.Module], path: str | Path, *, allow_pickle: bool = False, strict: bool = True) -> int:
     """Load a Hugging Face Llama / Yi checkpoint directory into this rank's chunks.
 
     ``strict`` refuses a checkpoint with missing or extra tensors before anything is copied.
@@ -577,23 +623,30 @@ def export_order(s: YiShapes, present: Callable[[str], bool]) -> list[GlobalName
     """megatron tensors (key, layer index) in the order of the Hugging Face tensors they become
     (:func:`hf_names`); ``present(key)`` tells which of the per-layer norm key spellings a
     checkpoint uses."""
+
     def pick(candidates: tuple[str, ...]) -> str:
         return next((k for k in candidates if present(k)), candidates[0])
 
     input_norm, mlp_norm = pick(_INPUT_NORM), pick(_MLP_NORM)
     order: list[GlobalName] = [("embedding.word_embeddings.weight", ())]
     for n in range(s.num_layers):
-        order += [(input_norm, (n,)), ("decoder.layers.self_attention.linear_qkv.weight", (n,)),
-                  ("decoder.layers.self_attention.linear_proj.weight", (n,)), (mlp_norm, (n,)),
-                  ("decoder.layers.mlp.linear_fc1.weight", (n,)), ("decoder.layers.mlp.linear_fc2.weight", (n,))]
+        order += [
+            (input_norm, (n,)),
+            ("decoder.layers.self_attention.linear_qkv.weight", (n,)),
+            ("decoder.layers.self_attention.linear_proj.weight", (n,)),
+            (mlp_norm, (n,)),
+            ("decoder.layers.mlp.linear_fc1.weight", (n,)),
+            ("decoder.layers.mlp.linear_fc2.weight", (n,)),
+        ]
     order.append(("decoder.final_layernorm.weight", ()))
     if not s.tied:
         order.append(("output_layer.weight", ()))
     return order
 
 
-def hf_state_from_global(tensors: dict[GlobalName, torch.Tensor], s: YiShapes,
-                         dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+def hf_state_from_global(
+    tensors: dict[GlobalName, torch.Tensor], s: YiShapes, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """HF tensors (in :func:`hf_names` order) from full megatron tensors keyed (key, index)."""
     out: dict[str, torch.Tensor] = {}
     for (key, index), t in tensors.items():
@@ -606,8 +659,9 @@ def hf_state_from_global(tensors: dict[GlobalName, torch.Tensor], s: YiShapes,
     return {name: out[name] for name in order}
 
 
-def export_hf_state(chunks: list[torch.nn.Module], *, dtype: Optional[torch.dtype] = None,
-                    dst: int = 0) -> Optional[dict[str, torch.Tensor]]:
+def export_hf_state(
+    chunks: list[torch.nn.Module], *, dtype: torch.dtype | None = None, dst: int = 0
+) -> dict[str, torch.Tensor] | None:
     """Full HF tensors on rank ``dst`` (None elsewhere); collective over all ranks."""
     s = YiShapes.from_chunk(chunks[0])
     from fmtrain.checkpoint.hf.layout import gather_global_tensors
@@ -616,9 +670,15 @@ def export_hf_state(chunks: list[torch.nn.Module], *, dtype: Optional[torch.dtyp
     return None if full is None else hf_state_from_global(full, s, dtype)
 
 
-def save_hf(chunks: list[torch.nn.Module], cfg: Config, out_dir: str | Path, *,
-            dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 2**30,
-            overwrite: bool = False) -> Optional[Path]:
+def save_hf(
+    chunks: list[torch.nn.Module],
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> Path | None:
     """Write a ``LlamaForCausalLM`` directory (safetensors + config.json) from any layout.
 
     Collective: every rank calls it; rank 0 gathers and writes. ``dtype`` defaults to the
@@ -628,18 +688,41 @@ def save_hf(chunks: list[torch.nn.Module], cfg: Config, out_dir: str | Path, *,
     written = None
     if state is not None:
         out_dtype = dtype or next(iter(state.values())).dtype
-        written = save_hf_checkpoint(state, out_dir, hf_config_from_fmtrain(cfg, out_dtype),
-                                     max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+        written = save_hf_checkpoint(
+            state, out_dir, hf_config_from_fmtrain(cfg, out_dtype), max_shard_bytes=max_shard_bytes, overwrite=overwrite
+        )
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
     return written
 
 
 __all__ = [
-    "hf_config_from_fmtrain", "fmtrain_model_overrides_from_hf", "overrides_as_args", "YiShapes",
-    "pack_qkv", "unpack_qkv", "hf_names", "megatron_tensor_from_hf", "hf_tensors_from_megatron",
-    "load_hf_into_chunks", "check_hf_names", "load_hf", "load_hf_into_engine",
-    "hf_state_from_global", "export_hf_state", "save_hf", "hf_shapes", "hf_row_segments", "read_piece",
-    "norm_resolver", "load_hf_slices_into_chunks", "check_model_matches_hf", "ARCHITECTURE_FIELDS",
-    "export_order", "shapes_from_config", "recognizes", "model_overrides", "write_export_extras",
+    "hf_config_from_fmtrain",
+    "fmtrain_model_overrides_from_hf",
+    "overrides_as_args",
+    "YiShapes",
+    "pack_qkv",
+    "unpack_qkv",
+    "hf_names",
+    "megatron_tensor_from_hf",
+    "hf_tensors_from_megatron",
+    "load_hf_into_chunks",
+    "check_hf_names",
+    "load_hf",
+    "load_hf_into_engine",
+    "hf_state_from_global",
+    "export_hf_state",
+    "save_hf",
+    "hf_shapes",
+    "hf_row_segments",
+    "read_piece",
+    "norm_resolver",
+    "load_hf_slices_into_chunks",
+    "check_model_matches_hf",
+    "ARCHITECTURE_FIELDS",
+    "export_order",
+    "shapes_from_config",
+    "recognizes",
+    "model_overrides",
+    "write_export_extras",
 ]
