@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.fmtrain-installed
 # OMP_NUM_THREADS stays unset: torch and torchrun pick their own thread counts.
 unexport OMP_NUM_THREADS
 
-.PHONY: venv demo test clean distclean
+.PHONY: venv demo test lint clean distclean
 
 venv: $(STAMP)
 
@@ -26,6 +26,12 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/python -m pytest -q --durations=15 tests
+
+# ruff (lint + format check) and the import-linter layers contract, as CI runs them.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Build and test leftovers; run directories (runs/) and .venv are kept.
 clean:

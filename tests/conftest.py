@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from fmtrain.launch.local import free_port  # noqa: F401 (tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RECIPE = REPO / "recipes" / "yi" / "tiny.yaml"
@@ -54,12 +57,6 @@ def run_fmtrain(
     return proc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def single_rank(monkeypatch):
     """A one-process gloo group for in-process (TP, PP) = (1, 1); torn down afterwards."""
@@ -97,3 +94,56 @@ def tiny_tokenizer(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_args(tiny_tokenizer, tmp_path) -> list[str]:
     return TINY_OVERRIDES + [f"data.tokenizer={tiny_tokenizer}", f"run.dir={tmp_path / 'run'}"]
+
+
+class Run:
+    """``fmtrain train --nproc N`` in its own process group (so a test can signal all of it)."""
+
+    def __init__(
+        self, args: list[str], nproc: int, log_dir: Path, name: str, env: dict | None = None, recipe: Path = TINY_RECIPE
+    ):
+        self.name = name
+        self.out_path, self.err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
+        cmd = [sys.executable, "-m", "fmtrain.cli", "train", "--nproc", str(nproc), str(recipe), *args]
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+            )
+
+    def wait_for_step(self, run_dir: Path, step: int, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        metrics = Path(run_dir) / "metrics.jsonl"
+        while time.monotonic() < deadline:
+            if metrics.is_file() and any(
+                json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.strip()
+            ):
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.name} exited ({self.proc.returncode}) before step {step}:\n"
+                    f"{self.err_path.read_text()[-4000:]}"
+                )
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} did not reach step {step} in {timeout}s")
+
+    def signal_group(self, sig: int) -> None:
+        os.killpg(self.proc.pid, sig)
+
+    def finish(self, timeout: float = 600) -> tuple[int, str, str]:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal_group(signal.SIGKILL)
+            raise
+        return rc, self.out_path.read_text(), self.err_path.read_text()
+
+
+def finish_ok(run: Run, expected: int = 0) -> str:
+    rc, out, err = run.finish()
+    assert rc == expected, f"{run.name}: exit {rc}, expected {expected}\n{out[-3000:]}\n{err[-6000:]}"
+    return out

@@ -49,27 +49,10 @@ def main() -> None:
     shapes = [(2, 8, 8), (2, 8, 4)]
 
     # Forward only: the prediction itself (target None), no dropout of the condition.
-    predictions = []
-
-    real_step = engine.forward_step
-
-    def collect(batch_iter, model):
-        output, _ = real_step(batch_iter, model)
-
-        def loss_func(output_tensor):
-            predictions.append(output_tensor.detach().clone())
-            zero = torch.zeros((), dtype=torch.float32)
-            return zero, torch.ones((), dtype=torch.int), {"loss": torch.zeros(2)}
-
-        return output, loss_func
-
     forward_inputs = [
         {**batch, "predict_only": True} for batch in fixed_microbatches(cfg, shapes, cfg.train.micro_batch_size, seed=7)
     ]
-    engine.forward_step = collect
-    with torch.no_grad():
-        engine._run(forward_inputs, forward_only=True)
-    engine.forward_step = real_step
+    predictions = [output.clone() for output in engine.forward_outputs(forward_inputs)]
 
     losses, norms = [], []
     for step in range(10):

@@ -29,8 +29,9 @@ if str(REPO) not in sys.path:
 
 def build_config(hf_dir: Path, tp: int, pp: int, batch: int, seq: int, world_size: int, vpp: int = 1):
     """The fmtrain config for ``hf_dir``'s model at (tp, pp, vpp): fp32, one sample per microbatch."""
-    from fmtrain.checkpoint.hf.yi import fmtrain_model_overrides_from_hf, overrides_as_args
     from fmtrain.config import load_config
+    from fmtrain.models.release import overrides_as_args
+    from fmtrain.models.yi.convert import fmtrain_model_overrides_from_hf
 
     overrides = fmtrain_model_overrides_from_hf(json.loads((hf_dir / "config.json").read_text()))
     dp = world_size // (tp * pp)
@@ -54,8 +55,8 @@ def build_config(hf_dir: Path, tp: int, pp: int, batch: int, seq: int, world_siz
 def forward_logits(engine, tokens: torch.Tensor) -> torch.Tensor | None:
     """Full logits [b, s, vocab] on the last stage (every TP rank there), None elsewhere.
 
-    Runs megatron's own pipeline schedule in forward-only mode, one sample per microbatch;
-    the loss function only stashes the last stage's output (its TP shard of the logits).
+    The engine's forward-only outputs (megatron's own pipeline schedule), one sample per
+    microbatch: the last stage's output is its TP shard of the logits.
     """
     from megatron.core import parallel_state
 
@@ -65,27 +66,12 @@ def forward_logits(engine, tokens: torch.Tensor) -> torch.Tensor | None:
     def forward_step(data_iterator, model):
         toks = next(data_iterator)["tokens"]
         position_ids = torch.arange(seq).unsqueeze(0).expand_as(toks)
-        output = model(toks, position_ids, None)  # no labels: logits [b, s, vocab / tp]
+        return model(toks, position_ids, None), None  # no labels: logits [b, s, vocab / tp]
 
-        def stash(out):
-            return out.sum() * 0.0, torch.tensor(1, dtype=torch.int), {"logits": out.detach()}
-
-        return output, stash
-
-    for chunk in engine.chunks:
-        chunk.eval()
-    reports = engine.forward_backward(
-        forward_step_func=forward_step,
-        data_iterator=[iter(microbatches) for _ in engine.chunks] if len(engine.chunks) > 1 else iter(microbatches),
-        model=engine.chunks,
-        num_microbatches=batch,
-        seq_length=seq,
-        micro_batch_size=1,
-        forward_only=True,
-    )
+    outputs = engine.forward_outputs(microbatches, forward_step=forward_step)
     if parallel_state.get_pipeline_model_parallel_rank() != parallel_state.get_pipeline_model_parallel_world_size() - 1:
         return None
-    shard = torch.cat([report["logits"] for report in reports], dim=0)
+    shard = torch.cat(outputs, dim=0)
     group = parallel_state.get_tensor_model_parallel_group()
     if dist.get_world_size(group) == 1:
         return shard
@@ -102,10 +88,10 @@ def run_layout(
     The reporting rank is the last stage's TP rank 0 of DP rank 0; other ranks get None.
     megatron's model-parallel groups are torn down afterwards (torch.distributed stays up).
     """
+    from convert_helpers import load_hf_into_engine, save_hf
     from megatron.core import parallel_state
 
     from fmtrain import parallel
-    from fmtrain.checkpoint.hf.yi import load_hf_into_engine, save_hf
     from fmtrain.engine import build_engine
     from fmtrain.models.registry import get_family
 

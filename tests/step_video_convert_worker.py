@@ -24,18 +24,19 @@ import torch.distributed as dist
 
 
 def main() -> None:
+    from convert_helpers import import_step_video
+
     from fmtrain import parallel
-    from fmtrain.checkpoint.hf import step_video as sv
-    from fmtrain.checkpoint.hf.convert import _build_chunks, _read_share, load_hf_weights
+    from fmtrain.checkpoint.hf.convert import _read_share, build_chunks, load_hf_weights
     from fmtrain.checkpoint.hf.io import HFCheckpoint
     from fmtrain.checkpoint.hf.layout import local_shards
     from fmtrain.config import load_config
-    from fmtrain.models.registry import get_family
+    from fmtrain.models.step_video import convert as sv
 
     release, out_json, ckpt_out, recipe, *overrides = sys.argv[1:]
     cfg = load_config(recipe, list(overrides) + ["train.precision=fp32"])
     topo = parallel.initialize(cfg)
-    chunks = _build_chunks(cfg, get_family(cfg.model.family), torch.float32, topo.device)
+    chunks = build_chunks(cfg, torch.float32, topo.device)
     count, read, total = load_hf_weights(chunks, Path(release), cfg)
     share = _read_share(read, total, topo)
 
@@ -63,7 +64,7 @@ def main() -> None:
 
     saved = False
     if not duplicates:  # every rank sees the same list, so all of them take the same branch
-        sv.import_step_video(release, cfg, ckpt_out)
+        import_step_video(release, cfg, ckpt_out)
         saved = True
     if topo.rank == 0:
         Path(out_json).write_text(

@@ -13,68 +13,14 @@ import math
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_OVERRIDES, TINY_RECIPE, read_metrics
+from conftest import TINY_OVERRIDES, Run, finish_ok, read_metrics
 
 REQUEUE = 99  # fmtrain.train.signals.REQUEUE_EXIT_CODE, spelled out: the number is the contract
 STEPS = ["train.max_steps=20", "checkpoint.interval=5"]
-
-
-class Run:
-    """``fmtrain train --nproc N`` in its own process group (so a test can signal all of it)."""
-
-    def __init__(self, args: list[str], nproc: int, log_dir: Path, name: str, env: dict | None = None):
-        self.name = name
-        self.out_path, self.err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
-        cmd = [sys.executable, "-m", "fmtrain.cli", "train", "--nproc", str(nproc), str(TINY_RECIPE), *args]
-        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen(
-                cmd,
-                cwd=REPO,
-                stdout=out,
-                stderr=err,
-                start_new_session=True,
-                env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
-            )
-
-    def wait_for_step(self, run_dir: Path, step: int, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        metrics = Path(run_dir) / "metrics.jsonl"
-        while time.monotonic() < deadline:
-            if metrics.is_file() and any(
-                json.loads(line)["step"] >= step for line in metrics.read_text().splitlines() if line.strip()
-            ):
-                return
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"{self.name} exited ({self.proc.returncode}) before step {step}:\n"
-                    f"{self.err_path.read_text()[-4000:]}"
-                )
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} did not reach step {step} in {timeout}s")
-
-    def signal_group(self, sig: int) -> None:
-        os.killpg(self.proc.pid, sig)
-
-    def finish(self, timeout: float = 600) -> tuple[int, str, str]:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.signal_group(signal.SIGKILL)
-            raise
-        return rc, self.out_path.read_text(), self.err_path.read_text()
-
-
-def finish_ok(run: Run, expected: int = 0) -> str:
-    rc, out, err = run.finish()
-    assert rc == expected, f"{run.name}: exit {rc}, expected {expected}\n{out[-3000:]}\n{err[-6000:]}"
-    return out
 
 
 @pytest.fixture(scope="module")

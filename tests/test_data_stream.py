@@ -16,12 +16,10 @@ from conftest import TINY_OVERRIDES, read_metrics, run_fmtrain
 
 from fmtrain.cli import main as fmtrain_main
 from fmtrain.config import Config, ConfigError, load_config
-from fmtrain.data.packing import TextPipeline, document_position_ids
 from fmtrain.data.shards import (
     INDEX_NAME,
     BadDataError,
     expand_shard_spec,
-    prepare_corpus_shards,
     read_shard,
     resolve_shards,
 )
@@ -30,11 +28,19 @@ from fmtrain.data.stream import (
     StreamResumeError,
     StreamSpec,
     batch_hash,
-    ensure_stream_tokenizer,
-    restore_state,
     stream_order,
 )
-from fmtrain.data.text import EOS_ID, load_tokenizer, read_documents, split_documents
+from fmtrain.data.stream import restore_state as stream_restore_state
+from fmtrain.data.text import (
+    EOS_ID,
+    TextPipeline,
+    document_position_ids,
+    ensure_stream_tokenizer,
+    load_tokenizer,
+    prepare_corpus_shards,
+    read_documents,
+    split_documents,
+)
 
 SEQ = 5  # windows of 6 tokens
 
@@ -281,28 +287,33 @@ def test_restore_refuses_another_dp_size_and_restarts_without_state(tmp_path):
     cfg.data.shards = spec
     cfg.checkpoint.load = str(path)
     messages = []
+
+    def restore_state(loader, topo, log_fn=print):  # what the trainer hands over: the checkpoint's state
+        saved = json.loads((path / "fmtrain_state.json").read_text())
+        stream_restore_state(loader, saved, 2, cfg, topo, log_fn=log_fn, source=path)
+
     same = text_loader(tmp_path / "d", dp=2, workers=0)
-    restore_state(same, cfg, tmp_path, 2, SimpleNamespace(dp=2, dp_rank=1), log_fn=messages.append)
+    restore_state(same, SimpleNamespace(dp=2, dp_rank=1), log_fn=messages.append)
     assert "data stream resumed at step 2" in messages[-1]
     assert hashes(same, [2])[1:] == hashes(text_loader(tmp_path / "d", dp=2, workers=0), range(3))[5:6]
     with pytest.raises(StreamResumeError, match=r"not re-partitioned.*: dp_size: checkpoint 2, now 1$"):
-        restore_state(text_loader(tmp_path / "d", dp=1, workers=0), cfg, tmp_path, 2, SimpleNamespace(dp=1, dp_rank=0))
+        restore_state(text_loader(tmp_path / "d", dp=1, workers=0), SimpleNamespace(dp=1, dp_rank=0))
     with pytest.raises(StreamResumeError, match=r"workers: checkpoint 1, now 2"):
-        restore_state(text_loader(tmp_path / "d", dp=2, workers=2), cfg, tmp_path, 2, SimpleNamespace(dp=2, dp_rank=0))
+        restore_state(text_loader(tmp_path / "d", dp=2, workers=2), SimpleNamespace(dp=2, dp_rank=0))
     # a checkpoint without stream state (converted weights, in-memory run): the stream restarts
     state = json.loads((path / "fmtrain_state.json").read_text())
     del state["data"]
     state["config"]["data"]["shards"] = ""
     (path / "fmtrain_state.json").write_text(json.dumps(state))
     fresh = text_loader(tmp_path / "d", dp=2, workers=0)
-    restore_state(fresh, cfg, tmp_path, 2, SimpleNamespace(dp=2, dp_rank=0), log_fn=messages.append)
+    restore_state(fresh, SimpleNamespace(dp=2, dp_rank=0), log_fn=messages.append)
     assert "starts from the beginning" in messages[-1]
     assert hashes(fresh, [2]) == hashes(text_loader(tmp_path / "d", dp=2, workers=0), [0])
     # ...unless it came from a run streaming the same shards: that state was lost, refuse
     state["config"]["data"]["shards"] = spec
     (path / "fmtrain_state.json").write_text(json.dumps(state))
     with pytest.raises(StreamResumeError, match="holds no stream state"):
-        restore_state(text_loader(tmp_path / "d", dp=2, workers=0), cfg, tmp_path, 2, SimpleNamespace(dp=2, dp_rank=0))
+        restore_state(text_loader(tmp_path / "d", dp=2, workers=0), SimpleNamespace(dp=2, dp_rank=0))
 
 
 # --------------------------------------------------------------------------- text pipeline

@@ -5,17 +5,17 @@ from fractions import Fraction
 import pytest
 
 from fmtrain.config import Config, load_config
-from fmtrain.train.flops import (
+from fmtrain.models.sizes import (
     activation_bytes_per_layer,
     in_flight_layer_microbatches,
     memory_per_gpu,
-    memory_per_gpu_from_config,
-    model_flops_per_token_from_config,
-    param_count_from_config,
     state_bytes_per_param,
     transformer_param_count,
     transformer_training_flops_per_token,
 )
+from fmtrain.models.yi.family import flops_per_token as model_flops_per_token_from_config
+from fmtrain.models.yi.family import memory_estimate as memory_per_gpu_from_config
+from fmtrain.models.yi.family import param_count as param_count_from_config
 
 YI_6B = dict(num_layers=32, hidden=4096, heads=32, kv_heads=4, head_dim=128, ffn=11008, vocab=64000)
 YI_34B = dict(num_layers=60, hidden=7168, heads=56, kv_heads=8, head_dim=128, ffn=20480, vocab=64000)
@@ -158,7 +158,7 @@ def test_memory_by_hand_tp8_stage():
     ],
 )
 def test_memory_against_megatron_llama2_7b_measurements(layout, measured_gib):
-    """REFERENCE: Megatron PR #482 peak memory for Llama2-7B, bf16, distributed optimizer,
+    """Megatron-LM PR #482: peak memory for Llama2-7B, bf16, distributed optimizer,
     flash attention, on H800. We compare our worst-stage total (weights + grads + Adam +
     activations, no CUDA context) to the reported number read as GiB, assuming seq 4096 and
     sequence parallelism whenever TP > 1 (Megatron's usual setting; without SP the TP8

@@ -50,7 +50,8 @@ def _yi_config(fused_kernels: str):
     ],
 )
 def test_yi_fused_kernel_selection(monkeypatch, choice, use_cpu, dtype, activation, cross_entropy):
-    from fmtrain.models import megatron_config, yi
+    from fmtrain.models import megatron_config
+    from fmtrain.models.yi import model as yi
 
     # As on a machine where torch.compile has what it needs (a C compiler; triton for CUDA).
     monkeypatch.setattr(megatron_config, "torch_compile_missing", lambda use_cpu: [])
@@ -62,7 +63,8 @@ def test_yi_fused_kernel_selection(monkeypatch, choice, use_cpu, dtype, activati
 
 def test_fused_kernels_without_a_compiler(monkeypatch):
     from fmtrain.config import ConfigError
-    from fmtrain.models import megatron_config, yi
+    from fmtrain.models import megatron_config
+    from fmtrain.models.yi import model as yi
 
     monkeypatch.setattr(
         megatron_config.importlib.util, "find_spec", lambda name: None if name == "triton" else object()

@@ -100,7 +100,8 @@ def _assert_bit_exact(exported: Path, original: Path) -> None:
 
 
 def _arch_overrides(hf_dir: Path) -> list[str]:
-    from fmtrain.checkpoint.hf.yi import fmtrain_model_overrides_from_hf, overrides_as_args
+    from fmtrain.models.release import overrides_as_args
+    from fmtrain.models.yi.convert import fmtrain_model_overrides_from_hf
 
     return overrides_as_args(fmtrain_model_overrides_from_hf(json.loads((hf_dir / "config.json").read_text())))
 
@@ -160,7 +161,7 @@ def test_exported_tokenizer_encodes_like_sentencepiece(tiny_tokenizer, tmp_path)
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2
 
-    from fmtrain.checkpoint.hf.tokenizer import write_hf_tokenizer
+    from fmtrain.data.hf_tokenizer import write_hf_tokenizer
     from fmtrain.data.text import read_documents
 
     proto = sentencepiece_model_pb2.ModelProto()
@@ -223,8 +224,8 @@ def test_refuses_pickles_and_mismatched_recipes(hf, tmp_path, capsys, single_ran
     assert "--overwrite" in capsys.readouterr().err
 
     # The continued-pretraining recipe matches Yi-6B's config.json (as released), not Yi-34B's.
-    from fmtrain.checkpoint.hf.yi import check_model_matches_hf
     from fmtrain.config import ConfigError, load_config
+    from fmtrain.models.yi.convert import check_model_matches_hf
 
     yi_6b = {
         "architectures": ["LlamaForCausalLM"],

@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError, save_hf_checkpoint  # noqa: E402
-from fmtrain.checkpoint.hf.yi import (  # noqa: E402
+from fmtrain.models.yi.convert import (  # noqa: E402
     YiShapes,
     fmtrain_model_overrides_from_hf,
     hf_config_from_fmtrain,
@@ -116,8 +116,8 @@ def test_qkv_pack_is_megatron_grouping():
 
 
 def test_config_round_trip(hf):
-    from fmtrain.checkpoint.hf.yi import overrides_as_args
     from fmtrain.config import load_config
+    from fmtrain.models.release import overrides_as_args
 
     original = json.loads((hf["single"] / "config.json").read_text())
     overrides = fmtrain_model_overrides_from_hf(original)
@@ -180,10 +180,10 @@ def test_reader_refuses_pickles_unless_allowed(hf, tmp_path):
 
 
 def test_import_tp1_pp1_logits_and_round_trip(hf, single_rank, tmp_path):
+    from convert_helpers import load_hf_into_engine, save_hf
     from hf_yi_worker import build_config, forward_logits
 
     from fmtrain import parallel
-    from fmtrain.checkpoint.hf.yi import load_hf_into_engine, save_hf
     from fmtrain.engine import build_engine
     from fmtrain.models.registry import get_family
 
@@ -283,10 +283,10 @@ def test_import_tp_pp_layouts_match_transformers(hf, tmp_path):
 def test_import_survives_optimizer_step(hf, single_rank, precision):
     """With bf16 parameters the optimizer holds fp32 copies made at build time: an import must
     refresh them, or the first step (even at lr=0) restores the random initialisation."""
+    from convert_helpers import load_hf_into_engine
     from hf_yi_worker import build_config
 
     from fmtrain import parallel
-    from fmtrain.checkpoint.hf.yi import load_hf_into_engine
     from fmtrain.engine import build_engine
     from fmtrain.models.registry import get_family
 

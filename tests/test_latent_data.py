@@ -35,6 +35,8 @@ from fmtrain.data.stream import (
     batch_hash,
     stream_order,
 )
+from fmtrain.models.step_video.config import StepVideoModelConfig
+from fmtrain.objectives.flow_matching import FlowMatchingConfig
 
 C, CAP_L, CAP_D, CLIP_L, CLIP_D = 4, 6, 8, 3, 5
 
@@ -356,12 +358,13 @@ def test_synthetic_dataset_is_deterministic_and_structured():
 
 
 def dit_config(**data) -> Config:
-    cfg = Config()
+    cfg = Config(model=StepVideoModelConfig(family="step_video"), objective=FlowMatchingConfig(name="flow_matching"))
     m = cfg.model
     m.in_channels, m.caption_tokens, m.caption_dim, m.clip_tokens, m.clip_dim = C, CAP_L, CAP_D, CLIP_L, CLIP_D
     cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 2
     cfg.data.corpus = "synthetic:latents"
-    cfg.data.synthetic_latent_shapes, cfg.data.synthetic_samples, cfg.data.synthetic_classes = "2x4x4,1x4x6", 20, 3
+    cfg.data.synthetic_latent_shapes = [[2, 4, 4], [1, 4, 6]]
+    cfg.data.synthetic_samples, cfg.data.synthetic_classes = 20, 3
     cfg.eval.interval = 5
     for key, value in data.items():
         setattr(cfg.data, key, value)

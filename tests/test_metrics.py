@@ -98,15 +98,15 @@ def test_throughput_and_mfu_by_hand():
 
 def test_step_timer_with_fake_clock():
     ticks = iter([10.0, 10.5])
-    timer = StepTimer(flops_per_token=1e9, num_devices=2, peak_tflops=1.0, clock=lambda: next(ticks))
+    timer = StepTimer(flops_per_unit=1e9, num_devices=2, peak_tflops=1.0, clock=lambda: next(ticks))
     timer.start()
-    m = timer.stop(tokens=1000)
+    m = timer.stop(units=1000)
     assert m["step_time_s"] == 0.5
     assert m["tokens_per_s"] == 2000
     assert m["tflops"] == pytest.approx(1e9 * 2000 / 2 / 1e12)
     assert m["mfu"] == pytest.approx(1.0)
     with pytest.raises(RuntimeError):
-        timer.stop(tokens=1)
+        timer.stop(units=1)
 
 
 def test_known_gpu_names():

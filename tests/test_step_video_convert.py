@@ -115,7 +115,7 @@ def trained(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def release(trained) -> Path:
     """The checkpoint exported to the release layout, in shards of at most 1 MB."""
-    from fmtrain.checkpoint.hf.step_video import export_step_video
+    from convert_helpers import export_step_video
 
     out = trained.parent.parent.parent / "release"
     export_step_video(trained, out, max_shard_size="1MB")
@@ -131,12 +131,12 @@ def test_key_shapes_for_30b_match_a_meta_build(single_rank):
     import resource
 
     from fmtrain import parallel
-    from fmtrain.checkpoint.hf import step_video as sv
     from fmtrain.checkpoint.hf.convert import converter
     from fmtrain.checkpoint.hf.layout import local_shards
-    from fmtrain.checkpoint.hf.yi import overrides_as_args
     from fmtrain.config import load_config
     from fmtrain.models.registry import get_family
+    from fmtrain.models.release import overrides_as_args
+    from fmtrain.models.step_video import convert as sv
 
     cfg = load_config(
         None,
@@ -156,7 +156,7 @@ def test_key_shapes_for_30b_match_a_meta_build(single_rank):
         1,
         6144,
         1024,
-        "64,32,32",
+        [64, 32, 32],  # a YAML list since families own their sections
         1e4,
     )
     expected = sv.key_shapes_for_config(cfg)
@@ -164,11 +164,12 @@ def test_key_shapes_for_30b_match_a_meta_build(single_rank):
 
     parallel.initialize(cfg)
     family = get_family("step_video")
-    tconfig = family.transformer_config(cfg, params_dtype=torch.bfloat16, use_cpu=True)
+    spec = family.primary(cfg)
+    tconfig = spec.megatron_config(cfg, params_dtype=torch.bfloat16, use_cpu=True)
     tconfig.use_cpu_initialization, tconfig.perform_initialization = True, False  # plain factories -> meta
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.device("meta"):
-        chunk = family.build_chunk(cfg, tconfig, pre_process=True, post_process=True, vp_stage=None)
+        chunk = spec.build(cfg, tconfig, pre_process=True, post_process=True, vp_stage=None)
     s = sv.shapes_from_config(cfg)
     exported: dict[str, tuple[int, ...]] = {}
     for shard in local_shards([chunk]):
@@ -202,9 +203,9 @@ def test_key_shapes_for_30b_match_a_meta_build(single_rank):
 
 
 def test_config_translation_and_refusals():
-    from fmtrain.checkpoint.hf import step_video as sv
     from fmtrain.config import ConfigError
-    from fmtrain.models.step_video import OUTER_NORM_EPS
+    from fmtrain.models.step_video import convert as sv
+    from fmtrain.models.step_video.model import OUTER_NORM_EPS
 
     assert sv.RELEASE_NORM_EPS == OUTER_NORM_EPS
     cfg = _tiny_cfg()
@@ -244,8 +245,8 @@ def test_config_translation_and_refusals():
 def test_affine_norms_map_to_the_release(tmp_path):
     """model.caption_norm_affine <-> norm_elementwise_affine, which in the release also gives
     norm_out an affine: export writes the identity (ones / zeros), import requires it."""
-    from fmtrain.checkpoint.hf import step_video as sv
     from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError
+    from fmtrain.models.step_video import convert as sv
 
     cfg = _tiny_cfg("model.caption_norm_affine=true")
     s = sv.shapes_from_config(cfg)
@@ -268,10 +269,10 @@ def test_patch_layouts_match_the_release_math():
     """pos_embed: fmtrain's Linear on (c, p, q) features == the release's Conv2d with the
     reshaped weight; proj_out: after the row permutation, the release's unpatchify
     (``n h w p q c -> n c h p w q``) of its output equals fmtrain's. Patch 2, so both matter."""
-    from fmtrain.checkpoint.hf import step_video as sv
-    from fmtrain.models.step_video import patchify, unpatchify
+    from fmtrain.models.step_video import convert as sv
+    from fmtrain.models.step_video.model import patchify, unpatchify
 
-    cfg = _tiny_cfg("model.patch_size=2", "data.synthetic_latent_shapes=2x8x8")
+    cfg = _tiny_cfg("model.patch_size=2", "data.synthetic_latent_shapes=[[2,8,8]]")
     s = sv.shapes_from_config(cfg)
     c, p, h = s.in_channels, s.patch, s.hidden
     g = torch.Generator().manual_seed(0)
@@ -302,8 +303,8 @@ def test_patch_layouts_match_the_release_math():
 
 
 def test_export_writes_the_release_layout(trained, release):
-    from fmtrain.checkpoint.hf import step_video as sv
     from fmtrain.checkpoint.hf.convert import DistCheckpointReader
+    from fmtrain.models.step_video import convert as sv
 
     cfg = _tiny_cfg()
     weights = release / "transformer"
@@ -348,14 +349,14 @@ def test_release_round_trip_is_bit_exact(trained, release, tmp_path, capsys, sin
     assert (model["family"], model["ffn_hidden_size"], model["rope_axes"], model["rotary_base"]) == (
         "step_video",
         512,
-        "16,8,8",
+        [16, 8, 8],
         1e4,
     )
     assert main(["convert", "to-hf", str(ckpt), str(tmp_path / "back"), "--max-shard-size", "2MB"]) == 0
     _assert_bit_exact(tmp_path / "back" / "transformer", original)
 
     # bf16 export: every tensor rounded once, nothing else.
-    from fmtrain.checkpoint.hf.step_video import export_step_video
+    from convert_helpers import export_step_video
 
     export_step_video(trained, tmp_path / "bf16", dtype="bf16")
     assert (tmp_path / "bf16" / "transformer" / "diffusion_pytorch_model.safetensors").is_file()  # one shard
@@ -391,7 +392,7 @@ def test_import_at_tp2_gives_the_same_tensors(release, tmp_path):
     assert result["pieces"] == 2 * 81 and result["sliced"] == 2 * 4 * 7  # 7 split weights per block
     assert result["read_share"] < 0.6
     assert result["saved"], f"TP=2 checkpoint not written: {result.get('duplicate_main_replicas')}"
-    from fmtrain.checkpoint.hf.step_video import export_step_video
+    from convert_helpers import export_step_video
 
     export_step_video(ckpt, tmp_path / "back")
     _assert_bit_exact(tmp_path / "back" / "transformer", _read_all(release / "transformer"))
@@ -400,12 +401,12 @@ def test_import_at_tp2_gives_the_same_tensors(release, tmp_path):
 def test_init_from_release_then_train(release, tmp_path, single_rank):
     """model.init_from_hf with a step_video engine (per-rank slices, generic hook), and the
     optimizer's fp32 main weights follow: a step at lr=0 keeps the release's weights."""
+    from convert_helpers import load_step_video_into_engine
     from dit_worker import fixed_microbatches
 
     from fmtrain import parallel
     from fmtrain.checkpoint.hf.convert import init_from_hf
     from fmtrain.checkpoint.hf.io import HFCheckpoint
-    from fmtrain.checkpoint.hf.step_video import load_step_video_into_engine
     from fmtrain.engine import build_engine
     from fmtrain.models.registry import get_family
 
@@ -444,9 +445,9 @@ def test_init_from_release_then_train(release, tmp_path, single_rank):
 def test_broken_release_files_are_refused(release, tmp_path, capsys):
     """Missing, unexpected and wrong-shape tensors, a different FFN width and a config.json
     that disagrees with the recipe: each names what is wrong, before any rank starts."""
-    from fmtrain.checkpoint.hf import step_video as sv
     from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError
     from fmtrain.cli import main
+    from fmtrain.models.step_video import convert as sv
 
     original = _read_all(release / "transformer")
     config_text = (release / "transformer" / "config.json").read_text()

@@ -31,11 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fmtrain.data.packing import TextPipeline  # noqa: E402
-from fmtrain.data.shards import INDEX_NAME, read_shard, resolve_shards, write_text_shards, write_video_shards  # noqa: E402
+from fmtrain.data.shards import INDEX_NAME, read_shard, resolve_shards  # noqa: E402
 from fmtrain.data.stream import StreamingLoader, StreamSpec, StreamWorker  # noqa: E402
-from fmtrain.data.text import read_documents, train_tokenizer  # noqa: E402
-from fmtrain.data.video import VideoPipeline, default_codec, synthetic_video  # noqa: E402
+from fmtrain.data.text import TextPipeline, read_documents, train_tokenizer, write_text_shards  # noqa: E402
+from fmtrain.data.video import VideoPipeline, default_codec, synthetic_video, write_video_shards  # noqa: E402
 
 
 def build_text(workdir: Path, repeat: int, vocab_size: int) -> tuple[Path, Path]:

@@ -32,7 +32,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 
 BASELINE = """
 import torch, torch.distributed.checkpoint, safetensors.torch
-import fmtrain.checkpoint.hf.convert, fmtrain.checkpoint.hf.yi, fmtrain.checkpoint.hf.tokenizer
+import fmtrain.checkpoint.hf.convert, fmtrain.models.yi.convert, fmtrain.data.hf_tokenizer
 """
 
 WHOLE_MODEL = """

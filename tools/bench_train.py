@@ -21,8 +21,8 @@ Modes (each command prints both sides and their ratio):
     one step of each side.
 ``cpu`` (default): ``single`` then ``parallel``.
 
-Model FLOPs for both sides come from ``fmtrain.train.flops.transformer_training_flops_per_token``
-(the causal-attention formula in REFERENCE.md), so the TFLOP/s ratio equals the tokens/s ratio.
+Model FLOPs for both sides come from ``fmtrain.models.sizes.transformer_training_flops_per_token``
+(Megatron-LM's count, causal attention counted half), so the TFLOP/s ratio equals the tokens/s ratio.
 
     .venv/bin/python tools/bench_train.py                      # single + parallel on CPU
     .venv/bin/python tools/bench_train.py --mode single --steps 6
@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,7 +53,7 @@ import torch  # noqa: E402
 # records which of those are importable instead.
 warnings.simplefilter("ignore")
 
-# Model shapes. cpu-31m: ~31.7M parameters (REFERENCE.md's CPU anchor is a 31M Llama at
+# Model shapes. cpu-31m: ~31.7M parameters (the CPU anchor measured here: a 31M transformers Llama at
 # batch 8 x 256). gpu-1b: TinyLlama-like 1.12B with head_dim 128 (flash-attention friendly).
 PRESETS: dict[str, dict] = {
     "tiny": dict(
@@ -123,7 +122,7 @@ def make_config(args, *, tp: int = 1, dp: int = 0, micro_batch: int | None = Non
 
 
 def flops_per_token(cfg) -> int:
-    from fmtrain.train.flops import transformer_training_flops_per_token
+    from fmtrain.models.sizes import transformer_training_flops_per_token
 
     m = cfg.model
     return transformer_training_flops_per_token(
@@ -179,14 +178,10 @@ def timed(fn, device, cpu_times: list | None = None):
     return time.perf_counter() - t0, value
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def single_process_env() -> None:
     """What torchrun would set for a world of one (megatron's process groups are global)."""
+    from fmtrain.launch.local import free_port
+
     if "RANK" not in os.environ:
         os.environ.update(
             RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())

@@ -8,7 +8,7 @@
     # then: fmtrain ... data.shards=data/synthetic-video/shards
 
 Video ``i`` uses seed ``seed + i``, so the same arguments give the same frames. The shards
-are written by ``fmtrain data shard video`` (fmtrain.data.shards.write_video_shards).
+are written by ``fmtrain data shard video`` (fmtrain.data.video.write_video_shards).
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fmtrain.data.shards import Progress, parse_size, read_captions, write_video_shards  # noqa: E402
-from fmtrain.data.video import default_codec, synthetic_video  # noqa: E402
+from fmtrain.config import parse_size  # noqa: E402
+from fmtrain.data.shards import progress_bar  # noqa: E402
+from fmtrain.data.video import default_codec, read_captions, synthetic_video, write_video_shards  # noqa: E402
 
 
 def make_videos(
@@ -39,7 +40,7 @@ def make_videos(
     videos_dir = out / "videos"
     videos_dir.mkdir(parents=True, exist_ok=True)
     paths, lines = [], []
-    bar = Progress(f"encoding {codec} videos", total=count, unit="videos", enabled=progress)
+    bar = progress_bar(f"encoding {codec} videos", total=count, unit="videos", enabled=progress)
     for i in range(count):
         data, caption = synthetic_video(seed + i, frames=frames, width=width, height=height, fps=fps, codec=codec)
         path = videos_dir / f"vid-{i:04d}.mp4"

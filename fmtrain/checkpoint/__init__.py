@@ -50,6 +50,7 @@ from fmtrain.checkpoint.files import (
 )
 from fmtrain.checkpoint.writer import CheckpointWriter, async_unsupported_reason
 from fmtrain.config import Config
+from fmtrain.engine.parts import load_chunks, sharded_state_dict
 
 
 def save(
@@ -59,17 +60,16 @@ def save(
     engine,
     topo,
     *,
-    tokenizer_path: Path | None = None,
+    files: dict[str, Path] | None = None,
     extra_state: dict | None = None,
 ) -> Path:
     """Write a checkpoint of ``engine`` after ``step`` completed optimizer steps (all ranks, synchronous).
 
     ``extra_state``: more JSON-serialisable top-level entries for fmtrain_state.json (the data
     stream's position, ``"data"``; see fmtrain.data.stream.checkpoint_state). The training loop
-    keeps one :class:`CheckpointWriter` instead (asynchronous saves, retention)."""
-    writer = CheckpointWriter(
-        cfg, run_dir, topo, tokenizer_path=tokenizer_path, log=lambda message: None, async_save=False
-    )
+    keeps one :class:`CheckpointWriter` instead (asynchronous saves, retention). ``files``: files
+    the checkpoint carries, by name (the tokenizer: ``{"tokenizer.model": path}``)."""
+    writer = CheckpointWriter(cfg, run_dir, topo, files=files, log=lambda message: None, async_save=False)
     return writer.save(step, engine, extra_state)
 
 
@@ -81,15 +81,20 @@ def is_model_only(state: dict) -> bool:
 def load(path: Path, engine, cfg: Config | None = None) -> dict:
     """Load model and optimizer state from ``path`` into ``engine`` (any layout); returns metadata.
 
-    A model-only checkpoint loads the weights and leaves the optimizer fresh (the engine
-    refreshes its main weights from them). The files and the tensor shapes are checked first
+    A model-only checkpoint (converted release weights) loads the primary part's weights and
+    leaves the optimizers fresh (the engine refreshes its main weights from them); the run's other
+    trainable parts keep their initialisation. The files and the tensor shapes are checked first
     (:mod:`fmtrain.checkpoint.verify`); ``cfg`` adds the differing model fields to a shape error."""
     state = read_state(path)
     verify.check_files(path)
     difference = verify.config_difference(state.get("config", {}), cfg.to_dict()["model"]) if cfg else ""
-    verify.check_shapes(path, engine.model_sharded_state_dict(), difference)
+    model_only = is_model_only(state)
+    verify.check_shapes(path, engine.model_sharded_state_dict(primary_only=model_only), difference)
+    # A fresh state for loading: the check builds the sharded-tensor factories of the one it read.
     sharded = (
-        {"model": engine.model_sharded_state_dict()} if is_model_only(state) else engine.state_dict(for_loading=True)
+        {"model": engine.model_sharded_state_dict(primary_only=True)}
+        if model_only
+        else engine.state_dict(for_loading=True)
     )
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
@@ -110,22 +115,46 @@ def resolve_checkpoint(path: Path) -> Path:
     return latest
 
 
-def load_model_weights(path: Path, chunk: torch.nn.Module, cfg: Config | None = None) -> dict:
-    """Load only the model weights of checkpoint (or run directory) ``path`` into ``chunk``
-    (one unwrapped model chunk, any layout the checkpoint was saved in): for inference, without
-    building an optimizer. Returns the checkpoint's fmtrain_state.json."""
+def load_model_weights(path: Path, chunks: torch.nn.Module | list[torch.nn.Module], cfg: Config | None = None) -> dict:
+    """Load only the primary model weights of checkpoint (or run directory) ``path`` into
+    ``chunks`` (this rank's chunk(s) of a part, any layout the checkpoint was saved in): for
+    inference or a frozen part, without building an optimizer. Returns the checkpoint's
+    fmtrain_state.json."""
+    chunks = chunks if isinstance(chunks, list) else [chunks]
     path = resolve_checkpoint(path)
     state = read_state(path)
     verify.check_files(path)
     difference = verify.config_difference(state.get("config", {}), cfg.to_dict()["model"]) if cfg else ""
-    sharded = chunk.sharded_state_dict()
-    verify.check_shapes(path, sharded, difference)
-    try:
-        loaded = dist_checkpointing.load({"model": sharded}, str(path))
+    verify.check_shapes(path, sharded_state_dict(chunks), difference)
+    try:  # a fresh state: the check builds the sharded-tensor factories (SwiGLU's) of the one it read
+        loaded = dist_checkpointing.load({"model": sharded_state_dict(chunks)}, str(path))
     except Exception as exc:
         raise CheckpointError(f"cannot load the weights of checkpoint {path}: {type(exc).__name__}: {exc}") from exc
-    chunk.load_state_dict(loaded["model"], strict=True)
+    load_chunks(chunks, loaded["model"])
     return state
+
+
+def load_frozen_parts(cfg: Config, engine, log: Callable[[str], None] = print) -> int:
+    """Load every frozen part that names a source (``PartSpec.source``): an fmtrain checkpoint or
+    run directory (its primary model's weights, any layout), or else a release / Hugging Face
+    directory read by the family's converter; each rank reads only its slices. Returns how many
+    parts were loaded. Frozen parts are not in checkpoints: a resumed run loads them again."""
+    loaded = 0
+    for part in engine.parts.values():
+        if part.trainable or not part.spec.source:
+            continue
+        source = Path(part.spec.source)
+        if (source / STATE_FILE).is_file() or (source / "checkpoints").is_dir():
+            load_model_weights(source, part.modules, cfg)
+        elif source.is_dir():
+            from fmtrain.checkpoint.hf.convert import load_hf_weights
+
+            load_hf_weights(part.modules, source, cfg)
+        else:
+            raise CheckpointError(f"frozen part {part.name!r}: its source {source} is not a directory")
+        log(f"frozen part {part.name!r}: weights from {source}")
+        loaded += 1
+    return loaded
 
 
 @dataclass
@@ -240,6 +269,8 @@ __all__ = [
     "is_complete",
     "is_model_only",
     "load",
+    "load_frozen_parts",
+    "load_model_weights",
     "prune",
     "read_state",
     "restore_rng",

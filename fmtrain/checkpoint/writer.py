@@ -86,14 +86,15 @@ class CheckpointWriter:
         run_dir: Path,
         topo,
         *,
-        tokenizer_path: Path | None = None,
+        files: dict[str, Path | None] | None = None,
         log: Callable[[str], None] = print,
         async_save: bool | None = None,
     ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.topo = topo
-        self.tokenizer_path = tokenizer_path
+        self.files = {name: Path(path) for name, path in (files or {}).items() if path is not None}
+        """Files every checkpoint carries, by name in the checkpoint (the tokenizer)."""
         self.log = log
         self.keep_last = cfg.checkpoint.keep_last
         self.keep_every = cfg.checkpoint.keep_every
@@ -183,8 +184,9 @@ class CheckpointWriter:
         dist.barrier()
         if self.topo.is_writer:
             (tmp / files.STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-            if self.tokenizer_path is not None and Path(self.tokenizer_path).is_file():
-                shutil.copy2(self.tokenizer_path, tmp / "tokenizer.model")
+            for name, source in self.files.items():
+                if source.is_file():
+                    shutil.copy2(source, tmp / name)
             if final.exists():  # the same step written again (a run restarted from an older one)
                 files._remove(final)
             tmp.rename(final)

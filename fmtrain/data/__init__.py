@@ -1,41 +1,15 @@
-"""Data: corpora and tokenizers, packed text windows, and per-rank microbatch sampling.
+"""Data: modality-free WebDataset shards and the resumable stream, and one module per modality.
 
-``fmtrain.data.text`` covers plain-text corpora (``builtin:shakespeare``, ``.txt``, ``.jsonl``)
-read into memory. Streaming WebDataset shards (``data.shards``): ``shards`` (naming, index,
-reading with bad-input accounting, writers), ``stream`` (the resumable per-rank, per-worker
-stream and its checkpoint state), ``packing`` (text), ``video`` (PyAV clips), ``latents``
-(DiT latent shards, shape buckets, synthetic latents), ``commands``
-(``fmtrain data`` / ``fmtrain tokenizer``). See docs/data.md.
+- ``shards``: naming shards (patterns, ``index.json``), counting, reading with bad-input
+  accounting, the indexed shard writer;
+- ``stream``: the resumable per-rank, per-worker stream, its checkpoint state and the loader
+  builder every modality uses (``build_stream_loader``, ``stream_loaders``);
+- ``text``: corpora, SentencePiece tokenizers, packed windows, the in-memory sampler, the text
+  stream pipeline and text shards; ``hf_tokenizer``: the tokenizer files transformers reads;
+- ``video``: PyAV clips and video shards; ``latents``: DiT latent shards, shape buckets and
+  synthetic latents;
+- ``commands``: ``fmtrain data`` / ``fmtrain tokenizer``.
+
+Nothing is imported here, so a light user (the launcher's input check) pays only for what it
+uses. See docs/data.md.
 """
-
-from fmtrain.data.text import (
-    BOS_ID,
-    BUILTIN_CORPORA,
-    EOS_ID,
-    UNK_ID,
-    MicrobatchSampler,
-    PackedTextDataset,
-    build_text_datasets,
-    default_tokenizer_path,
-    ensure_tokenizer,
-    load_tokenizer,
-    read_documents,
-    split_documents,
-    train_tokenizer,
-)
-
-__all__ = [
-    "BOS_ID",
-    "BUILTIN_CORPORA",
-    "EOS_ID",
-    "UNK_ID",
-    "MicrobatchSampler",
-    "PackedTextDataset",
-    "build_text_datasets",
-    "default_tokenizer_path",
-    "ensure_tokenizer",
-    "load_tokenizer",
-    "read_documents",
-    "split_documents",
-    "train_tokenizer",
-]

@@ -20,9 +20,11 @@ import json
 import sys
 from pathlib import Path
 
+from fmtrain.config import parse_size
+
 
 def _videos(paths: list[str]) -> list[Path]:
-    from fmtrain.data.shards import VIDEO_EXTENSIONS
+    from fmtrain.data.video import VIDEO_EXTENSIONS
 
     out: list[Path] = []
     for name in paths:
@@ -35,7 +37,7 @@ def _videos(paths: list[str]) -> list[Path]:
 
 
 def cmd_shard_text(args: argparse.Namespace) -> int:
-    from fmtrain.data.shards import parse_size, write_text_shards
+    from fmtrain.data.text import write_text_shards
 
     index = write_text_shards(
         args.files, args.out, shard_size=parse_size(args.shard_size), max_count=args.max_count, tokenizer=args.tokenizer
@@ -48,7 +50,7 @@ def cmd_shard_text(args: argparse.Namespace) -> int:
 
 
 def cmd_shard_video(args: argparse.Namespace) -> int:
-    from fmtrain.data.shards import parse_size, read_captions, write_video_shards
+    from fmtrain.data.video import read_captions, write_video_shards
 
     videos = _videos(args.videos)
     if not videos:
@@ -81,7 +83,6 @@ def _npz_files(paths: list[str]) -> list[Path]:
 
 def cmd_shard_latents(args: argparse.Namespace) -> int:
     from fmtrain.data.latents import write_npz_latent_shards
-    from fmtrain.data.shards import parse_size
 
     files = _npz_files(args.files)
     if not files:
@@ -108,7 +109,6 @@ def cmd_shard_latents(args: argparse.Namespace) -> int:
 
 def cmd_synth_latents(args: argparse.Namespace) -> int:
     from fmtrain.data.latents import parse_latent_shapes, write_synthetic_latent_shards
-    from fmtrain.data.shards import parse_size
 
     if (args.clip_dim > 0) != (args.clip_tokens > 0):
         raise ValueError(
@@ -146,11 +146,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from fmtrain.data.shards import Progress, iter_samples, resolve_shards, sample_text
-    from fmtrain.data.text import train_tokenizer
+    from fmtrain.data.shards import iter_samples, progress_bar, resolve_shards
+    from fmtrain.data.text import sample_text, train_tokenizer
 
     docs = []
-    bar = Progress("reading shards", unit="docs")
+    bar = progress_bar("reading shards", unit="docs")
     for sample in iter_samples(resolve_shards(args.shards)):
         try:
             text = sample_text(sample)

@@ -43,16 +43,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmtrain.config import microbatches_per_rank
+from fmtrain.config import microbatches_per_rank, parse_latent_shape
 from fmtrain.data.shards import (
     BadDataError,
     IndexedShardWriter,
-    Progress,
-    _npy_bytes,
-    _safe_key,
-    resolve_shards,
+    npy_bytes,
+    progress_bar,
+    safe_key,
 )
-from fmtrain.data.stream import BadSample, SampleContext, StreamingLoader, StreamSpec, _int_seed
+from fmtrain.data.stream import BadSample, SampleContext, _int_seed, stream_loaders
 
 log = logging.getLogger("fmtrain.data")
 
@@ -64,18 +63,11 @@ SEED_LIMIT = 1 << 63
 
 
 def parse_latent_shapes(text: str) -> list[Shape]:
-    """``"2x8x8,3x8x6"`` -> [(2, 8, 8), (3, 8, 6)] (T x H x W, each >= 1, no repeats)."""
-    shapes = []
-    for item in text.split(","):
-        try:
-            shape = tuple(int(x) for x in item.strip().lower().split("x"))
-        except ValueError:
-            shape = ()
-        if len(shape) != 3 or min(shape) < 1:
-            raise ValueError(f"latent shape {item.strip()!r} in {text!r} is not TxHxW with positive sizes")
-        if shape in shapes:
-            raise ValueError(f"latent shape {item.strip()!r} is listed twice in {text!r}")
-        shapes.append(shape)
+    """``"2x8x8,3x8x6"`` (a command line's form) -> [(2, 8, 8), (3, 8, 6)], each once."""
+    shapes = [parse_latent_shape(item, f"latent shape in {text!r}") for item in text.split(",")]
+    for i, shape in enumerate(shapes):
+        if shape in shapes[:i]:
+            raise ValueError(f"latent shape {shape_name(shape)!r} is listed twice in {text!r}")
     return shapes
 
 
@@ -529,15 +521,15 @@ def latent_shard_sample(sample: dict, key: str) -> dict:
     ``clip_mask``, ``caption``, ``class``) -> the raw shard sample (``KEY.latent.npy``, ...)."""
     import json
 
-    out = {"__key__": key, "latent.npy": _npy_bytes(np.ascontiguousarray(sample["latent"]))}
+    out = {"__key__": key, "latent.npy": npy_bytes(np.ascontiguousarray(sample["latent"]))}
     for name in ("text", "clip"):
         emb = sample.get(f"{name}_emb")
         if emb is None:
             continue
         emb, mask = _compact(np.asarray(emb), sample.get(f"{name}_mask"))
-        out[f"{name}_emb.npy"] = _npy_bytes(np.ascontiguousarray(emb))
+        out[f"{name}_emb.npy"] = npy_bytes(np.ascontiguousarray(emb))
         if mask is not None:
-            out[f"{name}_mask.npy"] = _npy_bytes(mask)
+            out[f"{name}_mask.npy"] = npy_bytes(mask)
     if sample.get("caption"):
         out["txt"] = str(sample["caption"]).encode("utf-8")
     meta = {"shape": list(np.shape(sample["latent"]))}
@@ -564,19 +556,20 @@ def write_latent_shards(
     )
     shapes: dict[str, int] = {}
     keys: set[str] = set()
-    bar = Progress(f"sharding latents into {out_dir}", unit="samples", enabled=progress)
+    bar = progress_bar(f"sharding latents into {out_dir}", unit="samples", enabled=progress)
     for i, sample in enumerate(samples):
-        key = _safe_key(str(sample.get("key") or f"latent-{i:09d}"))
+        key = safe_key(str(sample.get("key") or f"latent-{i:09d}"))
         if key in keys:
             key = f"{key}_{i}"
         keys.add(key)
         writer.write(latent_shard_sample(sample, key))
         name = shape_name(np.shape(sample["latent"])[1:])
         shapes[name] = shapes.get(name, 0) + 1
-        bar.update(1, extra=f"{len(writer.shards)} shards done")
+        bar.set_postfix_str(f"{len(writer.shards)} shards done", refresh=False)
+        bar.update(1)
     writer.meta["shapes"] = shapes
     index = writer.close()
-    bar.extra = f"{len(index['shards'])} shards, {index['samples']} samples"
+    bar.set_postfix_str(f"{len(index['shards'])} shards, {index['samples']} samples")
     bar.close()
     return index
 
@@ -641,7 +634,7 @@ def write_npz_latent_shards(
     skipped: list[dict] = []
 
     def good() -> Iterator[dict]:
-        bar = Progress(f"reading {len(files)} .npz files", total=len(files), unit="files", enabled=progress)
+        bar = progress_bar(f"reading {len(files)} .npz files", total=len(files), unit="files", enabled=progress)
         for path in map(Path, files):
             bar.update(1)
             try:
@@ -724,34 +717,6 @@ def write_synthetic_latent_shards(
 # --------------------------------------------------------------------------- from a Config
 
 
-def build_latent_loader(
-    cfg, shards_spec: str, *, dp_size: int, name: str = "train", hash_log: Path | None = None, verbose: bool = True
-) -> StreamingLoader:
-    """A streaming loader of latent microbatches (bucketed by shape) from latent shards."""
-    d = cfg.data
-    train = name == "train"
-    spec = StreamSpec(
-        resolve_shards(shards_spec),
-        dp_size=dp_size,
-        num_workers=d.num_workers if train else 0,
-        seed=cfg.run.seed,
-        shuffle_buffer=d.shuffle_buffer if train else 0,
-        shuffle=train,
-        name=name,
-        max_bad_fraction=d.max_bad_fraction,
-    )
-    return StreamingLoader(
-        LatentPipeline.from_config(cfg),
-        spec,
-        global_batch_size=cfg.train.global_batch_size,
-        micro_batch_size=cfg.train.micro_batch_size,
-        prefetch=d.prefetch,
-        timeout=d.worker_timeout,
-        hash_log=hash_log,
-        verbose=verbose,
-    )
-
-
 def synthetic_datasets(cfg) -> tuple[list[dict], list[dict]]:
     """(train, valid) in-memory synthetic samples of a config (``data.corpus=synthetic:latents``);
     the split does not depend on ``eval.*``. Deterministic, so every rank builds the same."""
@@ -776,7 +741,7 @@ def synthetic_datasets(cfg) -> tuple[list[dict], list[dict]]:
 
 
 def prepare_latent_data(cfg, topo, run_dir: Path):
-    """The latent (DiT) counterpart of ``fmtrain.train.loop.prepare_data``: (None, train, valid).
+    """The latent (DiT) counterpart of :func:`fmtrain.data.text.prepare_text_data`: (None, train, valid).
 
     ``data.shards`` set: streaming loaders (validation over ``data.valid_shards`` when
     ``eval.interval > 0``). Otherwise ``data.corpus`` must be ``synthetic:latents``: the
@@ -787,13 +752,7 @@ def prepare_latent_data(cfg, topo, run_dir: Path):
 
     d, t, m = cfg.data, cfg.train, cfg.model
     if d.shards:
-        verbose = topo.tp_rank == 0 and topo.pp_rank == 0
-        hash_log = Path(run_dir) / "data" / f"batch_hashes.rank{topo.rank}.jsonl" if d.log_batch_hashes else None
-        train = build_latent_loader(cfg, d.shards, dp_size=topo.dp, hash_log=hash_log, verbose=verbose)
-        valid = None
-        if cfg.eval.interval and d.valid_shards:
-            valid = build_latent_loader(cfg, d.valid_shards, dp_size=topo.dp, name="valid", verbose=verbose)
-        return None, train, valid
+        return (None, *stream_loaders(cfg, LatentPipeline.from_config(cfg), topo, run_dir))
     if d.corpus != SYNTHETIC_CORPUS:
         raise ConfigError(
             f"data.corpus={d.corpus!r}: model.family={m.family} trains on latents: set data.shards "
@@ -839,7 +798,6 @@ __all__ = [
     "read_npz_sample",
     "write_npz_latent_shards",
     "write_synthetic_latent_shards",
-    "build_latent_loader",
     "synthetic_datasets",
     "prepare_latent_data",
 ]

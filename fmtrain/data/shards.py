@@ -28,25 +28,23 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import re
 import sys
 import tarfile
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 import webdataset as wds
+from tqdm import tqdm
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 INDEX_NAME = "index.json"
 INDEX_FORMAT = "fmtrain.shards/1"
-VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
 
 log = logging.getLogger("fmtrain.data")
 
@@ -66,47 +64,19 @@ class Shard:
 # --------------------------------------------------------------------------- progress
 
 
-class Progress:
-    """A one-line progress bar on stderr (redrawn in place on a terminal, a line every few
-    seconds otherwise)."""
-
-    def __init__(self, desc: str, total: int | None = None, unit: str = "it", enabled: bool = True, stream=None):
-        self.desc, self.total, self.unit = desc, total, unit
-        self.n = 0
-        self.extra = ""
-        self.enabled = enabled
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.started = self._last = time.monotonic()
-
-    def update(self, n: int = 1, extra: str = "") -> None:
-        self.n += n
-        if extra:
-            self.extra = extra
-        now = time.monotonic()
-        if self.enabled and now - self._last >= (0.2 if self.tty else 5.0):
-            self._last = now
-            self._draw(final=False)
-
-    def _draw(self, final: bool) -> None:
-        elapsed = max(time.monotonic() - self.started, 1e-9)
-        rate = self.n / elapsed
-        if self.total:
-            frac = min(self.n / self.total, 1.0)
-            bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-            head = f"{self.desc} [{bar}] {self.n}/{self.total} {self.unit}"
-        else:
-            head = f"{self.desc} {self.n} {self.unit}"
-        line = f"{head} {rate:.1f} {self.unit}/s {elapsed:.0f}s {self.extra}".rstrip()
-        if self.tty:
-            self.stream.write("\r\x1b[2K" + line + ("\n" if final else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._draw(final=True)
+def progress_bar(desc: str, total: int | None = None, unit: str = "it", enabled: bool = True) -> tqdm:
+    """A progress bar on stderr for long data work (tqdm): redrawn in place on a terminal, a
+    line every few seconds otherwise."""
+    tty = bool(getattr(sys.stderr, "isatty", lambda: False)())
+    return tqdm(
+        desc=desc,
+        total=total,
+        unit=unit,
+        disable=not enabled,
+        file=sys.stderr,
+        mininterval=0.2 if tty else 5.0,
+        dynamic_ncols=tty,
+    )
 
 
 # --------------------------------------------------------------------------- naming shards
@@ -157,6 +127,19 @@ def expand_shard_spec(spec: str) -> list[str]:
         if path.suffix == ".json":
             return [s.url for s in _index_shards(path)[1]]
     return list(expand_urls(spec))
+
+
+def check_shard_spec(spec: str) -> None:
+    """Refuse, before any process starts, a spec naming no shard that exists here: BadDataError
+    when it expands to nothing, or every shard it names is a local file that is missing. Remote
+    shards (``pipe:``, URLs) are checked when read. Cheap: nothing is opened but an index."""
+    urls = expand_shard_spec(spec)
+    if not urls:
+        raise BadDataError("names no shard (an empty directory, or a pattern that expands to nothing)")
+    local = [url for url in urls if is_local(url)]
+    if len(local) == len(urls) and not any(local_path(url).is_file() for url in local):
+        more = f" and {len(urls) - 1} more" if len(urls) > 1 else ""
+        raise BadDataError(f"no shard it names exists ({urls[0]}{more})")
 
 
 def resolve_shards(spec: str, *, count_missing: bool = True) -> list[Shard]:
@@ -347,35 +330,21 @@ def iter_samples(shards: Sequence[Shard]) -> Iterator[dict]:
                 yield sample
 
 
-def sample_text(sample: dict) -> str | None:
-    """The ``.txt`` field of a raw sample as text, None when absent."""
-    raw = sample.get("txt")
-    return None if raw is None else raw.decode("utf-8")
-
-
 # --------------------------------------------------------------------------- writing
 
 
-def parse_size(text: str | int | float) -> int:
-    """``64MB``, ``1.5GiB``, ``500k``, ``1000000`` -> bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
-    if not match:
-        raise ValueError(f"size {text!r}: expected a number with an optional unit (k, M, G, T; e.g. 64MB)")
-    value, unit, binary = float(match.group(1)), match.group(2).upper(), match.group(3)
-    base = 1024 if binary else 1000
-    return int(value * base ** " KMGT".index(unit or " "))
-
-
-def _safe_key(text: str) -> str:
+def safe_key(text: str) -> str:
     # webdataset splits a member name at its first dot; keys must not contain one.
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "sample"
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``path`` so that a reader sees the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
+    if isinstance(data, bytes):
+        tmp.write_bytes(data)
+    else:
+        tmp.write_text(data)
     os.replace(tmp, path)
 
 
@@ -453,7 +422,7 @@ class IndexedShardWriter:
             "shards": self.shards,
             **self.meta,
         }
-        _write_atomic(self.out_dir / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+        write_atomic(self.out_dir / INDEX_NAME, json.dumps(index, indent=1) + "\n")
         return index
 
 
@@ -462,7 +431,7 @@ def write_index(spec: str, out: str | Path) -> dict:
     out = Path(out)
     urls = expand_shard_spec(spec)
     entries = []
-    progress = Progress("counting", total=len(urls), unit="shards")
+    progress = progress_bar("counting", total=len(urls), unit="shards")
     for url in urls:
         entry_url = url
         if is_local(url):
@@ -484,229 +453,30 @@ def write_index(spec: str, out: str | Path) -> dict:
         "shards": entries,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out, json.dumps(index, indent=1) + "\n")
+    write_atomic(out, json.dumps(index, indent=1) + "\n")
     return index
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
 
 
-def write_text_shards(
-    files: Sequence[str],
-    out_dir: str | Path,
-    *,
-    shard_size: int = 64_000_000,
-    max_count: int = 100_000,
-    tokenizer: str | Path | None = None,
-    documents: Iterable[tuple[str, str]] | None = None,
-    progress: bool = True,
-) -> dict:
-    """Text files (``.txt``/``.jsonl``, optionally gzipped, or ``builtin:NAME``) -> text shards.
-
-    One sample per document (see :func:`fmtrain.data.text.read_documents`), keyed
-    ``FILESTEM-NNNNNNNNN``, holding ``.txt``, or ``.tokens.npy`` (uint16 when the vocabulary
-    fits, else int32; no EOS appended) when ``tokenizer`` is given. ``documents`` replaces
-    ``files`` with ready ``(key, text)`` pairs. Returns the index it wrote.
-    """
-    from fmtrain.data.text import load_tokenizer, read_documents
-
-    processor = load_tokenizer(tokenizer) if tokenizer else None
-    dtype = np.uint16 if processor is not None and processor.vocab_size() <= 1 << 16 else np.int32
-    meta = {"source": [str(f) for f in files]}
-    if processor is not None:
-        meta["tokenizer"] = {
-            "path": str(tokenizer),
-            "vocab_size": processor.vocab_size(),
-            "dtype": np.dtype(dtype).name,
-        }
-    writer = IndexedShardWriter(out_dir, kind="text", shard_size=shard_size, max_count=max_count, meta=meta)
-
-    def generate() -> Iterator[tuple[str, str]]:
-        stems: dict[str, int] = {}
-        for number, name in enumerate(files):
-            stem = _safe_key(name.split(":", 1)[1] if name.startswith("builtin:") else Path(name).name.split(".")[0])
-            if stem in stems:
-                stem = f"{stem}_{number}"
-            stems[stem] = number
-            for i, doc in enumerate(read_documents(str(name))):
-                yield f"{stem}-{i:09d}", doc
-
-    bar = Progress(f"sharding text into {out_dir}", unit="docs", enabled=progress)
-    for key, doc in documents if documents is not None else generate():
-        sample = {"__key__": key}
-        if processor is not None:
-            sample["tokens.npy"] = _npy_bytes(np.asarray(processor.encode(doc), dtype=dtype))
-        else:
-            sample["txt"] = doc.encode("utf-8")
-        writer.write(sample)
-        bar.update(1, extra=f"{len(writer.shards)} shards done")
-    index = writer.close()
-    bar.extra = f"{len(index['shards'])} shards, {index['samples']} samples"
-    bar.close()
-    return index
-
-
-def read_captions(path: str | Path) -> dict[str, str]:
-    """Captions by video file name: ``.jsonl`` (``{"video": NAME, "caption": TEXT}``; also
-    ``file``/``path`` and ``text``), ``.json`` (``{NAME: TEXT}``) or ``.tsv``/``.txt``
-    (``NAME<TAB>TEXT`` per line). Lookups match the file name or its stem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"captions file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    captions: dict[str, str] = {}
-    if path.suffix == ".json":
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected an object mapping video names to captions")
-        captions = {str(k): str(v) for k, v in data.items()}
-    elif path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
-            name = next((record[k] for k in ("video", "file", "path") if isinstance(record.get(k), str)), None)
-            caption = next((record[k] for k in ("caption", "text") if isinstance(record.get(k), str)), None)
-            if name is None or caption is None:
-                raise ValueError(f"{path}:{lineno}: expected 'video' and 'caption' string fields")
-            captions[name] = caption
-    else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            if "\t" not in line:
-                raise ValueError(f"{path}:{lineno}: expected NAME<TAB>CAPTION")
-            name, caption = line.split("\t", 1)
-            captions[name.strip()] = caption.strip()
-    out = {}
-    for name, caption in captions.items():
-        out[Path(name).name] = caption
-        out.setdefault(Path(name).stem, caption)
-    return out
-
-
-def write_video_shards(
-    videos: Sequence[str | Path],
-    out_dir: str | Path,
-    *,
-    captions: dict[str, str] | None = None,
-    latents: str | Path | None = None,
-    text_embs: str | Path | None = None,
-    shard_size: int = 64_000_000,
-    max_count: int = 100_000,
-    progress: bool = True,
-) -> dict:
-    """Video files -> video shards: ``.mp4`` (or the file's own container extension),
-    ``.json`` (fps, frames, width, height, duration, codec), ``.txt`` caption, and
-    ``.latent.npy`` / ``.text_emb.npy`` from ``STEM.npy`` files in ``latents`` / ``text_embs``.
-
-    A video that PyAV cannot decode, or that has no caption when ``captions`` is given, is
-    skipped with a warning naming the file. Returns the index (``skipped`` lists them).
-    """
-    from fmtrain.data.video import probe_video
-
-    writer = IndexedShardWriter(out_dir, kind="video", shard_size=shard_size, max_count=max_count)
-    skipped = []
-    bar = Progress(f"sharding video into {out_dir}", total=len(videos), unit="videos", enabled=progress)
-    keys: set[str] = set()
-    for path in map(Path, videos):
-        bar.update(1)
-        ext = path.suffix.lower().lstrip(".")
-        reason = None
-        if ext not in VIDEO_EXTENSIONS:
-            reason = f"unsupported container .{ext} (expected one of {', '.join(VIDEO_EXTENSIONS)})"
-        else:
-            try:
-                data = path.read_bytes()
-                meta = probe_video(data)
-            except (OSError, ValueError) as exc:
-                reason = f"undecodable: {exc}"
-        caption = None
-        if reason is None and captions is not None:
-            caption = captions.get(path.name, captions.get(path.stem))
-            if caption is None:
-                reason = "no caption in the captions file"
-        extra = {}
-        for field, folder in (("latent.npy", latents), ("text_emb.npy", text_embs)):
-            if reason is None and folder is not None:
-                source = Path(folder) / f"{path.stem}.npy"
-                if not source.is_file():
-                    reason = f"no {source}"
-                else:
-                    extra[field] = source.read_bytes()
-        if reason is not None:
-            log.warning("fmtrain data: warning: video %s skipped: %s", path, reason)
-            skipped.append({"file": str(path), "reason": reason})
-            continue
-        key = _safe_key(path.stem)
-        if key in keys:
-            key = f"{key}_{len(keys)}"
-        keys.add(key)
-        meta["source"] = path.name
-        sample = {"__key__": key, ext: data, "json": json.dumps(meta).encode("utf-8"), **extra}
-        if caption is not None:
-            sample["txt"] = caption.encode("utf-8")
-        writer.write(sample)
-    if writer._writer is None:
-        raise BadDataError(f"none of the {len(videos)} videos could be sharded (see warnings)")
-    writer.meta["skipped"] = skipped
-    index = writer.close()
-    bar.extra = f"{len(index['shards'])} shards, {index['samples']} videos, {len(skipped)} skipped"
-    bar.close()
-    return index
-
-
-def prepare_corpus_shards(
-    corpus: str, out_dir: str | Path, *, valid_fraction: float, seed: int, shards: int = 8, progress: bool = True
-) -> tuple[Path, Path | None]:
-    """Train/validation text shards of a corpus, split as the in-memory path splits it
-    (:func:`fmtrain.data.text.split_documents`), written once and reused: ``OUT/train/`` and
-    ``OUT/valid/``, each with an index. Returns the two index paths (valid None when
-    ``valid_fraction`` is 0). Used by ``fmtrain demo``."""
-    from fmtrain.data.text import read_documents, split_documents
-
-    out_dir = Path(out_dir)
-    train_index, valid_index = out_dir / "train" / INDEX_NAME, out_dir / "valid" / INDEX_NAME
-    if train_index.is_file() and (valid_fraction == 0 or valid_index.is_file()):
-        return train_index, valid_index if valid_fraction else None
-    docs = read_documents(corpus)
-    train, valid = split_documents(docs, valid_fraction, seed)
-    stem = _safe_key(corpus.split(":", 1)[-1])
-    for name, part, count in (("train", train, shards), ("valid", valid, 1)):
-        if not part:
-            continue
-        write_text_shards(
-            [corpus],
-            out_dir / name,
-            max_count=math.ceil(len(part) / count),
-            progress=progress,
-            documents=((f"{stem}-{name}-{i:09d}", d) for i, d in enumerate(part)),
-        )
-    return train_index, valid_index if valid else None
-
-
 __all__ = [
     "BadDataError",
     "Shard",
-    "Progress",
+    "progress_bar",
+    "write_atomic",
+    "npy_bytes",
+    "safe_key",
     "INDEX_NAME",
     "expand_shard_spec",
     "resolve_shards",
+    "check_shard_spec",
     "count_samples",
     "read_shard",
     "iter_samples",
-    "sample_text",
-    "parse_size",
     "IndexedShardWriter",
     "write_index",
-    "write_text_shards",
-    "write_video_shards",
-    "read_captions",
-    "prepare_corpus_shards",
 ]

@@ -849,45 +849,19 @@ class StreamingLoader:
 # --------------------------------------------------------------------------- from a Config
 
 
-def ensure_stream_tokenizer(cfg, run_dir: str | Path) -> Path:
-    """The streaming run's tokenizer: ``data.tokenizer``, else RUN_DIR/tokenizer/tokenizer.model,
-    trained now (``model.vocab_size`` pieces) on the ``.txt`` of every ``data.shards`` sample
-    when absent. Call on one rank, then barrier."""
-    from fmtrain.data.shards import iter_samples, sample_text
-    from fmtrain.data.text import existing_tokenizer, train_tokenizer
-
-    path = existing_tokenizer(cfg, run_dir)
-    if path.is_file():
-        return path
-    docs = []
-    for sample in iter_samples(resolve_shards(cfg.data.shards)):
-        try:
-            text = sample_text(sample)
-        except UnicodeDecodeError:
-            text = None
-        if text:
-            docs.append(text)
-    if not docs:
-        raise BadDataError(
-            f"data.shards={cfg.data.shards}: no .txt samples to train a tokenizer on "
-            "(pre-tokenised shards need data.tokenizer)"
-        )
-    return train_tokenizer(docs, cfg.model.vocab_size, path.with_suffix(""))
-
-
-def build_text_loader(
+def build_stream_loader(
     cfg,
+    pipeline: Pipeline,
     shards_spec: str,
-    tokenizer_path: str | Path,
     *,
     dp_size: int,
     name: str = "train",
     hash_log: Path | None = None,
     verbose: bool = True,
 ) -> StreamingLoader:
-    """A streaming loader of packed ``model.seq_length`` windows from text shards."""
-    from fmtrain.data.packing import TextPipeline
-
+    """A streaming loader of ``pipeline``'s microbatches over the shards of ``shards_spec``, laid
+    out by ``cfg.data`` (workers, shuffle buffer, bad-sample limit) and ``cfg.train`` (batch
+    sizes). A validation stream (``name != "train"``) reads in order, unshuffled, in-process."""
     d = cfg.data
     train = name == "train"
     spec = StreamSpec(
@@ -899,9 +873,6 @@ def build_text_loader(
         shuffle=train,
         name=name,
         max_bad_fraction=d.max_bad_fraction,
-    )
-    pipeline = TextPipeline(
-        tokenizer_path, cfg.model.seq_length, vocab_size=cfg.model.vocab_size, reset_position_ids=d.reset_position_ids
     )
     return StreamingLoader(
         pipeline,
@@ -915,25 +886,18 @@ def build_text_loader(
     )
 
 
-def prepare_stream_data(cfg, topo, run_dir: Path):
-    """The streaming counterpart of ``fmtrain.data.text.prepare_text_data`` (``data.shards`` set):
-    (tokenizer path, train loader, validation loader or None)."""
-    import torch.distributed as dist
-
-    if topo.is_writer:
-        tokenizer_path = ensure_stream_tokenizer(cfg, run_dir)
-    dist.barrier()
-    if not topo.is_writer:
-        tokenizer_path = ensure_stream_tokenizer(cfg, run_dir)
+def stream_loaders(cfg, pipeline: Pipeline, topo, run_dir: Path) -> tuple[StreamingLoader, StreamingLoader | None]:
+    """The run's (train, validation or None) loaders of ``data.shards`` / ``data.valid_shards``
+    for this rank: validation only with ``eval.interval > 0``; one rank of each DP replica
+    (TP 0, PP 0) prints the warnings; ``data.log_batch_hashes`` logs per rank."""
+    d = cfg.data
     verbose = topo.tp_rank == 0 and topo.pp_rank == 0
-    hash_log = Path(run_dir) / "data" / f"batch_hashes.rank{topo.rank}.jsonl" if cfg.data.log_batch_hashes else None
-    train = build_text_loader(cfg, cfg.data.shards, tokenizer_path, dp_size=topo.dp, hash_log=hash_log, verbose=verbose)
+    hash_log = Path(run_dir) / "data" / f"batch_hashes.rank{topo.rank}.jsonl" if d.log_batch_hashes else None
+    train = build_stream_loader(cfg, pipeline, d.shards, dp_size=topo.dp, hash_log=hash_log, verbose=verbose)
     valid = None
-    if cfg.eval.interval and cfg.data.valid_shards:
-        valid = build_text_loader(
-            cfg, cfg.data.valid_shards, tokenizer_path, dp_size=topo.dp, name="valid", verbose=verbose
-        )
-    return tokenizer_path, train, valid
+    if cfg.eval.interval and d.valid_shards:
+        valid = build_stream_loader(cfg, pipeline, d.valid_shards, dp_size=topo.dp, name="valid", verbose=verbose)
+    return train, valid
 
 
 def checkpoint_state(batches, topo) -> dict | None:
@@ -954,25 +918,28 @@ def checkpoint_state(batches, topo) -> dict | None:
 
 
 def restore_state(
-    batches, cfg, run_dir: Path, start_step: int, topo, log_fn: Callable[[str], None] = print, path: Path | None = None
+    batches,
+    saved: dict | None,
+    start_step: int,
+    cfg,
+    topo,
+    log_fn: Callable[[str], None] = print,
+    source: str | Path = "the checkpoint",
 ) -> None:
-    """Put a streaming loader where the checkpoint the run resumed from (``path``; default
-    ``checkpoint.load``, else RUN_DIR's checkpoint of ``start_step``) left it.
+    """Put a streaming loader where the checkpoint the run resumed from left it; ``saved`` is
+    that checkpoint's state (fmtrain_state.json, which the trainer hands over), ``source``
+    names it in messages.
 
     Refuses (:class:`StreamResumeError`) a checkpoint whose stream layout differs from this
     run's (another DP size, worker count, shard list, seed, batch size or pipeline). A
     checkpoint with no stream state (an in-memory run, converted weights, another dataset)
     starts the stream at its beginning. No-op for the in-memory sampler or a fresh run.
     """
-    if not isinstance(batches, StreamingLoader) or start_step == 0:
+    if not isinstance(batches, StreamingLoader) or start_step == 0 or saved is None:
         return
-    from fmtrain import checkpoint
-
-    if path is None:
-        path = Path(cfg.checkpoint.load) if cfg.checkpoint.load else checkpoint.step_dir(run_dir, start_step)
-    state = checkpoint.read_state(path)
-    data = state.get("data")
-    saved_shards = state.get("config", {}).get("data", {}).get("shards", "")
+    path = source
+    data = saved.get("data")
+    saved_shards = saved.get("config", {}).get("data", {}).get("shards", "")
     if data is None:
         if saved_shards and saved_shards == cfg.data.shards:
             raise StreamResumeError(
@@ -1026,9 +993,8 @@ __all__ = [
     "StreamingLoader",
     "batch_hash",
     "initial_position",
-    "ensure_stream_tokenizer",
-    "build_text_loader",
-    "prepare_stream_data",
+    "build_stream_loader",
+    "stream_loaders",
     "checkpoint_state",
     "restore_state",
 ]

@@ -1,6 +1,6 @@
-"""Text data: read a corpus, train or load a SentencePiece tokenizer, pack, and sample.
+"""Text data: read a corpus, train or load a SentencePiece tokenizer, pack, sample, stream, shard.
 
-The path from a corpus to one data-parallel rank's microbatches:
+The in-memory path from a corpus to one data-parallel rank's microbatches:
 
     read_documents(cfg.data.corpus)            -> list[str], one entry per document
     split_documents(docs, valid_fraction, seed) -> (train docs, validation docs)
@@ -11,24 +11,50 @@ The path from a corpus to one data-parallel rank's microbatches:
 
 The sampler is a pure function of (global_step, dp_rank): resuming at step N needs no saved
 sampler state, only N.
+
+The streaming path (``data.shards`` set): :class:`TextPipeline` on the modality-free stream
+(:mod:`fmtrain.data.stream`) tokenizes in the worker and packs ``seq_length + 1`` windows.
+Each sample's token ids (its ``.tokens.npy``, or its ``.txt`` encoded with the run's
+SentencePiece model) are followed by EOS; the stream of samples is concatenated and cut into
+windows of ``seq_length + 1`` tokens, documents running across window boundaries as in
+:class:`PackedTextDataset`. At the end of a stream's epoch the last partial window is padded
+with EOS and its padding masked out of the loss, so an epoch never spills into the next. A
+microbatch is ``{"tokens", "labels", "loss_mask"}`` (``[mbs, seq_length]`` each), plus
+``"position_ids"`` restarting at 0 after every EOS when ``reset_position_ids`` (Megatron's
+``reset_position_ids``; a model that takes positions from the batch uses them).
+:func:`write_text_shards` writes text shards (``fmtrain data shard text``).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
-import os
+import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import sentencepiece as spm
 import torch
 
 from fmtrain.config import microbatches_per_rank
+from fmtrain.data.shards import (
+    INDEX_NAME,
+    BadDataError,
+    IndexedShardWriter,
+    iter_samples,
+    npy_bytes,
+    progress_bar,
+    resolve_shards,
+    safe_key,
+    write_atomic,
+)
+from fmtrain.data.stream import BadSample, SampleContext, stream_loaders
 
 if TYPE_CHECKING:
     from fmtrain.config import Config
@@ -188,15 +214,9 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, model_prefix: str
     model = buffer.getvalue()
     processor = spm.SentencePieceProcessor(model_proto=model)
     vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(processor.vocab_size()))
-    _write_atomic(model_path.with_suffix(".vocab"), vocab.encode("utf-8"))
-    _write_atomic(model_path, model)
+    write_atomic(model_path.with_suffix(".vocab"), vocab.encode("utf-8"))
+    write_atomic(model_path, model)
     return model_path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
@@ -384,7 +404,236 @@ def build_text_datasets(cfg: Config, tokenizer_path: str | Path) -> tuple[Packed
     return train, valid
 
 
+def sample_text(sample: dict) -> str | None:
+    """The ``.txt`` field of a raw sample as text, None when absent."""
+    raw = sample.get("txt")
+    return None if raw is None else raw.decode("utf-8")
+
+
+def write_text_shards(
+    files: Sequence[str],
+    out_dir: str | Path,
+    *,
+    shard_size: int = 64_000_000,
+    max_count: int = 100_000,
+    tokenizer: str | Path | None = None,
+    documents: Iterable[tuple[str, str]] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Text files (``.txt``/``.jsonl``, optionally gzipped, or ``builtin:NAME``) -> text shards.
+
+    One sample per document (see :func:`fmtrain.data.text.read_documents`), keyed
+    ``FILESTEM-NNNNNNNNN``, holding ``.txt``, or ``.tokens.npy`` (uint16 when the vocabulary
+    fits, else int32; no EOS appended) when ``tokenizer`` is given. ``documents`` replaces
+    ``files`` with ready ``(key, text)`` pairs. Returns the index it wrote.
+    """
+    processor = load_tokenizer(tokenizer) if tokenizer else None
+    dtype = np.uint16 if processor is not None and processor.vocab_size() <= 1 << 16 else np.int32
+    meta = {"source": [str(f) for f in files]}
+    if processor is not None:
+        meta["tokenizer"] = {
+            "path": str(tokenizer),
+            "vocab_size": processor.vocab_size(),
+            "dtype": np.dtype(dtype).name,
+        }
+    writer = IndexedShardWriter(out_dir, kind="text", shard_size=shard_size, max_count=max_count, meta=meta)
+
+    def generate() -> Iterator[tuple[str, str]]:
+        stems: dict[str, int] = {}
+        for number, name in enumerate(files):
+            stem = safe_key(name.split(":", 1)[1] if name.startswith("builtin:") else Path(name).name.split(".")[0])
+            if stem in stems:
+                stem = f"{stem}_{number}"
+            stems[stem] = number
+            for i, doc in enumerate(read_documents(str(name))):
+                yield f"{stem}-{i:09d}", doc
+
+    bar = progress_bar(f"sharding text into {out_dir}", unit="docs", enabled=progress)
+    for key, doc in documents if documents is not None else generate():
+        sample = {"__key__": key}
+        if processor is not None:
+            sample["tokens.npy"] = npy_bytes(np.asarray(processor.encode(doc), dtype=dtype))
+        else:
+            sample["txt"] = doc.encode("utf-8")
+        writer.write(sample)
+        bar.set_postfix_str(f"{len(writer.shards)} shards done", refresh=False)
+        bar.update(1)
+    index = writer.close()
+    bar.set_postfix_str(f"{len(index['shards'])} shards, {index['samples']} samples")
+    bar.close()
+    return index
+
+
+def prepare_corpus_shards(
+    corpus: str, out_dir: str | Path, *, valid_fraction: float, seed: int, shards: int = 8, progress: bool = True
+) -> tuple[Path, Path | None]:
+    """Train/validation text shards of a corpus, split as the in-memory path splits it
+    (:func:`fmtrain.data.text.split_documents`), written once and reused: ``OUT/train/`` and
+    ``OUT/valid/``, each with an index. Returns the two index paths (valid None when
+    ``valid_fraction`` is 0). Used by ``fmtrain demo``."""
+    out_dir = Path(out_dir)
+    train_index, valid_index = out_dir / "train" / INDEX_NAME, out_dir / "valid" / INDEX_NAME
+    if train_index.is_file() and (valid_fraction == 0 or valid_index.is_file()):
+        return train_index, valid_index if valid_fraction else None
+    docs = read_documents(corpus)
+    train, valid = split_documents(docs, valid_fraction, seed)
+    stem = safe_key(corpus.split(":", 1)[-1])
+    for name, part, count in (("train", train, shards), ("valid", valid, 1)):
+        if not part:
+            continue
+        write_text_shards(
+            [corpus],
+            out_dir / name,
+            max_count=math.ceil(len(part) / count),
+            progress=progress,
+            documents=((f"{stem}-{name}-{i:09d}", d) for i, d in enumerate(part)),
+        )
+    return train_index, valid_index if valid else None
+
+
+class TextPipeline:
+    """``units`` = a document's token ids + EOS; ``item`` = one ``seq_length + 1`` window."""
+
+    pad_at_epoch_end = True
+
+    def __init__(
+        self,
+        tokenizer_path: str | Path | None,
+        seq_length: int,
+        *,
+        eos_id: int = EOS_ID,
+        vocab_size: int | None = None,
+        reset_position_ids: bool = False,
+    ):
+        if seq_length < 1:
+            raise ValueError(f"seq_length={seq_length} must be at least 1")
+        self.tokenizer_path = str(tokenizer_path) if tokenizer_path else None
+        self.seq_length = seq_length
+        self.item_size = seq_length + 1
+        self.eos_id = eos_id
+        self.vocab_size = vocab_size
+        self.reset_position_ids = reset_position_ids
+        self._processor = None
+
+    def _sp(self):
+        if self._processor is None:  # loaded in the worker process that first needs it
+            if self.tokenizer_path is None:
+                raise BadSample("a .txt sample needs a tokenizer (data.tokenizer) and none is set")
+            self._processor = load_tokenizer(self.tokenizer_path)
+        return self._processor
+
+    def units(self, sample: dict, ctx: SampleContext) -> np.ndarray:
+        if "tokens.npy" in sample:
+            try:
+                ids = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise BadSample(f"unreadable .tokens.npy ({exc})") from None
+            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+                raise BadSample(f".tokens.npy must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+            if ids.size and (ids.min() < 0 or (self.vocab_size is not None and ids.max() >= self.vocab_size)):
+                raise BadSample(f".tokens.npy holds ids outside [0, {self.vocab_size})")
+        elif "txt" in sample:
+            try:
+                text = sample["txt"].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadSample(f".txt is not UTF-8 (byte {exc.start}: {exc.reason})") from None
+            ids = self._sp().encode(text)
+        else:
+            fields = sorted(k for k in sample if not k.startswith("__"))
+            raise BadSample(f"missing field: neither .txt nor .tokens.npy (has {fields or 'nothing'})")
+        if len(ids) == 0:
+            return np.empty(0, dtype=np.int64)
+        out = np.empty(len(ids) + 1, dtype=np.int64)
+        out[:-1] = ids
+        out[-1] = self.eos_id
+        return out
+
+    def make_item(self, pieces: list[Sequence], size: int) -> tuple[np.ndarray, int]:
+        window = np.concatenate(pieces) if len(pieces) > 1 else np.asarray(pieces[0], dtype=np.int64)
+        if size < self.item_size:  # the padded last window of an epoch
+            window = np.concatenate([window, np.full(self.item_size - size, self.eos_id, dtype=np.int64)])
+        return window, size
+
+    def collate(self, items: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+        windows = torch.from_numpy(np.stack([w for w, _ in items]))  # (mbs, S + 1)
+        real = torch.tensor([n for _, n in items])  # real tokens per window
+        tokens = windows[:, :-1].contiguous()
+        labels = windows[:, 1:].contiguous()
+        # label i is window[i + 1]: real when i + 1 < n
+        loss_mask = (torch.arange(self.seq_length).unsqueeze(0) < (real - 1).unsqueeze(1)).float()
+        batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+        if self.reset_position_ids:
+            batch["position_ids"] = document_position_ids(tokens, self.eos_id)
+        return batch
+
+    def fingerprint(self) -> dict:
+        return {
+            "kind": "text",
+            "seq_length": self.seq_length,
+            "eos_id": self.eos_id,
+            "reset_position_ids": self.reset_position_ids,
+            "tokenizer": _file_digest(self.tokenizer_path),
+        }
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def document_position_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Positions that restart at 0 on the token after each EOS. ``tokens``: (B, S) -> (B, S)."""
+    b, s = tokens.shape
+    index = torch.arange(s).expand(b, s)
+    after_eos = torch.zeros_like(tokens)
+    after_eos[:, 1:] = torch.where(tokens[:, :-1] == eos_id, index[:, 1:], 0)
+    starts = torch.cummax(after_eos, dim=1).values
+    return index - starts
+
+
+def ensure_stream_tokenizer(cfg, run_dir: str | Path) -> Path:
+    """The streaming run's tokenizer: ``data.tokenizer``, else RUN_DIR/tokenizer/tokenizer.model,
+    trained now (``model.vocab_size`` pieces) on the ``.txt`` of every ``data.shards`` sample
+    when absent. Call on one rank, then barrier."""
+    path = existing_tokenizer(cfg, run_dir)
+    if path.is_file():
+        return path
+    docs = []
+    for sample in iter_samples(resolve_shards(cfg.data.shards)):
+        try:
+            text = sample_text(sample)
+        except UnicodeDecodeError:
+            text = None
+        if text:
+            docs.append(text)
+    if not docs:
+        raise BadDataError(
+            f"data.shards={cfg.data.shards}: no .txt samples to train a tokenizer on "
+            "(pre-tokenised shards need data.tokenizer)"
+        )
+    return train_tokenizer(docs, cfg.model.vocab_size, path.with_suffix(""))
+
+
+def text_pipeline(cfg: Config, tokenizer_path: str | Path) -> TextPipeline:
+    """The stream pipeline of a text run: ``model.seq_length`` windows of ``model.vocab_size`` ids."""
+    return TextPipeline(
+        tokenizer_path,
+        cfg.model.seq_length,
+        vocab_size=cfg.model.vocab_size,
+        reset_position_ids=cfg.data.reset_position_ids,
+    )
+
+
 __all__ = [
+    "TextPipeline",
+    "document_position_ids",
+    "ensure_stream_tokenizer",
+    "prepare_corpus_shards",
+    "prepare_text_data",
+    "sample_text",
+    "text_pipeline",
+    "write_text_shards",
     "UNK_ID",
     "BOS_ID",
     "EOS_ID",
@@ -407,18 +656,17 @@ def prepare_text_data(cfg: Config, topo, run_dir: Path):
 
     Streams WebDataset shards when ``data.shards`` is set (the stream's position goes into
     checkpoints); otherwise reads ``data.corpus`` into memory. The tokenizer is trained once,
-    by rank 0, when it does not exist yet."""
+    by rank 0, when it does not exist yet (on the ``.txt`` of the shards when streaming)."""
     import torch.distributed as dist
 
-    if cfg.data.shards:
-        from fmtrain.data.stream import prepare_stream_data
-
-        return prepare_stream_data(cfg, topo, run_dir)
+    ensure = ensure_stream_tokenizer if cfg.data.shards else ensure_tokenizer
     if topo.is_writer:
-        tokenizer_path = ensure_tokenizer(cfg, run_dir)
+        tokenizer_path = ensure(cfg, run_dir)
     dist.barrier()
     if not topo.is_writer:
-        tokenizer_path = ensure_tokenizer(cfg, run_dir)  # now present: only loads and checks
+        tokenizer_path = ensure(cfg, run_dir)  # now present: only loads and checks
+    if cfg.data.shards:
+        return (tokenizer_path, *stream_loaders(cfg, text_pipeline(cfg, tokenizer_path), topo, run_dir))
     train_ds, valid_ds = build_text_datasets(cfg, tokenizer_path)
     t = cfg.train
     train = MicrobatchSampler(train_ds, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed)

@@ -20,14 +20,132 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Sequence
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from fmtrain.data.shards import VIDEO_EXTENSIONS
+from fmtrain.data.shards import BadDataError, IndexedShardWriter, progress_bar, safe_key
 from fmtrain.data.stream import BadSample, SampleContext
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
+
+
+def read_captions(path: str | Path) -> dict[str, str]:
+    """Captions by video file name: ``.jsonl`` (``{"video": NAME, "caption": TEXT}``; also
+    ``file``/``path`` and ``text``), ``.json`` (``{NAME: TEXT}``) or ``.tsv``/``.txt``
+    (``NAME<TAB>TEXT`` per line). Lookups match the file name or its stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    captions: dict[str, str] = {}
+    if path.suffix == ".json":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected an object mapping video names to captions")
+        captions = {str(k): str(v) for k, v in data.items()}
+    elif path.suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON: {exc.msg}") from None
+            name = next((record[k] for k in ("video", "file", "path") if isinstance(record.get(k), str)), None)
+            caption = next((record[k] for k in ("caption", "text") if isinstance(record.get(k), str)), None)
+            if name is None or caption is None:
+                raise ValueError(f"{path}:{lineno}: expected 'video' and 'caption' string fields")
+            captions[name] = caption
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                raise ValueError(f"{path}:{lineno}: expected NAME<TAB>CAPTION")
+            name, caption = line.split("\t", 1)
+            captions[name.strip()] = caption.strip()
+    out = {}
+    for name, caption in captions.items():
+        out[Path(name).name] = caption
+        out.setdefault(Path(name).stem, caption)
+    return out
+
+
+def write_video_shards(
+    videos: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    captions: dict[str, str] | None = None,
+    latents: str | Path | None = None,
+    text_embs: str | Path | None = None,
+    shard_size: int = 64_000_000,
+    max_count: int = 100_000,
+    progress: bool = True,
+) -> dict:
+    """Video files -> video shards: ``.mp4`` (or the file's own container extension),
+    ``.json`` (fps, frames, width, height, duration, codec), ``.txt`` caption, and
+    ``.latent.npy`` / ``.text_emb.npy`` from ``STEM.npy`` files in ``latents`` / ``text_embs``.
+
+    A video that PyAV cannot decode, or that has no caption when ``captions`` is given, is
+    skipped with a warning naming the file. Returns the index (``skipped`` lists them).
+    """
+    writer = IndexedShardWriter(out_dir, kind="video", shard_size=shard_size, max_count=max_count)
+    skipped = []
+    bar = progress_bar(f"sharding video into {out_dir}", total=len(videos), unit="videos", enabled=progress)
+    keys: set[str] = set()
+    for path in map(Path, videos):
+        bar.update(1)
+        ext = path.suffix.lower().lstrip(".")
+        reason = None
+        if ext not in VIDEO_EXTENSIONS:
+            reason = f"unsupported container .{ext} (expected one of {', '.join(VIDEO_EXTENSIONS)})"
+        else:
+            try:
+                data = path.read_bytes()
+                meta = probe_video(data)
+            except (OSError, ValueError) as exc:
+                reason = f"undecodable: {exc}"
+        caption = None
+        if reason is None and captions is not None:
+            caption = captions.get(path.name, captions.get(path.stem))
+            if caption is None:
+                reason = "no caption in the captions file"
+        extra = {}
+        for field, folder in (("latent.npy", latents), ("text_emb.npy", text_embs)):
+            if reason is None and folder is not None:
+                source = Path(folder) / f"{path.stem}.npy"
+                if not source.is_file():
+                    reason = f"no {source}"
+                else:
+                    extra[field] = source.read_bytes()
+        if reason is not None:
+            log.warning("fmtrain data: warning: video %s skipped: %s", path, reason)
+            skipped.append({"file": str(path), "reason": reason})
+            continue
+        key = safe_key(path.stem)
+        if key in keys:
+            key = f"{key}_{len(keys)}"
+        keys.add(key)
+        meta["source"] = path.name
+        sample = {"__key__": key, ext: data, "json": json.dumps(meta).encode("utf-8"), **extra}
+        if caption is not None:
+            sample["txt"] = caption.encode("utf-8")
+        writer.write(sample)
+    if writer._writer is None:
+        raise BadDataError(f"none of the {len(videos)} videos could be sharded (see warnings)")
+    writer.meta["skipped"] = skipped
+    index = writer.close()
+    bar.set_postfix_str(f"{len(index['shards'])} shards, {index['samples']} videos, {len(skipped)} skipped")
+    bar.close()
+    return index
+
+
+log = logging.getLogger("fmtrain.data")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -322,6 +440,9 @@ def synthetic_video(
 
 
 __all__ = [
+    "VIDEO_EXTENSIONS",
+    "read_captions",
+    "write_video_shards",
     "VideoPipeline",
     "probe_video",
     "decode_frames",

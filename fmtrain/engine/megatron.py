@@ -1,32 +1,51 @@
-"""The megatron-core engine: TP x PP (1F1B, interleaved) x DP with the distributed optimizer.
+"""The megatron-core engine: TP x PP (1F1B, interleaved) x DP with the distributed optimizer,
+for every part of a run (:class:`fmtrain.models.registry.PartSpec`).
 
-Order of construction matters and mirrors megatron's own ``get_model`` / ``setup_model_and_optimizer``:
+Order of construction matters and mirrors megatron's own ``get_model`` / ``setup_model_and_optimizer``,
+part by part:
 
-1. build one chunk per virtual pipeline stage (the family decides what a chunk is);
+1. build the part's chunk(s) (one per virtual pipeline stage; a plain module is one chunk);
 2. draw the weights layout-invariantly (before DDP, which moves params into its buffers);
 3. wrap in ``Float16Module`` for bf16 (fp32 master weights live in the optimizer);
-4. wrap in megatron DDP (bucketed, fp32 gradient reduction), broadcast from DP rank 0;
-5. build the optimizer over the DDP chunks (distributed optimizer = ZeRO-1);
-6. hand the DDP hooks (no_sync, grad/param sync, finalize) to the schedules via the config.
+4. trainable parts: wrap in megatron DDP (bucketed, fp32 gradient reduction), broadcast from
+   DP rank 0, build the part's optimizer (distributed optimizer = ZeRO-1) and hand the DDP
+   hooks (no_sync, grad/param sync, finalize) to the schedules via the part's own config;
+   frozen parts: no DDP, no optimizer, no gradient buffers, ``requires_grad`` off, eval mode.
+
+A training step steps every trainable part in order, each on the same microbatches with its
+own forward step, learning rate, clipping and non-finite check; while one part steps, the
+other parts' parameters take no gradient (a generator's loss may run the discriminator).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from fmtrain.config import Config, num_microbatches
+from fmtrain.config import Config, TrainConfig, num_microbatches
 from fmtrain.engine import StepResult
-from fmtrain.models.init import initialize_layout_invariant
-from fmtrain.models.registry import ModelFamily
+from fmtrain.engine.parts import (
+    build_part_chunks,
+    family_module,
+    initialize_part,
+    load_chunks,
+    megatron_config_of,
+    sharded_state_dict,
+)
+from fmtrain.models.registry import ForwardStep, ModelFamily, PartSpec
 from fmtrain.parallel import Topology
 
 
@@ -37,33 +56,87 @@ def resolve_params_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
+@dataclass
+class Part:
+    """One part on this rank: what the schedules run, what the family built, its optimizer."""
+
+    spec: PartSpec
+    config: TransformerConfig
+    chunks: list[torch.nn.Module]
+    """What megatron's schedules run: DDP-wrapped (trainable) or Float16Module / bare (frozen)."""
+    modules: list[torch.nn.Module]
+    """The chunks without DDP / Float16Module wrappers (sharded state dicts, loading)."""
+    train: TrainConfig
+    """The part's optimizer, LR schedule and clipping settings."""
+    prefix: str = ""
+    """Checkpoint-key prefix: "" for the primary part, ``NAME.`` for the others."""
+    optimizer: Any = None
+    adam_kernel: str = ""
+    forward_step: ForwardStep | None = None
+    report_names: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def trainable(self) -> bool:
+        return self.spec.trainable
+
+    @property
+    def megatron(self) -> bool:
+        """A megatron-core part (pipelined by megatron's schedules); False for a plain module."""
+        return self.spec.megatron_config is not None
+
+    def family_modules(self) -> list[torch.nn.Module]:
+        """The family's own modules (what its forward steps and converters see)."""
+        return [family_module(m) for m in self.modules]
+
+
 class MegatronEngine:
     def __init__(self, cfg: Config, topo: Topology, family: ModelFamily):
         self.cfg = cfg
         self.topo = topo
         self.family = family
         self.params_dtype = resolve_params_dtype(cfg, topo.device)
-        self.tconfig = family.transformer_config(cfg, params_dtype=self.params_dtype, use_cpu=topo.device.type == "cpu")
-        p = cfg.parallel
+        self.num_microbatches = num_microbatches(cfg, topo.dp)
+        self.forward_backward = get_forward_backward_func()
+        specs = family.parts(cfg)
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names) or not any(spec.trainable for spec in specs):
+            raise ValueError(f"model.family={cfg.model.family}: parts {names} need unique names and a trainable one")
+        primary = next(spec.name for spec in specs if spec.trainable)
+        self.parts: dict[str, Part] = {
+            spec.name: self._build_part(spec, prefix="" if spec.name == primary else f"{spec.name}.") for spec in specs
+        }
+        self.primary = self.parts[primary]
+        modules = {name: part.family_modules() for name, part in self.parts.items()}
+        for part in self.parts.values():
+            if part.spec.forward_step is not None:
+                part.forward_step = part.spec.forward_step(cfg, modules)
 
-        chunks = []
-        for vp in range(p.vpp):
-            vp_stage = vp if p.vpp > 1 else None
-            chunk = family.build_chunk(
-                cfg,
-                self.tconfig,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage,
+    # ------------------------------------------------------------------ construction
+
+    def _build_part(self, spec: PartSpec, prefix: str) -> Part:
+        cfg, p = self.cfg, self.cfg.parallel
+        if spec.megatron_config is None and spec.trainable and p.pp > 1:
+            raise ValueError(
+                f"part {spec.name!r} of model.family={cfg.model.family} is a plain torch module, "
+                f"which is not pipelined; parallel.pp={p.pp} needs megatron modules"
             )
-            chunk.model_type = getattr(chunk, "model_type", None) or _encoder_or_decoder()
-            for param in chunk.parameters():
-                tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
-            chunks.append(chunk.to(topo.device))
-        initialize_layout_invariant(chunks, cfg.run.seed, family.init_rule(cfg))
-
-        if self.params_dtype == torch.bfloat16:
-            chunks = [Float16Module(self.tconfig, chunk) for chunk in chunks]
+        config = megatron_config_of(cfg, spec, params_dtype=self.params_dtype, use_cpu=self.topo.device.type == "cpu")
+        modules = build_part_chunks(cfg, spec, config, self.topo.device)
+        initialize_part(cfg, spec, modules)
+        chunks = [Float16Module(config, m) for m in modules] if self.params_dtype == torch.bfloat16 else list(modules)
+        train = spec.optimizer(cfg) if spec.optimizer is not None else cfg.train
+        part = Part(spec=spec, config=config, chunks=chunks, modules=modules, train=train, prefix=prefix)
+        if not spec.trainable:
+            for chunk in chunks:
+                chunk.requires_grad_(False)
+                chunk.eval()
+            if spec.offload:
+                self._offload(part)
+            return part
 
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
@@ -73,122 +146,183 @@ class MegatronEngine:
             bucket_size=max(1, int(p.bucket_size_mb * 2**20 / 4)),
             check_for_nan_in_grad=False,
         )
-        self.chunks = [
-            DistributedDataParallel(
-                config=self.tconfig,
-                ddp_config=ddp_config,
-                module=chunk,
-                # Only the first chunk's buckets overlap with the backward of later chunks.
-                disable_bucketing=i > 0,
-            )
+        part.chunks = [
+            # Only the first chunk's buckets overlap with the backward of later chunks.
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
             for i, chunk in enumerate(chunks)
         ]
-        for chunk in self.chunks:
+        for chunk in part.chunks:
             chunk.broadcast_params()
-
-        t = cfg.train
-        self.optimizer = get_megatron_optimizer(
+        part.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam",
-                lr=t.lr,
-                min_lr=t.min_lr,
-                weight_decay=t.weight_decay,
-                adam_beta1=t.adam_beta1,
-                adam_beta2=t.adam_beta2,
-                adam_eps=t.adam_eps,
-                clip_grad=t.grad_clip,
+                lr=train.lr,
+                min_lr=train.min_lr,
+                weight_decay=train.weight_decay,
+                adam_beta1=train.adam_beta1,
+                adam_beta2=train.adam_beta2,
+                adam_eps=train.adam_eps,
+                clip_grad=train.grad_clip,
                 bf16=self.params_dtype == torch.bfloat16,
                 params_dtype=self.params_dtype,
                 use_distributed_optimizer=p.distributed_optimizer,
             ),
-            self.chunks,
+            part.chunks,
         )
-        self.adam_kernel = _select_adam_kernel(self.optimizer, t.fused_adam)
-        self._install_schedule_hooks(ddp_config)
-        self.forward_backward = get_forward_backward_func()
-        self.forward_step = family.make_forward_step(cfg)
-        self._report_names: list[str] | None = None
-        self.num_microbatches = num_microbatches(cfg, topo.dp)
+        part.adam_kernel = _select_adam_kernel(part.optimizer, train.fused_adam)
+        _install_schedule_hooks(config, part.chunks, ddp_config)
+        return part
 
-    def _install_schedule_hooks(self, ddp_config: DistributedDataParallelConfig) -> None:
-        """What megatron's training.py hands to the schedules through the model config."""
-        c = self.tconfig
-        many = len(self.chunks) > 1
-        no_sync = [chunk.no_sync for chunk in self.chunks]
-        c.no_sync_func = no_sync if many else no_sync[0]
-        if ddp_config.overlap_grad_reduce:
-            sync = [chunk.start_grad_sync for chunk in self.chunks]
-            c.grad_sync_func = sync if many else sync[0]
-        if ddp_config.overlap_param_gather and ddp_config.use_distributed_optimizer:
-            sync = [chunk.start_param_sync for chunk in self.chunks]
-            c.param_sync_func = sync if many else sync[0]
-        c.finalize_model_grads_func = finalize_model_grads
+    # ------------------------------------------------------------------ parts
+
+    @property
+    def trainable_parts(self) -> list[Part]:
+        return [part for part in self.parts.values() if part.trainable]
+
+    @property
+    def optimizer(self):
+        """The primary part's optimizer."""
+        return self.primary.optimizer
+
+    def unwrapped_chunks(self, part: str | None = None) -> list[torch.nn.Module]:
+        """This rank's chunks of ``part`` (default: the primary part) without DDP / Float16Module
+        wrappers: what checkpoints and converters read and write (``sharded_state_dict``)."""
+        return self.parts[part or self.primary.name].modules
+
+    def _offload(self, part: Part) -> None:
+        for module in part.modules:
+            module.to("cpu")
+
+    @contextlib.contextmanager
+    def _on_device(self, part: Part):
+        """A frozen, offloaded part's weights on the device for the duration of one use."""
+        if not part.spec.offload:
+            yield
+            return
+        for module in part.modules:
+            module.to(self.topo.device)
+        try:
+            yield
+        finally:
+            self._offload(part)
+
+    @contextlib.contextmanager
+    def _gradients_only_for(self, stepping: Part):
+        """While ``stepping`` steps, no other part's parameter takes a gradient."""
+        others = [
+            param
+            for part in self.trainable_parts
+            if part is not stepping
+            for chunk in part.chunks
+            for param in chunk.parameters()
+            if param.requires_grad
+        ]
+        for param in others:
+            param.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for param in others:
+                param.requires_grad_(True)
 
     # ------------------------------------------------------------------ steps
 
-    def _run(self, microbatches: list[dict], forward_only: bool, poison_loss: bool = False) -> list[dict]:
+    def _run(
+        self,
+        part: Part,
+        microbatches: list[dict],
+        forward_step: ForwardStep,
+        *,
+        forward_only: bool,
+        collect_non_loss_data: bool = False,
+    ) -> list:
         if len(microbatches) != self.num_microbatches and not forward_only:
             raise ValueError(f"expected {self.num_microbatches} microbatches, got {len(microbatches)}")
-        seq_length = self.cfg.model.seq_length
-        if self.family.prepare_step is not None and self.topo.pp > 1:
+        seq_length = getattr(self.cfg.model, "seq_length", 1)
+        if part.megatron and self.family.prepare_step is not None and self.topo.pp > 1:
             microbatches, seq_length = self.family.prepare_step(self.cfg, microbatches)
-        # Interleaved schedules read one iterator per chunk.
-        iterators = [iter(microbatches) for _ in self.chunks]
-        return self.forward_backward(
-            forward_step_func=_nan_loss(self.forward_step) if poison_loss else self.forward_step,
+        # Interleaved schedules read one iterator per chunk; a plain module is never pipelined.
+        iterators = [iter(microbatches) for _ in part.chunks]
+        schedule = self.forward_backward if part.megatron else forward_backward_no_pipelining
+        return schedule(
+            forward_step_func=forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.chunks,
+            model=part.chunks,
             num_microbatches=len(microbatches),
             seq_length=seq_length,
             micro_batch_size=self.cfg.train.micro_batch_size,
             forward_only=forward_only,
+            collect_non_loss_data=collect_non_loss_data,
         )
 
-    def _reduce_reports(self, reports: list[dict]) -> dict[str, tuple[float, float]]:
+    def _reduce_reports(self, part: Part, reports: list[dict]) -> dict[str, tuple[float, float]]:
         """Sum each reported [sum, count] pair over microbatches and over the whole job.
 
         Reports exist on the last pipeline stage only, once per tensor-parallel rank; the
         tensor-parallel rank 0 copies are summed over all ranks so every rank gets the result.
         """
-        # The set of names is the family's loss function's and never changes: every rank learns
+        # The set of names is the part's loss function's and never changes: every rank learns
         # it from the last stage once, not with an object broadcast (a host sync) every step.
-        if self._report_names is None:
+        if part.report_names is None:
             holder = [sorted(reports[0]) if reports else []]
             dist.broadcast_object_list(holder, src=dist.get_world_size() - 1)
-            self._report_names = holder[0]
-        names = self._report_names
+            part.report_names = holder[0]
+        names = part.report_names
         totals = torch.zeros(len(names), 2, dtype=torch.float64, device=self.topo.device)
-        if self.topo.is_last_stage and self.topo.tp_rank == 0:
+        # A plain module runs (unpipelined) on every rank: each TP group's rank 0 reports.
+        if (self.topo.is_last_stage or not part.megatron) and self.topo.tp_rank == 0:
             for report in reports:
                 for i, name in enumerate(names):
                     totals[i] += report[name].to(totals)
         dist.all_reduce(totals)
         return {name: (float(totals[i, 0]), float(totals[i, 1])) for i, name in enumerate(names)}
 
-    def train_step(self, microbatches: list[dict], lr: float, *, poison_loss: bool = False) -> StepResult:
-        """One optimizer step. A non-finite loss or gradient norm skips the update.
+    def train_step(
+        self, microbatches: list[dict], lr: float | Mapping[str, float], *, poison_loss: bool = False
+    ) -> StepResult:
+        """One optimizer step of every trainable part, in order; ``lr`` is one rate for all
+        parts or one per part name. The primary part's numbers are the result's; another
+        part's appear in ``extra`` as ``NAME/loss``, ``NAME/grad_norm`` and ``NAME/REPORT``.
+        A non-finite loss or gradient norm skips that part's update (its weights and optimizer
+        state stay exactly as they were); ``update_applied`` is False if any part skipped.
 
         ``poison_loss`` multiplies the loss by NaN (fault injection for tests,
         ``FMTRAIN_TEST_NAN_AT_STEP``)."""
-        for chunk in self.chunks:
+        results = {}
+        for part in self.trainable_parts:
+            rate = lr if isinstance(lr, (int, float)) else lr[part.name]
+            with self._gradients_only_for(part):
+                results[part.name] = self._step_part(part, microbatches, rate, poison_loss)
+        result = results[self.primary.name]
+        for name, other in results.items():
+            if name == self.primary.name:
+                continue
+            result.extra.update({f"{name}/loss": other.loss, f"{name}/grad_norm": other.grad_norm})
+            result.extra.update({f"{name}/{key}": value for key, value in other.extra.items()})
+            result.update_applied = result.update_applied and other.update_applied
+        return result
+
+    def _step_part(self, part: Part, microbatches: list[dict], lr: float, poison_loss: bool) -> StepResult:
+        for chunk in part.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        part.optimizer.zero_grad()
         # What megatron's OptimizerParamScheduler does: per-group multipliers, so norms and
         # biases (wd_mult 0) are not decayed.
-        for group in self.optimizer.param_groups:
+        for group in part.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
-            group["weight_decay"] = self.cfg.train.weight_decay * group.get("wd_mult", 1.0)
-        reports = self._run(microbatches, forward_only=False, poison_loss=poison_loss)
-        sums = self._reduce_reports(reports)
+            group["weight_decay"] = part.train.weight_decay * group.get("wd_mult", 1.0)
+        forward_step = _nan_loss(part.forward_step) if poison_loss else part.forward_step
+        reports = self._run(part, microbatches, forward_step, forward_only=False)
+        sums = self._reduce_reports(part, reports)
         loss_sum, tokens = sums.pop("loss")
         loss = loss_sum / max(tokens, 1.0)
         # Skip the update on a non-finite loss or gradient: the optimizer is not stepped, so the
         # weights and Adam's moments and step count stay exactly as they were. (bf16 and fp32
         # have no grad scaler whose found-inf check would skip it, and megatron's clipping
         # applies a NaN norm's update.) Every rank takes the same branch: both tests are global.
-        if math.isfinite(loss) and self._grads_finite():
-            update_applied, grad_norm, _ = self.optimizer.step()
+        if math.isfinite(loss) and self._grads_finite(part):
+            update_applied, grad_norm, _ = part.optimizer.step()
         else:
             update_applied, grad_norm = False, math.nan
         return StepResult(
@@ -199,8 +333,9 @@ class MegatronEngine:
             extra={name: s / max(n, 1.0) for name, (s, n) in sums.items()},
         )
 
-    def _grads_finite(self) -> bool:
-        """Whether the gradient norm of the whole job is finite (one norm per buffer, one all-reduce).
+    def _grads_finite(self, part: Part) -> bool:
+        """Whether the part's gradient norm over the whole job is finite (one norm per buffer,
+        one all-reduce).
 
         Each rank checks its full gradient buffers (after the data-parallel reduction): a
         non-finite gradient on any rank makes the reduced gradient, and so the global norm,
@@ -208,7 +343,7 @@ class MegatronEngine:
         """
         norms = [
             buffer.grad_data.norm(p=2)
-            for chunk in self.chunks
+            for chunk in part.chunks
             for buffer in chunk.buffers + chunk.expert_parallel_buffers
         ]
         bad = torch.zeros(1, dtype=torch.float32, device=self.topo.device)
@@ -219,102 +354,113 @@ class MegatronEngine:
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict]) -> dict[str, float]:
-        for chunk in self.chunks:
+        """The primary part's reported means over ``microbatches`` (forward only)."""
+        part = self.primary
+        for chunk in part.chunks:
             chunk.eval()
-        reports = self._run(microbatches, forward_only=True)
-        for chunk in self.chunks:
+        reports = self._run(part, microbatches, part.forward_step, forward_only=True)
+        for chunk in part.chunks:
             chunk.train()
-        return {name: s / max(n, 1.0) for name, (s, n) in self._reduce_reports(reports).items()}
+        return {name: s / max(n, 1.0) for name, (s, n) in self._reduce_reports(part, reports).items()}
+
+    @torch.no_grad()
+    def forward_outputs(
+        self,
+        microbatches: list[dict],
+        *,
+        part: str | None = None,
+        forward_step: ForwardStep | None = None,
+        collect: Callable[[torch.Tensor, Callable], Any] | None = None,
+    ) -> list:
+        """What ``part``'s forward step returns for each microbatch, through the pipeline
+        (megatron's ``collect_non_loss_data``): on the last pipeline stage a list with one entry
+        per microbatch, ``collect(output, loss_fn)`` (default: the output, detached); [] on other
+        stages. For reference log-probs, sampling, encoding. ``forward_step`` replaces the
+        part's own (default: the part's, or the primary part's for a frozen part without one)."""
+        target = self.parts[part or self.primary.name]
+        step = forward_step or target.forward_step or self.primary.forward_step
+        collect = collect or (lambda output, loss_fn: output.detach())
+
+        def collecting_step(data_iterator, model):
+            output, loss_fn = step(data_iterator, model)
+            return output, lambda out, non_loss_data=False: collect(out, loss_fn)
+
+        was_training = [chunk.training for chunk in target.chunks]
+        for chunk in target.chunks:
+            chunk.eval()
+        try:
+            with self._on_device(target):
+                return self._run(target, microbatches, collecting_step, forward_only=True, collect_non_loss_data=True)
+        finally:
+            for chunk, training in zip(target.chunks, was_training):
+                chunk.train(training)
 
     # ------------------------------------------------------------------ state
 
-    def model_sharded_state_dict(self) -> dict[str, Any]:
-        chunks = self.unwrapped_chunks()
-        if len(chunks) == 1:
-            return chunks[0].sharded_state_dict()
-        return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    def model_sharded_state_dict(self, primary_only: bool = False) -> dict[str, Any]:
+        """The trainable parts' weights in distributed-checkpoint form: the primary part's at
+        the top (the layout every fmtrain checkpoint has), the others under ``parts``."""
+        state = sharded_state_dict(self.primary.modules)
+        others = (
+            {}
+            if primary_only
+            else {
+                p.name: sharded_state_dict(p.modules, p.prefix) for p in self.trainable_parts if p is not self.primary
+            }
+        )
+        return {**state, "parts": others} if others else state
 
     def state_dict(self, for_loading: bool = False) -> dict[str, Any]:
-        """Model and optimizer in distributed-checkpoint form (resharding across layouts)."""
-        model_sd = self.model_sharded_state_dict()
+        """Weights and optimizer state of every trainable part (resharding across layouts)."""
+        state = self._part_state(self.primary, for_loading)
+        others = {p.name: self._part_state(p, for_loading) for p in self.trainable_parts if p is not self.primary}
+        return {**state, "parts": others} if others else state
+
+    def _part_state(self, part: Part, for_loading: bool) -> dict[str, Any]:
+        model_sd = sharded_state_dict(part.modules, part.prefix)
         # "fully_reshardable": optimizer state in model-parameter space, so it loads under any
         # other (TP, PP, VPP, DP); the flattened "model space" default is refused by the
         # checkpoint layer of megatron-core 0.16.
         metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
         # Loading fills these state tensors; saving before the first applied update needs them too.
-        self._materialize_optimizer_state()
-        return {
-            "model": model_sd,
-            "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=for_loading, metadata=metadata),
-        }
-
-    def _materialize_optimizer_state(self) -> None:
-        """Give a fresh optimizer the state tensors a checkpoint is loaded into.
-
-        megatron's distributed optimizer reads Adam's ``step`` from torch's per-parameter state,
-        which torch only creates on the first step. One step with zero gradients and lr=0 creates
-        it without moving any weight (decoupled weight decay is scaled by lr too); the loaded
-        checkpoint then overwrites every value.
-        """
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            inner = getattr(opt, "optimizer", None)
-            if inner is None or len(inner.state) > 0 or not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
-                continue
-            saved_lrs = [group["lr"] for group in inner.param_groups]
-            for group in inner.param_groups:
-                group["lr"] = 0.0
-            opt._init_optimizer_states_with_dummy_values()
-            for group, lr in zip(inner.param_groups, saved_lrs):
-                group["lr"] = lr
-            # Moments are zero after the zero-gradient step; a zero step count makes the state
-            # equal to a fresh optimizer's, so the next real update is the same as without it.
-            for param_state in inner.state.values():
-                if torch.is_tensor(param_state.get("step")):
-                    param_state["step"] = torch.zeros_like(param_state["step"])
-            _keep_step_out_of_tensor_state(opt)
+        _materialize_optimizer_state(part.optimizer)
+        optimizer_sd = part.optimizer.sharded_state_dict(model_sd, is_loading=for_loading, metadata=metadata)
+        if part.prefix:  # the optimizer's own entries (param groups, step) are named the same for every part
+            add_prefix_for_sharding(optimizer_sd, part.prefix)
+        return {"model": model_sd, "optimizer": optimizer_sd}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        chunks = self.unwrapped_chunks()
-        model_sd = state["model"]
-        if len(chunks) == 1:
-            chunks[0].load_state_dict(model_sd, strict=True)
-        else:
-            for i, chunk in enumerate(chunks):
-                chunk.load_state_dict(model_sd[f"model{i}"], strict=True)
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self._restore_adam_steps()
+        """Load what :meth:`state_dict` (or, weights only, ``{"model": model_sharded_state_dict()}``)
+        described, after ``dist_checkpointing.load``."""
+        model_state = dict(state["model"])
+        part_models = model_state.pop("parts", {})
+        self._load_part(self.primary, model_state, state.get("optimizer"))
+        for name, part_state in state.get("parts", {}).items():
+            self._load_part(self.parts[name], part_state["model"], part_state.get("optimizer"))
+        for name, weights in part_models.items():  # weights-only loading
+            self._load_part(self.parts[name], weights, None)
+
+    def _load_part(self, part: Part, model_state: dict, optimizer_state: dict | None) -> None:
+        load_chunks(part.modules, model_state, part.prefix)
+        if optimizer_state is not None:
+            part.optimizer.load_state_dict(optimizer_state)
+            _restore_adam_steps(part.optimizer)
         else:  # weights only: the optimizer's main (fp32) copies were made from the old weights
-            self.optimizer.reload_model_params()
+            part.optimizer.reload_model_params()
 
-    def _restore_adam_steps(self) -> None:
-        """Give every parameter its own Adam ``step`` tensor after a load, where torch wants it.
-
-        megatron's distributed optimizer restores ``step`` as *one* tensor shared by all
-        parameters' states; torch's foreach and fused Adam increment each state's step in place,
-        so a shared tensor would advance once per parameter and skew the bias correction of
-        every later update. The fused kernel also wants the step as fp32 on the parameter's
-        device (the checkpoint's is on the host).
-        """
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            inner = getattr(opt, "optimizer", None)
-            for group in getattr(inner, "param_groups", []):
-                for param in group["params"]:
-                    param_state = inner.state.get(param, {})
-                    step = param_state.get("step")
-                    if not torch.is_tensor(step):
-                        continue
-                    if group.get("fused"):
-                        param_state["step"] = step.to(device=param.device, dtype=torch.float32, copy=True)
-                    else:
-                        param_state["step"] = step.clone()
+    def weights_changed(self, part: str | None = None) -> None:
+        """After weights were loaded into a trainable part's modules from outside (released
+        weights): refresh its optimizer's main (fp32) copies."""
+        target = self.parts[part or self.primary.name]
+        if target.optimizer is not None:
+            target.optimizer.reload_model_params()
 
     def kernel_summary(self) -> str:
         """Which optional fused kernels this engine runs (printed at start-up)."""
-        c = self.tconfig
+        c = self.primary.config
         # RoPE is fused by Transformer Engine, or compiled inside fmtrain's SDPA core attention.
         compiled_rope = any(
-            getattr(m, "compile_rope", False) for chunk in self.unwrapped_chunks() for m in chunk.modules()
+            getattr(m, "compile_rope", False) for chunk in self.primary.modules for m in chunk.modules()
         )
         fused = [
             name
@@ -325,20 +471,79 @@ class MegatronEngine:
             )
             if on
         ]
-        return f"optimizer {self.adam_kernel}; fused kernels: {', '.join(fused) or 'none'}"
+        kernels = sorted({part.adam_kernel for part in self.trainable_parts})
+        return f"optimizer {', '.join(kernels)}; fused kernels: {', '.join(fused) or 'none'}"
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for chunk in self.chunks for p in chunk.parameters())
+        """Parameters of the trainable parts held by this rank."""
+        return sum(p.numel() for part in self.trainable_parts for chunk in part.chunks for p in chunk.parameters())
 
-    def unwrapped_chunks(self) -> list[torch.nn.Module]:
-        """The family's modules without DDP / Float16Module wrappers."""
-        out = []
-        for chunk in self.chunks:
-            module = chunk.module
-            if isinstance(module, Float16Module):
-                module = module.module
-            out.append(module)
-        return out
+
+def _install_schedule_hooks(c: TransformerConfig, chunks: list, ddp_config: DistributedDataParallelConfig) -> None:
+    """What megatron's training.py hands to the schedules through the model config."""
+    many = len(chunks) > 1
+    no_sync = [chunk.no_sync for chunk in chunks]
+    c.no_sync_func = no_sync if many else no_sync[0]
+    if ddp_config.overlap_grad_reduce:
+        sync = [chunk.start_grad_sync for chunk in chunks]
+        c.grad_sync_func = sync if many else sync[0]
+    if ddp_config.overlap_param_gather and ddp_config.use_distributed_optimizer:
+        sync = [chunk.start_param_sync for chunk in chunks]
+        c.param_sync_func = sync if many else sync[0]
+    c.finalize_model_grads_func = finalize_model_grads
+
+
+def _inner_optimizers(optimizer) -> list:
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh optimizer the state tensors a checkpoint is loaded into.
+
+    megatron's distributed optimizer reads Adam's ``step`` from torch's per-parameter state,
+    which torch only creates on the first step. One step with zero gradients and lr=0 creates
+    it without moving any weight (decoupled weight decay is scaled by lr too); the loaded
+    checkpoint then overwrites every value.
+    """
+    for opt in _inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None or len(inner.state) > 0 or not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            continue
+        saved_lrs = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for group, lr in zip(inner.param_groups, saved_lrs):
+            group["lr"] = lr
+        # Moments are zero after the zero-gradient step; a zero step count makes the state
+        # equal to a fresh optimizer's, so the next real update is the same as without it.
+        for param_state in inner.state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = torch.zeros_like(param_state["step"])
+        _keep_step_out_of_tensor_state(opt)
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Give every parameter its own Adam ``step`` tensor after a load, where torch wants it.
+
+    megatron's distributed optimizer restores ``step`` as *one* tensor shared by all
+    parameters' states; torch's foreach and fused Adam increment each state's step in place,
+    so a shared tensor would advance once per parameter and skew the bias correction of
+    every later update. The fused kernel also wants the step as fp32 on the parameter's
+    device (the checkpoint's is on the host).
+    """
+    for opt in _inner_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            for param in group["params"]:
+                param_state = inner.state.get(param, {})
+                step = param_state.get("step")
+                if not torch.is_tensor(step):
+                    continue
+                if group.get("fused"):
+                    param_state["step"] = step.to(device=param.device, dtype=torch.float32, copy=True)
+                else:
+                    param_state["step"] = step.clone()
 
 
 def _select_adam_kernel(optimizer, choice: str) -> str:
@@ -357,7 +562,7 @@ def _select_adam_kernel(optimizer, choice: str) -> str:
         return "FusedAdam (apex / Transformer Engine)"
     inners = [
         opt.optimizer
-        for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+        for opt in _inner_optimizers(optimizer)
         if isinstance(getattr(opt, "optimizer", None), torch.optim.Adam | torch.optim.AdamW)
     ]
     if choice == "off" or not inners:
@@ -425,7 +630,4 @@ def _nan_loss(forward_step):
     return poisoned_forward_step
 
 
-def _encoder_or_decoder():
-    from megatron.core.enums import ModelType
-
-    return ModelType.encoder_or_decoder
+__all__ = ["MegatronEngine", "Part", "resolve_params_dtype"]

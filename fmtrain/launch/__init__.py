@@ -52,21 +52,34 @@ def _prepare(recipe: str, overrides: list[str], world_size: int):
 
     cfg = load_config(recipe, overrides)
     validate(cfg, world_size)
-    _check_paths(cfg)
+    check_inputs(cfg)
     return cfg, Path(cfg.run.dir).resolve()
 
 
-def _check_paths(cfg) -> None:
-    """Files the run will read must exist now, not be found missing after hours in the queue."""
+def check_inputs(cfg) -> None:
+    """Files the run will read must exist now, not be found missing after the process group is
+    up (or after hours in the queue): one ConfigError naming the setting and the path."""
     from fmtrain.config import ConfigError
 
-    streaming = bool(getattr(cfg.data, "shards", ""))  # shards may be URLs: the data stream checks them
-    if not streaming and not cfg.data.corpus.startswith("builtin:") and not Path(cfg.data.corpus).exists():
-        raise ConfigError(f"data.corpus={cfg.data.corpus}: no such file")
-    if cfg.data.tokenizer and not Path(cfg.data.tokenizer).is_file():
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: no such file")
+    d = cfg.data
+    for name in ("shards", "valid_shards"):
+        spec = getattr(d, name)
+        if spec:
+            from fmtrain.data.shards import BadDataError, check_shard_spec  # webdataset, torch: only when streaming
+
+            try:
+                check_shard_spec(spec)
+            except BadDataError as exc:
+                raise ConfigError(f"data.{name}={spec}: {exc}") from None
+    corpus_is_path = ":" not in d.corpus  # builtin:NAME, synthetic:latents are not files
+    if not d.shards and corpus_is_path and not Path(d.corpus).exists():
+        raise ConfigError(f"data.corpus={d.corpus}: no such file")
+    if d.tokenizer and not Path(d.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer={d.tokenizer}: no such file")
     if cfg.checkpoint.load and not Path(cfg.checkpoint.load).is_dir():
         raise ConfigError(f"checkpoint.load={cfg.checkpoint.load}: no such directory")
+    if cfg.model.init_from_hf and not Path(cfg.model.init_from_hf).is_dir():
+        raise ConfigError(f"model.init_from_hf={cfg.model.init_from_hf}: no such directory")
 
 
 def _write_config(cfg, run_dir: Path) -> Path:

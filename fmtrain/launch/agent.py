@@ -48,8 +48,8 @@ TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
 def requeue_exit_code() -> int:
-    """The status the training exits with after saving on a signal (owned by the trainer)."""
-    from fmtrain.train.signals import REQUEUE_EXIT_CODE
+    """The status the training exits with after saving on a signal."""
+    from fmtrain.launch.requeue import REQUEUE_EXIT_CODE
 
     return REQUEUE_EXIT_CODE
 

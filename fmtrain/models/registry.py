@@ -1,44 +1,121 @@
-"""The registry of model families: the only place that knows a model.
+"""The model-family contract: what a family gives the engine, data, trainer and checkpoints.
 
-A family is one :class:`ModelFamily` entry (compare torchtitan's TrainSpec). The engine,
-data, trainer and checkpoint code call these fields and never branch on the family's name.
+A family is one :class:`ModelFamily` entry (compare torchtitan's ``TrainSpec``), called
+``FAMILY`` in the family's ``family`` module (or in the family module itself), and found by
+name: :func:`get_family` imports ``fmtrain.models.NAME.family`` for a built-in family and
+``NAME.family`` (or ``NAME``) for a dotted module path of your own. Its config side (the
+``model`` section, supported objectives and layouts) is the ``SETTINGS`` of its ``config``
+module (:class:`fmtrain.config.FamilySettings`). The engine, data, trainer and checkpoint code
+call these fields and never branch on a family's name.
+
+A run holds one or more *parts* (:class:`PartSpec`): trainable ones, each with its own
+optimizer, learning-rate schedule and gradient clipping (a generator and its discriminator),
+and frozen ones (a DPO reference model, a VAE used on the fly) built in the same TP / PP
+layout with no DDP, no optimizer and no gradient buffers. The first trainable part is the
+run's *primary* part: its reports are the run's ``loss`` and friends, its checkpoint keys carry
+no prefix, and its forward step defines what a training step computes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-from megatron.core.transformer.transformer_config import TransformerConfig
+from fmtrain.config import Config, ConfigError, TrainConfig, import_family_part
 
-from fmtrain.config import Config
-from fmtrain.models.init import InitRule
+if TYPE_CHECKING:
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from fmtrain.models.init import InitRuleFn
+    from fmtrain.models.sizes import MemoryEstimate
 
 
-class BuildChunk(Protocol):
+class MakeMegatronConfig(Protocol):
+    def __call__(self, cfg: Config, *, params_dtype: torch.dtype, use_cpu: bool) -> TransformerConfig:
+        """megatron's TransformerConfig for this part (layout, dtype, architecture switches)."""
+        ...
+
+
+class BuildModule(Protocol):
     def __call__(
-        self, cfg: Config, tconfig: TransformerConfig, *, pre_process: bool, post_process: bool, vp_stage: int | None
-    ) -> torch.nn.Module: ...
-
-
-class MakeTransformerConfig(Protocol):
-    def __call__(self, cfg: Config, *, params_dtype: torch.dtype, use_cpu: bool) -> TransformerConfig: ...
+        self,
+        cfg: Config,
+        megatron_config: TransformerConfig | None,
+        *,
+        pre_process: bool,
+        post_process: bool,
+        vp_stage: int | None,
+    ) -> torch.nn.Module:
+        """The module of one (virtual) pipeline stage; ``megatron_config`` is None for a plain
+        torch module (a part without :attr:`PartSpec.megatron_config`), which is built whole."""
+        ...
 
 
 class ForwardStep(Protocol):
-    """megatron's contract: ``(data_iterator, model) -> (output, loss_fn)``; ``loss_fn(output)``
-    returns ``(loss_sum, num_tokens, {name: tensor([sum, count])})``."""
+    """megatron's contract: ``(data_iterator, model) -> (output, loss_fn)``; on the last stage
+    ``loss_fn(output)`` returns ``(loss_sum, count, {name: tensor([sum, count])})`` and the
+    engine divides the step's loss sum by the step's count."""
 
     def __call__(self, data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]: ...
 
 
+class MakeForwardStep(Protocol):
+    def __call__(self, cfg: Config, parts: Mapping[str, list[torch.nn.Module]]) -> ForwardStep:
+        """The part's training forward step; ``parts`` maps every part's name to its unwrapped
+        chunks on this rank (a generator's loss may call the discriminator, say)."""
+        ...
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One model of a run, trainable or frozen."""
+
+    name: str
+    build: BuildModule
+    init_rule: Callable[[Config], InitRuleFn]
+    """Per checkpoint key: how the layout-invariant initialiser draws it."""
+    megatron_config: MakeMegatronConfig | None = None
+    """A megatron-core part (TP / SP / PP per the family's settings); None: a plain
+    ``torch.nn.Module`` trained data-parallel only, whatever it is (a conv net)."""
+    forward_step: MakeForwardStep | None = None
+    """Trainable parts: the forward step its optimizer steps on."""
+    trainable: bool = True
+    optimizer: Callable[[Config], TrainConfig] | None = None
+    """The part's optimizer, LR schedule and clipping settings; None: ``cfg.train`` itself."""
+    source: str = ""
+    """Frozen parts: where the weights come from. "" is the run seed's initialisation (so a
+    frozen copy of a trainable part with the same ``build`` and ``init_rule`` starts equal to
+    it); otherwise an fmtrain checkpoint (or run directory) holding this part's weights as its
+    primary model, or a release / Hugging Face directory the family's converter reads."""
+    offload: bool = False
+    """Frozen parts: keep the weights in host memory between uses (moved to the device for a
+    forward, back afterwards)."""
+
+    def __post_init__(self):
+        if self.trainable and self.forward_step is None:
+            raise ValueError(f"part {self.name!r}: a trainable part needs a forward_step")
+        if self.trainable and (self.source or self.offload):
+            raise ValueError(f"part {self.name!r}: source and offload are for frozen parts")
+
+
+@dataclass
+class RunData:
+    """What a family's data pipeline hands the trainer."""
+
+    train: Any
+    """Training batches: ``microbatches(global_step, dp_rank) -> list[dict]``."""
+    valid: Any = None
+    """Validation batches (same interface), or None."""
+    files: dict[str, Path] = field(default_factory=dict)
+    """Files every checkpoint of the run carries, by name (the tokenizer: ``tokenizer.model``)."""
+
+
 class PrepareData(Protocol):
-    def __call__(self, cfg: Config, topo: Any, run_dir: Path) -> tuple[Path | None, Any, Any]:
-        """(tokenizer path or None, train batches, validation batches or None); both batch
-        sources answer ``microbatches(global_step, dp_rank) -> list[dict]``."""
+    def __call__(self, cfg: Config, topo: Any, run_dir: Path) -> RunData:
+        """Build the run's batch sources (collective: every rank calls it)."""
         ...
 
 
@@ -49,57 +126,97 @@ class PrepareStep(Protocol):
         ...
 
 
+class Converter(Protocol):
+    """A family's release / Hugging Face converter (:mod:`fmtrain.checkpoint.hf.convert` drives
+    it): pure mappings between the family's global (unsharded) checkpoint tensors and the
+    release's. A module with these names is one (:mod:`fmtrain.models.yi.convert`)."""
+
+    FORMAT: str
+    """Name of the external format, for messages."""
+    WEIGHTS_SUBDIR: str
+    """Where config.json and the weights sit inside a release directory ("" for the directory itself)."""
+    WEIGHTS_PREFIX: str
+    """Safetensors file stem written on export."""
+    DTYPE_PROBE: str
+    """A tensor whose dtype is the checkpoint's."""
+
+    def recognizes(self, config_json: dict) -> bool: ...
+    def model_overrides(self, weights_dir: Path) -> list[str]: ...
+    def check_model_matches_hf(self, cfg: Config, config_json: dict, source: str) -> None: ...
+    def shapes_from_config(self, cfg: Config) -> Any: ...
+    def check_hf_names(self, ckpt: Any, shapes: Any) -> None: ...
+    def piece_reader(self, ckpt: Any, shapes: Any) -> Callable[..., torch.Tensor]: ...
+    def export_order(self, shapes: Any, present: Callable[[str], bool]) -> list[tuple[str, tuple[int, ...]]]: ...
+    def hf_shapes(self, shapes: Any) -> dict[str, tuple[int, ...]]: ...
+    def hf_tensors_from_megatron(
+        self, key: str, index: tuple[int, ...], tensor: torch.Tensor, shapes: Any
+    ) -> dict[str, torch.Tensor]: ...
+    def hf_config_from_fmtrain(self, cfg: Config, dtype: Any) -> dict: ...
+    def write_export_extras(self, ckpt_dir: Path, out_dir: Path, cfg: Config, log: Callable[[str], None]) -> str: ...
+
+
+class Sampler(Protocol):
+    def __call__(
+        self,
+        cfg: Config,
+        model: torch.nn.Module,
+        *,
+        prompt_file: str,
+        shape: tuple[int, int, int],
+        num: int,
+        seed: int,
+        device: Any,
+    ) -> torch.Tensor:
+        """Generate with a built, loaded model (``fmtrain sample``)."""
+        ...
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     name: str
-    transformer_config: MakeTransformerConfig
-    """Translate the run config into megatron's TransformerConfig (layout, dtype included)."""
-    build_chunk: BuildChunk
-    """Build the model chunk for one (virtual) pipeline stage."""
-    make_forward_step: Callable[[Config], ForwardStep]
-    """The forward step for a run config (the objective's settings are bound here)."""
-    init_rule: Callable[[Config], Callable[[str], InitRule]]
-    """Per checkpoint key: how the layout-invariant initialiser draws it."""
+    parts: Callable[[Config], list[PartSpec]]
+    """The run's parts for a config (trainable first; the first is the primary part)."""
+    prepare_data: PrepareData
+    param_count: Callable[[Config], int]
+    """Parameters of the trainable parts (for ``fmtrain info`` and the start-up line)."""
     flops_per_sample: Callable[[Config], float]
     """Model FLOPs (forward + backward) of one training sample, for throughput and MFU."""
-    tokens_per_sample: Callable[[Config], int]
-    param_count: Callable[[Config], int]
-    memory_estimate: Callable[[Config, int, int | None], Any]
-    """(cfg, dp, microbatches per step) -> fmtrain.train.flops.MemoryEstimate of the busiest GPU."""
-    prepare_data: PrepareData
+    units_per_sample: Callable[[Config], int]
+    """Throughput units in one sample (tokens of an LLM sequence, video tokens of a clip)."""
+    memory_estimate: Callable[[Config, int, int | None], MemoryEstimate]
+    """(cfg, dp, microbatches per step) -> the estimated peak memory of the busiest GPU."""
+    throughput_unit: str = "tokens"
+    """What ``units_per_sample`` counts; metrics report ``{unit}_per_s``."""
     prepare_step: PrepareStep | None = None
     """Only for families whose pipeline tensor size depends on the batch (None: model.seq_length)."""
-    validate: Callable[[Config], None] | None = None
-    """Family-specific config rules, raising ConfigError (run before any process group starts)."""
-    sample: Callable[..., torch.Tensor] | None = None
-    """Generative families: ``sample(cfg, *, checkpoint, prompt_file, shape, num, seed, device)``
-    -> generated latents (``fmtrain sample``)."""
+    converter: Converter | None = None
+    """Release / Hugging Face interop (``fmtrain convert``, ``model.init_from_hf``)."""
+    sample: Sampler | None = None
+    """Generative families: the sampler behind ``fmtrain sample``."""
 
-
-_FAMILIES: dict[str, ModelFamily] = {}
-
-
-def register(family: ModelFamily) -> ModelFamily:
-    if family.name in _FAMILIES:
-        raise ValueError(f"model family {family.name!r} is registered twice")
-    _FAMILIES[family.name] = family
-    return family
+    def primary(self, cfg: Config) -> PartSpec:
+        return next(part for part in self.parts(cfg) if part.trainable)
 
 
 def get_family(name: str) -> ModelFamily:
-    _load_builtin_families()
-    try:
-        return _FAMILIES[name]
-    except KeyError:
-        known = ", ".join(sorted(_FAMILIES)) or "none"
-        raise KeyError(f"unknown model family {name!r}; known families: {known}") from None
+    """The family registered under ``name`` (a built-in name or a dotted module path)."""
+    family = import_family_part(name, "family", "FAMILY")
+    if not isinstance(family, ModelFamily):
+        raise ConfigError(f"model.family={name!r}: its FAMILY is a {type(family).__name__}, not a ModelFamily")
+    return family
 
 
-def known_families() -> list[str]:
-    _load_builtin_families()
-    return sorted(_FAMILIES)
-
-
-def _load_builtin_families() -> None:
-    # Importing a family module registers it.
-    from fmtrain.models import step_video, yi  # noqa: F401
+__all__ = [
+    "BuildModule",
+    "Converter",
+    "ForwardStep",
+    "MakeForwardStep",
+    "MakeMegatronConfig",
+    "ModelFamily",
+    "PartSpec",
+    "PrepareData",
+    "PrepareStep",
+    "RunData",
+    "Sampler",
+    "get_family",
+]

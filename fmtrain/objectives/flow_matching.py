@@ -21,6 +21,11 @@ from collections.abc import Callable
 
 import torch
 
+from fmtrain.objectives.sections import FlowMatchingConfig
+
+CONFIG = FlowMatchingConfig
+"""This objective's config section (declared in :mod:`fmtrain.objectives.sections`)."""
+
 Weighting = Callable[[torch.Tensor], torch.Tensor]
 """Per-sample loss weight w(t): [b] timesteps -> [b] weights."""
 
@@ -28,7 +33,7 @@ _WEIGHTINGS: dict[str, Weighting] = {}
 
 
 def register_weighting(name: str, fn: Weighting) -> Weighting:
-    """Add a named per-sample loss weighting (``flow.loss_weighting=NAME``)."""
+    """Add a named per-sample loss weighting (``objective.loss_weighting=NAME``)."""
     if name in _WEIGHTINGS:
         raise ValueError(f"loss weighting {name!r} is registered twice")
     _WEIGHTINGS[name] = fn
@@ -39,7 +44,7 @@ def get_weighting(name: str) -> Weighting:
     try:
         return _WEIGHTINGS[name]
     except KeyError:
-        raise ValueError(f"flow.loss_weighting={name!r} is not one of {', '.join(sorted(_WEIGHTINGS))}") from None
+        raise ValueError(f"objective.loss_weighting={name!r} is not one of {', '.join(sorted(_WEIGHTINGS))}") from None
 
 
 register_weighting("none", lambda t: torch.ones_like(t))
@@ -72,7 +77,7 @@ def sample_timesteps(
         u = torch.stack([torch.randn((), generator=g, device=device) for g in generators])
         t = torch.sigmoid(u * logit_std + logit_mean)
     else:
-        raise ValueError(f"flow.timestep_sampling={mode!r} is not one of uniform, logit_normal")
+        raise ValueError(f"objective.timestep_sampling={mode!r} is not one of uniform, logit_normal")
     return shift_time(t.float(), shift)
 
 
@@ -180,6 +185,8 @@ def seeded_generators(seeds: torch.Tensor, device, salt: int) -> list[torch.Gene
 
 
 __all__ = [
+    "CONFIG",
+    "FlowMatchingConfig",
     "Weighting",
     "register_weighting",
     "get_weighting",

@@ -16,7 +16,8 @@ unless set):
 ``FMTRAIN_TEST_SIGNAL_AT_STEP=N``
     after step N the last rank sends itself SIGTERM (a signal that reaches one rank only);
 ``FMTRAIN_TEST_HANG_AT_STEP=N``
-    after step N every rank sleeps until killed (a test kills the job at a known step).
+    after step N every rank sleeps until killed, or until its parent (the torchrun agent) is
+    gone (a test kills the job at a known step).
 """
 
 from __future__ import annotations
@@ -77,8 +78,12 @@ class FaultInjection:
         if step in self.signal_steps and rank == world_size - 1:
             os.kill(os.getpid(), signal.SIGTERM)
         if step in self.hang_steps:
-            while True:
-                time.sleep(60)
+            # Until killed; torchrun's agent runs every rank in a session of its own, so a SIGKILL
+            # to the launcher's process group reaches the agent only: follow it.
+            parent = os.getppid()
+            while os.getppid() == parent:
+                time.sleep(0.2)
+            os._exit(128 + signal.SIGKILL)
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from fmtrain import checkpoint, parallel
 from fmtrain.checkpoint.hf.convert import init_from_hf
-from fmtrain.config import Config
+from fmtrain.config import Config, config_warnings
 from fmtrain.data import stream as data_stream
 from fmtrain.engine import build_engine
 from fmtrain.models.registry import get_family
@@ -83,15 +83,16 @@ def _train(cfg: Config) -> dict:
     started_monotonic = time.monotonic()
     injected = FaultInjection.from_env()
     family = get_family(cfg.model.family)
-    if family.validate is not None:
-        family.validate(cfg)
     topo = parallel.initialize(cfg)
     run_dir = Path(cfg.run.dir)
     if topo.is_writer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    for warning in config_warnings(cfg):
+        log0(topo, f"warning: {warning}")
 
-    tokenizer_path, train_batches, valid_batches = family.prepare_data(cfg, topo, run_dir)
+    data = family.prepare_data(cfg, topo, run_dir)
+    train_batches, valid_batches = data.train, data.valid
     engine = build_engine(cfg, topo, family)
     log0(
         topo,
@@ -101,7 +102,8 @@ def _train(cfg: Config) -> dict:
     )
     log0(topo, f"kernels: {engine.kernel_summary()}")
 
-    # model.init_from_hf: released weights for a run that has no checkpoint of its own yet.
+    # Frozen parts from their sources; model.init_from_hf for a run without a checkpoint of its own.
+    checkpoint.load_frozen_parts(cfg, engine, log=lambda m: log0(topo, m))
     init_from_hf(cfg, run_dir, engine, topo, log=lambda m: log0(topo, m))
     resumed = checkpoint.resume_state(cfg, run_dir, engine, topo, log=lambda m: log0(topo, m))
     start_step = resumed.step if resumed else 0
@@ -109,12 +111,12 @@ def _train(cfg: Config) -> dict:
         checkpoint.check_data_position(resumed, cfg)
     data_stream.restore_state(
         train_batches,
-        cfg,
-        run_dir,
+        resumed.state if resumed else None,
         start_step,
+        cfg,
         topo,
         log_fn=lambda m: log0(topo, m),
-        path=resumed.path if resumed else None,
+        source=resumed.path if resumed else "",
     )
 
     peak, peak_source = device_peak_tflops(cfg.logging, topo.device) if topo.is_writer else (0.0, "")
@@ -122,10 +124,13 @@ def _train(cfg: Config) -> dict:
     log0(topo, f"MFU against {peak:.3f} TFLOP/s per device ({peak_source})")
 
     t = cfg.train
-    tokens_per_step = t.global_batch_size * family.tokens_per_sample(cfg)
-    flops_per_token = family.flops_per_sample(cfg) / family.tokens_per_sample(cfg)
+    units_per_step = t.global_batch_size * family.units_per_sample(cfg)
     timer = StepTimer(
-        flops_per_token=flops_per_token, num_devices=topo.world_size, peak_tflops=peak, device=topo.device
+        flops_per_unit=family.flops_per_sample(cfg) / family.units_per_sample(cfg),
+        num_devices=topo.world_size,
+        peak_tflops=peak,
+        device=topo.device,
+        unit=family.throughput_unit,
     )
     logger = MetricsLogger(
         run_dir,
@@ -134,7 +139,7 @@ def _train(cfg: Config) -> dict:
         total_steps=t.max_steps,
         start_step=start_step,
     )
-    writer = checkpoint.CheckpointWriter(cfg, run_dir, topo, tokenizer_path=tokenizer_path, log=lambda m: log0(topo, m))
+    writer = checkpoint.CheckpointWriter(cfg, run_dir, topo, files=data.files, log=lambda m: log0(topo, m))
     skips = SkipCounter(
         limit=t.max_consecutive_skips, total=int(resumed.state.get("skipped_steps", 0)) if resumed else 0
     )
@@ -153,21 +158,23 @@ def _train(cfg: Config) -> dict:
     try:
         for step in range(start_step, t.max_steps):
             done = step + 1
-            lr = lr_at(step, t)
+            lrs = {part.name: lr_at(step, part.train) for part in engine.trainable_parts}
+            lr = lrs[engine.primary.name]
             microbatches = train_batches.microbatches(step, topo.dp_rank)
             timer.start()
-            result = engine.train_step(microbatches, lr, poison_loss=injected.poison_loss(done))
+            result = engine.train_step(microbatches, lrs, poison_loss=injected.poison_loss(done))
             skips.count(done, result.update_applied)
             metrics = {
                 "loss": result.loss,
                 "lr": lr,
                 "grad_norm": result.grad_norm,
-                **timer.stop(tokens_per_step),
+                **timer.stop(units_per_step),
                 "memory_gb": _memory_gb(topo.device),
                 "update_applied": float(result.update_applied),
                 "skipped_steps": skips.total,
             }
-            metrics.update({f"{k}": v for k, v in result.extra.items()})
+            metrics.update(result.extra)
+            metrics.update({f"{name}/lr": rate for name, rate in lrs.items() if name != engine.primary.name})
             if valid_batches is not None and (done % cfg.eval.interval == 0 or done == t.max_steps):
                 metrics["val_loss"] = evaluate(engine, valid_batches, cfg, topo)
             logger.log(done, metrics)

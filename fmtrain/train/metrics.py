@@ -96,14 +96,15 @@ def device_peak_tflops(logging_cfg: LoggingConfig, device: torch.device) -> tupl
 
 
 def throughput_metrics(
-    tokens: int, seconds: float, flops_per_token: float, num_devices: int, peak_tflops: float
+    units: float, seconds: float, flops_per_unit: float, num_devices: int, peak_tflops: float, unit: str = "tokens"
 ) -> dict[str, float]:
-    """tokens/s over all devices, model TFLOP/s per device, and MFU as a fraction of peak."""
-    tokens_per_s = tokens / seconds
-    tflops = flops_per_token * tokens_per_s / num_devices / 1e12
+    """``{unit}_per_s`` over all devices, model TFLOP/s per device, and MFU as a fraction of
+    peak; ``unit`` is the family's throughput unit (tokens for an LLM)."""
+    units_per_s = units / seconds
+    tflops = flops_per_unit * units_per_s / num_devices / 1e12
     return {
         "step_time_s": seconds,
-        "tokens_per_s": tokens_per_s,
+        f"{unit}_per_s": units_per_s,
         "tflops": tflops,
         "mfu": tflops / peak_tflops if peak_tflops > 0 else 0.0,
     }
@@ -118,13 +119,15 @@ class StepTimer:
 
     def __init__(
         self,
-        flops_per_token: float,
+        flops_per_unit: float,
         num_devices: int,
         peak_tflops: float,
         device: torch.device | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        unit: str = "tokens",
     ) -> None:
-        self.flops_per_token = flops_per_token
+        self.flops_per_unit = flops_per_unit
+        self.unit = unit
         self.num_devices = num_devices
         self.peak_tflops = peak_tflops
         self._cuda = device is not None and device.type == "cuda"
@@ -140,14 +143,14 @@ class StepTimer:
         self._sync()
         self._t0 = self._clock()
 
-    def stop(self, tokens: int) -> dict[str, float]:
-        """Metrics for the ``tokens`` (global, all data-parallel ranks) since start()."""
+    def stop(self, units: float) -> dict[str, float]:
+        """Metrics for the ``units`` (global, all data-parallel ranks) since start()."""
         if self._t0 is None:
             raise RuntimeError("StepTimer.stop() called before start()")
         self._sync()
         seconds = self._clock() - self._t0
         self._t0 = None
-        return throughput_metrics(tokens, seconds, self.flops_per_token, self.num_devices, self.peak_tflops)
+        return throughput_metrics(units, seconds, self.flops_per_unit, self.num_devices, self.peak_tflops, self.unit)
 
 
 # Metric name -> TensorBoard tag; names containing "/" are used as tags unchanged, any
@@ -167,6 +170,8 @@ TB_TAGS: dict[str, str] = {
 def tb_tag(name: str) -> str:
     if name in TB_TAGS:
         return TB_TAGS[name]
+    if name.endswith("_per_s"):  # a family's throughput unit (clips_per_s, ...)
+        return f"perf/{name}"
     return name if "/" in name else f"train/{name}"
 
 
@@ -242,6 +247,12 @@ class MetricsLogger:
         for key, fmt in fields:
             if key in metrics:
                 parts.append(fmt(float(metrics[key])))
+            if key == "grad_norm":  # another family's throughput unit goes where tok/s goes
+                parts += [
+                    f"{float(v):,.1f} {k.removesuffix('_per_s')}/s"
+                    for k, v in metrics.items()
+                    if k.endswith("_per_s") and k != "tokens_per_s"
+                ]
         done = step - self.start_step
         if done > 0 and elapsed_s > 0:
             remaining = max(self.total_steps - step, 0) * elapsed_s / done

@@ -22,12 +22,7 @@ import signal
 import threading
 import time
 
-REQUEUE_EXIT_CODE = 99
-"""Exit status of every training rank that saved a checkpoint because it was asked to stop
-(SIGTERM, SIGUSR1, train.exit_after_minutes): requeue the job, it resumes from ``latest``.
-Distinct from 0 (finished), 1 (error), 2 (configuration error) and 128+N (killed by signal N)."""
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+from fmtrain.launch.requeue import REQUEUE_EXIT_CODE, STOP_SIGNALS
 
 _received: dict[str, float] = {}
 _installed = False

@@ -1,9 +1,9 @@
 """``fmtrain convert from-hf | to-hf`` and ``model.init_from_hf``: released weights in and out.
 
 (The command line is :mod:`fmtrain.cli_convert`; this module does the work.) Everything here
-is family-generic: a family's converter module (:func:`converter`; ``yi`` for Hugging Face
-``LlamaForCausalLM``, ``step_video`` for the Step-Video-T2V ``transformer/`` release layout)
-supplies the config translation and the key / shape mapping.
+is family-generic: the family's converter (:func:`converter`, the ``converter`` of its registry
+entry: Hugging Face ``LlamaForCausalLM`` for Yi, the Step-Video-T2V ``transformer/`` release
+layout for step_video) supplies the config translation and the key / shape mapping.
 
 Import (``from-hf``) runs on the ranks of the target layout, like ``fmtrain train``: every
 rank builds its model chunk(s) for the (TP, PP, VPP) the ``parallel.*`` overrides give, reads
@@ -30,7 +30,6 @@ megatron's loader does.
 from __future__ import annotations
 
 import json
-import math
 import os
 import resource
 import shutil
@@ -41,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from fmtrain.config import Config, ConfigError, config_from_dict, load_config
+from fmtrain.config import BUILTIN_FAMILIES, Config, ConfigError, config_from_dict, load_config
+from fmtrain.models.release import read_config_json, weights_dir
 
 STATE_FILE = "fmtrain_state.json"  # == fmtrain.checkpoint.STATE_FILE (not imported: keeps to-hf light)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -53,53 +53,28 @@ Log = Callable[[str], None]
 # ---------------------------------------------------------------------- family converters
 
 
-CONVERTER_FAMILIES = ("step_video", "yi")
-"""Families with a converter, in the order :func:`detect_family` tries them."""
-
-
 def converter(family: str):
-    """The converter module of a model family (config translation + key mapping).
+    """The release / Hugging Face converter of a model family (:class:`fmtrain.models.registry.Converter`)."""
+    from fmtrain.models.registry import get_family
 
-    A converter module provides: ``FORMAT`` (name of the external format, for messages),
-    ``WEIGHTS_SUBDIR`` (where config.json and the weights sit inside a release directory;
-    "" for the directory itself), ``WEIGHTS_PREFIX`` (safetensors file stem written on
-    export), ``DTYPE_PROBE`` (a tensor whose dtype is the checkpoint's);
-    ``recognizes(config_json)``, ``model_overrides(weights_dir) -> ["model.x=v", ...]``,
-    ``check_model_matches_hf(cfg, config_json, source)``, ``shapes_from_config(cfg)``,
-    ``check_hf_names(ckpt, shapes)``, ``load_hf_slices_into_chunks(chunks, ckpt, shapes)``,
-    ``export_order(shapes, present) -> [(key, index)]``, ``hf_shapes(shapes) -> {name: shape}``
-    (in the order export writes), ``hf_tensors_from_megatron(key, index, tensor, shapes)``,
-    ``hf_config_from_fmtrain(cfg, dtype)`` and ``write_export_extras(ckpt_dir, out_dir, cfg,
-    log) -> note``.
-    """
-    if family == "yi":
-        from fmtrain.checkpoint.hf import yi
-
-        return yi
-    if family == "step_video":
-        from fmtrain.checkpoint.hf import step_video
-
-        return step_video
-    raise ConfigError(
-        f"model.family={family!r} has no checkpoint converter; known: {', '.join(sorted(CONVERTER_FAMILIES))}"
-    )
-
-
-def weights_dir(path: Path, conv) -> Path:
-    """Where ``config.json`` and the weights of a release directory are: ``PATH/SUBDIR`` for a
-    family whose release nests them (Step-Video: ``transformer/``), else ``PATH`` itself
-    (which may also be given directly)."""
-    path = Path(path)
-    if conv.WEIGHTS_SUBDIR and (path / conv.WEIGHTS_SUBDIR).is_dir():
-        return path / conv.WEIGHTS_SUBDIR
-    return path
+    conv = get_family(family).converter
+    if conv is None:
+        with_converters = [name for name in BUILTIN_FAMILIES if get_family(name).converter is not None]
+        raise ConfigError(
+            f"model.family={family!r} has no checkpoint converter; families with one: {', '.join(with_converters)}"
+        )
+    return conv
 
 
 def detect_family(path: Path) -> str:
-    """The family whose converter recognises the ``config.json`` of ``path`` (Yi, whose
-    config translation names what it refuses, when none does)."""
-    for family in CONVERTER_FAMILIES:
-        conv = converter(family)
+    """The built-in family whose converter recognises the ``config.json`` of ``path``; the
+    default family when none does (its config translation then names what it refuses)."""
+    from fmtrain.models.registry import get_family
+
+    for family in BUILTIN_FAMILIES:
+        conv = get_family(family).converter
+        if conv is None:
+            continue
         file = weights_dir(path, conv) / "config.json"
         if file.is_file():
             try:
@@ -108,7 +83,7 @@ def detect_family(path: Path) -> str:
                 continue
             if isinstance(config_json, dict) and conv.recognizes(config_json):
                 return family
-    return "yi"
+    return BUILTIN_FAMILIES[0]
 
 
 def _peak_rss_mb() -> float:
@@ -121,33 +96,6 @@ def _read_hf_config(hf_dir: Path) -> dict:
     )
 
 
-def read_config_json(file: Path, missing: str) -> dict:
-    """A checkpoint's ``config.json``; ConfigError with ``missing`` when absent, or naming bad JSON."""
-    if not file.is_file():
-        raise ConfigError(missing)
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{file}: not valid JSON ({exc})") from None
-
-
-def check_architecture(
-    cfg: Config, want: dict, source_fields: dict[str, str], source: str, shown: dict | None = None
-) -> None:
-    """Raise ConfigError naming the first ``model.*`` field whose value differs from ``want``
-    (what the checkpoint's config fixes); ``source_fields`` names the config.json field behind
-    each, ``shown`` replaces an expected value in the message."""
-    for name, field_name in source_fields.items():
-        expected = want[name]
-        have = cfg.head_dim if name == "model.head_dim" else getattr(cfg.model, name.split(".", 1)[1])
-        same = math.isclose(have, expected, rel_tol=1e-9) if isinstance(expected, float) else have == expected
-        if not same:
-            raise ConfigError(
-                f"{name}={have!r} does not match the checkpoint: {source} has "
-                f"{field_name}={(shown or {}).get(name, expected)!r}"
-            )
-
-
 def refuse_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ConfigError(f"{out} exists and is not empty; pass --overwrite to replace it")
@@ -156,15 +104,19 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------------- import
 
 
-def from_hf_config(hf_dir: Path, recipe: str | None, overrides: list[str]) -> Config:
+def from_hf_config(hf_dir: Path, recipe: str | None, overrides: list[str], *, allow_pickle: bool = False) -> Config:
     """The run config for converting ``hf_dir``: the recipe's, or one made from config.json
     (the family recognised from it); either way every architecture field must match the
     checkpoint (the error names it)."""
+    from fmtrain.checkpoint.hf.io import HFCheckpoint
+
     family_args: list[str] = []
     if recipe is None:
         family_conv = converter(detect_family(hf_dir))
-        _read_hf_config(weights_dir(hf_dir, family_conv))  # a clear error when there is none
-        family_args = family_conv.model_overrides(weights_dir(hf_dir, family_conv))
+        where = weights_dir(hf_dir, family_conv)
+        config_json = _read_hf_config(where)  # a clear error when there is none
+        with HFCheckpoint(where, allow_pickle=allow_pickle) as ckpt:
+            family_args = family_conv.model_overrides(config_json, ckpt)
     cfg = load_config(recipe, family_args + list(overrides))
     conv = converter(cfg.model.family)
     hf_config = _read_hf_config(weights_dir(hf_dir, conv))
@@ -176,33 +128,16 @@ def from_hf_config(hf_dir: Path, recipe: str | None, overrides: list[str]) -> Co
     return cfg
 
 
-def _build_chunks(cfg: Config, family, params_dtype: torch.dtype, device: torch.device) -> list[torch.nn.Module]:
-    """This rank's model chunk(s), as :class:`fmtrain.engine.megatron.MegatronEngine` builds
-    them (same modules, so the same checkpoint keys), without DDP or an optimizer."""
-    from megatron.core import parallel_state
+def build_chunks(cfg: Config, params_dtype: torch.dtype, device: torch.device) -> list[torch.nn.Module]:
+    """This rank's chunk(s) of the primary part, as the engine builds them (same modules, so the
+    same checkpoint keys), without DDP, optimizer or initialisation (every weight is overwritten)."""
+    from fmtrain.engine.parts import build_part_chunks, megatron_config_of
+    from fmtrain.models.registry import get_family
 
-    tconfig = family.transformer_config(cfg, params_dtype=params_dtype, use_cpu=device.type == "cpu")
-    tconfig.perform_initialization = False  # every weight is overwritten from the checkpoint
-    chunks = []
-    p = cfg.parallel
-    for vp in range(p.vpp):
-        vp_stage = vp if p.vpp > 1 else None
-        chunk = family.build_chunk(
-            cfg,
-            tconfig,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage,
-        )
-        chunks.append(chunk.to(device))
-    return chunks
-
-
-def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
-    """The ``"model"`` entry of an engine's distributed-checkpoint state (same nesting)."""
-    if len(chunks) == 1:
-        return chunks[0].sharded_state_dict()
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    spec = get_family(cfg.model.family).primary(cfg)
+    config = megatron_config_of(cfg, spec, params_dtype=params_dtype, use_cpu=device.type == "cpu")
+    config.perform_initialization = False
+    return build_part_chunks(cfg, spec, config, device)
 
 
 def load_hf_weights(
@@ -211,13 +146,14 @@ def load_hf_weights(
     """Read this rank's slices of ``hf_dir`` into ``chunks``; (tensors set, bytes read, bytes
     in the checkpoint's model tensors)."""
     from fmtrain.checkpoint.hf.io import HFCheckpoint
+    from fmtrain.checkpoint.hf.layout import load_global_pieces
 
     conv = converter(cfg.model.family)
     shapes = conv.shapes_from_config(cfg)
     with HFCheckpoint(weights_dir(hf_dir, conv), allow_pickle=allow_pickle) as ckpt:
         conv.check_hf_names(ckpt, shapes)
         total = sum(ckpt.nbytes(name) for name in ckpt.names)
-        count = conv.load_hf_slices_into_chunks(chunks, ckpt, shapes)
+        count = load_global_pieces(chunks, conv.piece_reader(ckpt, shapes))
         return count, ckpt.bytes_read, total
 
 
@@ -255,7 +191,7 @@ def convert_from_hf(
     from megatron.core import dist_checkpointing
 
     from fmtrain import parallel
-    from fmtrain.models.registry import get_family
+    from fmtrain.engine.parts import sharded_state_dict
 
     refuse_existing(out_dir, overwrite)
     topo = parallel.initialize(cfg)
@@ -264,8 +200,7 @@ def convert_from_hf(
     params_dtype = _hf_dtype(hf_dir, converter(cfg.model.family), allow_pickle) if dtype == "auto" else DTYPES[dtype]
     if params_dtype not in (torch.float32, torch.bfloat16):
         params_dtype = torch.float32
-    family = get_family(cfg.model.family)
-    chunks = _build_chunks(cfg, family, params_dtype, topo.device)
+    chunks = build_chunks(cfg, params_dtype, topo.device)
     log(
         f"fmtrain convert from-hf: {hf_dir} -> {out_dir} at TP={topo.tp} PP={topo.pp} VPP={topo.vpp} "
         f"DP={topo.dp} ({topo.world_size} rank(s)), {_DTYPE_NAMES[params_dtype]}"
@@ -283,7 +218,7 @@ def convert_from_hf(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save({"model": model_sharded_state_dict(chunks)}, str(tmp))
+    dist_checkpointing.save({"model": sharded_state_dict(chunks)}, str(tmp))
     dist.barrier()
     if topo.is_writer:
         state = {
@@ -332,9 +267,7 @@ def init_from_hf(cfg: Config, run_dir: Path, engine, topo, log: Log = print) -> 
     conv.check_model_matches_hf(cfg, _read_hf_config(where), f"{where}/config.json")
     started = time.perf_counter()
     count, read, total = load_hf_weights(engine.unwrapped_chunks(), hf_dir, cfg)
-    optimizer = getattr(engine, "optimizer", None)
-    if optimizer is not None:
-        optimizer.reload_model_params()
+    engine.weights_changed()
     share = _read_share(read, total, topo)
     log(
         f"initialised from {conv.FORMAT} weights {hf_dir} ({count} tensor pieces on rank 0; each rank read "
@@ -568,5 +501,5 @@ __all__ = [
     "converter",
     "detect_family",
     "weights_dir",
-    "CONVERTER_FAMILIES",
+    "build_chunks",
 ]

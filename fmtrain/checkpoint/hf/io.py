@@ -33,6 +33,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fmtrain.models.release import HFCheckpointError
+
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -57,10 +59,6 @@ _SAFE_NAMES = {v: k for k, v in _SAFE_DTYPES.items()}
 
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-class HFCheckpointError(RuntimeError):
-    """A Hugging Face checkpoint that cannot be read or written, naming the file and the reason."""
 
 
 class HFCheckpoint:
@@ -327,34 +325,6 @@ def save_hf_checkpoint(
     return out
 
 
-def parse_size(text: str | int) -> int:
-    """``"5GB"``, ``"200KB"``, ``"1.5GiB"`` or a byte count -> bytes (GB = 10**9, GiB = 2**30)."""
-    if isinstance(text, int):
-        return text
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    raw = text.strip().upper().replace(" ", "")
-    number = raw.rstrip("KMGTIB")
-    unit = raw[len(number) :]
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if unit not in units or value <= 0:
-        raise ValueError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
-    return int(value * units[unit])
-
-
 TensorSpec = tuple[str, torch.dtype, tuple[int, ...]]
 """(name, dtype, shape) of one tensor in a planned export."""
 
@@ -468,7 +438,6 @@ __all__ = [
     "HFCheckpoint",
     "HFCheckpointError",
     "save_hf_checkpoint",
-    "parse_size",
     "plan_shards",
     "shard_file_names",
     "index_file_name",

@@ -2,7 +2,7 @@
 
 The mapping is between *global* (unsharded) megatron GPT tensors and Hugging Face tensors;
 :mod:`fmtrain.checkpoint.hf.layout` slices them for this rank's (TP, PP, VPP) chunks on import
-and reassembles them on export.
+and :mod:`fmtrain.checkpoint.hf.convert` reads them one at a time on export.
 
 ==================================================  ===============================================
 megatron key (layer index = prepended axis)          Hugging Face key (N = global layer number)
@@ -38,23 +38,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from fmtrain.checkpoint.hf.convert import check_architecture
-from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError, save_hf_checkpoint
-
-# fmtrain.checkpoint.hf.layout (megatron) is imported where chunks are touched, so that config
-# translation and export planning (fmtrain convert's parent process, to-hf) stay light.
 from fmtrain.config import Config, ConfigError
+from fmtrain.models.release import HFCheckpointError, check_architecture, overrides_as_args
 
-if TYPE_CHECKING:
-    from fmtrain.checkpoint.hf.layout import GlobalName
-
-HFTensors = Callable[[str], torch.Tensor]
-"""name -> tensor of a Hugging Face checkpoint; raises KeyError for a name it does not hold."""
+GlobalName = tuple[str, tuple[int, ...]]
+"""(checkpoint key, prepended layer index) of one global tensor."""
 
 # Names a per-layer norm has had in released Yi checkpoints, newest first.
 NORM_ALIASES = {
@@ -168,11 +160,6 @@ def fmtrain_model_overrides_from_hf(config_json: dict) -> dict[str, Any]:
     if "initializer_range" in c:
         out["model.init_method_std"] = float(c["initializer_range"])
     return out
-
-
-def overrides_as_args(overrides: dict[str, Any]) -> list[str]:
-    """``{"model.x": v}`` -> ``["model.x=v"]`` for :func:`fmtrain.config.load_config`."""
-    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
 
 
 # fmtrain field -> the config.json field it comes from (for messages).
@@ -325,9 +312,9 @@ def hf_row_segments(
     key: str, index: tuple[int, ...], s: YiShapes, resolve: Callable[[str], str] = lambda name: name
 ) -> list[Segment]:
     """The rows of the global megatron tensor ``key`` (layer ``index``), top to bottom, as row
-    ranges of Hugging Face tensors; columns map one to one. This is
-    :func:`megatron_tensor_from_hf` without reading anything, so a rank can read just the rows
-    and columns it owns. ``resolve`` maps a current norm name to the one the checkpoint uses."""
+    ranges of Hugging Face tensors; columns map one to one. Nothing is read, so a rank can read
+    just the rows and columns it owns. ``resolve`` maps a current norm name to the one the
+    checkpoint uses."""
     if key == "embedding.word_embeddings.weight":
         return [("model.embed_tokens.weight", 0, s.vocab)]
     if key == "output_layer.weight":
@@ -360,9 +347,7 @@ def hf_row_segments(
     raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} (layer {index[0]})")
 
 
-def read_piece(
-    ckpt: HFCheckpoint, segments: list[Segment], offset: tuple[int, ...], shape: tuple[int, ...]
-) -> torch.Tensor:
+def read_piece(ckpt, segments: list[Segment], offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
     """Rows ``offset[0]:offset[0]+shape[0]`` (and the columns likewise) of the tensor that
     ``segments`` stacks, reading only those rows and columns from ``ckpt``."""
     lo, hi = offset[0], offset[0] + shape[0]
@@ -378,50 +363,8 @@ def read_piece(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
-def _norm(get: HFTensors, layer: int, name: str) -> torch.Tensor:
-    aliases = NORM_ALIASES[name]
-    for alias in aliases:
-        try:
-            return get(f"model.layers.{layer}.{alias}.weight")
-        except KeyError:
-            continue
-    raise KeyError(" / ".join(f"model.layers.{layer}.{a}.weight" for a in aliases))
-
-
-def megatron_tensor_from_hf(key: str, index: tuple[int, ...], get: HFTensors, s: YiShapes) -> torch.Tensor:
-    """The full global megatron tensor ``key`` (at layer ``index``) built from HF tensors."""
-    if key == "embedding.word_embeddings.weight":
-        return get("model.embed_tokens.weight")
-    if key == "output_layer.weight":
-        return get("model.embed_tokens.weight" if s.tied else "lm_head.weight")
-    if key == "decoder.final_layernorm.weight":
-        return get("model.norm.weight")
-    if not key.startswith("decoder.layers.") or len(index) != 1:
-        raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} {index}")
-    n = index[0]
-    p = f"model.layers.{n}."
-    if key in _INPUT_NORM:
-        return _norm(get, n, "input_layernorm")
-    if key in _MLP_NORM:
-        return _norm(get, n, "post_attention_layernorm")
-    if key == "decoder.layers.self_attention.linear_qkv.weight":
-        return pack_qkv(
-            get(p + "self_attn.q_proj.weight"),
-            get(p + "self_attn.k_proj.weight"),
-            get(p + "self_attn.v_proj.weight"),
-            s,
-        )
-    if key == "decoder.layers.self_attention.linear_proj.weight":
-        return get(p + "self_attn.o_proj.weight")
-    if key == "decoder.layers.mlp.linear_fc1.weight":
-        return torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")], dim=0)
-    if key == "decoder.layers.mlp.linear_fc2.weight":
-        return get(p + "mlp.down_proj.weight")
-    raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} (layer {n})")
-
-
 def hf_tensors_from_megatron(key: str, index: tuple[int, ...], t: torch.Tensor, s: YiShapes) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors for one full global megatron tensor (inverse of the above)."""
+    """Hugging Face tensors for one full global megatron tensor (the inverse of :func:`hf_row_segments`)."""
     if key == "embedding.word_embeddings.weight":
         return {"model.embed_tokens.weight": t}
     if key == "output_layer.weight":
@@ -448,30 +391,7 @@ def hf_tensors_from_megatron(key: str, index: tuple[int, ...], t: torch.Tensor, 
     raise ValueError(f"no Hugging Face mapping for megatron tensor {key!r} (layer {index[0]})")
 
 
-# ---------------------------------------------------------------------- import
-
-
-def load_hf_into_chunks(chunks: list[torch.nn.Module], hf_tensors: HFTensors, shapes: YiShapes | None = None) -> int:
-    """Set this rank's chunks (any TP / PP / VPP layout) from Hugging Face tensors.
-
-    ``hf_tensors`` gives full HF tensors by name (e.g. an :class:`HFCheckpoint`); only the
-    ones this rank's shards need are asked for. Returns the number of local tensors set.
-    """
-    s = shapes or YiShapes.from_chunk(chunks[0])
-
-    def full(key: str, index: tuple[int, ...]) -> torch.Tensor:
-        try:
-            return megatron_tensor_from_hf(key, index, hf_tensors, s)
-        except KeyError as exc:
-            where = f" (layer {index[0]})" if index else ""
-            raise HFCheckpointError(f"Hugging Face tensor {exc.args[0]} for {key}{where} is missing") from None
-
-    from fmtrain.checkpoint.hf.layout import load_global_tensors
-
-    return load_global_tensors(chunks, full)
-
-
-def check_hf_names(ckpt: HFCheckpoint, s: YiShapes) -> None:
+def check_hf_names(ckpt, s: YiShapes) -> None:
     """Refuse a checkpoint whose tensors are not exactly this model's (missing or extra)."""
     present = set(ckpt.names)
     used: set[str] = set()
@@ -510,7 +430,7 @@ def check_hf_names(ckpt: HFCheckpoint, s: YiShapes) -> None:
             )
 
 
-def norm_resolver(ckpt: HFCheckpoint) -> Callable[[str], str]:
+def norm_resolver(ckpt) -> Callable[[str], str]:
     """Current norm name -> the name this checkpoint stores it under (``ln1`` / ``ln2`` in the
     first Yi release); other names pass through."""
     present = ckpt.names
@@ -527,11 +447,9 @@ def norm_resolver(ckpt: HFCheckpoint) -> Callable[[str], str]:
     return resolve
 
 
-def load_hf_slices_into_chunks(
-    chunks: list[torch.nn.Module], ckpt: HFCheckpoint, shapes: YiShapes | None = None
-) -> int:
-    """:func:`load_hf_into_chunks` reading only this rank's rows / columns of each tensor."""
-    s = shapes or YiShapes.from_chunk(chunks[0])
+def piece_reader(ckpt, s: YiShapes) -> Callable[[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], torch.Tensor]:
+    """``piece(key, index, offset, shape)``: the region of the global megatron tensor ``key``
+    (layer ``index``) that one rank holds, reading only those rows / columns of ``ckpt``."""
     resolve = norm_resolver(ckpt)
 
     def piece(key: str, index: tuple[int, ...], offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
@@ -541,34 +459,7 @@ def load_hf_slices_into_chunks(
             where = f" (layer {index[0]})" if index else ""
             raise HFCheckpointError(f"Hugging Face tensor {exc.args[0]} for {key}{where} is missing") from None
 
-    from fmtrain.checkpoint.hf.layout import load_global_pieces
-
-    return load_global_pieces(chunks, piece)
-
-
-def load_hf(chunks: list[torch.nn.Module], path: str | Path, *, allow_pickle: bool = False, strict: bool = True) -> int:
-    """Load a Hugging Face Llama / Yi checkpoint directory into this rank's chunks.
-
-    ``strict`` refuses a checkpoint with missing or extra tensors before anything is copied.
-    """
-    s = YiShapes.from_chunk(chunks[0])
-    with HFCheckpoint(path, allow_pickle=allow_pickle) as ckpt:
-        if strict:
-            check_hf_names(ckpt, s)
-        return load_hf_slices_into_chunks(chunks, ckpt, s)
-
-
-def load_hf_into_engine(engine, path: str | Path, *, allow_pickle: bool = False, strict: bool = True) -> int:
-    """:func:`load_hf` into a built engine, then refresh the optimizer's main (fp32) weights.
-
-    With bf16 parameters megatron's optimizer keeps fp32 copies made when it was built; without
-    ``reload_model_params`` the first step would restore the random initialisation.
-    """
-    count = load_hf(engine.unwrapped_chunks(), path, allow_pickle=allow_pickle, strict=strict)
-    optimizer = getattr(engine, "optimizer", None)
-    if optimizer is not None:
-        optimizer.reload_model_params()
-    return count
+    return piece
 
 
 # ---------------------------------------------------------------------- converter hooks
@@ -588,15 +479,12 @@ def shapes_from_config(cfg: Config) -> YiShapes:
 
 
 def recognizes(config_json: dict) -> bool:
-    """A Llama / Yi ``config.json``."""
-    return str(config_json.get("model_type", "llama")).lower() in ("llama", "yi")
+    """A Llama / Yi ``config.json`` (transformers'; a diffusers config names its ``_class_name``)."""
+    return "_class_name" not in config_json and str(config_json.get("model_type", "llama")).lower() in ("llama", "yi")
 
 
-def model_overrides(weights_dir: Path) -> list[str]:
+def model_overrides(config_json: dict, ckpt) -> list[str]:
     """``model.*=value`` arguments for a config made from the checkpoint's config.json."""
-    import json
-
-    config_json = json.loads((Path(weights_dir) / "config.json").read_text())
     return overrides_as_args(fmtrain_model_overrides_from_hf(config_json))
 
 
@@ -605,7 +493,7 @@ def write_export_extras(ckpt_dir: Path, out_dir: Path, cfg: Config, log: Callabl
     tokenizer files; returns a note for the export's last log line."""
     import json
 
-    from fmtrain.checkpoint.hf.tokenizer import write_hf_tokenizer
+    from fmtrain.data.hf_tokenizer import write_hf_tokenizer
 
     generation = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}
     (Path(out_dir) / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -644,80 +532,19 @@ def export_order(s: YiShapes, present: Callable[[str], bool]) -> list[GlobalName
     return order
 
 
-def hf_state_from_global(
-    tensors: dict[GlobalName, torch.Tensor], s: YiShapes, dtype: torch.dtype | None = None
-) -> dict[str, torch.Tensor]:
-    """HF tensors (in :func:`hf_names` order) from full megatron tensors keyed (key, index)."""
-    out: dict[str, torch.Tensor] = {}
-    for (key, index), t in tensors.items():
-        for name, value in hf_tensors_from_megatron(key, index, t, s).items():
-            out[name] = value if dtype is None else value.to(dtype)
-    order = hf_names(s)
-    missing = [n for n in order if n not in out]
-    if missing:
-        raise RuntimeError(f"export is missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
-    return {name: out[name] for name in order}
-
-
-def export_hf_state(
-    chunks: list[torch.nn.Module], *, dtype: torch.dtype | None = None, dst: int = 0
-) -> dict[str, torch.Tensor] | None:
-    """Full HF tensors on rank ``dst`` (None elsewhere); collective over all ranks."""
-    s = YiShapes.from_chunk(chunks[0])
-    from fmtrain.checkpoint.hf.layout import gather_global_tensors
-
-    full = gather_global_tensors(chunks, dst=dst)
-    return None if full is None else hf_state_from_global(full, s, dtype)
-
-
-def save_hf(
-    chunks: list[torch.nn.Module],
-    cfg: Config,
-    out_dir: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    max_shard_bytes: int = 5 * 2**30,
-    overwrite: bool = False,
-) -> Path | None:
-    """Write a ``LlamaForCausalLM`` directory (safetensors + config.json) from any layout.
-
-    Collective: every rank calls it; rank 0 gathers and writes. ``dtype`` defaults to the
-    parameters' dtype. Returns the directory on rank 0, None elsewhere.
-    """
-    state = export_hf_state(chunks, dtype=dtype)
-    written = None
-    if state is not None:
-        out_dtype = dtype or next(iter(state.values())).dtype
-        written = save_hf_checkpoint(
-            state, out_dir, hf_config_from_fmtrain(cfg, out_dtype), max_shard_bytes=max_shard_bytes, overwrite=overwrite
-        )
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-    return written
-
-
 __all__ = [
     "hf_config_from_fmtrain",
     "fmtrain_model_overrides_from_hf",
-    "overrides_as_args",
     "YiShapes",
     "pack_qkv",
     "unpack_qkv",
     "hf_names",
-    "megatron_tensor_from_hf",
     "hf_tensors_from_megatron",
-    "load_hf_into_chunks",
     "check_hf_names",
-    "load_hf",
-    "load_hf_into_engine",
-    "hf_state_from_global",
-    "export_hf_state",
-    "save_hf",
     "hf_shapes",
     "hf_row_segments",
     "read_piece",
     "norm_resolver",
-    "load_hf_slices_into_chunks",
     "check_model_matches_hf",
     "ARCHITECTURE_FIELDS",
     "export_order",
@@ -725,4 +552,6 @@ __all__ = [
     "recognizes",
     "model_overrides",
     "write_export_extras",
+    "piece_reader",
+    "GlobalName",
 ]

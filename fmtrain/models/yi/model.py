@@ -1,16 +1,15 @@
-"""The Yi family: decoder-only LLMs (Yi-6B, Yi-34B) as megatron-core GPTModel.
+"""The Yi model as megatron-core ``GPTModel`` chunks (one per virtual pipeline stage).
 
-Architecture (REFERENCE.md, from the Hugging Face config of 01-ai/Yi-6B): pre-norm RMSNorm
-(eps 1e-5), grouped-query attention, RoPE (theta 5e6, rotate-half layout as in Llama),
-SwiGLU MLP, no biases, untied input embedding and output layer. Core attention runs on
-Transformer Engine when importable, otherwise on SDPA (:mod:`fmtrain.models.attention`).
+Architecture (Hugging Face config of ``01-ai/Yi-6B``): pre-norm RMSNorm (eps 1e-5),
+grouped-query attention, RoPE (theta 5e6, rotate-half layout as in Llama), SwiGLU MLP, no
+biases, untied input embedding and output layer. Core attention runs on Transformer Engine
+when importable, otherwise on SDPA (:mod:`fmtrain.models.attention`).
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -35,8 +34,6 @@ from fmtrain.models.megatron_config import (
     shared_transformer_kwargs,
     transformer_engine_available,
 )
-from fmtrain.models.registry import ModelFamily, register
-from fmtrain.train.flops import transformer_param_count, transformer_training_flops_per_token
 
 
 def resolve_attention_backend(cfg: Config) -> str:
@@ -121,31 +118,6 @@ def build_chunk(
     )
 
 
-def _loss(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Sum of masked token losses and the token count (megatron divides by the step total)."""
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = torch.sum(per_token_loss.reshape(-1).float() * mask)
-    num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach().clone(), mask.sum()])
-    return loss_sum, num_tokens, {"loss": report}
-
-
-def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    position_ids = batch.get("position_ids")
-    if position_ids is None:
-        position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    else:
-        position_ids = position_ids.to(device, non_blocking=True)
-    # [b, s] per-token cross entropy on the last stage, hidden states elsewhere.
-    output = model(tokens, position_ids, None, labels=labels)
-    return output, functools.partial(_loss, loss_mask)
-
-
 def init_rule(cfg: Config) -> Callable[[str], InitRule]:
     """megatron's GPT initialisation: N(0, std), output projections scaled by 1/sqrt(2L)."""
     std = cfg.model.init_method_std
@@ -161,54 +133,3 @@ def init_rule(cfg: Config) -> Callable[[str], InitRule]:
         return InitRule("normal", std)
 
     return rule
-
-
-def _shape_args(cfg: Config) -> dict:
-    m = cfg.model
-    return dict(
-        num_layers=m.num_layers,
-        hidden=m.hidden_size,
-        heads=m.num_attention_heads,
-        kv_heads=m.num_query_groups,
-        head_dim=cfg.head_dim,
-        ffn=m.ffn_hidden_size,
-        vocab=m.vocab_size,
-    )
-
-
-def flops_per_sample(cfg: Config) -> float:
-    return cfg.model.seq_length * transformer_training_flops_per_token(
-        **_shape_args(cfg), seq_len=cfg.model.seq_length, swiglu=True, causal=True
-    )
-
-
-def param_count(cfg: Config) -> int:
-    return transformer_param_count(**_shape_args(cfg), swiglu=True, tied=cfg.model.tie_embeddings)
-
-
-def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None):
-    from fmtrain.train.flops import memory_per_gpu_from_config
-
-    return memory_per_gpu_from_config(cfg, dp=dp, num_microbatches=num_microbatches)
-
-
-def prepare_data(cfg: Config, topo, run_dir):
-    from fmtrain.data.text import prepare_text_data
-
-    return prepare_text_data(cfg, topo, run_dir)
-
-
-YI = register(
-    ModelFamily(
-        name="yi",
-        transformer_config=transformer_config,
-        build_chunk=build_chunk,
-        make_forward_step=lambda cfg: forward_step,
-        memory_estimate=memory_estimate,
-        prepare_data=prepare_data,
-        init_rule=init_rule,
-        flops_per_sample=flops_per_sample,
-        tokens_per_sample=lambda cfg: cfg.model.seq_length,
-        param_count=param_count,
-    )
-)

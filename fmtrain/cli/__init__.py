@@ -2,13 +2,13 @@
 
     fmtrain train RECIPE [key=value ...]            under torchrun / srun (one process per rank)
     fmtrain train --nproc N RECIPE [key=value ...]  starts N local ranks itself
-    fmtrain info RECIPE [key=value ...]             parameters, FLOPs per token, memory per GPU
+    fmtrain info RECIPE [key=value ...]             parameters, FLOPs per sample unit, memory per GPU
     fmtrain demo                                    the tiny Yi model on the embedded corpus
     fmtrain data shard text|video ... / data index   WebDataset shards + index.json (fmtrain.data.commands)
     fmtrain tokenizer train|encode ...              SentencePiece with Yi's special ids
     fmtrain launch slurm|local RECIPE ...           sbatch script / local run; requeued after a save
-    fmtrain convert from-hf HF_DIR OUT [k=v ...]    Hugging Face Llama / Yi -> fmtrain checkpoint (any layout)
-    fmtrain convert to-hf CKPT_DIR OUT [--dtype]    fmtrain checkpoint (any layout) -> Hugging Face
+    fmtrain convert from-hf HF_DIR OUT [k=v ...]    Hugging Face / release -> fmtrain checkpoint (any layout)
+    fmtrain convert to-hf CKPT_DIR OUT [--dtype]    fmtrain checkpoint (any layout) -> Hugging Face / release
     fmtrain sample RECIPE --ckpt DIR --prompt-emb F --out F   DiT latents by the Euler sampler (CFG)
 
 Configuration errors are reported before any process starts.
@@ -18,68 +18,24 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 from fmtrain.config import ConfigError, data_parallel_size, load_config, num_microbatches, validate
+from fmtrain.launch import check_inputs
+from fmtrain.launch.local import free_port, launch_local, under_launcher
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-
-
-def _under_launcher() -> bool:
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
-
-
-def _launch_local(nproc: int, argv: list[str]) -> int:
-    """Re-run this command with ``nproc`` local ranks under fmtrain's torchrun agent.
-
-    Exit status: the training's, so 99 (fmtrain.train.signals.REQUEUE_EXIT_CODE) after a
-    save-and-stop. SIGTERM or SIGUSR1 sent to this process, or to its whole process group as
-    SLURM does, asks the ranks to save and stop: it is relayed to the agent as SIGUSR1, which
-    passes it to the ranks. The agent itself ignores SIGTERM (torchrun would otherwise stop the
-    ranks on its own and report 143 instead of their status). Ctrl-C stops the run.
-    """
-    import signal
-
-    from fmtrain.train.signals import STOP_SIGNALS
-
-    cmd = [
-        sys.executable,
-        "-m",
-        "fmtrain.launch.agent",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "--signals-to-handle=SIGINT,SIGHUP,SIGQUIT",
-        "-m",
-        "fmtrain.cli",
-        *argv,
-    ]
-
-    def ignore_stop_signals() -> None:  # in the agent, before exec; it installs its SIGUSR1 relay later
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-
-    child = subprocess.Popen(cmd, preexec_fn=ignore_stop_signals)
-
-    def relay(signum, frame):
-        if child.poll() is None:
-            child.send_signal(signal.SIGUSR1)
-
-    previous = {sig: signal.signal(sig, relay) for sig in STOP_SIGNALS}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal tells the agent
-    try:
-        return child.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+DEMO_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "yi/tiny.yaml"
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
-    if args.nproc and not _under_launcher():
+    if args.nproc and not under_launcher():
         validate(cfg, args.nproc)
-        return _launch_local(args.nproc, ["train", args.recipe, *args.overrides])
+        check_inputs(cfg)
+        return launch_local(args.nproc, ["train", args.recipe, *args.overrides])
+    if not under_launcher():
+        check_inputs(cfg)  # one process here; under a launcher, the launch command checked them
     from fmtrain.train import signals
 
     signals.install()  # before the heavy imports: a SIGTERM during start-up is kept, not fatal
@@ -112,20 +68,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     dp = data_parallel_size(cfg, world)
     family = get_family(cfg.model.family)
     params = family.param_count(cfg)
-    flops_token = family.flops_per_sample(cfg) / family.tokens_per_sample(cfg)
+    per_sample = family.units_per_sample(cfg)
+    unit = family.throughput_unit
     p, t = cfg.parallel, cfg.train
     print(f"recipe        {args.recipe}")
-    print(f"family        {cfg.model.family}")
+    print(f"family        {cfg.model.family} (objective {cfg.objective.name})")
     print(f"parameters    {params:,} ({params / 1e9:.2f} B)")
-    print(f"FLOPs/token   {flops_token:,.0f} (training: forward + backward)")
+    print(
+        f"FLOPs/{unit.removesuffix('s'):<6} {family.flops_per_sample(cfg) / per_sample:,.0f} "
+        "(training: forward + backward)"
+    )
+    recompute = getattr(cfg.model, "recompute", "none")
     print(
         f"layout        TP={p.tp} PP={p.pp} VPP={p.vpp} DP={dp} on {world} GPUs, "
         f"sequence_parallel={p.sequence_parallel}, distributed_optimizer={p.distributed_optimizer}, "
-        f"recompute={cfg.model.recompute}"
+        f"recompute={recompute}"
     )
-    tokens = t.global_batch_size * cfg.model.seq_length
     print(
-        f"batch         {t.global_batch_size} x {cfg.model.seq_length} = {tokens:,} tokens/step, "
+        f"batch         {t.global_batch_size} x {per_sample:,} = {t.global_batch_size * per_sample:,} {unit}/step, "
         f"micro-batch {t.micro_batch_size}, {num_microbatches(cfg, dp)} microbatches per DP rank"
     )
     estimate = family.memory_estimate(cfg, dp, num_microbatches(cfg, dp))
@@ -136,13 +96,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> int:
     # One process holds the whole model: any checkpoint layout is resharded on load.
     single = ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=1", "parallel.dp=0", "parallel.sequence_parallel=false"]
-    cfg = load_config(args.recipe, [*args.overrides, *single])
-    if args.steps:
-        cfg.flow.sample_steps = args.steps
-    if args.shift:
-        cfg.flow.sample_shift = args.shift
-    if args.guidance is not None:
-        cfg.flow.guidance_scale = args.guidance
+    sampler = [
+        f"objective.{key}={value}"
+        for key, value in (
+            ("sample_steps", args.steps),
+            ("sample_shift", args.shift),
+            ("guidance_scale", args.guidance),
+        )
+        if value is not None
+    ]
+    cfg = load_config(args.recipe, [*args.overrides, *single, *sampler])
     validate(cfg, 1)
     from fmtrain.config import latent_shapes, parse_latent_shape
     from fmtrain.models.registry import get_family
@@ -153,20 +116,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"model.family={cfg.model.family!r} has no sampler (fmtrain sample is for generative families)"
         )
     shape = parse_latent_shape(args.shape, "--shape") if args.shape else latent_shapes(cfg)[0]
-    if "MASTER_PORT" not in os.environ:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     import numpy as np
 
     from fmtrain import parallel
+    from fmtrain.checkpoint import load_model_weights
+    from fmtrain.engine.parts import build_for_inference, family_module
 
     topo = parallel.initialize(cfg)
+    model = build_for_inference(cfg, family.primary(cfg), topo.device)  # the run seed's weights...
+    if args.ckpt:
+        load_model_weights(args.ckpt, model, cfg)  # ...or a checkpoint's, from any layout
     latents = family.sample(
         cfg,
-        checkpoint=args.ckpt,
+        family_module(model),
         prompt_file=args.prompt_emb,
         shape=shape,
         num=args.num,
@@ -176,9 +139,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, latents.cpu().numpy(), allow_pickle=False)
+    o = cfg.objective
     print(
-        f"fmtrain sample: {tuple(latents.shape)} latents ({cfg.flow.sample_steps} Euler steps, shift "
-        f"{cfg.flow.sample_shift}, guidance {cfg.flow.guidance_scale}, seed {args.seed}) -> {out}; "
+        f"fmtrain sample: {tuple(latents.shape)} latents ({o.sample_steps} Euler steps, shift "
+        f"{o.sample_shift}, guidance {o.guidance_scale}, seed {args.seed}) -> {out}; "
         f"mean {latents.mean():.4f} std {latents.std():.4f}"
     )
     parallel.destroy()
@@ -186,11 +150,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    recipe = REPO_RECIPES / "yi" / "tiny.yaml"
+    recipe = DEMO_RECIPE
     overrides = [f"run.dir={args.run_dir}", *args.overrides]
     cfg = load_config(recipe, overrides)
     if not cfg.data.shards:  # first run: shard the embedded corpus into the run dir, then stream it
-        from fmtrain.data.shards import prepare_corpus_shards
+        from fmtrain.data.text import prepare_corpus_shards
 
         train_index, valid_index = prepare_corpus_shards(
             cfg.data.corpus, Path(args.run_dir) / "data", valid_fraction=cfg.data.valid_fraction, seed=cfg.run.seed
@@ -207,7 +171,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{args.nproc} ranks into {args.run_dir}",
         flush=True,
     )
-    rc = _launch_local(args.nproc, ["train", str(recipe), *overrides])
+    rc = launch_local(args.nproc, ["train", str(recipe), *overrides])
     if rc != 0:
         return rc
     rc = _summarise_demo(Path(args.run_dir), cfg)
@@ -261,9 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--shape", default="", help="latent T x H x W (default: the first data.synthetic_latent_shapes)")
     smp.add_argument("--num", type=int, default=1, help="samples for the prompt")
     smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--steps", type=int, default=0, help="Euler steps (default flow.sample_steps)")
-    smp.add_argument("--shift", type=float, default=0.0, help="time shift (default flow.sample_shift)")
-    smp.add_argument("--guidance", type=float, default=None, help="CFG scale (default flow.guidance_scale)")
+    smp.add_argument("--steps", type=int, default=None, help="Euler steps (default objective.sample_steps)")
+    smp.add_argument("--shift", type=float, default=None, help="time shift (default objective.sample_shift)")
+    smp.add_argument("--guidance", type=float, default=None, help="CFG scale (default objective.guidance_scale)")
     smp.set_defaults(func=cmd_sample)
     info = sub.add_parser("info", help="parameters, FLOPs and memory per GPU of a recipe")
     info.add_argument("recipe")
@@ -285,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_launch(sub)  # launch slurm|local
 
-    from fmtrain.cli_convert import register_convert
+    from fmtrain.cli.convert import register_convert
 
     register_convert(sub)  # convert from-hf|to-hf
     return parser

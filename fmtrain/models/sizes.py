@@ -1,19 +1,18 @@
-"""FLOP and memory arithmetic for decoder-only transformers, on plain numbers.
+"""FLOP and memory arithmetic for transformers, on plain numbers: the families' size functions.
 
-Used by MFU reporting and ``fmtrain info``; formulas follow /work/shared/REFERENCE.md
-("Formulas for FLOPs and memory"). Everything is a pure function so it can be tested by
-hand and evaluated for layouts far larger than the machine running it.
+Used by MFU reporting and ``fmtrain info`` through each family's ``param_count``,
+``flops_per_sample`` and ``memory_estimate``. The FLOP count is Megatron-LM's (Narayanan et
+al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters", appendix; causal
+attention counted half as Megatron-LM does since 2025); activation memory is Korthikanti et al.
+2022, "Reducing Activation Recomputation in Large Transformer Models", Table 2; weights,
+gradients and Adam state follow Megatron-LM's distributed-optimizer documentation. Everything is
+a pure function so it can be tested by hand and evaluated for layouts far larger than the
+machine running it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from fmtrain.config import Config
-
-# Families whose layout matches the GPT/Llama decoder these wrappers assume
-# (SwiGLU MLP, GQA attention, RMSNorm, causal mask).
-DECODER_FAMILIES = ("yi", "llama")
 
 
 def _attention_widths(heads: int, kv_heads: int, head_dim: int) -> int:
@@ -83,49 +82,6 @@ def transformer_training_flops_per_token(
     if causal:
         core //= 2  # 12*s*q_width is even, so this is exact
     return num_layers * (proj + mlp + core) + 6 * hidden * vocab
-
-
-def _check_family(cfg: Config) -> None:
-    if cfg.model.family not in DECODER_FAMILIES:
-        raise ValueError(
-            f"model.family={cfg.model.family!r}: the FLOP/parameter formulas here assume a "
-            f"decoder-only SwiGLU transformer ({', '.join(DECODER_FAMILIES)})"
-        )
-
-
-def model_flops_per_token_from_config(cfg: Config) -> int:
-    """Training FLOPs per token of the configured Yi-family model (SwiGLU, causal)."""
-    _check_family(cfg)
-    m = cfg.model
-    return transformer_training_flops_per_token(
-        m.num_layers,
-        m.hidden_size,
-        m.num_attention_heads,
-        m.num_query_groups,
-        cfg.head_dim,
-        m.ffn_hidden_size,
-        m.vocab_size,
-        m.seq_length,
-        swiglu=True,
-        causal=True,
-    )
-
-
-def param_count_from_config(cfg: Config) -> int:
-    """Parameter count of the configured Yi-family model (untied unless tie_embeddings)."""
-    _check_family(cfg)
-    m = cfg.model
-    return transformer_param_count(
-        m.num_layers,
-        m.hidden_size,
-        m.num_attention_heads,
-        m.num_query_groups,
-        cfg.head_dim,
-        m.ffn_hidden_size,
-        m.vocab_size,
-        swiglu=True,
-        tied=m.tie_embeddings,
-    )
 
 
 # ----------------------------------------------------------------------------- memory
@@ -282,59 +238,11 @@ def memory_per_gpu(
     return max(stages, key=lambda e: e.total_bytes)
 
 
-def memory_per_gpu_from_config(
-    cfg: Config,
-    dp: int,
-    num_microbatches: int | None = None,
-    flash_attention: bool | None = None,
-    bf16: bool | None = None,
-) -> MemoryEstimate:
-    """``memory_per_gpu`` for a Config and a data-parallel size.
-
-    ``flash_attention`` defaults to every backend but ``local`` (megatron's own core
-    attention materialises the score matrix; TE and SDPA fused kernels do not).
-    ``bf16`` defaults to the configured precision, ``auto`` counting as bf16 (GPU).
-    """
-    _check_family(cfg)
-    m, p = cfg.model, cfg.parallel
-    if flash_attention is None:
-        flash_attention = m.attention_backend != "local"
-    if bf16 is None:
-        bf16 = cfg.train.precision != "fp32"
-    return memory_per_gpu(
-        m.num_layers,
-        m.hidden_size,
-        m.num_attention_heads,
-        m.num_query_groups,
-        cfg.head_dim,
-        m.ffn_hidden_size,
-        m.vocab_size,
-        m.seq_length,
-        cfg.train.micro_batch_size,
-        tp=p.tp,
-        pp=p.pp,
-        vpp=p.vpp,
-        dp=dp,
-        sequence_parallel=p.sequence_parallel,
-        recompute=m.recompute,
-        flash_attention=flash_attention,
-        distributed_optimizer=p.distributed_optimizer,
-        bf16=bf16,
-        num_microbatches=num_microbatches,
-        swiglu=True,
-        tied=m.tie_embeddings,
-    )
-
-
 __all__ = [
-    "DECODER_FAMILIES",
     "MemoryEstimate",
     "activation_bytes_per_layer",
     "in_flight_layer_microbatches",
     "memory_per_gpu",
-    "memory_per_gpu_from_config",
-    "model_flops_per_token_from_config",
-    "param_count_from_config",
     "state_bytes_per_param",
     "transformer_param_count",
     "transformer_training_flops_per_token",

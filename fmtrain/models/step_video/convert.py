@@ -10,7 +10,7 @@ Release layout (the DiT part; the VAE, text encoders and scheduler are not fmtra
 (one ``diffusion_pytorch_model.safetensors`` and no index when everything fits one shard,
 as diffusers writes it; both are read).
 
-fmtrain's module names are the release's (:mod:`fmtrain.models.step_video`), and its
+fmtrain's module names are the release's (:mod:`fmtrain.models.step_video.model`), and its
 distributed-checkpoint keys are those names with every block under its global index
 (``transformer_blocks.N.*``, no prepended layer axis), so the mapping is the identity except:
 
@@ -42,18 +42,16 @@ width is not in config.json (the release hard-codes 4 x hidden): it is read from
 ``ff.net.0.proj.weight``'s shape. RoPE (theta 1e4, head channels split d/2, d/4, d/4) is hard-
 coded in the release too; a config made from a release takes those values.
 
-Entry points: :func:`export_step_video`, :func:`import_step_video` (a model-only fmtrain
-checkpoint, all ranks), :func:`load_step_video_into_engine` (per-rank sliced loading into a
-built engine; ``model.init_from_hf`` does the same for a run), :func:`key_shapes_for_config`.
-The command line is ``fmtrain convert to-hf / from-hf`` (dispatching on the family).
+This module is the family's converter (:class:`fmtrain.models.registry.Converter`); the command
+line is ``fmtrain convert to-hf / from-hf`` and ``model.init_from_hf`` loads a release into a
+run (:mod:`fmtrain.checkpoint.hf.convert`). :func:`key_shapes_for_config` lists every fmtrain
+checkpoint tensor with its shape.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +59,11 @@ from typing import Any
 
 import torch
 
-from fmtrain.checkpoint.hf.convert import check_architecture, read_config_json, weights_dir
-from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError
 from fmtrain.config import Config, ConfigError
+from fmtrain.models.release import HFCheckpointError, check_architecture, overrides_as_args
 
 # ---------------------------------------------------------------------- converter hooks
-# (see fmtrain.checkpoint.hf.convert.converter)
+# (see fmtrain.models.registry.Converter)
 
 FORMAT = "Step-Video-T2V release (transformer/)"
 WEIGHTS_SUBDIR = "transformer"
@@ -77,7 +74,7 @@ CLASS_NAME = "StepVideoModel"
 TIMESTEP_FEATURES = 256
 """Width of the sinusoidal timestep features (``adaln_single.emb.timestep_embedder.linear_1`` input)."""
 RELEASE_NORM_EPS = 1e-6
-"""``norm_eps`` of the release (caption_norm, norm_out); fmtrain.models.step_video.OUTER_NORM_EPS."""
+"""``norm_eps`` of the release (caption_norm, norm_out); fmtrain.models.step_video.model.OUTER_NORM_EPS."""
 RELEASE_ROPE_THETA = 10000.0
 """RoPE3D ``freq`` hard-coded in the release's self-attention."""
 
@@ -229,7 +226,7 @@ def fmtrain_model_overrides_from_release(config_json: dict, ffn_hidden_size: int
     if not clip:
         out["model.clip_tokens"] = 0
     if d % 8 == 0:  # the release splits 128 as 64 / 32 / 32
-        out["model.rope_axes"] = f"{d // 2},{d // 4},{d // 4}"
+        out["model.rope_axes"] = [d // 2, d // 4, d // 4]
     if ffn_hidden_size is not None:
         out["model.ffn_hidden_size"] = int(ffn_hidden_size)
     return out
@@ -238,17 +235,13 @@ def fmtrain_model_overrides_from_release(config_json: dict, ffn_hidden_size: int
 FFN_KEY = "transformer_blocks.0.ff.net.0.proj.weight"
 
 
-def model_overrides(release_weights: Path) -> list[str]:
+def model_overrides(config_json: dict, ckpt) -> list[str]:
     """``model.*=value`` arguments for a config made from a release (config.json + the FFN width
-    read from the header of ``ff.net.0.proj.weight``)."""
-    from fmtrain.checkpoint.hf.yi import overrides_as_args
-
-    config_json = json.loads((Path(release_weights) / "config.json").read_text())
-    with HFCheckpoint(release_weights) as ckpt:
-        try:
-            ffn = ckpt.info(FFN_KEY)[0][0]
-        except KeyError:
-            raise HFCheckpointError(f"{release_weights}: no tensor {FFN_KEY} to read the FFN width from") from None
+    read from the header of ``ff.net.0.proj.weight`` in ``ckpt``)."""
+    try:
+        ffn = ckpt.info(FFN_KEY)[0][0]
+    except KeyError:
+        raise HFCheckpointError(f"{ckpt.path}: no tensor {FFN_KEY} to read the FFN width from") from None
     return overrides_as_args(fmtrain_model_overrides_from_release(config_json, ffn))
 
 
@@ -426,7 +419,7 @@ def _fmtrain_keys(s: StepVideoShapes) -> frozenset[str]:
 # ---------------------------------------------------------------------- import
 
 
-def check_hf_names(ckpt: HFCheckpoint, s: StepVideoShapes) -> None:
+def check_hf_names(ckpt, s: StepVideoShapes) -> None:
     """Refuse release files that are not exactly this model's, before anything is copied:
     missing or unexpected tensors, or a wrong shape (naming the tensor, its file and both
     shapes; a different FFN width names ``model.ffn_hidden_size``)."""
@@ -470,12 +463,12 @@ def check_hf_names(ckpt: HFCheckpoint, s: StepVideoShapes) -> None:
                 )
 
 
-def load_hf_slices_into_chunks(chunks: list[torch.nn.Module], ckpt: HFCheckpoint, s: StepVideoShapes) -> int:
-    """Set this rank's chunks (any TP / PP / VPP) from the release, reading only the rows /
-    columns each local tensor holds (the reshaped / permuted tensors, replicated and small,
-    are read whole). Returns the number of local tensors set."""
-    from fmtrain.checkpoint.hf.layout import load_global_pieces
-
+def piece_reader(
+    ckpt, s: StepVideoShapes
+) -> Callable[[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], torch.Tensor]:
+    """``piece(key, index, offset, shape)``: the region of fmtrain tensor ``key`` one rank holds,
+    reading only those rows / columns of the release (the reshaped / permuted tensors, replicated
+    and small, are read whole)."""
     known = _fmtrain_keys(s)
 
     def piece(key: str, index: tuple[int, ...], offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
@@ -491,54 +484,7 @@ def load_hf_slices_into_chunks(chunks: list[torch.nn.Module], ckpt: HFCheckpoint
         except KeyError:
             raise HFCheckpointError(f"{ckpt.path}: release tensor {key} is missing") from None
 
-    return load_global_pieces(chunks, piece)
-
-
-def _weights_dir(release_dir: str | Path) -> Path:
-    return weights_dir(Path(release_dir), sys.modules[__name__])
-
-
-def read_release_config(release_dir: str | Path) -> dict:
-    return read_config_json(
-        _weights_dir(release_dir) / "config.json",
-        f"{release_dir}: no {WEIGHTS_SUBDIR}/config.json (a Step-Video release has one)",
-    )
-
-
-def load_step_video(chunks: list[torch.nn.Module], release_dir: str | Path, cfg: Config, *, strict: bool = True) -> int:
-    """Load a release (``RELEASE`` or ``RELEASE/transformer``) into this rank's chunks.
-
-    Checks config.json against ``cfg.model`` and (``strict``) the tensor names and shapes
-    before anything is copied."""
-    where = _weights_dir(release_dir)
-    check_model_matches_hf(cfg, read_release_config(release_dir), f"{where}/config.json")
-    s = StepVideoShapes.from_config(cfg)
-    with HFCheckpoint(where) as ckpt:
-        if strict:
-            check_hf_names(ckpt, s)
-        return load_hf_slices_into_chunks(chunks, ckpt, s)
-
-
-def load_step_video_into_engine(engine, release_dir: str | Path, cfg: Config | None = None) -> int:
-    """:func:`load_step_video` into a built engine (``engine.cfg`` by default), then refresh the
-    optimizer's main (fp32) weights, so that fine-tuning starts from the release."""
-    count = load_step_video(engine.unwrapped_chunks(), release_dir, cfg or engine.cfg)
-    optimizer = getattr(engine, "optimizer", None)
-    if optimizer is not None:
-        optimizer.reload_model_params()
-    return count
-
-
-def import_step_video(
-    release_dir: str | Path, cfg: Config, out_dir: str | Path, *, dtype: str = "auto", overwrite: bool = False
-) -> Path:
-    """Write the release as a model-only fmtrain checkpoint for ``cfg.parallel`` (collective:
-    every rank of that layout calls it; ``fmtrain convert from-hf`` does this)."""
-    from fmtrain.checkpoint.hf.convert import convert_from_hf
-
-    where = _weights_dir(release_dir)
-    check_model_matches_hf(cfg, read_release_config(release_dir), f"{where}/config.json")
-    return convert_from_hf(cfg, Path(release_dir), Path(out_dir), dtype=dtype, overwrite=overwrite)
+    return piece
 
 
 # ---------------------------------------------------------------------- export
@@ -548,35 +494,6 @@ def write_export_extras(ckpt_dir: Path, out_dir: Path, cfg: Config, log: Callabl
     """Nothing besides config.json and the weights (the VAE, text encoders and scheduler of a
     full release are not fmtrain's)."""
     return ""
-
-
-def export_step_video(
-    checkpoint_dir: str | Path,
-    out_dir: str | Path,
-    cfg: Config | None = None,
-    *,
-    dtype: str | None = None,
-    max_shard_size: str | int = "5GB",
-    overwrite: bool = False,
-    log: Callable[[str], None] = print,
-) -> Path:
-    """Write ``OUT/transformer/{config.json, diffusion_pytorch_model*.safetensors[, index]}``
-    from an fmtrain checkpoint (or run directory) of any (TP, PP) layout, in one process,
-    one tensor at a time. ``cfg`` defaults to the checkpoint's saved config; ``dtype`` (bf16 |
-    fp32) to the stored dtype."""
-    from fmtrain.checkpoint import read_state
-    from fmtrain.checkpoint.hf.convert import _resolve_checkpoint, export_to_hf
-    from fmtrain.checkpoint.hf.io import parse_size
-
-    ckpt = _resolve_checkpoint(Path(checkpoint_dir))
-    family = (
-        cfg.model.family if cfg is not None else (read_state(ckpt).get("config") or {}).get("model", {}).get("family")
-    )
-    if family != "step_video":
-        raise ConfigError(f"{ckpt}: model.family={family!r}, not step_video")
-    return export_to_hf(
-        ckpt, out_dir, dtype=dtype, max_shard_bytes=parse_size(max_shard_size), overwrite=overwrite, log=log, cfg=cfg
-    )
 
 
 __all__ = [
@@ -592,12 +509,7 @@ __all__ = [
     "hf_tensors_from_megatron",
     "fmtrain_tensor_from_release",
     "check_hf_names",
-    "load_hf_slices_into_chunks",
-    "load_step_video",
-    "load_step_video_into_engine",
-    "import_step_video",
-    "export_step_video",
-    "read_release_config",
+    "piece_reader",
     "ARCHITECTURE_FIELDS",
     "RELEASE_DEFAULTS",
 ]

@@ -44,7 +44,7 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
         weights_dir,
     )
     from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError
-    from fmtrain.cli import _launch_local, _under_launcher
+    from fmtrain.launch.local import launch_local, under_launcher
 
     hf_dir, out_dir = Path(args.hf_dir), Path(args.out_dir)
     if not hf_dir.is_dir():
@@ -52,7 +52,7 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
     try:
         # Finds the files and refuses pickles before anything else reads them.
         HFCheckpoint(weights_dir(hf_dir, converter(detect_family(hf_dir))), allow_pickle=args.allow_pickle).close()
-        cfg = from_hf_config(hf_dir, args.recipe, args.overrides)
+        cfg = from_hf_config(hf_dir, args.recipe, args.overrides, allow_pickle=args.allow_pickle)
         conv = converter(cfg.model.family)
         # Names and shapes from the file headers, before any rank starts.
         with HFCheckpoint(weights_dir(hf_dir, conv), allow_pickle=args.allow_pickle) as ckpt:
@@ -62,9 +62,13 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
         print(f"fmtrain convert from-hf: {text}", file=sys.stderr)
         return 2
     refuse_existing(out_dir, args.overwrite)
-    if args.nproc and not _under_launcher():
-        validate(cfg, args.nproc)
-        return _launch_local(args.nproc, _launcher_argv(args))
+    if not under_launcher():
+        # The layout's ranks, started here unless --nproc says otherwise (a larger DP is allowed).
+        p = cfg.parallel
+        nproc = args.nproc or p.tp * p.pp * p.cp * max(p.dp, 1)
+        validate(cfg, nproc)
+        if nproc > 1:
+            return launch_local(nproc, _launcher_argv(args))
     from fmtrain import parallel
 
     try:
@@ -81,7 +85,8 @@ def cmd_to_hf(args: argparse.Namespace) -> int:
 
     from fmtrain.checkpoint import CheckpointError
     from fmtrain.checkpoint.hf.convert import export_to_hf
-    from fmtrain.checkpoint.hf.io import HFCheckpointError, parse_size
+    from fmtrain.checkpoint.hf.io import HFCheckpointError
+    from fmtrain.config import parse_size
 
     try:
         max_shard = parse_size(args.max_shard_size)
@@ -127,8 +132,8 @@ def register_convert(sub) -> None:
         description="HF_DIR is a Hugging Face Llama / Yi directory or a Step-Video-T2V release (the directory "
         "holding transformer/, or transformer/ itself). Without --recipe the model config comes from "
         "its config.json (family recognised from it); with one, every architecture field of the recipe "
-        "must match it. parallel.* overrides choose the layout written; run under torchrun / srun "
-        "with that many ranks, or pass --nproc.",
+        "must match it. parallel.* overrides choose the layout written; the TP x PP ranks it needs "
+        "start here (or run under torchrun / srun with that many ranks; --nproc for more).",
     )
     f.add_argument("hf_dir")
     f.add_argument("out_dir")
@@ -144,7 +149,7 @@ def register_convert(sub) -> None:
         default="auto",
         help="dtype of the written weights (auto: as stored in HF_DIR)",
     )
-    f.add_argument("--nproc", type=int, default=0, help="start this many local ranks (torchrun)")
+    f.add_argument("--nproc", type=int, default=0, help="start this many local ranks (default: the layout's TP x PP)")
     f.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     f.add_argument("overrides", nargs="*", help="section.key=value, e.g. parallel.tp=2")
     f.set_defaults(func=cmd_from_hf)

@@ -1,0 +1,69 @@
+"""What every family's release / Hugging Face converter shares (the converters themselves are
+the families' own: :mod:`fmtrain.models.yi.convert`, :mod:`fmtrain.models.step_video.convert`;
+:mod:`fmtrain.checkpoint.hf.convert` drives them).
+
+A converter is a pure mapping between a family's global (unsharded) checkpoint tensors and the
+release's tensors, plus the translation of the release's ``config.json``. It reads a checkpoint
+only through the object it is handed (:class:`fmtrain.checkpoint.hf.io.HFCheckpoint`: ``names``,
+``info(name)``, ``read_slice(name, region)``, ``ckpt[name]``), so it needs no file code here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fmtrain.config import Config, ConfigError
+
+
+class HFCheckpointError(RuntimeError):
+    """A Hugging Face / release checkpoint that cannot be read, written or mapped, naming the
+    file and the reason."""
+
+
+def weights_dir(path: Path, conv) -> Path:
+    """Where ``config.json`` and the weights of a release directory are: ``PATH/SUBDIR`` for a
+    family whose release nests them (Step-Video: ``transformer/``), else ``PATH`` itself
+    (which may also be given directly)."""
+    path = Path(path)
+    if conv.WEIGHTS_SUBDIR and (path / conv.WEIGHTS_SUBDIR).is_dir():
+        return path / conv.WEIGHTS_SUBDIR
+    return path
+
+
+def read_config_json(file: Path, missing: str) -> dict:
+    """A checkpoint's ``config.json``; ConfigError with ``missing`` when absent, or naming bad JSON."""
+    if not file.is_file():
+        raise ConfigError(missing)
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{file}: not valid JSON ({exc})") from None
+
+
+def check_architecture(
+    cfg: Config, want: dict, source_fields: dict[str, str], source: str, shown: dict | None = None
+) -> None:
+    """Raise ConfigError naming the first ``model.*`` field whose value differs from ``want``
+    (what the checkpoint's config fixes); ``source_fields`` names the config.json field behind
+    each, ``shown`` replaces an expected value in the message."""
+    for name, field_name in source_fields.items():
+        expected = want[name]
+        have = cfg.head_dim if name == "model.head_dim" else getattr(cfg.model, name.split(".", 1)[1])
+        same = math.isclose(have, expected, rel_tol=1e-9) if isinstance(expected, float) else have == expected
+        if not same:
+            raise ConfigError(
+                f"{name}={have!r} does not match the checkpoint: {source} has "
+                f"{field_name}={(shown or {}).get(name, expected)!r}"
+            )
+
+
+def overrides_as_args(overrides: dict[str, Any]) -> list[str]:
+    """``{"model.x": v}`` -> ``["model.x=v"]`` for :func:`fmtrain.config.load_config` (booleans
+    lower-case, lists as YAML flow lists)."""
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
+
+
+__all__ = ["HFCheckpointError", "overrides_as_args", "check_architecture", "read_config_json", "weights_dir"]

@@ -1,0 +1,376 @@
+"""The Step-Video-T2V family's registry entry: the DiT trained with flow matching.
+
+Per sample, the flow-matching draws (t, the noise, the classifier-free-guidance drop) come
+from generators seeded by the sample's ``sample_seed`` (:mod:`fmtrain.objectives.flow_matching`),
+so any layout, and a resumed run, draws the same numbers. The last stage returns per-sample
+error sums; the loss is their weighted sum over the global element count (the exact batch mean).
+Under pipeline parallelism every microbatch of a step is padded to the step's longest
+(``prepare_pipeline_step``), since megatron's schedules send one tensor shape per step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from megatron.core.utils import get_attr_wrapped_model
+
+from fmtrain.config import Config
+from fmtrain.models.registry import ModelFamily, PartSpec, RunData
+from fmtrain.models.sizes import (
+    MemoryEstimate,
+    activation_bytes_per_layer,
+    in_flight_layer_microbatches,
+    state_bytes_per_param,
+)
+from fmtrain.models.step_video import convert
+from fmtrain.models.step_video.model import (
+    MODULATION_ROWS,
+    DiTInputs,
+    StepVideoDiT,
+    build_chunk,
+    init_rule,
+    transformer_config,
+)
+from fmtrain.objectives import flow_matching as fm
+
+# Salts of the per-sample generators (independent draws from one sample seed).
+_SALT_TIME, _SALT_NOISE, _SALT_DROP = 1, 2, 3
+
+
+def latent_grid(latent_shape, patch_size: int) -> tuple[int, int, int]:
+    _, _, t, h, w = latent_shape
+    return int(t), int(h) // patch_size, int(w) // patch_size
+
+
+def make_inputs(
+    cfg: Config, batch: dict, device, *, training: bool, need_x_t: bool, need_target: bool
+) -> tuple[DiTInputs, torch.Tensor]:
+    """The flow-matching draw of one microbatch: (inputs, per-sample loss weights)."""
+    f = cfg.objective
+    latent = batch["latent"].to(device, non_blocking=True)
+    seeds = batch["sample_seed"]
+    t = fm.sample_timesteps(
+        fm.seeded_generators(seeds, device, _SALT_TIME),
+        mode=f.timestep_sampling,
+        logit_mean=f.logit_mean,
+        logit_std=f.logit_std,
+        shift=f.shift,
+        device=device,
+    )
+    x_t = target = None
+    if need_x_t or need_target:
+        noise = fm.per_sample_noise(
+            fm.seeded_generators(seeds, device, _SALT_NOISE), tuple(latent.shape[1:]), device=device
+        )
+        x_t = fm.interpolate(noise, latent, t) if need_x_t else None
+        target = fm.velocity_target(noise, latent) if need_target else None
+    drop = None
+    if training and f.text_drop_prob > 0:
+        drop = fm.drop_condition(fm.seeded_generators(seeds, device, _SALT_DROP), f.text_drop_prob, device=device)
+    clip = batch.get("clip_emb")
+    inputs = DiTInputs(
+        grid=latent_grid(latent.shape, cfg.model.patch_size),
+        t=t,
+        text_emb=batch["text_emb"].to(device),
+        text_mask=batch["text_mask"].to(device).bool(),
+        clip_emb=clip.to(device) if clip is not None else None,
+        clip_mask=batch["clip_mask"].to(device).bool() if clip is not None else None,
+        x_t=x_t,
+        target=target,
+        drop_text=drop,
+        pipeline_rows=batch.get("pipeline_rows"),
+    )
+    return inputs, fm.get_weighting(f.loss_weighting)(t)
+
+
+def _loss(weights: torch.Tensor, l1_weight: float, output: torch.Tensor):
+    loss_sum, count, reports = fm.loss_from_error_sums(output, weights, l1_weight)
+    return loss_sum, count.to(torch.int), reports
+
+
+def make_forward_step(cfg: Config, parts=None):
+    def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        first = get_attr_wrapped_model(model, "pre_process")
+        last = get_attr_wrapped_model(model, "post_process")
+        # "predict_only" microbatches return the velocity prediction instead of error sums.
+        inputs, weights = make_inputs(
+            cfg,
+            batch,
+            device,
+            training=model.training,
+            need_x_t=first,
+            need_target=last and not batch.get("predict_only", False),
+        )
+        output = model(inputs=inputs)
+        return output, functools.partial(_loss, weights, cfg.objective.l1_weight)
+
+    return forward_step
+
+
+def pipeline_rows(cfg: Config, microbatches: list[dict]) -> int:
+    """Rows per TP rank of the tensor passed between stages: the step's longest microbatch."""
+    m, p = cfg.model, cfg.parallel
+    ctx = m.caption_tokens + m.clip_tokens
+    longest = 0
+    for batch in microbatches:
+        t, hp, wp = latent_grid(batch["latent"].shape, m.patch_size)
+        tokens = t * hp * wp
+        longest = max(longest, (tokens // p.tp if p.sequence_parallel else tokens) + ctx + MODULATION_ROWS)
+    return longest
+
+
+def prepare_pipeline_step(cfg: Config, microbatches: list[dict]) -> tuple[list[dict], int]:
+    """(microbatches annotated with ``pipeline_rows``, the seq_length megatron's schedules expect)."""
+    rows = pipeline_rows(cfg, microbatches)
+    annotated = [{**batch, "pipeline_rows": rows} for batch in microbatches]
+    return annotated, rows * (cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def _dims(cfg: Config) -> dict:
+    m = cfg.model
+    return dict(
+        layers=m.num_layers,
+        h=m.hidden_size,
+        d=cfg.head_dim,
+        ffn=m.ffn_hidden_size,
+        patch=m.in_channels * m.patch_size**2,
+        cap=m.caption_dim,
+        clip=m.clip_dim,
+        ctx=m.caption_tokens + m.clip_tokens,
+        cap_tokens=m.caption_tokens,
+        clip_tokens=m.clip_tokens,
+    )
+
+
+def block_param_count(h: int, d: int, ffn: int) -> int:
+    linear = 3 * h * h + h * h + h * h + 2 * h * h + h * h + 2 * h * ffn
+    return linear + 4 * h + 4 * d + 6 * h  # norm1/norm2 (weight+bias), 4 q/k norms, scale_shift_table
+
+
+def param_count(cfg: Config) -> int:
+    """Exact parameter count of the DiT (checked against the built module in tests)."""
+    k = _dims(cfg)
+    h = k["h"]
+    embed = k["patch"] * h + h
+    adaln = (256 * h + h) + (h * h + h) + (h * 6 * h + 6 * h)
+    caption = (2 * k["cap"] if cfg.model.caption_norm_affine else 0) + (k["cap"] * h + h) + (h * h + h)
+    clip = k["clip"] * h + h if k["clip"] else 0
+    final = 2 * h + h * k["patch"] + k["patch"]
+    return embed + adaln + caption + clip + k["layers"] * block_param_count(h, k["d"], k["ffn"]) + final
+
+
+def training_flops(cfg: Config, video_tokens: int) -> float:
+    """Model FLOPs (forward + backward = 3x forward) of one sample with ``video_tokens`` tokens.
+
+    Per layer and video token: self-attention projections 2*4h^2, cross-attention q and out
+    2*2h^2, FFN 2*2*h*ffn, attention cores 2*2*S*h (non-causal: the whole score matrix) and
+    2*2*L*h over the L context tokens; per layer and sample the context's k/v projection
+    2*2h^2*L. Plus patch embedding and output projection per token, and the text projections."""
+    k = _dims(cfg)
+    h, s, ctx = k["h"], video_tokens, k["ctx"]
+    per_token = 2 * 4 * h * h + 2 * 2 * h * h + 2 * 2 * h * k["ffn"] + 2 * 2 * s * h + 2 * 2 * ctx * h
+    per_layer = s * per_token + 2 * 2 * h * h * ctx
+    outer = s * 2 * 2 * k["patch"] * h
+    text = 2 * k["cap_tokens"] * (k["cap"] * h + h * h) + 2 * k["clip_tokens"] * k["clip"] * h
+    return 3.0 * (k["layers"] * per_layer + outer + text)
+
+
+def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -> MemoryEstimate:
+    """Peak memory of the first pipeline stage (it holds the most microbatches under 1F1B).
+
+    Activations per block: Korthikanti's GPT-layer count with flash attention (SDPA never
+    stores the score matrix) scaled by 42/34 for the cross-attention's extra stored tensors
+    (its input, queries, output and the residual: about 8 s*b*h bytes); the video tokens play
+    the sequence. An estimate, like the LLM one."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    k = _dims(cfg)
+    bf16 = t.precision != "fp32"
+    layers_per_stage = m.num_layers // p.pp
+    block = block_param_count(k["h"], k["d"], k["ffn"])
+    linear = block - (4 * k["h"] + 4 * k["d"] + 6 * k["h"])
+    params = layers_per_stage * (linear // p.tp + block - linear)
+    params += param_count(cfg) - m.num_layers * block  # embedders (first stage) and final layer, replicated
+    per_layer = (
+        activation_bytes_per_layer(
+            m.seq_length,
+            t.micro_batch_size,
+            k["h"],
+            m.num_attention_heads,
+            p.tp,
+            p.sequence_parallel,
+            m.recompute,
+            flash_attention=True,
+        )
+        * 42
+        / 34
+    )
+    act = per_layer * in_flight_layer_microbatches(0, m.num_layers, p.pp, p.vpp, num_microbatches) * (1 if bf16 else 2)
+    state = params * state_bytes_per_param(bf16, p.distributed_optimizer, dp)
+    return MemoryEstimate(params, state, act, state + act)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def fit_tokens(emb: torch.Tensor, mask: torch.Tensor | None, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L, D] embedding (+ [L] mask) truncated or zero-padded to ``length`` tokens, with its mask."""
+    if mask is None:
+        mask = torch.ones(emb.shape[0], dtype=torch.bool)
+    mask = mask.bool()
+    if emb.shape[0] >= length:
+        return emb[:length], mask[:length]
+    pad = length - emb.shape[0]
+    return (torch.cat([emb, emb.new_zeros(pad, emb.shape[1])]), torch.cat([mask, torch.zeros(pad, dtype=torch.bool)]))
+
+
+@torch.no_grad()
+def sample_latents(
+    model: StepVideoDiT,
+    cfg: Config,
+    condition: dict,
+    *,
+    grid_shape: tuple[int, int, int],
+    num: int,
+    seed: int,
+    steps: int,
+    shift: float,
+    guidance_scale: float,
+    device,
+) -> torch.Tensor:
+    """Generate ``num`` latents [num, C, T, H, W] for one prompt by Euler integration of the
+    predicted velocity from noise (t=0) to data (t=1), with classifier-free guidance against
+    :func:`null_condition`. ``condition``: ``text_emb`` [caption_tokens, caption_dim],
+    ``text_mask`` and, with a CLIP encoder, ``clip_emb`` / ``clip_mask`` (already fitted).
+    The noise comes from one generator seeded by ``seed``: the same call gives the same latents."""
+    m = cfg.model
+    t_frames, height, width = grid_shape
+    if height % m.patch_size or width % m.patch_size:
+        raise ValueError(f"latent shape {grid_shape} is not divisible by model.patch_size={m.patch_size}")
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x0 = torch.randn((num, m.in_channels, t_frames, height, width), generator=generator, device=device)
+
+    def expand(name):
+        value = condition.get(name)
+        return None if value is None else value.to(device).unsqueeze(0).expand(num, *value.shape)
+
+    base = dict(
+        grid=(t_frames, height // m.patch_size, width // m.patch_size),
+        text_emb=expand("text_emb"),
+        text_mask=expand("text_mask"),
+        clip_emb=expand("clip_emb"),
+        clip_mask=expand("clip_mask"),
+    )
+    drop_all = torch.ones(num, dtype=torch.bool, device=device)
+
+    def velocity(x, t):
+        return model(inputs=DiTInputs(t=t, x_t=x, **base))
+
+    def uncond_velocity(x, t):
+        return model(inputs=DiTInputs(t=t, x_t=x, drop_text=drop_all, **base))
+
+    return fm.euler_sample(
+        velocity, x0, steps=steps, shift=shift, uncond_velocity=uncond_velocity, guidance_scale=guidance_scale
+    )
+
+
+def load_prompt_embedding(path: str, cfg: Config) -> dict:
+    """A prompt's precomputed text embeddings from an ``.npz`` file: ``text_emb`` [L, caption_dim],
+    optional ``text_mask`` [L], and with a CLIP encoder ``clip_emb`` [L2, clip_dim] (+ ``clip_mask``);
+    fitted to the model's token counts. Read without pickle."""
+    import numpy as np
+
+    m = cfg.model
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompt embedding {file} does not exist")
+    try:
+        data = dict(np.load(file, allow_pickle=False))
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"prompt embedding {file}: not a readable .npz ({exc})") from None
+
+    def get(key: str, dim: int, length: int, required: bool):
+        if key not in data:
+            if required:
+                raise ValueError(
+                    f"prompt embedding {file}: no '{key}' array (has: {', '.join(sorted(data)) or 'none'})"
+                )
+            return None, None
+        emb = torch.from_numpy(np.asarray(data[key], dtype=np.float32))
+        if emb.dim() == 3 and emb.shape[0] == 1:
+            emb = emb[0]
+        if emb.dim() != 2 or emb.shape[1] != dim:
+            raise ValueError(f"prompt embedding {file}: '{key}' has shape {tuple(emb.shape)}, expected [tokens, {dim}]")
+        mask_key = key.replace("_emb", "_mask")
+        mask = torch.from_numpy(np.asarray(data[mask_key]).astype(bool)).reshape(-1) if mask_key in data else None
+        return fit_tokens(emb, mask, length)
+
+    text_emb, text_mask = get("text_emb", m.caption_dim, m.caption_tokens, True)
+    condition = {"text_emb": text_emb, "text_mask": text_mask}
+    if m.clip_dim:
+        clip_emb, clip_mask = get("clip_emb", m.clip_dim, m.clip_tokens, True)
+        condition.update(clip_emb=clip_emb, clip_mask=clip_mask)
+    return condition
+
+
+def sample(
+    cfg: Config, model: StepVideoDiT, *, prompt_file: str, shape: tuple[int, int, int], num: int, seed: int, device
+) -> torch.Tensor:
+    """``fmtrain sample``: latents for one prompt embedding file with a built, loaded DiT, with
+    the objective.* sampler settings (Euler steps, time shift, guidance)."""
+    f = cfg.objective
+    return sample_latents(
+        model,
+        cfg,
+        load_prompt_embedding(prompt_file, cfg),
+        grid_shape=shape,
+        num=num,
+        seed=seed,
+        steps=f.sample_steps,
+        shift=f.sample_shift,
+        guidance_scale=f.guidance_scale,
+        device=device,
+    )
+
+
+def prepare_data(cfg: Config, topo, run_dir) -> RunData:
+    """Latents and text embeddings: streamed latent shards, or the in-memory synthetic set."""
+    from fmtrain.data.latents import prepare_latent_data
+
+    _, train, valid = prepare_latent_data(cfg, topo, run_dir)
+    return RunData(train=train, valid=valid)
+
+
+def parts(cfg: Config) -> list[PartSpec]:
+    return [
+        PartSpec(
+            name="model",
+            build=build_chunk,
+            init_rule=init_rule,
+            megatron_config=transformer_config,
+            forward_step=make_forward_step,
+        )
+    ]
+
+
+FAMILY = ModelFamily(
+    name="step_video",
+    parts=parts,
+    prepare_data=prepare_data,
+    param_count=param_count,
+    flops_per_sample=lambda cfg: training_flops(cfg, cfg.model.seq_length),
+    units_per_sample=lambda cfg: cfg.model.seq_length,
+    memory_estimate=memory_estimate,
+    throughput_unit="tokens",
+    prepare_step=prepare_pipeline_step,
+    converter=convert,
+    sample=sample,
+)
