@@ -93,3 +93,72 @@ def test_cli_refuses_bad_config_before_starting_ranks():
     assert proc.returncode == 2
     assert "configuration error" in proc.stderr and "world size 3" in proc.stderr
     assert "torch.distributed" not in proc.stderr  # no rank was started
+
+
+# The resolved config a checkpoint written before the families owned their sections carries
+# (fmtrain_state.json): one flat model section listing every family's fields, a flow section,
+# comma-separated lists. `fmtrain convert to-hf` and resumes read it back.
+FLAT_MODEL_BEFORE_FAMILIES = {
+    "num_layers": 4,
+    "hidden_size": 128,
+    "num_attention_heads": 4,
+    "num_query_groups": 4,
+    "head_dim": 32,
+    "ffn_hidden_size": 512,
+    "vocab_size": 64000,
+    "seq_length": 128,
+    "rotary_base": 10000.0,
+    "norm_epsilon": 1e-05,
+    "init_method_std": 0.02,
+    "tie_embeddings": False,
+    "attention_backend": "auto",
+    "recompute": "none",
+    "fused_kernels": "auto",
+    "init_from_hf": "",
+    "in_channels": 8,
+    "patch_size": 1,
+    "caption_dim": 64,
+    "caption_tokens": 8,
+    "clip_dim": 32,
+    "clip_tokens": 4,
+    "rope_axes": "16,8,8",
+    "caption_norm_affine": False,
+}
+FLOW_BEFORE_FAMILIES = {
+    "timestep_sampling": "logit_normal",
+    "logit_mean": 0.0,
+    "logit_std": 1.0,
+    "shift": 3.0,
+    "loss_weighting": "none",
+    "l1_weight": 0.0,
+    "text_drop_prob": 0.1,
+    "sample_steps": 30,
+    "sample_shift": 3.0,
+    "guidance_scale": 2.0,
+}
+
+
+def test_configs_saved_before_families_owned_their_sections_still_load():
+    from fmtrain.config import config_from_dict
+
+    dit = config_from_dict(
+        {
+            "model": {"family": "step_video", **FLAT_MODEL_BEFORE_FAMILIES},
+            "flow": FLOW_BEFORE_FAMILIES,
+            "data": {"synthetic_latent_shapes": "2x8x8,2x8x4"},
+        }
+    )
+    assert dit.objective.name == "flow_matching" and dit.objective.shift == 3.0 and dit.objective.sample_steps == 30
+    assert dit.model.rope_axes == [16, 8, 8] and dit.model.in_channels == 8
+    assert dit.data.synthetic_latent_shapes == [[2, 8, 8], [2, 8, 4]]
+    assert not hasattr(dit.model, "vocab_size")  # the LLM fields of the flat section are dropped
+    yi = config_from_dict(
+        {
+            "model": {**FLAT_MODEL_BEFORE_FAMILIES, "family": "yi", "head_dim": None, "rope_axes": "64,32,32"},
+            "flow": FLOW_BEFORE_FAMILIES,
+        }
+    )
+    assert yi.objective.name == "lm" and yi.model.vocab_size == 64000 and not hasattr(yi.model, "in_channels")
+    # A recipe is not upgraded: an old key names its new place.
+    with pytest.raises(ConfigError, match=r"'flow.shift' moved.*'objective.shift'"):
+        load_config(None, ["model.family=step_video", "flow.shift=3"])
