@@ -357,10 +357,10 @@ class FamilySettings:
     """Rules across sections that only this family has (raise ConfigError)."""
 
 
-BUILTIN_FAMILIES = ("yi", "step_video")
+BUILTIN_FAMILIES = ("yi", "step_video", "video_vae")
 """The model families shipped with fmtrain (packages under ``fmtrain.models``); the first is
 the default ``model.family``."""
-BUILTIN_OBJECTIVES = ("lm", "flow_matching")
+BUILTIN_OBJECTIVES = ("lm", "flow_matching", "vae")
 """The objectives shipped with fmtrain (modules under ``fmtrain.objectives``)."""
 PARALLEL_DIMENSIONS = {
     "tp": "tensor",

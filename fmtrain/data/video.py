@@ -9,7 +9,8 @@ and cropped to ``size x size`` at the centre or at a random offset, then normali
 channel: a float32 tensor ``(3, frames, size, size)``. Every random choice comes from the
 sample's own generator (seed, epoch, stream, position), so a resumed run cuts the same clips.
 
-A microbatch is ``{"video": (mbs, 3, T, size, size), "key": [...], "caption": [...]}`` plus
+A microbatch is ``{"video": (mbs, 3, T, size, size), "key": [...], "caption": [...],
+"sample_seed": (mbs,) int64}`` (each clip's own seed, for draws a model makes per sample) plus
 ``"latent"`` / ``"text_emb"`` (stacked per clip) when every sample in it has them.
 
 Also here: :func:`probe_video` (the ``.json`` metadata the shard writer stores) and
@@ -315,6 +316,8 @@ class VideoPipeline:
             tensor = torch.from_numpy(clip).permute(3, 0, 1, 2).contiguous().float()
             tensor.mul_(self._scale).add_(self._bias)
             clips.append({"video": tensor, "key": sample.get("__key__", ""), "caption": caption, **extras})
+        for clip in clips:  # drawn after the crops, so a clip's frames do not depend on it
+            clip["sample_seed"] = int(rng.integers(0, 2**62))
         return clips
 
     def _crop(self, clip: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -334,6 +337,7 @@ class VideoPipeline:
             "video": torch.stack([c["video"] for c in items]),  # (mbs, 3, T, size, size)
             "key": [c["key"] for c in items],
             "caption": [c["caption"] for c in items],
+            "sample_seed": torch.tensor([c["sample_seed"] for c in items], dtype=torch.int64),
         }
         for name in ("latent", "text_emb"):
             values = [c.get(name) for c in items]
@@ -385,17 +389,9 @@ def default_codec() -> str:
         return "mpeg4"
 
 
-def synthetic_video(
-    seed: int, *, frames: int = 32, width: int = 64, height: int = 64, fps: int = 8, codec: str | None = None
-) -> tuple[bytes, str]:
-    """An mp4 of 1-3 coloured squares and discs moving (and bouncing) over a grey gradient.
-
-    Returns (mp4 bytes, a caption naming the shapes and their directions). Deterministic
-    frames for a seed; width and height are rounded up to even numbers (yuv420p).
-    """
-    import av
-
-    width, height = width + width % 2, height + height % 2
+def moving_shapes(seed: int, *, frames: int = 32, width: int = 64, height: int = 64) -> tuple[np.ndarray, str]:
+    """Frames (T, H, W, 3) uint8 of 1-3 coloured squares and discs moving (and bouncing) over a grey
+    gradient, and a caption naming the shapes and their directions; deterministic for a seed."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:height, 0:width]
     background = (90 + 60 * xx / max(width - 1, 1))[..., None].repeat(3, axis=2).astype(np.float32)
@@ -411,6 +407,33 @@ def synthetic_video(
         f"a {c} {k} moving {'right' if v[0] > 0 else 'left'} and {'down' if v[1] > 0 else 'up'}"
         for c, k, _, _, v in shapes
     )
+    video = np.empty((frames, height, width, 3), dtype=np.uint8)
+    for t in range(frames):
+        image = background.copy()
+        for colour, kind, r, pos, vel in shapes:
+            p = pos + vel * t
+            for axis, limit in ((0, width), (1, height)):  # bounce off the walls
+                span = limit - 2 * r
+                q = (p[axis] - r) % (2 * span)
+                p[axis] = r + (q if q <= span else 2 * span - q)
+            if kind == "square":
+                mask = (abs(xx - p[0]) <= r) & (abs(yy - p[1]) <= r)
+            else:
+                mask = (xx - p[0]) ** 2 + (yy - p[1]) ** 2 <= r * r
+            image[mask] = COLOURS[colour]
+        video[t] = image.astype(np.uint8)
+    return video, caption
+
+
+def synthetic_video(
+    seed: int, *, frames: int = 32, width: int = 64, height: int = 64, fps: int = 8, codec: str | None = None
+) -> tuple[bytes, str]:
+    """An mp4 of :func:`moving_shapes`: (mp4 bytes, caption). Width and height are rounded up to
+    even numbers (yuv420p)."""
+    import av
+
+    width, height = width + width % 2, height + height % 2
+    video, caption = moving_shapes(seed, frames=frames, width=width, height=height)
     codec = codec or default_codec()
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as out:
@@ -418,28 +441,76 @@ def synthetic_video(
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         if codec == "libx264":
             stream.options = {"preset": "ultrafast", "crf": "18"}
-        for t in range(frames):
-            image = background.copy()
-            for colour, kind, r, pos, vel in shapes:
-                p = pos + vel * t
-                for axis, limit in ((0, width), (1, height)):  # bounce off the walls
-                    span = limit - 2 * r
-                    q = (p[axis] - r) % (2 * span)
-                    p[axis] = r + (q if q <= span else 2 * span - q)
-                if kind == "square":
-                    mask = (abs(xx - p[0]) <= r) & (abs(yy - p[1]) <= r)
-                else:
-                    mask = (xx - p[0]) ** 2 + (yy - p[1]) ** 2 <= r * r
-                image[mask] = COLOURS[colour]
-            frame = av.VideoFrame.from_ndarray(image.astype(np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
+        for image in video:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
     return buffer.getvalue(), caption
 
 
+SYNTHETIC_VIDEOS = "synthetic:videos"
+"""``data.corpus`` of the in-memory moving-shapes clips (:class:`SyntheticClipSampler`)."""
+
+
+class SyntheticClipSampler:
+    """Clips [3, T, S, S] in [-1, 1] of :func:`moving_shapes` videos, drawn as a stateless function of
+    (seed, step, global microbatch): microbatch ``g`` of a step is DP rank ``g // n``'s ``g % n``-th
+    (n per rank), so the global batch is the same at every data-parallel size. ``samples``
+    distinct videos cycle in a per-epoch order; ``tag`` separates a validation set's videos."""
+
+    def __init__(
+        self,
+        *,
+        samples: int,
+        frames: int,
+        size: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_size: int,
+        seed: int,
+        tag: int = 0,
+    ):
+        from fmtrain.config import microbatches_per_rank
+
+        self.samples, self.frames, self.size, self.seed, self.tag = samples, frames, size, seed, tag
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.num_microbatches = microbatches_per_rank(global_batch_size, micro_batch_size, dp_size)
+
+    def video_seed(self, index: int) -> int:
+        return (self.seed * 1_000_003 + self.tag * 7_919 + index) % 2**31
+
+    def clip(self, index: int) -> torch.Tensor:
+        frames, _ = moving_shapes(self.video_seed(index), frames=self.frames, width=self.size, height=self.size)
+        return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+
+    def microbatches(self, global_step: int, dp_rank: int) -> list[dict]:
+        out = []
+        for i in range(self.num_microbatches):
+            first = global_step * self.global_batch_size + (dp_rank * self.num_microbatches + i) * self.micro_batch_size
+            positions = range(first, first + self.micro_batch_size)
+            indices = [self._index(p) for p in positions]
+            out.append(
+                {
+                    "video": torch.stack([self.clip(k) for k in indices]),
+                    "key": [f"synthetic-{self.tag}-{k}" for k in indices],
+                    "sample_seed": torch.tensor(
+                        [self.video_seed(k) * 31 + p for k, p in zip(indices, positions)], dtype=torch.int64
+                    ),
+                }
+            )
+        return out
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.samples)
+        order = np.random.default_rng([self.seed, self.tag, epoch]).permutation(self.samples)
+        return int(order[offset])
+
+
 __all__ = [
+    "SYNTHETIC_VIDEOS",
+    "SyntheticClipSampler",
+    "moving_shapes",
     "VIDEO_EXTENSIONS",
     "read_captions",
     "write_video_shards",

@@ -40,7 +40,12 @@ class Engine(Protocol):
     """Every trainable part, in stepping order (the primary first)."""
 
     def train_step(
-        self, microbatches: list[dict], lr: float | Mapping[str, float], *, poison_loss: bool = False
+        self,
+        microbatches: list[dict],
+        lr: float | Mapping[str, float],
+        *,
+        step: int | None = None,
+        poison_loss: bool = False,
     ) -> StepResult:
         """One optimizer step of every trainable part (``lr``: one rate, or one per part name);
         a non-finite loss or gradient norm skips that part's update (``update_applied=False``,

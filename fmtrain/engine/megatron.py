@@ -45,7 +45,7 @@ from fmtrain.engine.parts import (
     megatron_config_of,
     sharded_state_dict,
 )
-from fmtrain.models.registry import ForwardStep, ModelFamily, PartSpec
+from fmtrain.models.registry import ForwardStep, ModelFamily, PartSpec, Progress
 from fmtrain.parallel import Topology
 
 
@@ -73,7 +73,8 @@ class Part:
     optimizer: Any = None
     adam_kernel: str = ""
     forward_step: ForwardStep | None = None
-    report_names: list[str] | None = field(default=None, repr=False)
+    report_names: dict[bool, list[str]] = field(default_factory=dict, repr=False)
+    """The reported names of the part's loss function, for training (False) and forward-only (True)."""
 
     @property
     def name(self) -> str:
@@ -106,14 +107,17 @@ class MegatronEngine:
         if len(set(names)) != len(names) or not any(spec.trainable for spec in specs):
             raise ValueError(f"model.family={cfg.model.family}: parts {names} need unique names and a trainable one")
         primary = next(spec.name for spec in specs if spec.trainable)
+        if next(spec for spec in specs if spec.trainable).active_from_step:
+            raise ValueError(f"model.family={cfg.model.family}: the primary part {primary!r} must train from step 0")
         self.parts: dict[str, Part] = {
             spec.name: self._build_part(spec, prefix="" if spec.name == primary else f"{spec.name}.") for spec in specs
         }
         self.primary = self.parts[primary]
+        self.progress = Progress()
         modules = {name: part.family_modules() for name, part in self.parts.items()}
         for part in self.parts.values():
             if part.spec.forward_step is not None:
-                part.forward_step = part.spec.forward_step(cfg, modules)
+                part.forward_step = part.spec.forward_step(cfg, modules, self.progress)
 
     # ------------------------------------------------------------------ construction
 
@@ -255,19 +259,21 @@ class MegatronEngine:
             collect_non_loss_data=collect_non_loss_data,
         )
 
-    def _reduce_reports(self, part: Part, reports: list[dict]) -> dict[str, tuple[float, float]]:
-        """Sum each reported [sum, count] pair over microbatches and over the whole job.
+    def _reduce_reports(self, part: Part, reports: list[dict], forward_only: bool) -> dict[str, tuple[float, float]]:
+        """Sum each reported [sum, count] pair over microbatches and over the whole job; a name
+        whose count is 0 everywhere (a term not computed this step) is left out.
 
         Reports exist on the last pipeline stage only, once per tensor-parallel rank; the
         tensor-parallel rank 0 copies are summed over all ranks so every rank gets the result.
         """
-        # The set of names is the part's loss function's and never changes: every rank learns
-        # it from the last stage once, not with an object broadcast (a host sync) every step.
-        if part.report_names is None:
+        # The set of names is the part's loss function's and never changes (a term it does not
+        # compute is reported with count 0): every rank learns it from the last stage once per
+        # mode, not with an object broadcast (a host sync) every step.
+        if forward_only not in part.report_names:
             holder = [sorted(reports[0]) if reports else []]
             dist.broadcast_object_list(holder, src=dist.get_world_size() - 1)
-            part.report_names = holder[0]
-        names = part.report_names
+            part.report_names[forward_only] = holder[0]
+        names = part.report_names[forward_only]
         totals = torch.zeros(len(names), 2, dtype=torch.float64, device=self.topo.device)
         # A plain module runs (unpipelined) on every rank: each TP group's rank 0 reports.
         if (self.topo.is_last_stage or not part.megatron) and self.topo.tp_rank == 0:
@@ -275,10 +281,19 @@ class MegatronEngine:
                 for i, name in enumerate(names):
                     totals[i] += report[name].to(totals)
         dist.all_reduce(totals)
-        return {name: (float(totals[i, 0]), float(totals[i, 1])) for i, name in enumerate(names)}
+        return {
+            name: (float(totals[i, 0]), float(totals[i, 1]))
+            for i, name in enumerate(names)
+            if name == "loss" or totals[i, 1] != 0
+        }
 
     def train_step(
-        self, microbatches: list[dict], lr: float | Mapping[str, float], *, poison_loss: bool = False
+        self,
+        microbatches: list[dict],
+        lr: float | Mapping[str, float],
+        *,
+        step: int | None = None,
+        poison_loss: bool = False,
     ) -> StepResult:
         """One optimizer step of every trainable part, in order; ``lr`` is one rate for all
         parts or one per part name. The primary part's numbers are the result's; another
@@ -286,10 +301,16 @@ class MegatronEngine:
         A non-finite loss or gradient norm skips that part's update (its weights and optimizer
         state stay exactly as they were); ``update_applied`` is False if any part skipped.
 
+        ``step`` (completed optimizer steps before this one) is what forward steps see as
+        ``progress.step``; a part with ``active_from_step`` above it is not stepped.
         ``poison_loss`` multiplies the loss by NaN (fault injection for tests,
         ``FMTRAIN_TEST_NAN_AT_STEP``)."""
+        if step is not None:
+            self.progress.step = step
         results = {}
         for part in self.trainable_parts:
+            if self.progress.step < part.spec.active_from_step:
+                continue
             rate = lr if isinstance(lr, (int, float)) else lr[part.name]
             with self._gradients_only_for(part):
                 results[part.name] = self._step_part(part, microbatches, rate, poison_loss)
@@ -314,7 +335,7 @@ class MegatronEngine:
             group["weight_decay"] = part.train.weight_decay * group.get("wd_mult", 1.0)
         forward_step = _nan_loss(part.forward_step) if poison_loss else part.forward_step
         reports = self._run(part, microbatches, forward_step, forward_only=False)
-        sums = self._reduce_reports(part, reports)
+        sums = self._reduce_reports(part, reports, forward_only=False)
         loss_sum, tokens = sums.pop("loss")
         loss = loss_sum / max(tokens, 1.0)
         # Skip the update on a non-finite loss or gradient: the optimizer is not stepped, so the
@@ -361,7 +382,9 @@ class MegatronEngine:
         reports = self._run(part, microbatches, part.forward_step, forward_only=True)
         for chunk in part.chunks:
             chunk.train()
-        return {name: s / max(n, 1.0) for name, (s, n) in self._reduce_reports(part, reports).items()}
+        return {
+            name: s / max(n, 1.0) for name, (s, n) in self._reduce_reports(part, reports, forward_only=True).items()
+        }
 
     @torch.no_grad()
     def forward_outputs(

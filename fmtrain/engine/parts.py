@@ -53,7 +53,9 @@ class PlainModule(MegatronModule):
 
     def __init__(self, config: TransformerConfig, module: torch.nn.Module):
         super().__init__(config=config)
-        self.module = module
+        # Not ``self.module``: megatron looks attributes up through ``.module`` wrappers
+        # (``decoder.layers`` of a GPT model, say) and must not reach into a family's module.
+        self.inner = module
         self.model_type = ModelType.encoder_or_decoder
         self.pre_process = self.post_process = True
 
@@ -61,17 +63,17 @@ class PlainModule(MegatronModule):
         """megatron's schedules hand every chunk its stage input; a plain module has no stages."""
 
     def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        return self.inner(*args, **kwargs)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         # Replicated tensors, replica id (0, TP rank, DP rank): one copy is written, any DP size loads it.
-        return make_sharded_tensors_for_checkpoint(self.module.state_dict(keep_vars=True), prefix, {}, sharded_offsets)
+        return make_sharded_tensors_for_checkpoint(self.inner.state_dict(keep_vars=True), prefix, {}, sharded_offsets)
 
     def state_dict(self, *args, **kwargs):
-        return self.module.state_dict(*args, **kwargs)
+        return self.inner.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+        return self.inner.load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def megatron_config_of(cfg: Config, spec: PartSpec, *, params_dtype: torch.dtype, use_cpu: bool) -> TransformerConfig:
@@ -117,7 +119,7 @@ def initialize_part(cfg: Config, spec: PartSpec, chunks: list[MegatronModule]) -
 
 def family_module(chunk: torch.nn.Module) -> torch.nn.Module:
     """The family's own module inside a chunk (a :class:`PlainModule`'s inner module)."""
-    return chunk.module if isinstance(chunk, PlainModule) else chunk
+    return chunk.inner if isinstance(chunk, PlainModule) else chunk
 
 
 def sharded_state_dict(chunks: list[MegatronModule], prefix: str = "") -> dict:

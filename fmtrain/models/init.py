@@ -13,6 +13,7 @@ largest is the embedding, 64000 x 7168).
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,9 +24,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 
 @dataclass(frozen=True)
 class InitRule:
-    """How one checkpoint key is initialised: ``normal`` with ``std``, or a constant."""
+    """How one checkpoint key is initialised: ``normal`` with ``std``; ``fan_in``, normal with
+    ``std / sqrt(fan_in)`` (``std`` is the gain; fan-in from the full tensor's shape: every
+    dimension but the first); or a constant."""
 
-    kind: str  # "normal" | "ones" | "zeros"
+    kind: str  # "normal" | "fan_in" | "ones" | "zeros"
     std: float = 0.0
 
 
@@ -64,6 +67,9 @@ def initialize_layout_invariant(model_chunks: list[torch.nn.Module], seed: int, 
                 sh.data.zero_()
             elif init.kind == "normal":
                 _fill_normal_slice(sh, seed, init.std)
+            elif init.kind == "fan_in":
+                fan_in = math.prod(sh.global_shape[sh.prepend_axis_num + 1 :]) or 1
+                _fill_normal_slice(sh, seed, init.std / math.sqrt(fan_in))
             else:
                 raise ValueError(f"{sh.key}: unknown init kind {init.kind!r}")
             seen.add(id(sh.data))

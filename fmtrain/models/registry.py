@@ -62,10 +62,19 @@ class ForwardStep(Protocol):
     def __call__(self, data_iterator: Iterator[dict], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]: ...
 
 
+@dataclass
+class Progress:
+    """Where training stands, for a forward step whose loss changes over the run (a GAN term
+    that starts at a step); the engine updates it before every optimizer step."""
+
+    step: int = 0
+    """Optimizer steps completed before the one being computed."""
+
+
 class MakeForwardStep(Protocol):
-    def __call__(self, cfg: Config, parts: Mapping[str, list[torch.nn.Module]]) -> ForwardStep:
-        """The part's training forward step; ``parts`` maps every part's name to its unwrapped
-        chunks on this rank (a generator's loss may call the discriminator, say)."""
+    def __call__(self, cfg: Config, parts: Mapping[str, list[torch.nn.Module]], progress: Progress) -> ForwardStep:
+        """The part's training forward step; ``parts`` maps every part's name to the family's
+        modules on this rank (a generator's loss may call the discriminator, say)."""
         ...
 
 
@@ -93,6 +102,9 @@ class PartSpec:
     offload: bool = False
     """Frozen parts: keep the weights in host memory between uses (moved to the device for a
     forward, back afterwards)."""
+    active_from_step: int = 0
+    """Trainable parts: stepped from this optimizer step on (a discriminator that starts late);
+    before it the part is neither run nor updated, and its metrics are absent."""
 
     def __post_init__(self):
         if self.trainable and self.forward_step is None:
@@ -178,7 +190,7 @@ class ModelFamily:
     """The run's parts for a config (trainable first; the first is the primary part)."""
     prepare_data: PrepareData
     param_count: Callable[[Config], int]
-    """Parameters of the trainable parts (for ``fmtrain info`` and the start-up line)."""
+    """Parameters of the model (the primary part; for ``fmtrain info`` and the start-up line)."""
     flops_per_sample: Callable[[Config], float]
     """Model FLOPs (forward + backward) of one training sample, for throughput and MFU."""
     units_per_sample: Callable[[Config], int]
@@ -216,6 +228,7 @@ __all__ = [
     "PartSpec",
     "PrepareData",
     "PrepareStep",
+    "Progress",
     "RunData",
     "Sampler",
     "get_family",

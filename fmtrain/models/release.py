@@ -26,8 +26,11 @@ class HFCheckpointError(RuntimeError):
 def weights_dir(path: Path, conv) -> Path:
     """Where ``config.json`` and the weights of a release directory are: ``PATH/SUBDIR`` for a
     family whose release nests them (Step-Video: ``transformer/``), else ``PATH`` itself
-    (which may also be given directly)."""
+    (which may also be given directly); a converter with ``weights_path`` decides itself (the
+    Video-VAE's release directory holds two files)."""
     path = Path(path)
+    if hasattr(conv, "weights_path"):
+        return conv.weights_path(path)
     if conv.WEIGHTS_SUBDIR and (path / conv.WEIGHTS_SUBDIR).is_dir():
         return path / conv.WEIGHTS_SUBDIR
     return path

@@ -67,5 +67,45 @@ class FlowMatchingConfig(ObjectiveConfig):
                 raise ConfigError(str(exc)) from None
 
 
-SECTIONS: dict[str, type[ObjectiveConfig]] = {"lm": LMConfig, "flow_matching": FlowMatchingConfig}
+@dataclass
+class VAEConfig(ObjectiveConfig):
+    """``objective.name=vae``: per sample, ``l1_weight * mean |x - x_hat| + kl_weight * KL +
+    ssim_weight * (1 - SSIM)`` and, with ``gan_weight``, an adaptive-weighted PatchGAN generator term
+    (Esser et al. 2021, "Taming Transformers", eq. 7; the discriminator is a part of its own,
+    trained with the hinge loss). Pixels are in [-1, 1]."""
+
+    l1_weight: float = 1.0
+    kl_weight: float = 1e-6
+    """Multiplies the KL divergence to N(0, I) summed over a sample's latent elements and divided by
+    its pixel values (the reconstruction's normalisation): 1e-6 weighs it as LDM and Open-Sora do."""
+    ssim_weight: float = 0.0
+    """Multiplies 1 - SSIM (per frame, pytorch-msssim; needs no downloaded weights)."""
+    lpips_weight: float = 0.0
+    """LPIPS needs VGG weights downloaded by the ``lpips`` package; refused where they are absent."""
+    gan_weight: float = 0.0
+    """0: no discriminator. Otherwise the generator term's weight (Open-Sora: 0.05), times the
+    adaptive ratio ||grad nll|| / ||grad g|| at the decoder's last layer."""
+    gan_start_step: int = 0
+    """Optimizer steps before the discriminator and the generator term start."""
+    adaptive_weight_max: float = 1e4
+    """Clamp of the adaptive ratio."""
+    disc_lr: float = 0.0
+    """The discriminator's peak learning rate; 0: train.lr. Its schedule is train.*'s."""
+    sample_posterior: bool = True
+    """Train on a posterior sample (the mean is always used for validation and encoding)."""
+
+    def check(self, cfg: Config) -> None:
+        for name in ("l1_weight", "kl_weight", "ssim_weight", "lpips_weight", "gan_weight", "disc_lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"objective.{name}={getattr(self, name)} must be >= 0")
+        if self.gan_start_step < 0 or self.adaptive_weight_max <= 0:
+            raise ConfigError("objective.gan_start_step must be >= 0 and objective.adaptive_weight_max > 0")
+        if self.lpips_weight > 0:
+            raise ConfigError(
+                f"objective.lpips_weight={self.lpips_weight}: LPIPS needs pretrained VGG weights that the lpips "
+                "package downloads, which this installation cannot; use objective.ssim_weight (weight-free)"
+            )
+
+
+SECTIONS: dict[str, type[ObjectiveConfig]] = {"lm": LMConfig, "flow_matching": FlowMatchingConfig, "vae": VAEConfig}
 """Built-in objective name -> its section."""

@@ -54,14 +54,14 @@ def _broadcast_float(value: float, topo: parallel.Topology) -> float:
     return float(holder.item())
 
 
-def evaluate(engine, valid, cfg: Config, topo: parallel.Topology) -> float:
-    """Token-weighted validation loss over the first ``eval.steps`` global batches."""
-    total, weight = 0.0, 0
+def evaluate(engine, valid, cfg: Config, topo: parallel.Topology) -> dict[str, float]:
+    """Every reported validation mean (``loss``, and what the family reports besides: PSNR, ...),
+    averaged over the first ``eval.steps`` global batches."""
+    totals: dict[str, float] = {}
     for i in range(cfg.eval.steps):
-        result = engine.eval_step(valid.microbatches(i, topo.dp_rank))
-        total += result["loss"]
-        weight += 1
-    return total / max(weight, 1)
+        for name, value in engine.eval_step(valid.microbatches(i, topo.dp_rank)).items():
+            totals[name] = totals.get(name, 0.0) + value
+    return {name: total / max(cfg.eval.steps, 1) for name, total in totals.items()}
 
 
 def train(cfg: Config) -> dict:
@@ -162,7 +162,7 @@ def _train(cfg: Config) -> dict:
             lr = lrs[engine.primary.name]
             microbatches = train_batches.microbatches(step, topo.dp_rank)
             timer.start()
-            result = engine.train_step(microbatches, lrs, poison_loss=injected.poison_loss(done))
+            result = engine.train_step(microbatches, lrs, step=step, poison_loss=injected.poison_loss(done))
             skips.count(done, result.update_applied)
             metrics = {
                 "loss": result.loss,
@@ -174,9 +174,11 @@ def _train(cfg: Config) -> dict:
                 "skipped_steps": skips.total,
             }
             metrics.update(result.extra)
-            metrics.update({f"{name}/lr": rate for name, rate in lrs.items() if name != engine.primary.name})
+            metrics.update({f"{name}/lr": rate for name, rate in lrs.items() if f"{name}/loss" in result.extra})
             if valid_batches is not None and (done % cfg.eval.interval == 0 or done == t.max_steps):
-                metrics["val_loss"] = evaluate(engine, valid_batches, cfg, topo)
+                metrics.update(
+                    {f"val_{name}": value for name, value in evaluate(engine, valid_batches, cfg, topo).items()}
+                )
             logger.log(done, metrics)
             if topo.is_writer and (done % t.log_interval == 0 or done == t.max_steps or done == start_step + 1):
                 print(logger.progress_line(done, metrics, time.perf_counter() - started), flush=True)

@@ -172,6 +172,8 @@ def tb_tag(name: str) -> str:
         return TB_TAGS[name]
     if name.endswith("_per_s"):  # a family's throughput unit (clips_per_s, ...)
         return f"perf/{name}"
+    if name.startswith("val_"):  # val_psnr, ... beside val/loss
+        return f"val/{name[4:]}"
     return name if "/" in name else f"train/{name}"
 
 

@@ -57,7 +57,7 @@ def _report(losses: torch.Tensor):
     return losses.sum(), count, {"loss": torch.stack([losses.sum().detach(), count.float()])}
 
 
-def generator_step(cfg: Config, parts):
+def generator_step(cfg: Config, parts, progress):
     (discriminator,) = parts["discriminator"]
 
     def step(data_iterator, model):
@@ -68,7 +68,7 @@ def generator_step(cfg: Config, parts):
     return step
 
 
-def discriminator_step(cfg: Config, parts):
+def discriminator_step(cfg: Config, parts, progress):
     (generator,) = parts["generator"]
 
     def loss(n_real: int, logits: torch.Tensor):

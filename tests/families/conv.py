@@ -70,7 +70,7 @@ def _loss(target: torch.Tensor, output: torch.Tensor):
     return losses.sum(), count, {"loss": torch.stack([losses.sum().detach(), count.float()])}
 
 
-def forward_step(cfg: Config, parts):
+def forward_step(cfg: Config, parts, progress):
     def step(data_iterator, model):
         batch = next(data_iterator)
         return model(batch["images"]), functools.partial(_loss, batch["target"])

@@ -69,20 +69,19 @@ def converter(family: str):
 def detect_family(path: Path) -> str:
     """The built-in family whose converter recognises the ``config.json`` of ``path``; the
     default family when none does (its config translation then names what it refuses)."""
+    from fmtrain.checkpoint.hf.io import HFCheckpointError
     from fmtrain.models.registry import get_family
 
     for family in BUILTIN_FAMILIES:
         conv = get_family(family).converter
         if conv is None:
             continue
-        file = weights_dir(path, conv) / "config.json"
-        if file.is_file():
-            try:
-                config_json = json.loads(file.read_text())
-            except json.JSONDecodeError:
-                continue
-            if isinstance(config_json, dict) and conv.recognizes(config_json):
-                return family
+        try:
+            config_json, _ = release_config(Path(path), conv)
+        except (ConfigError, HFCheckpointError):
+            continue
+        if isinstance(config_json, dict) and conv.recognizes(config_json):
+            return family
     return BUILTIN_FAMILIES[0]
 
 
@@ -94,6 +93,19 @@ def _read_hf_config(hf_dir: Path) -> dict:
     return read_config_json(
         Path(hf_dir) / "config.json", f"{hf_dir}: no config.json (a Hugging Face model directory has one)"
     )
+
+
+def release_config(path: Path, conv) -> tuple[dict, str]:
+    """(the architecture description of a release directory, where it came from): its
+    ``config.json``, or what the converter reads off the weights when the release has none
+    (``release_config``: the Video-VAE ships only its safetensors)."""
+    from fmtrain.checkpoint.hf.io import HFCheckpoint
+
+    where = weights_dir(path, conv)
+    if hasattr(conv, "release_config"):
+        with HFCheckpoint(where) as ckpt:
+            return conv.release_config(ckpt)
+    return _read_hf_config(where), f"{where}/config.json"
 
 
 def refuse_existing(out: Path, overwrite: bool) -> None:
@@ -114,13 +126,12 @@ def from_hf_config(hf_dir: Path, recipe: str | None, overrides: list[str], *, al
     if recipe is None:
         family_conv = converter(detect_family(hf_dir))
         where = weights_dir(hf_dir, family_conv)
-        config_json = _read_hf_config(where)  # a clear error when there is none
+        config_json, _ = release_config(hf_dir, family_conv)  # a clear error when there is none
         with HFCheckpoint(where, allow_pickle=allow_pickle) as ckpt:
             family_args = family_conv.model_overrides(config_json, ckpt)
     cfg = load_config(recipe, family_args + list(overrides))
     conv = converter(cfg.model.family)
-    hf_config = _read_hf_config(weights_dir(hf_dir, conv))
-    source = f"{weights_dir(hf_dir, conv)}/config.json"
+    hf_config, source = release_config(hf_dir, conv)
     try:
         conv.check_model_matches_hf(cfg, hf_config, source)
     except ConfigError as exc:
@@ -263,8 +274,7 @@ def init_from_hf(cfg: Config, run_dir: Path, engine, topo, log: Log = print) -> 
     if not hf_dir.is_dir():
         raise ConfigError(f"model.init_from_hf={hf_dir}: no such directory")
     conv = converter(cfg.model.family)
-    where = weights_dir(hf_dir, conv)
-    conv.check_model_matches_hf(cfg, _read_hf_config(where), f"{where}/config.json")
+    conv.check_model_matches_hf(cfg, *release_config(hf_dir, conv))
     started = time.perf_counter()
     count, read, total = load_hf_weights(engine.unwrapped_chunks(), hf_dir, cfg)
     engine.weights_changed()
@@ -435,7 +445,8 @@ def export_to_hf(
         shutil.rmtree(tmp)
     target = tmp / conv.WEIGHTS_SUBDIR if conv.WEIGHTS_SUBDIR else tmp
     target.mkdir(parents=True)
-    writer = StreamingShardWriter(target, shards, prefix=conv.WEIGHTS_PREFIX)
+    prefix = conv.weights_prefix(cfg) if hasattr(conv, "weights_prefix") else conv.WEIGHTS_PREFIX
+    writer = StreamingShardWriter(target, shards, prefix=prefix)
     log(
         f"fmtrain convert to-hf: {ckpt} (saved at TP={state['layout'].get('tp')} PP={state['layout'].get('pp')}, "
         f"step {state.get('step')}) -> {out} ({conv.FORMAT}): {len(specs)} tensors, "

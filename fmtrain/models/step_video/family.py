@@ -91,7 +91,7 @@ def _loss(weights: torch.Tensor, l1_weight: float, output: torch.Tensor):
     return loss_sum, count.to(torch.int), reports
 
 
-def make_forward_step(cfg: Config, parts=None):
+def make_forward_step(cfg: Config, parts=None, progress=None):
     def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
         batch = next(data_iterator)
         device = next(model.parameters()).device

@@ -42,7 +42,7 @@ def parts(cfg: Config) -> list[PartSpec]:
             build=build_chunk,
             init_rule=init_rule,
             megatron_config=transformer_config,
-            forward_step=lambda cfg, parts: forward_step,
+            forward_step=lambda cfg, parts, progress: forward_step,
         )
     ]
 

@@ -1,0 +1,210 @@
+"""The Step-Video-T2V Video-VAE family: architecture against the release, causality, chunking
+and tiling, the release file round trip, DP=2 against DP=1 with the discriminator, exact
+resume of both optimizers after SIGKILL, and learning on moving-shape videos."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, Run, finish_ok, read_metrics
+from safetensors.torch import load_file, save_file
+
+from fmtrain.cli import main as fmtrain_main
+from fmtrain.config import load_config
+from fmtrain.models.video_vae import codec
+from fmtrain.models.video_vae import convert as vae_convert
+from fmtrain.models.video_vae.model import VideoVAE
+
+TINY = REPO / "recipes" / "step_video" / "vae_tiny.yaml"
+FULL = REPO / "recipes" / "step_video" / "vae.yaml"
+
+# Shapes of tensors of the released vae_v2.safetensors (AutoencoderKL(z_channels=64, version=2) of
+# stepfun-ai/Step-Video-T2V, stepvideo/vae/vae.py; decoder.conv_out as the file stores it).
+RELEASED_SHAPES = {
+    "encoder.conv_in.conv.weight": (32, 3, 3, 3, 3),
+    "encoder.down.0.block.0.conv1.conv.weight": (128, 32, 3, 3, 3),
+    "encoder.down.0.block.0.nin_shortcut.conv.weight": (128, 32, 1, 1, 1),
+    "encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
+    "encoder.down.1.downsample.conv.conv.weight": (256, 256, 3, 3, 3),
+    "encoder.mid.attn_1.q.conv.weight": (512, 512, 1, 1, 1),
+    "encoder.conv_patchify.conv.conv.weight": (256, 512, 3, 3, 3),
+    "encoder.conv_out.conv.weight": (128, 2048, 3, 3, 3),
+    "decoder.conv_in.conv.weight": (2048, 64, 3, 3, 3),
+    "decoder.conv_unpatchify.conv.conv.weight": (4096, 2048, 3, 3, 3),
+    "decoder.up.3.upsample.conv3d.conv1.conv.weight": (512, 512, 3, 3, 3),
+    "decoder.up.1.upsample.conv.weight": (256, 256, 3, 3),
+    "decoder.up.0.block.0.nin_shortcut.conv.weight": (128, 256, 1, 1, 1),
+    "decoder.norm_out.weight": (128,),
+    "decoder.conv_out.weight": (3, 128, 3, 3, 3),
+}
+
+
+def tiny_vae(**kw) -> VideoVAE:
+    torch.manual_seed(0)
+    return VideoVAE(
+        z_channels=8,
+        encoder_ch=32,
+        decoder_ch=32,
+        num_res_blocks=1,
+        encoder_ch_mult=[1, 1, 2, 2],
+        decoder_ch_mult=[1, 1, 2, 2],
+        **kw,
+    ).eval()
+
+
+def test_the_released_architecture():
+    cfg = load_config(FULL)
+    shapes = vae_convert.shapes_from_config(cfg)
+    assert {name: shapes[name] for name in RELEASED_SHAPES} == RELEASED_SHAPES
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmtrain.cli", "info", str(FULL), "--gpus", "32"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "parameters    498,818,819" in proc.stdout  # AutoencoderKL(z_channels=64, version=2) of the release
+    with torch.device("meta"):
+        v1 = VideoVAE(z_channels=16, version=1)
+    assert (v1.spatial_compression, v1.temporal_compression) == (8, 4)
+
+
+def test_latents_are_causal_in_time_and_chunked_as_the_release():
+    vae = tiny_vae()
+    x = torch.rand(1, 3, 34, 32, 32) * 2 - 1  # two 17-frame chunks
+    mean, logvar = codec.encode_moments(vae, x, chunk_frames=17)
+    assert mean.shape == logvar.shape == (1, 8, 6, 2, 2)
+    # Latent frame j sees frames up to 8 j of its chunk: later frames (and the next chunk) change nothing.
+    for first_changed, unchanged in ((9, 2), (12, 2), (17, 3), (25, 4)):
+        y = x.clone()
+        y[:, :, first_changed:] = torch.rand_like(y[:, :, first_changed:])
+        other, _ = codec.encode_moments(vae, y, chunk_frames=17)
+        assert torch.equal(other[:, :, :unchanged], mean[:, :, :unchanged]), first_changed
+        assert not torch.equal(other[:, :, unchanged], mean[:, :, unchanged]), first_changed
+    # Decoding: the frames of latents 0..1 (frames 0..8) do not depend on latents 2..
+    z = torch.randn(1, 8, 6, 2, 2)
+    frames = codec.decode(vae, z, chunk_frames=17)
+    assert frames.shape == (1, 3, 34, 32, 32)
+    z2 = z.clone()
+    z2[:, :, 2:] = torch.randn_like(z2[:, :, 2:])
+    assert torch.equal(codec.decode(vae, z2, chunk_frames=17)[:, :, :9], frames[:, :, :9])
+    # The release's lengths: 17 -> 3 latent frames per chunk, 204 -> 36 and back.
+    with torch.device("meta"):
+        big = VideoVAE()
+        assert codec.encode_moments(big, torch.empty(1, 3, 204, 32, 32), chunk_frames=17)[0].shape[2] == 36
+        assert codec.decode(big, torch.empty(1, 64, 36, 2, 2), chunk_frames=17).shape[2] == 204
+    with pytest.raises(ValueError, match="not 1 \\+ a multiple of the temporal compression 8"):
+        codec.encode_moments(vae, x[:, :, :20], chunk_frames=17)
+
+
+def test_seams_blend_as_the_release():
+    x = torch.arange(34, dtype=torch.float32).view(1, 1, 34, 1, 1).repeat(1, 1, 1, 2, 2)
+    y = codec.blend_seams(x, 17)
+    back = 0.6 * 17 + 0.4 * 16
+    assert y[0, 0, 17, 0, 0].item() == pytest.approx(back)
+    assert y[0, 0, 16, 0, 0].item() == pytest.approx(0.6 * 16 + 0.4 * back)
+    assert torch.equal(y[:, :, :16], x[:, :, :16]) and torch.equal(y[:, :, 18:], x[:, :, 18:])
+
+
+def test_tiles_cover_and_blend_exactly_for_local_maps():
+    """Tiling is exact for maps without context across tiles (what a VAE approximates away from
+    its attention): a pixelwise map, a 16x average pool (encoder-shaped) and a 16x nearest upsample
+    (decoder-shaped). The starts cover the frame and the last tile ends at its edge."""
+    assert codec.tile_starts(100, 32, 8) == [0, 24, 48, 68] and codec.tile_starts(30, 32, 8) == [0]
+    x = torch.randn(2, 3, 5, 96, 80)
+    pool = lambda v: torch.nn.functional.avg_pool3d(v, (1, 16, 16))  # noqa: E731
+    up = lambda v: torch.nn.functional.interpolate(v, scale_factor=(1, 16, 16))  # noqa: E731
+    torch.testing.assert_close(codec.tiled(torch.tanh, x, 32, 16, 1.0), torch.tanh(x))
+    torch.testing.assert_close(codec.tiled(pool, x, 32, 16, 1 / 16), pool(x))
+    z = torch.randn(2, 3, 5, 6, 5)
+    torch.testing.assert_close(codec.tiled(up, z, 2, 1, 16.0), up(z))
+
+
+def test_release_file_round_trip_and_wrong_shapes(tmp_path, capsys):
+    cfg = load_config(TINY)
+    shapes = vae_convert.shapes_from_config(cfg)
+    g = torch.Generator().manual_seed(3)
+    tensors = {name: torch.randn(shape, generator=g) for name, shape in shapes.items()}
+    release = tmp_path / "release" / "vae"
+    release.mkdir(parents=True)
+    save_file(tensors, str(release / "vae_v2.safetensors"))
+    ckpt = tmp_path / "ckpt"
+    assert fmtrain_main(["convert", "from-hf", str(tmp_path / "release"), str(ckpt)]) == 0
+    state = json.loads((ckpt / "fmtrain_state.json").read_text())
+    model = state["config"]["model"]
+    assert model["family"] == "video_vae" and model["z_channels"] == 8 and model["encoder_channel_mult"] == [1, 1, 2, 2]
+    back = tmp_path / "back"
+    assert fmtrain_main(["convert", "to-hf", str(ckpt), str(back)]) == 0
+    again = load_file(str(back / "vae" / "vae_v2.safetensors"))
+    assert set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    # A file of another architecture fails naming the field; a tensor of the wrong shape fails
+    # before loading, naming the tensor and both shapes.
+    wider = dict(tensors)
+    wider["decoder.conv_out.weight"] = torch.randn(3, 64, 3, 3, 3)
+    save_file(wider, str(release / "vae_v2.safetensors"))
+    assert (
+        fmtrain_main(["convert", "from-hf", str(tmp_path / "release"), str(tmp_path / "bad"), "--recipe", str(TINY)])
+        != 0
+    )
+    assert "model.decoder_channels=32 does not match the checkpoint" in capsys.readouterr().err
+    bad = dict(tensors)
+    bad["encoder.mid.attn_1.q.conv.weight"] = torch.randn(64, 32, 1, 1, 1)
+    save_file(bad, str(release / "vae_v2.safetensors"))
+    assert (
+        fmtrain_main(["convert", "from-hf", str(tmp_path / "release"), str(tmp_path / "bad"), "--recipe", str(TINY)])
+        != 0
+    )
+    err = capsys.readouterr().err
+    assert "encoder.mid.attn_1.q.conv.weight" in err and "(64, 32, 1, 1, 1)" in err and "(64, 64, 1, 1, 1)" in err
+
+
+VAE_RUN = [
+    "data.video_frames=9",
+    "data.synthetic_samples=16",
+    "train.max_steps=6",
+    "train.lr=5e-4",
+    "train.min_lr=5e-5",
+    "train.warmup_steps=1",
+    "train.log_interval=1",
+    "objective.gan_start_step=2",
+    "objective.ssim_weight=0.2",
+    "eval.interval=0",
+    "logging.tensorboard=false",
+    "checkpoint.interval=2",
+]
+PAIR = ("loss", "l1", "kl", "grad_norm", "discriminator/loss", "discriminator/grad_norm")
+
+
+def test_dp2_equals_dp1_with_the_discriminator_and_resumes_exactly(tmp_path):
+    """Steps 1-2 without the GAN, 3-6 with the discriminator and its own optimizer: DP=2 and DP=1
+    (same global batch) agree for 5 steps (losses within 2e-5); killed after step 5 and resumed
+    from step 4, the run continues bit for bit."""
+    dp2, dp1, run = tmp_path / "dp2", tmp_path / "dp1", tmp_path / "run"
+    finish_ok(Run(VAE_RUN + [f"run.dir={dp2}"], 2, tmp_path, "dp2", recipe=TINY))
+    finish_ok(Run(VAE_RUN + [f"run.dir={dp1}"], 1, tmp_path, "dp1", recipe=TINY))
+    ref, one = read_metrics(dp2), read_metrics(dp1)
+    assert "discriminator/loss" not in ref[2] and "discriminator/loss" in ref[3]
+    for step in range(1, 6):
+        for name in PAIR:
+            if name in ref[step]:
+                # Measured: the VAE's losses agree to ~2e-7, the discriminator's to 1.2e-5 at step 5; the
+                # gradient norms (squares summed in another order over two ranks) to 7e-5.
+                rel = 1e-3 if name.endswith("grad_norm") else 2e-5
+                assert one[step][name] == pytest.approx(ref[step][name], rel=rel, abs=1e-7), (step, name)
+    killed = Run(
+        VAE_RUN + [f"run.dir={run}"], 2, tmp_path, "killed", env={"FMTRAIN_TEST_HANG_AT_STEP": "5"}, recipe=TINY
+    )
+    killed.wait_for_step(run, 5)
+    killed.signal_group(signal.SIGKILL)
+    killed.finish()
+    finish_ok(Run(VAE_RUN + [f"run.dir={run}"], 2, tmp_path, "resumed", recipe=TINY))
+    resumed = read_metrics(run)
+    for step in (5, 6):
+        for name in PAIR + ("gan_weight", "psnr"):
+            assert resumed[step][name] == ref[step][name], (step, name)
