@@ -271,6 +271,15 @@ class EvalConfig:
     """Validate every this many steps; 0 disables validation."""
     steps: int = 2
     """Global batches per validation."""
+    videos: bool = True
+    """Families that draw pictures at validation (the Video-VAE: input beside reconstruction)
+    log them to TensorBoard and RUN_DIR/videos/."""
+    video_fps: float = 8.0
+    """Frame rate of those videos."""
+    sample_vae: str = ""
+    """A video_vae checkpoint / run directory or the release's vae/: at every validation a DiT
+    family samples a video for the first validation prompt (at that sample's latent shape) and
+    logs it decoded, beside the sample's own video decoded from its latent."""
 
 
 @dataclass

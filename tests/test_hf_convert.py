@@ -408,3 +408,22 @@ def test_train_from_hf_then_export_matches_transformers(hf, converted, trained, 
     first = read_metrics(trained)[1]["loss"]
     print(f"step-1 loss: init_from_hf at TP=1 {metrics['loss']:.6f}, converted checkpoint at PP=2 {first:.6f}")
     assert abs(metrics["loss"] - first) < 1e-4
+
+
+def test_an_fmtrain_yi_checkpoint_encodes_captions_as_its_hf_export(hf, converted, tmp_path):
+    """``data encode --llm-encoder CKPT``: an fmtrain Yi checkpoint (here TP=2) is exported once
+    under OUT/.encode and its last hidden states are those of transformers' LlamaModel of the
+    original weights, for the caption's tokens (no BOS added beyond the tokenizer's own)."""
+    from fmtrain.encode import TextEncoder, llm_encoder_dir
+
+    folder = llm_encoder_dir(converted["dir"], tmp_path, rank=0)
+    assert folder == tmp_path / ".encode" / "llm-hf" and (folder / "config.json").is_file()
+    encoder = TextEncoder(folder, tokens=8, device=torch.device("cpu"), what="--llm-encoder")
+    caption = "ROMEO: But, soft! what light through yonder window breaks?"
+    got = encoder(caption)
+    ids = encoder.tokenizer(caption, truncation=True, max_length=8, return_tensors="pt")["input_ids"]
+    assert got.shape == (min(ids.shape[1], 8), HF_KW["hidden_size"])
+    reference = transformers.LlamaModel.from_pretrained(hf["dir"]).eval()
+    with torch.no_grad():
+        want = reference(input_ids=ids).last_hidden_state[0].numpy()
+    assert abs(got - want).max() < 1e-5

@@ -174,6 +174,7 @@ VAE_RUN = [
     "train.log_interval=1",
     "objective.gan_start_step=2",
     "objective.ssim_weight=0.2",
+    "objective.image_ratio=0.5",  # microbatches of single frames among the clips
     "eval.interval=0",
     "logging.tensorboard=false",
     "checkpoint.interval=2",
@@ -187,8 +188,12 @@ def test_dp2_equals_dp1_with_the_discriminator_and_resumes_exactly(tmp_path):
     from step 4, the run continues bit for bit."""
     dp2, dp1, run = tmp_path / "dp2", tmp_path / "dp1", tmp_path / "run"
     finish_ok(Run(VAE_RUN + [f"run.dir={dp2}"], 2, tmp_path, "dp2", recipe=TINY))
-    finish_ok(Run(VAE_RUN + [f"run.dir={dp1}"], 1, tmp_path, "dp1", recipe=TINY))
+    # DP=1 also validates at step 3 (which must not change its training) and draws its pictures.
+    with_eval = ["eval.interval=3", "eval.steps=1", "logging.tensorboard=true"]
+    finish_ok(Run(VAE_RUN + with_eval + [f"run.dir={dp1}"], 1, tmp_path, "dp1", recipe=TINY))
     ref, one = read_metrics(dp2), read_metrics(dp1)
+    assert "val_psnr" in one[3] and "val_ssim" in one[3]
+    check_reconstruction_video(dp1, step=3, frames=9, size=32)
     assert "discriminator/loss" not in ref[2] and "discriminator/loss" in ref[3]
     for step in range(1, 6):
         for name in PAIR:
@@ -208,3 +213,39 @@ def test_dp2_equals_dp1_with_the_discriminator_and_resumes_exactly(tmp_path):
     for step in (5, 6):
         for name in PAIR + ("gan_weight", "psnr"):
             assert resumed[step][name] == ref[step][name], (step, name)
+
+
+def check_reconstruction_video(run_dir, *, step: int, frames: int, size: int) -> None:
+    """RUN_DIR/videos holds the first validation clip beside its reconstruction as an mp4, and
+    TensorBoard the same as an animated image (what SummaryWriter.add_video writes)."""
+    import av
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with av.open(str(run_dir / "videos" / f"val_reconstruction-{step:07d}.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == frames and decoded[0].shape == (size, 2 * size, 3)
+    events = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    (image,) = [event for event in events.Images("val/reconstruction") if event.step == step]
+    assert (image.width, image.height) == (2 * size, size)
+    assert image.encoded_image_string.startswith(b"GIF89a")
+
+
+def test_image_microbatches_are_drawn_from_the_clip_seeds():
+    from fmtrain.models.video_vae.family import training_pixels
+
+    cfg = load_config(TINY, ["objective.image_ratio=0.5"])
+    clips = torch.rand(2, 3, 9, 8, 8)
+    shapes = []
+    for first in range(40):
+        batch = {"video": clips, "sample_seed": torch.tensor([first, 1000 + first])}
+        x = training_pixels(cfg, batch, "cpu")
+        assert torch.equal(x, training_pixels(cfg, batch, "cpu"))  # the same draws every time
+        if x.shape[2] == 1:  # one frame of each clip, each its own
+            picked = [next(t for t in range(9) if torch.equal(x[i, :, 0], clips[i, :, t])) for i in range(2)]
+            shapes.append(tuple(picked))
+        else:
+            assert torch.equal(x, clips)
+    assert 10 <= len(shapes) <= 30  # about half of the microbatches
+    assert len(set(shapes)) > 1
+    assert training_pixels(load_config(TINY), batch, "cpu").shape[2] == 9  # image_ratio 0: clips

@@ -5,11 +5,13 @@
     fmtrain info RECIPE [key=value ...]             parameters, FLOPs per sample unit, memory per GPU
     fmtrain demo                                    the tiny Yi model on the embedded corpus
     fmtrain data shard text|video ... / data index   WebDataset shards + index.json (fmtrain.data.commands)
+    fmtrain data encode SHARDS --vae SRC --llm-encoder DIR --out DIR   video shards -> DiT latent shards
     fmtrain tokenizer train|encode ...              SentencePiece with Yi's special ids
     fmtrain launch slurm|local RECIPE ...           sbatch script / local run; requeued after a save
     fmtrain convert from-hf HF_DIR OUT [k=v ...]    Hugging Face / release -> fmtrain checkpoint (any layout)
     fmtrain convert to-hf CKPT_DIR OUT [--dtype]    fmtrain checkpoint (any layout) -> Hugging Face / release
     fmtrain sample RECIPE --ckpt DIR --prompt-emb F --out F   DiT latents by the Euler sampler (CFG)
+        [--vae SRC --out F.mp4]                     ... decoded to video by the Video-VAE
 
 Configuration errors are reported before any process starts.
 """
@@ -36,6 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch_local(args.nproc, ["train", args.recipe, *args.overrides])
     if not under_launcher():
         check_inputs(cfg)  # one process here; under a launcher, the launch command checked them
+        os.environ.setdefault("MASTER_PORT", str(free_port()))  # so that two such runs can share a machine
     from fmtrain.train import signals
 
     signals.install()  # before the heavy imports: a SIGTERM during start-up is kept, not fatal
@@ -123,14 +126,35 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from fmtrain.checkpoint import load_model_weights
     from fmtrain.engine.parts import build_for_inference, family_module
 
+    if bool(args.prompt) == bool(args.prompt_emb):
+        raise ConfigError("give a prompt: either --prompt TEXT (with --llm-encoder) or --prompt-emb FILE.npz")
+    if args.prompt and not args.llm_encoder:
+        raise ConfigError("--prompt needs --llm-encoder DIR (and --clip-encoder DIR with a CLIP slot), as data encode")
+    vae = vae_cfg = None
+    if args.vae:
+        from fmtrain.checkpoint.pretrained import pretrained_config
+
+        if Path(args.out).suffix != ".mp4":
+            raise ConfigError(f"--vae decodes to video: --out {args.out} must end in .mp4")
+        vae_cfg = pretrained_config(args.vae, "video_vae")
+        if vae_cfg.model.z_channels != cfg.model.in_channels:
+            raise ConfigError(
+                f"--vae {args.vae} has {vae_cfg.model.z_channels} latent channels, the DiT's "
+                f"model.in_channels={cfg.model.in_channels}"
+            )
     topo = parallel.initialize(cfg)
     model = build_for_inference(cfg, family.primary(cfg), topo.device)  # the run seed's weights...
     if args.ckpt:
         load_model_weights(args.ckpt, model, cfg)  # ...or a checkpoint's, from any layout
+    if args.vae:
+        from fmtrain.checkpoint.pretrained import load_pretrained
+
+        vae = load_pretrained(vae_cfg, args.vae, topo.device)
+    prompt_file = args.prompt_emb or embed_prompt(args, cfg, topo.device)
     latents = family.sample(
         cfg,
         family_module(model),
-        prompt_file=args.prompt_emb,
+        prompt_file=prompt_file,
         shape=shape,
         num=args.num,
         seed=args.seed,
@@ -138,15 +162,55 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, latents.cpu().numpy(), allow_pickle=False)
+    np.save(out.with_suffix(".npy"), latents.cpu().numpy(), allow_pickle=False)
     o = cfg.objective
     print(
         f"fmtrain sample: {tuple(latents.shape)} latents ({o.sample_steps} Euler steps, shift "
-        f"{o.sample_shift}, guidance {o.guidance_scale}, seed {args.seed}) -> {out}; "
+        f"{o.sample_shift}, guidance {o.guidance_scale}, seed {args.seed}) -> {out.with_suffix('.npy')}; "
         f"mean {latents.mean():.4f} std {latents.std():.4f}"
     )
+    if vae is not None:
+        for path, frames in zip(video_paths(out, args.num), decode_latents(vae, vae_cfg, latents)):
+            from fmtrain.data.video import encode_mp4
+
+            path.write_bytes(encode_mp4(frames, fps=args.fps))
+            print(f"fmtrain sample: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} -> {path}")
     parallel.destroy()
     return 0
+
+
+def embed_prompt(args: argparse.Namespace, cfg, device) -> str:
+    """``--prompt`` through the text encoders ``fmtrain data encode`` used; saved as OUT.prompt.npz."""
+    import numpy as np
+
+    from fmtrain.encode import TextEncoder
+
+    m = cfg.model
+    arrays = {"text_emb": TextEncoder(args.llm_encoder, m.caption_tokens, device, "--llm-encoder")(args.prompt)}
+    if args.clip_encoder:
+        arrays["clip_emb"] = TextEncoder(args.clip_encoder, m.clip_tokens, device, "--clip-encoder")(args.prompt)
+    path = Path(args.out).with_suffix(".prompt.npz")
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def video_paths(out: Path, num: int) -> list[Path]:
+    return [out] if num == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num)]
+
+
+def decode_latents(vae, vae_cfg, latents):
+    """uint8 frames (T, H, W, 3) of each latent [C, T', H', W'], decoded chunk-wise and tiled as
+    the VAE's config says."""
+    from fmtrain.data.video import to_uint8_frames
+    from fmtrain.models.video_vae import codec
+
+    m = vae_cfg.model
+    dtype = next(vae.parameters()).dtype
+    for z in latents:
+        x = codec.decode(
+            vae, z[None].to(dtype), chunk_frames=m.chunk_frames, tile_size=m.tile_size, tile_overlap=m.tile_overlap
+        )
+        yield to_uint8_frames(x[0])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -219,9 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("overrides", nargs="*")
     smp.add_argument("--ckpt", default="", help="checkpoint or run directory (latest); empty: initial weights")
     smp.add_argument(
-        "--prompt-emb", required=True, help=".npz with text_emb [L, caption_dim] (+ text_mask, clip_emb, clip_mask)"
+        "--prompt-emb", default="", help=".npz with text_emb [L, caption_dim] (+ text_mask, clip_emb, clip_mask)"
     )
-    smp.add_argument("--out", required=True, help="output .npy: [num, C, T, H, W] float32 latents")
+    smp.add_argument("--prompt", default="", help="prompt text, embedded by --llm-encoder (and --clip-encoder)")
+    smp.add_argument("--llm-encoder", default="", help="Hugging Face LLM directory for --prompt")
+    smp.add_argument("--clip-encoder", default="", help="Hugging Face text encoder for --prompt (the CLIP slot)")
+    smp.add_argument(
+        "--out",
+        required=True,
+        help="output .npy: [num, C, T, H, W] float32 latents; with --vae an .mp4 (OUT-i.mp4 for --num > 1), "
+        "the latents beside it as .npy",
+    )
+    smp.add_argument("--vae", default="", help="video_vae checkpoint / run dir or the release (vae/): decode to mp4")
+    smp.add_argument("--fps", type=float, default=25.0, help="frame rate of the mp4 (default 25)")
     smp.add_argument("--shape", default="", help="latent T x H x W (default: the first data.synthetic_latent_shapes)")
     smp.add_argument("--num", type=int, default=1, help="samples for the prompt")
     smp.add_argument("--seed", type=int, default=0)
@@ -243,7 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fmtrain.data.commands import register_data
 
-    register_data(sub)  # data shard|index, tokenizer train|encode
+    data_commands = register_data(sub)  # data shard|index, tokenizer train|encode
+
+    from fmtrain.cli.encode import register_encode
+
+    register_encode(data_commands)  # data encode
 
     from fmtrain.launch import register_launch
 

@@ -6,6 +6,7 @@
     fmtrain data synth-latents OUT_DIR --shapes 2x8x8,3x8x6 --samples N --classes K --channels C
         --caption-dim D --caption-tokens L [--clip-dim D2 --clip-tokens L2] [--seed S] [--valid-fraction F]
     fmtrain data index PATTERN --out DIR/index.json
+    fmtrain data encode SHARDS --vae SRC --llm-encoder DIR [--clip-encoder DIR] --out DIR  (fmtrain.cli.encode)
     fmtrain tokenizer train --shards PATTERN --vocab-size N --out PREFIX
     fmtrain tokenizer encode --model MODEL [--text TEXT ...] [FILES...]
 
@@ -202,8 +203,9 @@ def _guarded(func):
     return run
 
 
-def register_data(sub) -> None:
-    """Add ``data`` and ``tokenizer`` to the ``fmtrain`` subcommand parser ``sub``."""
+def register_data(sub):
+    """Add ``data`` and ``tokenizer`` to the ``fmtrain`` subcommand parser ``sub``; returns the
+    ``data`` subcommands (``fmtrain.cli`` adds ``data encode``, which needs the models)."""
     data = sub.add_parser("data", help="write and index WebDataset shards")
     dsub = data.add_subparsers(dest="data_command", required=True)
     shard = dsub.add_parser("shard", help="write text, video or latent shards (with index.json)")
@@ -276,6 +278,7 @@ def register_data(sub) -> None:
     encode.add_argument("--pieces", action="store_true", help="also print the pieces")
     encode.add_argument("files", nargs="*", help=".txt/.jsonl files (one line of output per document)")
     encode.set_defaults(func=_guarded(cmd_tokenizer_encode))
+    return dsub
 
 
 __all__ = ["register_data"]

@@ -430,23 +430,56 @@ def synthetic_video(
 ) -> tuple[bytes, str]:
     """An mp4 of :func:`moving_shapes`: (mp4 bytes, caption). Width and height are rounded up to
     even numbers (yuv420p)."""
-    import av
-
     width, height = width + width % 2, height + height % 2
     video, caption = moving_shapes(seed, frames=frames, width=width, height=height)
-    codec = codec or default_codec()
+    return encode_mp4(video, fps=fps, codec=codec), caption
+
+
+def _encode_frames(frames: np.ndarray, container: str, codec: str, pix_fmt: str, fps: float, options: dict) -> bytes:
+    """Frames (T, H, W, 3) uint8 through one PyAV encoder into an in-memory container."""
+    import av
+
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as out:
-        stream = out.add_stream(codec, rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if codec == "libx264":
-            stream.options = {"preset": "ultrafast", "crf": "18"}
-        for image in video:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+    with av.open(buffer, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        stream.options = options
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")):
                 out.mux(packet)
         for packet in stream.encode():
             out.mux(packet)
-    return buffer.getvalue(), caption
+    return buffer.getvalue()
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+
+
+def encode_mp4(frames: np.ndarray, *, fps: float = 25, codec: str | None = None, crf: int = 18) -> bytes:
+    """Frames (T, H, W, 3) uint8 -> mp4 bytes (PyAV; yuv420p, so an odd width or height is
+    padded by one edge pixel)."""
+    _check_frames(frames)
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
+    codec = codec or default_codec()
+    options = {"preset": "ultrafast", "crf": str(crf)} if codec == "libx264" else {}
+    return _encode_frames(frames, "mp4", codec, "yuv420p", fps, options)
+
+
+def encode_gif(frames: np.ndarray, *, fps: float = 8) -> bytes:
+    """Frames (T, H, W, 3) uint8 -> an animated GIF (PyAV; 8-bit palette), the picture format
+    TensorBoard animates."""
+    _check_frames(frames)
+    return _encode_frames(frames, "gif", "gif", "rgb8", fps, {})
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """A clip [3, T, H, W] in [-1, 1] -> frames (T, H, W, 3) uint8 (values outside clipped)."""
+    pixels = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
 SYNTHETIC_VIDEOS = "synthetic:videos"
@@ -518,6 +551,9 @@ __all__ = [
     "probe_video",
     "decode_frames",
     "synthetic_video",
+    "encode_mp4",
+    "encode_gif",
+    "to_uint8_frames",
     "default_codec",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

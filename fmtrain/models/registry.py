@@ -205,6 +205,12 @@ class ModelFamily:
     """Release / Hugging Face interop (``fmtrain convert``, ``model.init_from_hf``)."""
     sample: Sampler | None = None
     """Generative families: the sampler behind ``fmtrain sample``."""
+    eval_videos: Callable[[Config, torch.nn.Module, dict, Callable | None], dict[str, torch.Tensor]] | None = None
+    """(cfg, the primary module, a validation microbatch, ``decode``) -> videos [3, T, H, W] in
+    [-1, 1] by name, made on rank 0 at every evaluation and logged to TensorBoard and
+    RUN_DIR/videos (the primary module must be whole on rank 0: TP = PP = 1). ``decode`` maps
+    latents [B, C, T', H', W'] to pixels with the Video-VAE of ``eval.sample_vae`` (None without
+    one), for families that generate latents."""
 
     def primary(self, cfg: Config) -> PartSpec:
         return next(part for part in self.parts(cfg) if part.trainable)

@@ -93,8 +93,15 @@ class VAEConfig(ObjectiveConfig):
     """The discriminator's peak learning rate; 0: train.lr. Its schedule is train.*'s."""
     sample_posterior: bool = True
     """Train on a posterior sample (the mean is always used for validation and encoding)."""
+    image_ratio: float = 0.0
+    """Share of training microbatches taken as images, joint image-video training as the
+    Step-Video-T2V report describes: such a microbatch keeps one frame of each clip (drawn from the
+    clip's seed; decided from its first clip's seed, so every layout and a resumed run agree), which
+    the causal encoder sees as a single image."""
 
     def check(self, cfg: Config) -> None:
+        if not 0.0 <= self.image_ratio <= 1.0:
+            raise ConfigError(f"objective.image_ratio={self.image_ratio} must be in [0, 1]")
         for name in ("l1_weight", "kl_weight", "ssim_weight", "lpips_weight", "gan_weight", "disc_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name}={getattr(self, name)} must be >= 0")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from fmtrain import checkpoint, parallel
 from fmtrain.checkpoint.hf.convert import init_from_hf
-from fmtrain.config import Config, config_warnings
+from fmtrain.config import Config, ConfigError, config_warnings
 from fmtrain.data import stream as data_stream
 from fmtrain.engine import build_engine
 from fmtrain.models.registry import get_family
@@ -54,14 +54,57 @@ def _broadcast_float(value: float, topo: parallel.Topology) -> float:
     return float(holder.item())
 
 
-def evaluate(engine, valid, cfg: Config, topo: parallel.Topology) -> dict[str, float]:
+def evaluate(engine, valid, cfg: Config, topo: parallel.Topology) -> tuple[dict[str, float], dict]:
     """Every reported validation mean (``loss``, and what the family reports besides: PSNR, ...),
-    averaged over the first ``eval.steps`` global batches."""
+    averaged over the first ``eval.steps`` global batches; and this rank's first microbatch."""
     totals: dict[str, float] = {}
+    first = None
     for i in range(cfg.eval.steps):
-        for name, value in engine.eval_step(valid.microbatches(i, topo.dp_rank)).items():
+        microbatches = valid.microbatches(i, topo.dp_rank)
+        first = first if first is not None else microbatches[0]
+        for name, value in engine.eval_step(microbatches).items():
             totals[name] = totals.get(name, 0.0) + value
-    return {name: total / max(cfg.eval.steps, 1) for name, total in totals.items()}
+    return {name: total / max(cfg.eval.steps, 1) for name, total in totals.items()}, first
+
+
+def eval_decoder(cfg: Config, device: torch.device):
+    """``eval.sample_vae`` as latents -> pixels (chunked and tiled as its config says), or None."""
+    if not cfg.eval.sample_vae:
+        return None
+    from fmtrain.checkpoint.pretrained import load_pretrained, pretrained_config
+    from fmtrain.models.video_vae import codec
+
+    vae_cfg = pretrained_config(cfg.eval.sample_vae, "video_vae")
+    if vae_cfg.model.z_channels != getattr(cfg.model, "in_channels", vae_cfg.model.z_channels):
+        raise ConfigError(
+            f"eval.sample_vae={cfg.eval.sample_vae} has {vae_cfg.model.z_channels} latent channels, "
+            f"model.in_channels={cfg.model.in_channels}"
+        )
+    vae = load_pretrained(vae_cfg, cfg.eval.sample_vae, device)
+    m = vae_cfg.model
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(device, next(vae.parameters()).dtype)
+        return codec.decode(vae, z, chunk_frames=m.chunk_frames, tile_size=m.tile_size, tile_overlap=m.tile_overlap)
+
+    return decode
+
+
+@torch.no_grad()
+def log_eval_videos(family, engine, batch: dict, cfg: Config, logger: MetricsLogger, step: int, decode) -> None:
+    """The family's pictures of a validation microbatch (rank 0 only), e.g. the VAE's input beside
+    its reconstruction, or a DiT's sample decoded by ``eval.sample_vae``."""
+    from fmtrain.data.video import to_uint8_frames
+    from fmtrain.engine.parts import family_module
+
+    module = family_module(engine.unwrapped_chunks()[0])
+    was_training = module.training
+    module.eval()
+    try:
+        for name, video in family.eval_videos(cfg, module, batch, decode).items():
+            logger.log_video(step, f"val/{name}", to_uint8_frames(video), fps=cfg.eval.video_fps)
+    finally:
+        module.train(was_training)
 
 
 def train(cfg: Config) -> dict:
@@ -91,6 +134,8 @@ def _train(cfg: Config) -> dict:
     for warning in config_warnings(cfg):
         log0(topo, f"warning: {warning}")
 
+    if cfg.eval.sample_vae and family.eval_videos is None:
+        raise ConfigError(f"eval.sample_vae: model.family={cfg.model.family} draws no videos at validation")
     data = family.prepare_data(cfg, topo, run_dir)
     train_batches, valid_batches = data.train, data.valid
     engine = build_engine(cfg, topo, family)
@@ -153,6 +198,8 @@ def _train(cfg: Config) -> dict:
         extra = data_stream.checkpoint_state(train_batches, topo) or {}
         return writer.save(done, engine, extra_state={**extra, "skipped_steps": skips.total})
 
+    pictures = family.eval_videos is not None and cfg.eval.videos and valid_batches is not None
+    decode = eval_decoder(cfg, topo.device) if pictures and topo.is_writer else None
     started = time.perf_counter()
     metrics: dict = {}
     try:
@@ -176,9 +223,10 @@ def _train(cfg: Config) -> dict:
             metrics.update(result.extra)
             metrics.update({f"{name}/lr": rate for name, rate in lrs.items() if f"{name}/loss" in result.extra})
             if valid_batches is not None and (done % cfg.eval.interval == 0 or done == t.max_steps):
-                metrics.update(
-                    {f"val_{name}": value for name, value in evaluate(engine, valid_batches, cfg, topo).items()}
-                )
+                values, first = evaluate(engine, valid_batches, cfg, topo)
+                metrics.update({f"val_{name}": value for name, value in values.items()})
+                if pictures and topo.is_writer and first is not None:
+                    log_eval_videos(family, engine, first, cfg, logger, done, decode)
             logger.log(done, metrics)
             if topo.is_writer and (done % t.log_interval == 0 or done == t.max_steps or done == start_step + 1):
                 print(logger.progress_line(done, metrics, time.perf_counter() - started), flush=True)

@@ -234,6 +234,30 @@ class MetricsLogger:
                 self._tb.add_scalar(tb_tag(name), value, step)
             self._tb.flush()
 
+    def log_video(self, step: int, name: str, frames, fps: float = 8) -> Path | None:
+        """A video (uint8 frames (T, H, W, 3)) into TensorBoard as ``SummaryWriter.add_video``
+        stores one (an image summary holding an animated GIF; encoded here with PyAV, since
+        add_video's own encoder needs moviepy) and as RUN_DIR/videos/NAME-STEP.mp4. Returns
+        the mp4's path (None on other ranks)."""
+        if not self.is_writer:
+            return None
+        from fmtrain.data.video import encode_gif, encode_mp4
+
+        folder = self.run_dir / "videos"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{name.replace('/', '_')}-{step:07d}.mp4"
+        path.write_bytes(encode_mp4(frames, fps=fps))
+        if self._tb is not None:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            _, height, width, _ = frames.shape
+            image = Summary.Image(
+                height=height, width=width, colorspace=3, encoded_image_string=encode_gif(frames, fps=fps)
+            )
+            self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=name, image=image)]), step)
+            self._tb.flush()
+        return path
+
     def progress_line(self, step: int, metrics: Mapping[str, float], elapsed_s: float) -> str:
         """One human line; fields missing from ``metrics`` are left out."""
         parts = [f"step {step}/{self.total_steps}"]

@@ -67,6 +67,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(
                 f"data.synthetic_latent_shapes: {[t, h, w]} is not divisible by model.patch_size={m.patch_size}"
             )
+    if cfg.eval.sample_vae and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
+        raise ConfigError(
+            f"eval.sample_vae: sampling at validation runs the whole DiT on rank 0, which needs "
+            f"parallel.tp=1 and parallel.pp=1 (got {cfg.parallel.tp} and {cfg.parallel.pp}); sample a "
+            "checkpoint with fmtrain sample --vae instead"
+        )
     if m.recompute == "selective":
         raise ConfigError(
             "model.recompute=selective: the DiT's SDPA attention stores no score matrix, so "

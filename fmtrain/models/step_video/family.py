@@ -341,6 +341,32 @@ def sample(
     )
 
 
+def eval_videos(cfg: Config, model: StepVideoDiT, batch: dict, decode=None) -> dict[str, torch.Tensor]:
+    """With a Video-VAE (``eval.sample_vae``): a sample for the first validation prompt at its
+    latent's shape (``objective.sample_*`` settings, seed ``run.seed``) beside that clip's own
+    latent, both decoded."""
+    if decode is None:
+        return {}
+    f = cfg.objective
+    device = next(model.parameters()).device
+    condition = {name: batch[name][0] for name in ("text_emb", "text_mask", "clip_emb", "clip_mask") if name in batch}
+    target = batch["latent"][:1].to(device)
+    latents = sample_latents(
+        model,
+        cfg,
+        condition,
+        grid_shape=tuple(target.shape[2:]),
+        num=1,
+        seed=cfg.run.seed,
+        steps=f.sample_steps,
+        shift=f.sample_shift,
+        guidance_scale=f.guidance_scale,
+        device=device,
+    )
+    pixels = decode(torch.cat([latents.to(target.dtype), target]))
+    return {"sample": torch.cat([pixels[0], pixels[1]], dim=-1).clamp(-1, 1)}
+
+
 def prepare_data(cfg: Config, topo, run_dir) -> RunData:
     """Latents and text embeddings: streamed latent shards, or the in-memory synthetic set."""
     from fmtrain.data.latents import prepare_latent_data
@@ -373,4 +399,5 @@ FAMILY = ModelFamily(
     prepare_step=prepare_pipeline_step,
     converter=convert,
     sample=sample,
+    eval_videos=eval_videos,
 )

@@ -93,6 +93,28 @@ def latent_shape(cfg: Config, video_shape) -> tuple[int, ...]:
     return (m.z_channels, 1 + (t - 1) // m.temporal_compression, h // m.spatial_compression, w // m.spatial_compression)
 
 
+_SALT_IMAGE = 12
+"""Salt of the draws that make a microbatch one of images."""
+
+
+def training_pixels(cfg: Config, batch: dict, device) -> torch.Tensor:
+    """The microbatch's clips [B, 3, T, H, W], or with probability ``objective.image_ratio`` one
+    frame of each [B, 3, 1, H, W] (the draws from the clips' seeds)."""
+    x = batch["video"].to(device, non_blocking=True)
+    ratio = cfg.objective.image_ratio
+    if ratio <= 0:
+        return x
+    seeds = batch["sample_seed"].tolist()
+    decide = torch.Generator().manual_seed((int(seeds[0]) * 1_000_003 + _SALT_IMAGE) % 2**63)
+    if torch.rand((), generator=decide).item() >= ratio:
+        return x
+    frames = [
+        int(torch.randint(x.shape[2], (), generator=torch.Generator().manual_seed((int(s) + _SALT_IMAGE) % 2**63)))
+        for s in seeds
+    ]
+    return torch.stack([clip[:, t : t + 1] for clip, t in zip(x, frames)])
+
+
 def posterior_noise(cfg: Config, batch: dict, video: torch.Tensor) -> torch.Tensor:
     gens = seeded_generators(batch["sample_seed"], video.device, _SALT_POSTERIOR)
     shape = latent_shape(cfg, video.shape[1:])
@@ -141,7 +163,8 @@ def vae_step(cfg: Config, parts, progress):
 
     def step(data_iterator, model):
         batch = next(data_iterator)
-        x = batch["video"].to(next(model.parameters()).device, non_blocking=True)
+        device = next(model.parameters()).device
+        x = training_pixels(cfg, batch, device) if model.training else batch["video"].to(device, non_blocking=True)
         noise = posterior_noise(cfg, batch, x) if o.sample_posterior and model.training else None
         recon, mean, logvar = model(x, noise)
         gan = discriminator is not None and model.training and progress.step >= o.gan_start_step
@@ -164,7 +187,7 @@ def discriminator_step(cfg: Config, parts, progress):
 
     def step(data_iterator, model):
         batch = next(data_iterator)
-        x = batch["video"].to(next(model.parameters()).device, non_blocking=True)
+        x = training_pixels(cfg, batch, next(model.parameters()).device)
         with torch.no_grad():
             noise = posterior_noise(cfg, batch, x) if o.sample_posterior else None
             recon = vae(x, noise)[0]
@@ -306,6 +329,13 @@ def prepare_data(cfg: Config, topo, run_dir) -> RunData:
     return RunData(train=train, valid=valid)
 
 
+def eval_videos(cfg: Config, vae: VideoVAE, batch: dict, decode=None) -> dict[str, torch.Tensor]:
+    """The first validation clip beside its reconstruction (the posterior mean), side by side."""
+    x = batch["video"][:1].to(next(vae.parameters()).device, next(vae.parameters()).dtype)
+    recon = vae(x)[0]
+    return {"reconstruction": torch.cat([x[0], recon[0].clamp(-1, 1)], dim=-1)}
+
+
 FAMILY = ModelFamily(
     name="video_vae",
     parts=parts,
@@ -316,6 +346,7 @@ FAMILY = ModelFamily(
     memory_estimate=memory_estimate,
     throughput_unit="clips",
     converter=convert,
+    eval_videos=eval_videos,
 )
 
 __all__ = ["FAMILY", "build_discriminator", "build_vae", "latent_shape", "parts", "vae_kwargs"]
