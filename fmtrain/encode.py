@@ -240,6 +240,9 @@ def write_index(out: Path, positions: int, settings: EncodeSettings, seconds: di
     """OUT/index.json from the done records of all ``positions`` shards."""
     from fmtrain.data.shards import INDEX_FORMAT
 
+    missing = [p for p in range(positions) if not _done_file(out, p).is_file()]
+    if missing:
+        raise BadDataError(f"{len(missing)} input shards (positions {missing[:8]}) are not encoded: a rank failed?")
     records = [json.loads(_done_file(out, p).read_text()) for p in range(positions)]
     shards = [
         {"url": r["url"], "samples": r["samples"], "bytes": (out / r["url"]).stat().st_size}
@@ -279,50 +282,51 @@ def encode_shards(settings: EncodeSettings, out: str | Path, *, progress: bool =
     shards = resolve_shards(settings.shards)
     vae_cfg = pretrained_config(settings.vae, "video_vae")
     topo = parallel.initialize(vae_cfg)
-    if topo.is_writer:
+    try:
+        if topo.is_writer:
+            check_settings(out, settings)
+            (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
+            write_atomic(out / STATE_DIR / SETTINGS_FILE, json.dumps(asdict(settings), indent=1) + "\n")
+        dist.barrier()
         check_settings(out, settings)
-        (out / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        write_atomic(out / STATE_DIR / SETTINGS_FILE, json.dumps(asdict(settings), indent=1) + "\n")
-    dist.barrier()
-    check_settings(out, settings)
-    mine = [p for p in range(topo.rank, len(shards), topo.world_size) if not _done_file(out, p).is_file()]
-    done_before = len(range(topo.rank, len(shards), topo.world_size)) - len(mine)
-    llm_dir = llm_encoder_dir(Path(settings.llm_encoder), out, topo.rank)  # every rank: it may hold a barrier
-    if mine:
-        vae = load_pretrained(vae_cfg, settings.vae, topo.device)
-        llm = TextEncoder(llm_dir, settings.llm_tokens, topo.device, "--llm-encoder")
-        clip = None
-        if settings.clip_encoder:
-            clip = TextEncoder(settings.clip_encoder, settings.clip_tokens, topo.device, "--clip-encoder")
-        worker = ShardEncoder(settings, vae, vae_cfg, llm, clip, topo.device)
-    started = time.perf_counter()
-    total = sum(shards[p].samples for p in mine)
-    bar = progress_bar(
-        f"rank {topo.rank}: encoding {len(mine)} shards",
-        total=total,
-        unit="videos",
-        enabled=progress and topo.is_writer,
-    )
-    encoded = skipped = 0
-    seconds = {"read_decode": 0.0, "vae": 0.0, "text": 0.0, "write": 0.0}
-    for p in mine:
-        record = worker.encode_shard(shards[p], p, out, bar)
-        encoded += record["samples"]
-        skipped += len(record["skipped"])
-        seconds = worker.seconds
-    bar.close()
-    elapsed = time.perf_counter() - started
-    rate = f", {encoded / elapsed:.2f} clips/s" if encoded and elapsed > 0 else ""
-    split = " ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
-    print(
-        f"fmtrain data encode: rank {topo.rank}: {encoded} clips from {len(mine)} shards in {elapsed:.1f}s{rate} "
-        f"({split}); {skipped} skipped; {done_before} shards already done",
-        flush=True,
-    )
-    dist.barrier()
-    index = write_index(out, len(shards), settings, seconds) if topo.is_writer else None
-    parallel.destroy()
-    return index
+        mine = [p for p in range(topo.rank, len(shards), topo.world_size) if not _done_file(out, p).is_file()]
+        done_before = len(range(topo.rank, len(shards), topo.world_size)) - len(mine)
+        llm_dir = llm_encoder_dir(Path(settings.llm_encoder), out, topo.rank)  # every rank: it may hold a barrier
+        if mine:
+            vae = load_pretrained(vae_cfg, settings.vae, topo.device)
+            llm = TextEncoder(llm_dir, settings.llm_tokens, topo.device, "--llm-encoder")
+            clip = None
+            if settings.clip_encoder:
+                clip = TextEncoder(settings.clip_encoder, settings.clip_tokens, topo.device, "--clip-encoder")
+            worker = ShardEncoder(settings, vae, vae_cfg, llm, clip, topo.device)
+        started = time.perf_counter()
+        total = sum(shards[p].samples for p in mine)
+        bar = progress_bar(
+            f"rank {topo.rank}: encoding {len(mine)} shards",
+            total=total,
+            unit="videos",
+            enabled=progress and topo.is_writer,
+        )
+        encoded = skipped = 0
+        seconds = {"read_decode": 0.0, "vae": 0.0, "text": 0.0, "write": 0.0}
+        for p in mine:
+            record = worker.encode_shard(shards[p], p, out, bar)
+            encoded += record["samples"]
+            skipped += len(record["skipped"])
+            seconds = worker.seconds
+        bar.close()
+        elapsed = time.perf_counter() - started
+        rate = f", {encoded / elapsed:.2f} clips/s" if encoded and elapsed > 0 else ""
+        split = " ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
+        print(
+            f"fmtrain data encode: rank {topo.rank}: {encoded} clips from {len(mine)} shards in {elapsed:.1f}s{rate} "
+            f"({split}); {skipped} skipped; {done_before} shards already done",
+            flush=True,
+        )
+        dist.barrier()
+        return write_index(out, len(shards), settings, seconds) if topo.is_writer else None
+    finally:
+        parallel.destroy()
 
 
 __all__ = ["EncodeSettings", "ShardEncoder", "TextEncoder", "encode_shards", "write_index"]

@@ -27,6 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from conftest import TINY_OVERRIDES, read_metrics, run_fmtrain  # noqa: E402
 
+from fmtrain.cli import main as fmtrain_main  # noqa: E402
+
 TOL = 1e-5
 BATCH, SEQ = 2, 16
 HF_KW = dict(
@@ -372,7 +374,8 @@ def test_train_from_hf_then_export_matches_transformers(hf, converted, trained, 
     fmtrain_logits = forward_logits(engine, hf["tokens"])
 
     out = tmp_path / "export"
-    _fmtrain("convert", "to-hf", str(trained / "checkpoints" / "step_0000003"), str(out), "--dtype", "fp32")
+    to_hf = ["convert", "to-hf", str(trained / "checkpoints" / "step_0000003"), str(out), "--dtype", "fp32"]
+    assert fmtrain_main(to_hf) == 0  # one process, no process group: in this one
     model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         exported_logits = model(input_ids=hf["tokens"]).logits.float()

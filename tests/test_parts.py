@@ -9,7 +9,6 @@ tests' own (tests/families/), found by module path as a user's family would be.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 
@@ -159,30 +158,18 @@ logging:
 PAIR_METRICS = ("loss", "grad_norm", "lr", "discriminator/loss", "discriminator/grad_norm", "discriminator/lr")
 
 
-def test_two_parts_two_optimizers_resume_exactly_after_sigkill(tmp_path):
-    """Generator + discriminator at DP=2, each with its own AdamW and LR schedule: killed after
-    step 5, resumed from step 4, steps 5-6 equal the uninterrupted run bit for bit; the step-4
-    checkpoint also resumes at DP=1 (both parts' optimizer states resharded)."""
+def test_two_parts_two_optimizers_resume_resharded(tmp_path):
+    """Generator + discriminator at DP=2, each with its own AdamW and LR schedule; the step-4
+    checkpoint resumes at DP=1 (both parts' optimizer states resharded) with the uninterrupted
+    run's steps 5-6. (Exact resume after SIGKILL of a two-part run: tests/test_video_vae.py.)"""
     recipe = tmp_path / "adversarial.yaml"
     recipe.write_text(ADVERSARIAL_RECIPE)
-    ref_dir, run_dir, dp1_dir = tmp_path / "reference", tmp_path / "run", tmp_path / "dp1"
+    ref_dir, dp1_dir = tmp_path / "reference", tmp_path / "dp1"
     finish_ok(Run([f"run.dir={ref_dir}"], 2, tmp_path, "reference", recipe=recipe))
     ref = read_metrics(ref_dir)
     assert sorted(ref) == list(range(1, 7))
     assert ref[1]["lr"] != ref[1]["discriminator/lr"]  # two schedules
     assert ref[6]["discriminator/loss"] != ref[5]["discriminator/loss"]
-
-    killed = Run([f"run.dir={run_dir}"], 2, tmp_path, "killed", env={"FMTRAIN_TEST_HANG_AT_STEP": "5"}, recipe=recipe)
-    killed.wait_for_step(run_dir, 5)
-    killed.signal_group(signal.SIGKILL)
-    killed.finish()
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
-    out = finish_ok(Run([f"run.dir={run_dir}"], 2, tmp_path, "resumed", recipe=recipe))
-    assert "resumed from" in out and "at step 4" in out
-    resumed = read_metrics(run_dir)
-    for step in range(5, 7):
-        for name in PAIR_METRICS:
-            assert resumed[step][name] == ref[step][name], (step, name)
 
     finish_ok(
         Run(

@@ -11,6 +11,7 @@ its prompt names: about 0 for noise (and for an untrained model), about 1 for th
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO, free_port, read_metrics, run_fmtrain
+
+from fmtrain.cli import main as fmtrain_main
 
 RECIPE = REPO / "recipes" / "step_video" / "dit_tiny.yaml"
 RTOL = 1e-4
@@ -112,32 +115,8 @@ def test_tiny_recipe_learns_and_samples_move_toward_the_data(tmp_path):
     for k in range(classes):
         prompt, out = tmp_path / f"prompt{k}.npz", tmp_path / f"sample{k}.npy"
         np.savez(prompt, text_emb=text[k], clip_emb=clip[k])
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fmtrain.cli",
-                "sample",
-                str(RECIPE),
-                "--ckpt",
-                str(run_dir),
-                "--prompt-emb",
-                str(prompt),
-                "--out",
-                str(out),
-                "--num",
-                "4",
-                "--seed",
-                "5",
-                "--shape",
-                "2x8x8",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        args = ["sample", str(RECIPE), "--ckpt", str(run_dir), "--prompt-emb", str(prompt), "--out", str(out)]
+        assert fmtrain_main([*args, "--num", "4", "--seed", "5", "--shape", "2x8x8"]) == 0  # in this process
         x = np.load(out, allow_pickle=False)
         assert x.shape == (4, m.in_channels, *shape)
         x = x.reshape(4, -1)
@@ -153,65 +132,23 @@ def test_sampler_is_reproducible_and_validates_its_prompt(tmp_path):
     prompt = tmp_path / "prompt.npz"
     np.savez(prompt, text_emb=np.ones((3, 64), np.float32), clip_emb=np.ones((2, 32), np.float32))
     outs = []
-    for i in range(2):
+    for i in range(2):  # in this process: the sampler builds and tears down its one-rank group each time
         out = tmp_path / f"s{i}.npy"
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fmtrain.cli",
-                "sample",
-                str(RECIPE),
-                "--prompt-emb",
-                str(prompt),
-                "--out",
-                str(out),
-                "--steps",
-                "3",
-                "--seed",
-                "9",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        args = ["sample", str(RECIPE), "--prompt-emb", str(prompt), "--out", str(out), "--steps", "3", "--seed", "9"]
+        assert fmtrain_main(args) == 0
         outs.append(np.load(out))
     assert np.array_equal(outs[0], outs[1])
     bad = tmp_path / "bad.npz"
     np.savez(bad, text_emb=np.ones((3, 50), np.float32), clip_emb=np.ones((2, 32), np.float32))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fmtrain.cli",
-            "sample",
-            str(RECIPE),
-            "--prompt-emb",
-            str(bad),
-            "--out",
-            str(tmp_path / "x.npy"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0 and "'text_emb' has shape (3, 50), expected [tokens, 64]" in proc.stderr
+    with pytest.raises(ValueError, match=re.escape("'text_emb' has shape (3, 50), expected [tokens, 64]")):
+        fmtrain_main(["sample", str(RECIPE), "--prompt-emb", str(bad), "--out", str(tmp_path / "x.npy")])
 
 
-def test_30b_recipe_size_and_memory():
-    proc = subprocess.run(
-        [sys.executable, "-m", "fmtrain.cli", "info", str(REPO / "recipes/step_video/dit_30b.yaml"), "--gpus", "256"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(text for text in proc.stdout.splitlines() if text.startswith("parameters"))
+def test_30b_recipe_size_and_memory(capsys):
+    assert fmtrain_main(["info", str(REPO / "recipes/step_video/dit_30b.yaml"), "--gpus", "256"]) == 0
+    stdout = capsys.readouterr().out
+    line = next(text for text in stdout.splitlines() if text.startswith("parameters"))
     params = int(line.split()[1].replace(",", ""))
     # 48 blocks x (8 h^2 attention + 2 h x 4h FFN) = 29.0B, plus AdaLN-single (6 h^2) and embedders.
     assert 29.0e9 < params < 30.5e9
-    assert "TP=8 PP=4 VPP=1 DP=8 on 256 GPUs" in proc.stdout and "memory/GPU" in proc.stdout
+    assert "TP=8 PP=4 VPP=1 DP=8 on 256 GPUs" in stdout and "memory/GPU" in stdout

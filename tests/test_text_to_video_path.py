@@ -18,6 +18,7 @@ import torch
 from conftest import REPO
 from safetensors.torch import save_file
 
+from fmtrain.cli import main as fmtrain_main
 from fmtrain.data.latents import LatentPipeline
 from fmtrain.data.shards import resolve_shards, write_index
 from fmtrain.data.video import synthetic_video
@@ -73,7 +74,7 @@ def text_encoders(tmp_path, captions: list[str]):
     return llm, clip
 
 
-def test_videos_to_latents_to_a_trained_dit_to_an_mp4(tmp_path):
+def test_videos_to_latents_to_a_trained_dit_to_an_mp4(tmp_path, capsys):
     videos, captions = tmp_path / "videos", {}
     videos.mkdir()
     for i in range(6):
@@ -139,8 +140,8 @@ def test_videos_to_latents_to_a_trained_dit_to_an_mp4(tmp_path):
     assert item["text_mask"].sum() == min(words, 8)
 
     # A restarted job finds every shard done and writes the same index.
-    again = fmtrain(*encode)
-    assert "3 shards already done" in again.stdout
+    assert fmtrain_main(encode) == 0  # in this process, one rank
+    assert "3 shards already done" in capsys.readouterr().out
     assert json.loads((out / "index.json").read_text())["shards"] == index["shards"]
 
     # Train the DiT on the latent shards, then sample a video from a prompt.
@@ -157,11 +158,11 @@ def test_videos_to_latents_to_a_trained_dit_to_an_mp4(tmp_path):
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 9 and frames[0].shape == (32, 64, 3)  # the sample beside the clip's own latent
     mp4 = tmp_path / "sample.mp4"
-    fmtrain(
+    assert fmtrain_main([
         "sample", str(DIT), *dit, "--ckpt", str(tmp_path / "dit"), "--vae", str(tmp_path / "release"),
         "--prompt", "a red disc moving left and up", "--llm-encoder", str(llm), "--clip-encoder", str(clip),
         "--shape", "3x2x2", "--steps", "3", "--out", str(mp4),
-    )  # fmt: skip
+    ]) == 0  # fmt: skip
     with av.open(str(mp4)) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 17 and frames[0].shape == (32, 32, 3)  # 3 latent frames -> 17, 2 -> 32 pixels

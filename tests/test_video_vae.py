@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -57,19 +55,12 @@ def tiny_vae(**kw) -> VideoVAE:
     ).eval()
 
 
-def test_the_released_architecture():
+def test_the_released_architecture(capsys):
     cfg = load_config(FULL)
     shapes = vae_convert.shapes_from_config(cfg)
     assert {name: shapes[name] for name in RELEASED_SHAPES} == RELEASED_SHAPES
-    proc = subprocess.run(
-        [sys.executable, "-m", "fmtrain.cli", "info", str(FULL), "--gpus", "32"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "parameters    498,818,819" in proc.stdout  # AutoencoderKL(z_channels=64, version=2) of the release
+    assert fmtrain_main(["info", str(FULL), "--gpus", "32"]) == 0
+    assert "parameters    498,818,819" in capsys.readouterr().out  # AutoencoderKL(z_channels=64, version=2)
     with torch.device("meta"):
         v1 = VideoVAE(z_channels=16, version=1)
     assert (v1.spatial_compression, v1.temporal_compression) == (8, 4)

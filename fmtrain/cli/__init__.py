@@ -143,39 +143,41 @@ def cmd_sample(args: argparse.Namespace) -> int:
                 f"model.in_channels={cfg.model.in_channels}"
             )
     topo = parallel.initialize(cfg)
-    model = build_for_inference(cfg, family.primary(cfg), topo.device)  # the run seed's weights...
-    if args.ckpt:
-        load_model_weights(args.ckpt, model, cfg)  # ...or a checkpoint's, from any layout
-    if args.vae:
-        from fmtrain.checkpoint.pretrained import load_pretrained
+    try:
+        model = build_for_inference(cfg, family.primary(cfg), topo.device)  # the run seed's weights...
+        if args.ckpt:
+            load_model_weights(args.ckpt, model, cfg)  # ...or a checkpoint's, from any layout
+        if args.vae:
+            from fmtrain.checkpoint.pretrained import load_pretrained
 
-        vae = load_pretrained(vae_cfg, args.vae, topo.device)
-    prompt_file = args.prompt_emb or embed_prompt(args, cfg, topo.device)
-    latents = family.sample(
-        cfg,
-        family_module(model),
-        prompt_file=prompt_file,
-        shape=shape,
-        num=args.num,
-        seed=args.seed,
-        device=topo.device,
-    )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out.with_suffix(".npy"), latents.cpu().numpy(), allow_pickle=False)
-    o = cfg.objective
-    print(
-        f"fmtrain sample: {tuple(latents.shape)} latents ({o.sample_steps} Euler steps, shift "
-        f"{o.sample_shift}, guidance {o.guidance_scale}, seed {args.seed}) -> {out.with_suffix('.npy')}; "
-        f"mean {latents.mean():.4f} std {latents.std():.4f}"
-    )
-    if vae is not None:
-        for path, frames in zip(video_paths(out, args.num), decode_latents(vae, vae_cfg, latents)):
-            from fmtrain.data.video import encode_mp4
+            vae = load_pretrained(vae_cfg, args.vae, topo.device)
+        prompt_file = args.prompt_emb or embed_prompt(args, cfg, topo.device)
+        latents = family.sample(
+            cfg,
+            family_module(model),
+            prompt_file=prompt_file,
+            shape=shape,
+            num=args.num,
+            seed=args.seed,
+            device=topo.device,
+        )
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out.with_suffix(".npy"), latents.cpu().numpy(), allow_pickle=False)
+        o = cfg.objective
+        print(
+            f"fmtrain sample: {tuple(latents.shape)} latents ({o.sample_steps} Euler steps, shift "
+            f"{o.sample_shift}, guidance {o.guidance_scale}, seed {args.seed}) -> {out.with_suffix('.npy')}; "
+            f"mean {latents.mean():.4f} std {latents.std():.4f}"
+        )
+        if vae is not None:
+            for path, frames in zip(video_paths(out, args.num), decode_latents(vae, vae_cfg, latents)):
+                from fmtrain.data.video import encode_mp4
 
-            path.write_bytes(encode_mp4(frames, fps=args.fps))
-            print(f"fmtrain sample: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} -> {path}")
-    parallel.destroy()
+                path.write_bytes(encode_mp4(frames, fps=args.fps))
+                print(f"fmtrain sample: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} -> {path}")
+    finally:  # also after an error: the caller's process (a test, a notebook) may go on
+        parallel.destroy()
     return 0
 
 
