@@ -690,6 +690,17 @@ def upgrade_saved_config(data: dict) -> dict:
     return data
 
 
+WHOLE_MODEL_LAYOUT = [
+    "parallel.tp=1",
+    "parallel.pp=1",
+    "parallel.vpp=1",
+    "parallel.dp=0",
+    "parallel.sequence_parallel=false",
+]
+"""Overrides that lay a model out whole on every rank (data parallel only): inference with a
+checkpoint of any layout (``fmtrain sample``, ``data encode``)."""
+
+
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
     """A Config from a dict of sections (a saved ``config.yaml`` / fmtrain_state.json entry)."""
     items = [

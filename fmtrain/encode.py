@@ -39,6 +39,8 @@ from fmtrain.data.shards import INDEX_NAME, BadDataError, Shard, progress_bar, r
 STATE_DIR = ".encode"
 SETTINGS_FILE = "encode.json"
 _SALT_POSTERIOR = 0x5A7E
+STAGES = ("read_decode", "vae", "text", "write")
+"""Where a rank's time goes, reported per stage."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,6 @@ class TextEncoder:
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
-        self.dim = int(self.model.config.hidden_size)
 
     @torch.no_grad()
     def __call__(self, caption: str) -> np.ndarray:
@@ -121,8 +122,13 @@ def check_settings(out: Path, settings: EncodeSettings) -> None:
         )
 
 
+def _shard_name(position: int) -> str:
+    """The output shard of the input shard at ``position`` (without extension)."""
+    return f"latent-{position:06d}"
+
+
 def _done_file(out: Path, position: int) -> Path:
-    return out / STATE_DIR / f"latent-{position:06d}.json"
+    return out / STATE_DIR / f"{_shard_name(position)}.json"
 
 
 class ShardEncoder:
@@ -130,15 +136,10 @@ class ShardEncoder:
 
     def __init__(self, settings: EncodeSettings, vae, vae_cfg, llm: TextEncoder, clip: TextEncoder | None, device):
         from fmtrain.data.video import VideoPipeline
+        from fmtrain.models.video_vae import codec
 
-        self.settings, self.vae, self.vae_cfg, self.llm, self.clip, self.device = (
-            settings,
-            vae,
-            vae_cfg,
-            llm,
-            clip,
-            device,
-        )
+        self.settings, self.vae, self.llm, self.clip, self.device = settings, vae, llm, clip, device
+        self.codec_options = codec.options(vae_cfg.model)
         self.pipeline = VideoPipeline(
             frames=settings.frames,
             stride=settings.stride,
@@ -149,24 +150,16 @@ class ShardEncoder:
             std=(0.5, 0.5, 0.5),
         )
         self.dtype = np.float16 if settings.dtype == "float16" else np.float32
-        self.seconds = {"read_decode": 0.0, "vae": 0.0, "text": 0.0, "write": 0.0}
+        self.seconds = dict.fromkeys(STAGES, 0.0)
 
     def _latent(self, clip: torch.Tensor, seed: int) -> np.ndarray:
         from fmtrain.models.video_vae import codec
 
-        m = self.vae_cfg.model
         x = clip[None].to(self.device, next(self.vae.parameters()).dtype)
         generator = None
         if self.settings.posterior == "sample":
             generator = torch.Generator(device=self.device).manual_seed((seed ^ _SALT_POSTERIOR) % 2**63)
-        z = codec.encode(
-            self.vae,
-            x,
-            chunk_frames=m.chunk_frames,
-            tile_size=m.tile_size,
-            tile_overlap=m.tile_overlap,
-            generator=generator,
-        )
+        z = codec.encode(self.vae, x, generator=generator, **self.codec_options)
         return z[0].float().cpu().numpy().astype(self.dtype)
 
     def encode_shard(self, shard: Shard, position: int, out: Path, bar) -> dict:
@@ -178,7 +171,7 @@ class ShardEncoder:
         from fmtrain.data.stream import BadSample, SampleContext
 
         s = self.settings
-        name = f"latent-{position:06d}.tar"
+        name = f"{_shard_name(position)}.tar"
         tmp = out / f".{name}.partial.{os.getpid()}"
         skipped, shapes, written = [], {}, 0
         clock = time.perf_counter()
@@ -308,13 +301,12 @@ def encode_shards(settings: EncodeSettings, out: str | Path, *, progress: bool =
             enabled=progress and topo.is_writer,
         )
         encoded = skipped = 0
-        seconds = {"read_decode": 0.0, "vae": 0.0, "text": 0.0, "write": 0.0}
         for p in mine:
             record = worker.encode_shard(shards[p], p, out, bar)
             encoded += record["samples"]
             skipped += len(record["skipped"])
-            seconds = worker.seconds
         bar.close()
+        seconds = worker.seconds if mine else dict.fromkeys(STAGES, 0.0)
         elapsed = time.perf_counter() - started
         rate = f", {encoded / elapsed:.2f} clips/s" if encoded and elapsed > 0 else ""
         split = " ".join(f"{k} {v:.1f}s" for k, v in seconds.items())

@@ -16,16 +16,7 @@ import torch
 
 from fmtrain.checkpoint.errors import CheckpointError
 from fmtrain.checkpoint.files import STATE_FILE, read_state
-from fmtrain.config import Config, ConfigError, config_from_dict
-
-ONE_PROCESS_LAYOUT = [
-    "parallel.tp=1",
-    "parallel.pp=1",
-    "parallel.vpp=1",
-    "parallel.dp=0",
-    "parallel.sequence_parallel=false",
-]
-"""Overrides that lay a model out whole on every rank (data parallel only)."""
+from fmtrain.config import WHOLE_MODEL_LAYOUT, Config, ConfigError, config_from_dict
 
 
 def is_fmtrain_checkpoint(path: Path) -> bool:
@@ -41,7 +32,7 @@ def pretrained_config(source: str | Path, family: str, overrides: list[str] | No
     from fmtrain.checkpoint.hf.convert import detect_family, from_hf_config
 
     source = Path(source)
-    extra = [*ONE_PROCESS_LAYOUT, *(overrides or [])]
+    extra = [*WHOLE_MODEL_LAYOUT, *(overrides or [])]
     if is_fmtrain_checkpoint(source):
         ckpt = resolve_checkpoint(source)
         saved = read_state(ckpt).get("config")
@@ -81,4 +72,35 @@ def load_pretrained(cfg: Config, source: str | Path, device: torch.device) -> to
     return module.eval()
 
 
-__all__ = ["ONE_PROCESS_LAYOUT", "is_fmtrain_checkpoint", "load_pretrained", "pretrained_config"]
+def latent_vae_config(source: str | Path, in_channels: int, what: str) -> Config:
+    """The config of the Video-VAE in ``source`` that is to decode a DiT's latents of
+    ``in_channels`` channels; refused (naming ``what``, the setting that gave it) otherwise."""
+    vae_cfg = pretrained_config(source, "video_vae")
+    if vae_cfg.model.z_channels != in_channels:
+        raise ConfigError(
+            f"{what} {source} has {vae_cfg.model.z_channels} latent channels, the DiT's model.in_channels={in_channels}"
+        )
+    return vae_cfg
+
+
+def latent_decoder(vae_cfg: Config, source: str | Path, device: torch.device):
+    """latents [B, C, T', H', W'] -> pixels [B, 3, T, H, W] in about [-1, 1] by the VAE of
+    ``source``, decoded chunk-wise and tiled as its config says."""
+    from fmtrain.models.video_vae import codec
+
+    vae = load_pretrained(vae_cfg, source, device)
+    dtype, options = next(vae.parameters()).dtype, codec.options(vae_cfg.model)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        return codec.decode(vae, latents.to(device, dtype), **options)
+
+    return decode
+
+
+__all__ = [
+    "is_fmtrain_checkpoint",
+    "latent_decoder",
+    "latent_vae_config",
+    "load_pretrained",
+    "pretrained_config",
+]

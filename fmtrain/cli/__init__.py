@@ -23,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-from fmtrain.config import ConfigError, data_parallel_size, load_config, num_microbatches, validate
+from fmtrain.config import WHOLE_MODEL_LAYOUT, ConfigError, data_parallel_size, load_config, num_microbatches, validate
 from fmtrain.launch import check_inputs
 from fmtrain.launch.local import free_port, launch_local, under_launcher
 
@@ -98,7 +98,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     # One process holds the whole model: any checkpoint layout is resharded on load.
-    single = ["parallel.tp=1", "parallel.pp=1", "parallel.vpp=1", "parallel.dp=0", "parallel.sequence_parallel=false"]
     sampler = [
         f"objective.{key}={value}"
         for key, value in (
@@ -108,7 +107,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
         if value is not None
     ]
-    cfg = load_config(args.recipe, [*args.overrides, *single, *sampler])
+    cfg = load_config(args.recipe, [*args.overrides, *WHOLE_MODEL_LAYOUT, *sampler])
     validate(cfg, 1)
     from fmtrain.config import latent_shapes, parse_latent_shape
     from fmtrain.models.registry import get_family
@@ -130,27 +129,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ConfigError("give a prompt: either --prompt TEXT (with --llm-encoder) or --prompt-emb FILE.npz")
     if args.prompt and not args.llm_encoder:
         raise ConfigError("--prompt needs --llm-encoder DIR (and --clip-encoder DIR with a CLIP slot), as data encode")
-    vae = vae_cfg = None
+    decode = vae_cfg = None
     if args.vae:
-        from fmtrain.checkpoint.pretrained import pretrained_config
+        from fmtrain.checkpoint.pretrained import latent_vae_config
 
         if Path(args.out).suffix != ".mp4":
             raise ConfigError(f"--vae decodes to video: --out {args.out} must end in .mp4")
-        vae_cfg = pretrained_config(args.vae, "video_vae")
-        if vae_cfg.model.z_channels != cfg.model.in_channels:
-            raise ConfigError(
-                f"--vae {args.vae} has {vae_cfg.model.z_channels} latent channels, the DiT's "
-                f"model.in_channels={cfg.model.in_channels}"
-            )
+        vae_cfg = latent_vae_config(args.vae, cfg.model.in_channels, "--vae")
     topo = parallel.initialize(cfg)
     try:
         model = build_for_inference(cfg, family.primary(cfg), topo.device)  # the run seed's weights...
         if args.ckpt:
             load_model_weights(args.ckpt, model, cfg)  # ...or a checkpoint's, from any layout
         if args.vae:
-            from fmtrain.checkpoint.pretrained import load_pretrained
+            from fmtrain.checkpoint.pretrained import latent_decoder
 
-            vae = load_pretrained(vae_cfg, args.vae, topo.device)
+            decode = latent_decoder(vae_cfg, args.vae, topo.device)
         prompt_file = args.prompt_emb or embed_prompt(args, cfg, topo.device)
         latents = family.sample(
             cfg,
@@ -170,10 +164,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
             f"{o.sample_shift}, guidance {o.guidance_scale}, seed {args.seed}) -> {out.with_suffix('.npy')}; "
             f"mean {latents.mean():.4f} std {latents.std():.4f}"
         )
-        if vae is not None:
-            for path, frames in zip(video_paths(out, args.num), decode_latents(vae, vae_cfg, latents)):
-                from fmtrain.data.video import encode_mp4
+        if decode is not None:
+            from fmtrain.data.video import encode_mp4, to_uint8_frames
 
+            for path, z in zip(video_paths(out, args.num), latents):
+                frames = to_uint8_frames(decode(z[None])[0])
                 path.write_bytes(encode_mp4(frames, fps=args.fps))
                 print(f"fmtrain sample: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} -> {path}")
     finally:  # also after an error: the caller's process (a test, a notebook) may go on
@@ -198,21 +193,6 @@ def embed_prompt(args: argparse.Namespace, cfg, device) -> str:
 
 def video_paths(out: Path, num: int) -> list[Path]:
     return [out] if num == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num)]
-
-
-def decode_latents(vae, vae_cfg, latents):
-    """uint8 frames (T, H, W, 3) of each latent [C, T', H', W'], decoded chunk-wise and tiled as
-    the VAE's config says."""
-    from fmtrain.data.video import to_uint8_frames
-    from fmtrain.models.video_vae import codec
-
-    m = vae_cfg.model
-    dtype = next(vae.parameters()).dtype
-    for z in latents:
-        x = codec.decode(
-            vae, z[None].to(dtype), chunk_frames=m.chunk_frames, tile_size=m.tile_size, tile_overlap=m.tile_overlap
-        )
-        yield to_uint8_frames(x[0])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

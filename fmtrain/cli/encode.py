@@ -10,6 +10,7 @@ Under torchrun or srun each task is one rank; ``--nproc N`` starts N local ranks
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -63,17 +64,13 @@ def rank_argv(args: argparse.Namespace) -> list[str]:
 
 def cmd_encode(args: argparse.Namespace) -> int:
     from fmtrain.data.shards import BadDataError
-    from fmtrain.launch.local import launch_local, under_launcher
+    from fmtrain.launch.local import free_port, launch_local, under_launcher
 
     try:
         check_args(args)
         if args.nproc > 1 and not under_launcher():
             return launch_local(args.nproc, rank_argv(args))
         if not under_launcher():
-            import os
-
-            from fmtrain.launch.local import free_port
-
             os.environ.setdefault("MASTER_PORT", str(free_port()))  # one process: any free port
         from fmtrain.encode import encode_shards
 

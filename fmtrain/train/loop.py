@@ -68,26 +68,13 @@ def evaluate(engine, valid, cfg: Config, topo: parallel.Topology) -> tuple[dict[
 
 
 def eval_decoder(cfg: Config, device: torch.device):
-    """``eval.sample_vae`` as latents -> pixels (chunked and tiled as its config says), or None."""
+    """``eval.sample_vae`` as latents -> pixels, or None."""
     if not cfg.eval.sample_vae:
         return None
-    from fmtrain.checkpoint.pretrained import load_pretrained, pretrained_config
-    from fmtrain.models.video_vae import codec
+    from fmtrain.checkpoint.pretrained import latent_decoder, latent_vae_config
 
-    vae_cfg = pretrained_config(cfg.eval.sample_vae, "video_vae")
-    if vae_cfg.model.z_channels != getattr(cfg.model, "in_channels", vae_cfg.model.z_channels):
-        raise ConfigError(
-            f"eval.sample_vae={cfg.eval.sample_vae} has {vae_cfg.model.z_channels} latent channels, "
-            f"model.in_channels={cfg.model.in_channels}"
-        )
-    vae = load_pretrained(vae_cfg, cfg.eval.sample_vae, device)
-    m = vae_cfg.model
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        z = latents.to(device, next(vae.parameters()).dtype)
-        return codec.decode(vae, z, chunk_frames=m.chunk_frames, tile_size=m.tile_size, tile_overlap=m.tile_overlap)
-
-    return decode
+    vae_cfg = latent_vae_config(cfg.eval.sample_vae, cfg.model.in_channels, "eval.sample_vae")
+    return latent_decoder(vae_cfg, cfg.eval.sample_vae, device)
 
 
 @torch.no_grad()

@@ -24,6 +24,12 @@ SEAM_KEEP = 0.6
 """Share a seam frame keeps of itself when blended with its neighbour across the seam."""
 
 
+def options(model_cfg) -> dict:
+    """``chunk_frames``, ``tile_size`` and ``tile_overlap`` of a ``video_vae`` model section, as
+    :func:`encode` and :func:`decode` take them."""
+    return dict(chunk_frames=model_cfg.chunk_frames, tile_size=model_cfg.tile_size, tile_overlap=model_cfg.tile_overlap)
+
+
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     """Starts of tiles of ``tile`` covering ``size`` with at least ``overlap`` shared (the last tile
     ends at ``size``)."""
@@ -154,4 +160,4 @@ def blend_seams(x: torch.Tensor, chunk_frames: int) -> torch.Tensor:
     return x
 
 
-__all__ = ["blend_seams", "decode", "encode", "encode_moments", "tile_starts", "tiled"]
+__all__ = ["blend_seams", "decode", "encode", "encode_moments", "options", "tile_starts", "tiled"]
