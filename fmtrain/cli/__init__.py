@@ -77,6 +77,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"recipe        {args.recipe}")
     print(f"family        {cfg.model.family} (objective {cfg.objective.name})")
     print(f"parameters    {params:,} ({params / 1e9:.2f} B)")
+    if family.parameter_breakdown is not None:
+        print(
+            "              "
+            + ", ".join(
+                f"{name} {count:,} ({count / 1e9:.2f} B)" for name, count in family.parameter_breakdown(cfg).items()
+            )
+        )
     print(
         f"FLOPs/{unit.removesuffix('s'):<6} {family.flops_per_sample(cfg) / per_sample:,.0f} "
         "(training: forward + backward)"

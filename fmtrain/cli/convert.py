@@ -10,6 +10,7 @@ checkpoint's saved config.
     fmtrain convert from-hf HF_DIR OUT_DIR [--recipe RECIPE] [--allow-pickle] [--dtype auto|bf16|fp32]
                             [--nproc N] [--overwrite] [section.key=value ...]
     fmtrain convert to-hf CKPT_DIR OUT_DIR [--dtype bf16|fp32] [--max-shard-size 5GB] [--overwrite]
+                          [--encoder-only]
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
     from fmtrain.launch.local import launch_local, under_launcher
 
     hf_dir, out_dir = Path(args.hf_dir), Path(args.out_dir)
-    if not hf_dir.is_dir():
-        raise ConfigError(f"{hf_dir}: no such model directory")
+    if not hf_dir.exists():
+        raise ConfigError(f"{hf_dir}: no such model directory or checkpoint file")
     try:
         # Finds the files and refuses pickles before anything else reads them.
-        HFCheckpoint(weights_dir(hf_dir, converter(detect_family(hf_dir))), allow_pickle=args.allow_pickle).close()
+        family = detect_family(hf_dir, allow_pickle=args.allow_pickle)
+        HFCheckpoint(weights_dir(hf_dir, converter(family)), allow_pickle=args.allow_pickle).close()
         cfg = from_hf_config(hf_dir, args.recipe, args.overrides, allow_pickle=args.allow_pickle)
         conv = converter(cfg.model.family)
         # Names and shapes from the file headers, before any rank starts.
@@ -99,6 +101,7 @@ def cmd_to_hf(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_bytes=max_shard,
             overwrite=args.overwrite,
+            variant="encoder" if args.encoder_only else "",
         )
     except (HFCheckpointError, CheckpointException, CheckpointError) as exc:
         print(f"fmtrain convert to-hf: {exc}", file=sys.stderr)
@@ -171,6 +174,11 @@ def register_convert(sub) -> None:
         help="dtype of the exported weights (default: as stored in the checkpoint)",
     )
     t.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    t.add_argument(
+        "--encoder-only",
+        action="store_true",
+        help="videomae_v2: export the encoder alone as transformers VideoMAEModel (for fine-tuning)",
+    )
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     t.set_defaults(func=cmd_to_hf)
 

@@ -26,9 +26,11 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 class InitRule:
     """How one checkpoint key is initialised: ``normal`` with ``std``; ``fan_in``, normal with
     ``std / sqrt(fan_in)`` (``std`` is the gain; fan-in from the full tensor's shape: every
-    dimension but the first); or a constant."""
+    dimension but the first, fan-out the first); ``xavier_uniform``, uniform in +-``std *
+    sqrt(6 / (fan_in + fan_out))`` (Glorot & Bengio 2010, torch's ``xavier_uniform_``); or a
+    constant."""
 
-    kind: str  # "normal" | "fan_in" | "ones" | "zeros"
+    kind: str  # "normal" | "fan_in" | "xavier_uniform" | "ones" | "zeros"
     std: float = 0.0
 
 
@@ -70,6 +72,10 @@ def initialize_layout_invariant(model_chunks: list[torch.nn.Module], seed: int, 
             elif init.kind == "fan_in":
                 fan_in = math.prod(sh.global_shape[sh.prepend_axis_num + 1 :]) or 1
                 _fill_normal_slice(sh, seed, init.std / math.sqrt(fan_in))
+            elif init.kind == "xavier_uniform":
+                full = sh.global_shape[sh.prepend_axis_num :]
+                bound = init.std * math.sqrt(6.0 / (math.prod(full[1:]) + full[0]))
+                _fill_slice(sh, seed, lambda t, gen, a=bound: t.uniform_(-a, a, generator=gen))
             else:
                 raise ValueError(f"{sh.key}: unknown init kind {init.kind!r}")
             seen.add(id(sh.data))
@@ -78,6 +84,11 @@ def initialize_layout_invariant(model_chunks: list[torch.nn.Module], seed: int, 
 
 
 def _fill_normal_slice(sh: ShardedTensor, seed: int, std: float) -> None:
+    _fill_slice(sh, seed, lambda t, gen: t.normal_(0.0, std, generator=gen))
+
+
+def _fill_slice(sh: ShardedTensor, seed: int, draw: Callable[[torch.Tensor, torch.Generator], None]) -> None:
+    """This rank's slice of the full tensor ``draw`` fills from the key's generator."""
     prepend = sh.prepend_axis_num
     full_shape = tuple(sh.global_shape[prepend:])
     own_offset = sh.global_offset[prepend:]
@@ -89,6 +100,6 @@ def _fill_normal_slice(sh: ShardedTensor, seed: int, std: float) -> None:
     gen = torch.Generator(device=sh.data.device)
     gen.manual_seed(_stable_seed(seed, sh.key, lead))
     full = torch.empty(full_shape, dtype=torch.float32, device=sh.data.device)
-    full.normal_(0.0, std, generator=gen)
+    draw(full, gen)
     piece = full[tuple(slice(o, o + n) for o, n in zip(own_offset, own_shape))]
     sh.data.copy_(piece.to(sh.data.dtype))

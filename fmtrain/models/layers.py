@@ -45,3 +45,56 @@ class HeadRMSNorm(torch.nn.Module):
 
         weight = copy_to_tensor_model_parallel_region(self.weight)
         return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * weight
+
+
+def sharded_state_dict_with_global_blocks(
+    module: torch.nn.Module,
+    prefix: str,
+    sharded_offsets: tuple,
+    metadata: dict | None,
+    *,
+    blocks: str | None = None,
+    layer_offset: int = 0,
+    tensor_parallel_axes: dict[str, int] | None = None,
+) -> dict:
+    """megatron's sharded state dict of a module whose ``blocks`` (a ``ModuleList``, if any) hold
+    pipeline layers ``layer_offset ..``: each block is keyed by its global index, so a checkpoint
+    is the same whatever the pipeline layout. The module's own parameters are replicated, except
+    those named in ``tensor_parallel_axes`` (split over TP along that axis)."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+    from megatron.core.transformer.utils import (
+        ensure_metadata_has_dp_cp_group,
+        make_sharded_tensors_for_checkpoint,
+        sharded_state_dict_default,
+    )
+
+    # The TP group is passed explicitly: megatron only falls back to it when metadata is
+    # absent, and replicated tensors need the TP rank in their replica id.
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    state = {}
+    for name, child in module.named_children():
+        if name != blocks:
+            state.update(
+                sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group)
+            )
+    own: dict = {}
+    module._save_to_state_dict(own, "", keep_vars=True)
+    if own:
+        state.update(
+            make_sharded_tensors_for_checkpoint(
+                own,
+                prefix,
+                tensor_parallel_axes or {},
+                sharded_offsets,
+                tp_group=tp_group,
+                dp_cp_group=metadata["dp_cp_group"],
+            )
+        )
+    for local, block in enumerate(getattr(module, blocks) if blocks else ()):
+        local_prefix = f"{prefix}{blocks}.{local}."
+        block_state = block.sharded_state_dict(local_prefix, sharded_offsets, metadata)
+        replace_prefix_for_sharding(block_state, local_prefix, f"{prefix}{blocks}.{layer_offset + local}.")
+        state.update(block_state)
+    return state

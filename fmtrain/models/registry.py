@@ -212,6 +212,9 @@ class ModelFamily:
     latents [B, C, T', H', W'] to pixels with the Video-VAE of ``eval.sample_vae`` (None without
     one), for families that generate latents."""
 
+    parameter_breakdown: Callable[[Config], dict[str, int]] | None = None
+    """Parameters of the primary part by component (encoder, decoder), for ``fmtrain info``."""
+
     def primary(self, cfg: Config) -> PartSpec:
         return next(part for part in self.parts(cfg) if part.trainable)
 

@@ -69,4 +69,30 @@ def overrides_as_args(overrides: dict[str, Any]) -> list[str]:
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
 
 
-__all__ = ["HFCheckpointError", "overrides_as_args", "check_architecture", "read_config_json", "weights_dir"]
+def check_tensor_names(ckpt, expected: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint whose tensors are not exactly ``expected`` (name -> shape), naming a few
+    missing or unexpected tensors, or the first tensor of another shape, before anything is read."""
+    present = set(ckpt.names)
+    missing = [name for name in expected if name not in present]
+    extra = sorted(present - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
+        raise HFCheckpointError(f"{ckpt.path}: does not match the model: {'; '.join(parts)}")
+    for name, shape in expected.items():
+        found = tuple(ckpt.info(name)[0])
+        if found != shape:
+            raise HFCheckpointError(f"{ckpt.path}: tensor {name} has shape {found}, the model expects {shape}")
+
+
+__all__ = [
+    "HFCheckpointError",
+    "check_architecture",
+    "check_tensor_names",
+    "overrides_as_args",
+    "read_config_json",
+    "weights_dir",
+]

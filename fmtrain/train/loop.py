@@ -186,6 +186,10 @@ def _train(cfg: Config) -> dict:
         return writer.save(done, engine, extra_state={**extra, "skipped_steps": skips.total})
 
     pictures = family.eval_videos is not None and cfg.eval.videos and valid_batches is not None
+    if pictures and (topo.tp > 1 or topo.pp > 1) and not cfg.eval.sample_vae:
+        # The pictures run the whole primary module on rank 0.
+        log0(topo, f"eval.videos: no validation pictures at TP={topo.tp} PP={topo.pp} (they need TP = PP = 1)")
+        pictures = False
     decode = eval_decoder(cfg, topo.device) if pictures and topo.is_writer else None
     started = time.perf_counter()
     metrics: dict = {}

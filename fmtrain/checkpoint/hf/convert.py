@@ -66,7 +66,7 @@ def converter(family: str):
     return conv
 
 
-def detect_family(path: Path) -> str:
+def detect_family(path: Path, *, allow_pickle: bool = False) -> str:
     """The built-in family whose converter recognises the ``config.json`` of ``path``; the
     default family when none does (its config translation then names what it refuses)."""
     from fmtrain.checkpoint.hf.io import HFCheckpointError
@@ -77,7 +77,7 @@ def detect_family(path: Path) -> str:
         if conv is None:
             continue
         try:
-            config_json, _ = release_config(Path(path), conv)
+            config_json, _ = release_config(Path(path), conv, allow_pickle=allow_pickle)
         except (ConfigError, HFCheckpointError):
             continue
         if isinstance(config_json, dict) and conv.recognizes(config_json):
@@ -95,7 +95,7 @@ def _read_hf_config(hf_dir: Path) -> dict:
     )
 
 
-def release_config(path: Path, conv) -> tuple[dict, str]:
+def release_config(path: Path, conv, *, allow_pickle: bool = False) -> tuple[dict, str]:
     """(the architecture description of a release directory, where it came from): its
     ``config.json``, or what the converter reads off the weights when the release has none
     (``release_config``: the Video-VAE ships only its safetensors)."""
@@ -103,7 +103,7 @@ def release_config(path: Path, conv) -> tuple[dict, str]:
 
     where = weights_dir(path, conv)
     if hasattr(conv, "release_config"):
-        with HFCheckpoint(where) as ckpt:
+        with HFCheckpoint(where, allow_pickle=allow_pickle) as ckpt:
             return conv.release_config(ckpt)
     return _read_hf_config(where), f"{where}/config.json"
 
@@ -124,14 +124,14 @@ def from_hf_config(hf_dir: Path, recipe: str | None, overrides: list[str], *, al
 
     family_args: list[str] = []
     if recipe is None:
-        family_conv = converter(detect_family(hf_dir))
+        family_conv = converter(detect_family(hf_dir, allow_pickle=allow_pickle))
         where = weights_dir(hf_dir, family_conv)
-        config_json, _ = release_config(hf_dir, family_conv)  # a clear error when there is none
+        config_json, _ = release_config(hf_dir, family_conv, allow_pickle=allow_pickle)  # a clear error when none
         with HFCheckpoint(where, allow_pickle=allow_pickle) as ckpt:
             family_args = family_conv.model_overrides(config_json, ckpt)
     cfg = load_config(recipe, family_args + list(overrides))
     conv = converter(cfg.model.family)
-    hf_config, source = release_config(hf_dir, conv)
+    hf_config, source = release_config(hf_dir, conv, allow_pickle=allow_pickle)
     try:
         conv.check_model_matches_hf(cfg, hf_config, source)
     except ConfigError as exc:
@@ -182,10 +182,11 @@ def _hf_dtype(hf_dir: Path, conv, allow_pickle: bool) -> torch.dtype:
     from fmtrain.checkpoint.hf.io import HFCheckpoint, HFCheckpointError
 
     with HFCheckpoint(weights_dir(hf_dir, conv), allow_pickle=allow_pickle) as ckpt:
+        probe = conv.dtype_probe(ckpt) if hasattr(conv, "dtype_probe") else conv.DTYPE_PROBE
         try:
-            return ckpt.info(conv.DTYPE_PROBE)[1]
+            return ckpt.info(probe)[1]
         except KeyError:
-            raise HFCheckpointError(f"{ckpt.path}: no tensor {conv.DTYPE_PROBE} ({conv.FORMAT})") from None
+            raise HFCheckpointError(f"{ckpt.path}: no tensor {probe} ({conv.FORMAT})") from None
 
 
 def convert_from_hf(
@@ -366,6 +367,7 @@ def export_to_hf(
     overwrite: bool = False,
     log: Log = print,
     cfg: Config | None = None,
+    variant: str = "",
 ) -> Path:
     """Write the released format of the checkpoint's family from an fmtrain checkpoint (one
     process): a Hugging Face ``LlamaForCausalLM`` directory for Yi, the Step-Video-T2V
@@ -374,7 +376,8 @@ def export_to_hf(
     ``cfg`` defaults to the config saved in the checkpoint (its model section decides the
     tensors; one that does not fit the stored tensors is refused naming the tensor).
     ``dtype`` (bf16 | fp32) defaults to the dtype the weights are stored in. fp32 from a bf16
-    run takes the optimizer's fp32 main weights when the checkpoint has them.
+    run takes the optimizer's fp32 main weights when the checkpoint has them. ``variant`` picks
+    another export target of the family's converter (``encoder``: VideoMAE's encoder alone).
     """
     from fmtrain.checkpoint.hf.io import StreamingShardWriter, plan_shards
 
@@ -399,6 +402,14 @@ def export_to_hf(
             )
         whose = "the given config"
     conv = converter(cfg.model.family)
+    if variant:
+        variants = getattr(conv, "variants", {})
+        if variant not in variants:
+            raise ConfigError(
+                f"model.family={cfg.model.family!r} has no {variant!r} export"
+                + (f" (it has: {', '.join(variants)})" if variants else "")
+            )
+        conv = variants[variant]
     s = conv.shapes_from_config(cfg)
     reader = DistCheckpointReader(ckpt)
 

@@ -61,6 +61,28 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+_WRAPPER_KEYS = ("model", "module", "state_dict")
+_NAME_PREFIXES = ("_orig_mod.", "module.")
+
+
+def unwrap_training_state(state: dict) -> dict:
+    """The model's tensors of a training script's checkpoint: under ``'model'`` / ``'module'`` /
+    ``'state_dict'`` when the file is such a wrapper (beside optimizer state, epochs...), with
+    torch.compile's ``_orig_mod.`` and DDP's ``module.`` name prefixes removed."""
+    if not any(isinstance(v, torch.Tensor) for v in state.values()):
+        for key in _WRAPPER_KEYS:
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    out = {}
+    for name, value in state.items():
+        for prefix in _NAME_PREFIXES:
+            while isinstance(name, str) and name.startswith(prefix):
+                name = name[len(prefix) :]
+        out[name] = value
+    return out
+
+
 class HFCheckpoint:
     """The tensors of one Hugging Face checkpoint directory, read lazily by name.
 
@@ -186,6 +208,7 @@ class HFCheckpoint:
             raise HFCheckpointError(f"{file}: cannot be read with torch.load(weights_only=True) ({exc})") from None
         if not isinstance(state, dict):
             raise HFCheckpointError(f"{file}: expected a dict of tensors, got {type(state).__name__}")
+        state = unwrap_training_state(state)
         # Keep one file's tensors at a time (a layer's tensors are usually in one file).
         self._pickled = (file, state)
         return state

@@ -46,23 +46,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
+from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from megatron.core.transformer.utils import (
-    ensure_metadata_has_dp_cp_group,
-    make_sharded_tensors_for_checkpoint,
-    sharded_state_dict_default,
-)
 
 from fmtrain.config import Config
 from fmtrain.models.adaln import AdaLNSingle, modulate
 from fmtrain.models.init import InitRule
-from fmtrain.models.layers import HeadRMSNorm
+from fmtrain.models.layers import HeadRMSNorm, sharded_state_dict_with_global_blocks
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.rope import apply_rope_3d, rope_3d_cos_sin
 from fmtrain.objectives import flow_matching as fm
@@ -369,33 +363,9 @@ class StepVideoDiT(MegatronModule):
     # -- checkpoint keys: blocks under their global index, whatever the pipeline layout
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        # The TP group is passed explicitly: megatron only falls back to it when metadata is
-        # absent, and replicated tensors need the TP rank in their replica id.
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        state = {}
-        for name, child in self.named_children():
-            if name == "transformer_blocks":
-                continue
-            state.update(
-                sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=tp_group)
-            )
-        own: dict = {}
-        self._save_to_state_dict(own, "", keep_vars=True)
-        if own:
-            state.update(
-                make_sharded_tensors_for_checkpoint(
-                    own, prefix, {}, sharded_offsets, tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"]
-                )
-            )
-        for local, block in enumerate(self.transformer_blocks):
-            local_prefix = f"{prefix}transformer_blocks.{local}."
-            block_state = block.sharded_state_dict(local_prefix, sharded_offsets, metadata)
-            replace_prefix_for_sharding(
-                block_state, local_prefix, f"{prefix}transformer_blocks.{self.layer_offset + local}."
-            )
-            state.update(block_state)
-        return state
+        return sharded_state_dict_with_global_blocks(
+            self, prefix, sharded_offsets, metadata, blocks="transformer_blocks", layer_offset=self.layer_offset
+        )
 
     # -- forward
 

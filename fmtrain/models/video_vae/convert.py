@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from fmtrain.config import Config, ConfigError
-from fmtrain.models.release import HFCheckpointError, check_architecture, overrides_as_args
+from fmtrain.models.release import HFCheckpointError, check_architecture, check_tensor_names, overrides_as_args
 
 FORMAT = "Step-Video-T2V release (vae/)"
 WEIGHTS_SUBDIR = "vae"
@@ -132,20 +132,7 @@ def shapes_from_config(cfg: Config) -> dict[str, tuple[int, ...]]:
 def check_hf_names(ckpt, shapes: dict[str, tuple[int, ...]]) -> None:
     """Refuse a file whose tensors are not exactly this model's, naming the tensor and both shapes,
     before anything is read."""
-    present = set(ckpt.names)
-    missing = [name for name in shapes if name not in present]
-    extra = sorted(present - set(shapes))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}")
-        if extra:
-            parts.append(f"{len(extra)} unexpected tensor(s), e.g. {', '.join(extra[:3])}")
-        raise HFCheckpointError(f"{ckpt.path}: does not match the model: {'; '.join(parts)}")
-    for name, shape in shapes.items():
-        found = tuple(ckpt.info(name)[0])
-        if found != shape:
-            raise HFCheckpointError(f"{ckpt.path}: tensor {name} has shape {found}, the model expects {shape}")
+    check_tensor_names(ckpt, shapes)
 
 
 def piece_reader(ckpt, shapes) -> Callable[[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], torch.Tensor]:
