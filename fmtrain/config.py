@@ -251,7 +251,13 @@ class DataConfig:
     video_size: int = 224
     """Video: clip height and width (shorter side resized to it, then cropped square)."""
     video_crop: str = "random"
-    """Video: center | random (spatial crop; the clip's start frame is always drawn at random)."""
+    """Video: center | random | multiscale (spatial crop; the clip's start frame is always drawn
+    at random). multiscale is VideoMAE's ``GroupMultiScaleCrop``: a crop of 1, .875, .75 or .66
+    of the shorter side per axis (aspect distortion at most one step), at one of 13 fixed
+    offsets, resized to data.video_size."""
+    video_flip: bool = False
+    """Video: flip each clip horizontally with probability 0.5 (VideoMAE V2's pretraining does
+    not; its fine-tuning does)."""
     video_clips: int = 1
     """Video: clips cut from each decoded video (repeated sampling)."""
     synthetic_latent_shapes: list[list[int]] = field(default_factory=lambda: [[2, 8, 8]])
@@ -262,7 +268,7 @@ class DataConfig:
     synthetic_classes: int = 8
     """DiT synthetic dataset: prototype latents (each with its own text embedding)."""
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"video_crop": ("center", "random")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"video_crop": ("center", "random", "multiscale")}
 
 
 @dataclass
@@ -366,10 +372,10 @@ class FamilySettings:
     """Rules across sections that only this family has (raise ConfigError)."""
 
 
-BUILTIN_FAMILIES = ("yi", "step_video", "video_vae")
+BUILTIN_FAMILIES = ("yi", "step_video", "video_vae", "videomae_v2")
 """The model families shipped with fmtrain (packages under ``fmtrain.models``); the first is
 the default ``model.family``."""
-BUILTIN_OBJECTIVES = ("lm", "flow_matching", "vae")
+BUILTIN_OBJECTIVES = ("lm", "flow_matching", "vae", "mae")
 """The objectives shipped with fmtrain (modules under ``fmtrain.objectives``)."""
 PARALLEL_DIMENSIONS = {
     "tp": "tensor",
@@ -602,6 +608,7 @@ def _build(items: list[tuple[str, Any, str]]) -> Config:
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None
     cfg = Config(model=settings.model(family=family), objective=objective_cls(name=objective))
+    items = _with_size_preset(settings.model, items)
     for dotted, value, where in items:
         if dotted.strip() in ("model.family", "objective.name"):
             continue  # chose the sections above (the last one given wins)
@@ -610,6 +617,18 @@ def _build(items: list[tuple[str, Any, str]]) -> Config:
         except ConfigError as exc:
             raise ConfigError(f"{where}{exc}") from None
     return cfg
+
+
+def _with_size_preset(section: type[ModelConfig], items: list[tuple[str, Any, str]]) -> list[tuple[str, Any, str]]:
+    """A family section with ``PRESETS`` (named sizes) expands ``model.size=NAME`` into its
+    fields, placed before every item given, so what the recipe or command line sets wins."""
+    presets = getattr(section, "PRESETS", None)
+    size, where = _last(items, "model.size")
+    if not presets or size in (None, ""):
+        return items
+    if str(size) not in presets:
+        raise ConfigError(f"{where}model.size={size!r} is not one of {', '.join(presets)}")
+    return [(f"model.{k}", v, f"model.size={size}: ") for k, v in presets[str(size)].items()] + items
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -112,6 +112,24 @@ def test_clip_sampling_resize_crop_and_normalise(video_dir):
     assert torch.equal(long[:, 3], long[:, 4])  # frames 12 and 16 both clamp to frame 11
 
 
+def test_multiscale_crop_and_flip_are_drawn_per_sample(video_dir):
+    sample = next(s for _, s in read_shard(resolve_shards(str(video_dir / "shards"))[0]))
+    ctx = SampleContext(seed=1, epoch=0, stream=0, index=0, shard="s", key="k")
+    multiscale = VideoPipeline(frames=4, stride=3, size=16, crop="multiscale", clips=3)
+    clips = [c["video"] for c in multiscale.units(sample, ctx)]
+    assert all(c.shape == (3, 4, 16, 16) for c in clips)
+    assert all(torch.equal(a, b["video"]) for a, b in zip(clips, multiscale.units(sample, ctx)))
+    low, high = (0 - max(IMAGENET_MEAN)) / min(IMAGENET_STD), (1 - min(IMAGENET_MEAN)) / min(IMAGENET_STD)
+    assert all(low - 1e-4 <= float(c.min()) and float(c.max()) <= high + 1e-4 for c in clips)
+    # Flipping draws after the start frames: each clip is the centre crop or its mirror image.
+    plain = VideoPipeline(frames=4, stride=3, size=16, crop="center", clips=8).units(sample, ctx)
+    flipped = VideoPipeline(frames=4, stride=3, size=16, crop="center", clips=8, flip=True).units(sample, ctx)
+    mirrored = [not torch.equal(f["video"], p["video"]) for f, p in zip(flipped, plain)]
+    for f, p, m in zip(flipped, plain, mirrored):
+        assert torch.equal(f["video"], p["video"].flip(-1) if m else p["video"])
+    assert 0 < sum(mirrored) < 8
+
+
 def test_video_stream_resume_and_coverage_dp2_workers2(video_dir):
     straight_loader = video_loader(video_dir)
     batches = {(s, r): straight_loader.microbatches(s, r) for s in range(7) for r in range(2)}

@@ -234,6 +234,31 @@ def decode_frames(data: bytes, indices: Sequence[int], size: int) -> tuple[dict[
     return out, decoded
 
 
+MULTISCALE_SCALES = (1.0, 0.875, 0.75, 0.66)
+
+
+def multiscale_crop(clip: np.ndarray, size: int, rng: np.random.Generator) -> torch.Tensor:
+    """VideoMAE's ``GroupMultiScaleCrop`` (scales 1, .875, .75, .66, max distortion 1, the 13 fixed
+    offsets) on frames (T, H, W, 3) uint8, resized bilinearly (antialiased, as PIL) to
+    (3, T, size, size) float32 in [0, 255]; one crop for the whole clip."""
+    _, h, w, _ = clip.shape
+    base = min(h, w)
+    sides = [size if abs(int(base * s) - size) < 3 else int(base * s) for s in MULTISCALE_SCALES]
+    pairs = [(cw, ch) for i, ch in enumerate(sides) for j, cw in enumerate(sides) if abs(i - j) <= 1]
+    cw, ch = pairs[int(rng.integers(len(pairs)))]
+    ws, hs = (w - cw) // 4, (h - ch) // 4
+    offsets = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2), (0, 2), (4, 2), (2, 4), (2, 0), (1, 1), (3, 1), (1, 3), (3, 3)]
+    ox, oy = offsets[int(rng.integers(len(offsets)))]
+    left, top = ox * ws, oy * hs
+    crop = torch.from_numpy(np.ascontiguousarray(clip[:, top : top + ch, left : left + cw]))
+    frames = crop.permute(0, 3, 1, 2).float()  # (T, 3, ch, cw)
+    if (ch, cw) != (size, size):
+        frames = torch.nn.functional.interpolate(
+            frames, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        ).clamp_(0, 255)
+    return frames.permute(1, 0, 2, 3).contiguous()
+
+
 class VideoPipeline:
     """``units`` = ``clips`` clips of one video; ``item`` = one clip."""
 
@@ -248,14 +273,16 @@ class VideoPipeline:
         size: int = 224,
         crop: str = "random",
         clips: int = 1,
+        flip: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
         if min(frames, stride, size, clips) < 1:
             raise ValueError(f"frames={frames}, stride={stride}, size={size} and clips={clips} must be >= 1")
-        if crop not in ("center", "random"):
-            raise ValueError(f"crop={crop!r} is not one of center, random")
+        if crop not in ("center", "random", "multiscale"):
+            raise ValueError(f"crop={crop!r} is not one of center, random, multiscale")
         self.frames, self.stride, self.size, self.crop, self.clips = frames, stride, size, crop, clips
+        self.flip = flip
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
         self._scale = 1.0 / (255.0 * self.std)
@@ -311,10 +338,14 @@ class VideoPipeline:
             idx = [min(start + k * self.stride, total - 1) for k in range(self.frames)]
             idx = [i if i in frames else have[min(np.searchsorted(have, i), len(have) - 1)] for i in idx]
             clip = np.stack([frames[i] for i in idx])  # (T, H', W', 3) uint8
-            clip = self._crop(clip, rng)  # (T, size, size, 3)
-            # (T, size, size, 3) uint8 -> (3, T, size, size) float32, (x / 255 - mean) / std in place
-            tensor = torch.from_numpy(clip).permute(3, 0, 1, 2).contiguous().float()
-            tensor.mul_(self._scale).add_(self._bias)
+            if self.crop == "multiscale":
+                tensor = multiscale_crop(clip, self.size, rng)  # (3, T, size, size) float32 in [0, 255]
+            else:
+                # (T, size, size, 3) uint8 -> (3, T, size, size) float32
+                tensor = torch.from_numpy(self._crop(clip, rng)).permute(3, 0, 1, 2).contiguous().float()
+            if self.flip and rng.random() < 0.5:
+                tensor = tensor.flip(-1)
+            tensor.mul_(self._scale).add_(self._bias)  # (x / 255 - mean) / std in place
             clips.append({"video": tensor, "key": sample.get("__key__", ""), "caption": caption, **extras})
         for clip in clips:  # drawn after the crops, so a clip's frames do not depend on it
             clip["sample_seed"] = int(rng.integers(0, 2**62))
@@ -353,6 +384,7 @@ class VideoPipeline:
             "size": self.size,
             "crop": self.crop,
             "clips": self.clips,
+            **({"flip": True} if self.flip else {}),
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
         }
@@ -361,7 +393,12 @@ class VideoPipeline:
     def from_config(cls, cfg) -> VideoPipeline:
         d = cfg.data
         return cls(
-            frames=d.video_frames, stride=d.video_stride, size=d.video_size, crop=d.video_crop, clips=d.video_clips
+            frames=d.video_frames,
+            stride=d.video_stride,
+            size=d.video_size,
+            crop=d.video_crop,
+            clips=d.video_clips,
+            flip=d.video_flip,
         )
 
 
@@ -486,11 +523,43 @@ SYNTHETIC_VIDEOS = "synthetic:videos"
 """``data.corpus`` of the in-memory moving-shapes clips (:class:`SyntheticClipSampler`)."""
 
 
+def video_batches(cfg, topo, run_dir, pipeline: VideoPipeline):
+    """(training, validation) batch sources of a video family: the video shards of ``data.shards``
+    / ``data.valid_shards`` through ``pipeline``, or with ``data.corpus=synthetic:videos``
+    moving-shape clips drawn in memory with the pipeline's normalisation
+    (``data.synthetic_samples`` videos; validation on others, when ``eval.interval`` is set)."""
+    from fmtrain.config import ConfigError
+    from fmtrain.data.stream import stream_loaders
+
+    d, t = cfg.data, cfg.train
+    if d.shards:
+        return stream_loaders(cfg, pipeline, topo, run_dir)
+    if d.corpus != SYNTHETIC_VIDEOS:
+        raise ConfigError(
+            f"data.corpus={d.corpus!r}: model.family={cfg.model.family} trains on videos: set "
+            f"data.shards to video shards (fmtrain data shard video), or data.corpus={SYNTHETIC_VIDEOS}"
+        )
+    common = dict(
+        frames=d.video_frames,
+        size=d.video_size,
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size,
+        dp_size=topo.dp,
+        seed=cfg.run.seed,
+        mean=pipeline.mean.flatten().tolist(),
+        std=pipeline.std.flatten().tolist(),
+    )
+    train = SyntheticClipSampler(samples=d.synthetic_samples, tag=0, **common)
+    valid = SyntheticClipSampler(samples=d.synthetic_samples, tag=1, **common) if cfg.eval.interval else None
+    return train, valid
+
+
 class SyntheticClipSampler:
-    """Clips [3, T, S, S] in [-1, 1] of :func:`moving_shapes` videos, drawn as a stateless function of
-    (seed, step, global microbatch): microbatch ``g`` of a step is DP rank ``g // n``'s ``g % n``-th
-    (n per rank), so the global batch is the same at every data-parallel size. ``samples``
-    distinct videos cycle in a per-epoch order; ``tag`` separates a validation set's videos."""
+    """Clips [3, T, S, S] of :func:`moving_shapes` videos, normalised ``(x / 255 - mean) / std``
+    (default: to [-1, 1]), drawn as a stateless function of (seed, step, global microbatch):
+    microbatch ``g`` of a step is DP rank ``g // n``'s ``g % n``-th (n per rank), so the global
+    batch is the same at every data-parallel size. ``samples`` distinct videos cycle in a
+    per-epoch order; ``tag`` separates a validation set's videos."""
 
     def __init__(
         self,
@@ -503,10 +572,14 @@ class SyntheticClipSampler:
         dp_size: int,
         seed: int,
         tag: int = 0,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.5, 0.5, 0.5),
     ):
         from fmtrain.config import microbatches_per_rank
 
         self.samples, self.frames, self.size, self.seed, self.tag = samples, frames, size, seed, tag
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1, 1)
         self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
         self.num_microbatches = microbatches_per_rank(global_batch_size, micro_batch_size, dp_size)
 
@@ -515,7 +588,7 @@ class SyntheticClipSampler:
 
     def clip(self, index: int) -> torch.Tensor:
         frames, _ = moving_shapes(self.video_seed(index), frames=self.frames, width=self.size, height=self.size)
-        return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(127.5).sub_(1.0)
+        return (torch.from_numpy(frames).permute(3, 0, 1, 2).float().div_(255.0) - self.mean) / self.std
 
     def microbatches(self, global_step: int, dp_rank: int) -> list[dict]:
         out = []
@@ -542,6 +615,8 @@ class SyntheticClipSampler:
 
 __all__ = [
     "SYNTHETIC_VIDEOS",
+    "video_batches",
+    "multiscale_crop",
     "SyntheticClipSampler",
     "moving_shapes",
     "VIDEO_EXTENSIONS",

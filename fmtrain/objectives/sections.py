@@ -114,5 +114,36 @@ class VAEConfig(ObjectiveConfig):
             )
 
 
-SECTIONS: dict[str, type[ObjectiveConfig]] = {"lm": LMConfig, "flow_matching": FlowMatchingConfig, "vae": VAEConfig}
+@dataclass
+class MAEConfig(ObjectiveConfig):
+    """``objective.name=mae``: masked video reconstruction (VideoMAE / VideoMAE V2). The encoder
+    sees the clip with ``mask_ratio`` of each frame's tokens tube-masked; the decoder predicts the
+    pixels of the tokens it is given mask tokens for; the loss is the MSE on the tokens both
+    encoder-masked and decoder-visible."""
+
+    mask_ratio: float = 0.9
+    """Encoder tube-masking ratio (per time slice)."""
+    decoder_mask_ratio: float = 0.5
+    """Decoder running-cell masking ratio (0.25, 0.5 or 0.75 of each 2x2 cell); 0: VideoMAE V1
+    (the decoder reconstructs exactly the encoder-masked tokens)."""
+    norm_target: bool = True
+    """Predict each patch's pixels normalised by the patch's own mean and std (per channel), as
+    the release; false: the raw [0, 1] pixels."""
+
+    def check(self, cfg: Config) -> None:
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"objective.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        if self.decoder_mask_ratio and self.decoder_mask_ratio not in (0.25, 0.5, 0.75):
+            raise ConfigError(
+                f"objective.decoder_mask_ratio={self.decoder_mask_ratio}: running-cell masking masks 1, 2 "
+                "or 3 of a 2x2 cell: use 0.25, 0.5 or 0.75 (or 0 for VideoMAE V1)"
+            )
+
+
+SECTIONS: dict[str, type[ObjectiveConfig]] = {
+    "lm": LMConfig,
+    "flow_matching": FlowMatchingConfig,
+    "vae": VAEConfig,
+    "mae": MAEConfig,
+}
 """Built-in objective name -> its section."""

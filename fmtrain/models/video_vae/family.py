@@ -303,29 +303,9 @@ def video_pipeline(cfg: Config):
 def prepare_data(cfg: Config, topo, run_dir) -> RunData:
     """Video shards (``data.shards``, ``data.valid_shards``), or ``data.corpus=synthetic:videos``:
     moving-shape clips drawn in memory (``data.synthetic_samples`` videos; validation on others)."""
-    from fmtrain.config import ConfigError
-    from fmtrain.data.stream import stream_loaders
-    from fmtrain.data.video import SYNTHETIC_VIDEOS, SyntheticClipSampler
+    from fmtrain.data.video import video_batches
 
-    d, t = cfg.data, cfg.train
-    if d.shards:
-        train, valid = stream_loaders(cfg, video_pipeline(cfg), topo, run_dir)
-        return RunData(train=train, valid=valid)
-    if d.corpus != SYNTHETIC_VIDEOS:
-        raise ConfigError(
-            f"data.corpus={d.corpus!r}: model.family={cfg.model.family} trains on videos: set "
-            f"data.shards to video shards (fmtrain data shard video), or data.corpus={SYNTHETIC_VIDEOS}"
-        )
-    common = dict(
-        frames=d.video_frames,
-        size=d.video_size,
-        global_batch_size=t.global_batch_size,
-        micro_batch_size=t.micro_batch_size,
-        dp_size=topo.dp,
-        seed=cfg.run.seed,
-    )
-    train = SyntheticClipSampler(samples=d.synthetic_samples, tag=0, **common)
-    valid = SyntheticClipSampler(samples=d.synthetic_samples, tag=1, **common) if cfg.eval.interval else None
+    train, valid = video_batches(cfg, topo, run_dir, video_pipeline(cfg))
     return RunData(train=train, valid=valid)
 
 

@@ -1,0 +1,58 @@
+"""The masked-video-reconstruction objective (``objective.name=mae``) as pure functions.
+
+Target (VideoMAE V2 ``engine_for_pretraining.py``; the same in transformers'
+``VideoMAEForPreTraining``): the clip is un-normalised back to [0, 1], cut into tubelets
+``(t p0)(h p1)(w p2)`` with features ordered (p0, p1, p2, c), and with ``norm_target`` each
+token's pixels are normalised per channel over the tubelet, ``(x - mean) / (sqrt(unbiased
+var) + 1e-6)``. The loss is the squared error averaged over a token's features, summed over the
+tokens that count and divided by how many there are in the global batch (the engine divides
+the step's sum by the step's count, so any layout gives the exact batch mean).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fmtrain.objectives.sections import MAEConfig
+
+CONFIG = MAEConfig
+"""This objective's config section (declared in :mod:`fmtrain.objectives.sections`)."""
+
+
+def patchify(video: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """[B, C, T, H, W] -> [B, tokens, tubelet*patch*patch, C], tokens in (t, h, w) order."""
+    b, c, t, h, w = video.shape
+    x = video.reshape(b, c, t // tubelet, tubelet, h // patch, patch, w // patch, patch)
+    x = x.permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(b, (t // tubelet) * (h // patch) * (w // patch), tubelet * patch * patch, c)
+
+
+def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], tubelet: int, patch: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: [B, tokens, tubelet*patch*patch, C] -> [B, C, T, H, W]."""
+    t, h, w = grid
+    b, c = tokens.shape[0], tokens.shape[-1]
+    x = tokens.reshape(b, t, h, w, tubelet, patch, patch, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(b, c, t * tubelet, h * patch, w * patch)
+
+
+def reconstruction_target(
+    pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, tubelet: int, patch: int, norm: bool
+) -> torch.Tensor:
+    """[B, tokens, tubelet*patch*patch*C]: what the decoder predicts for each token, from clips
+    normalised with per-channel ``mean`` / ``std`` (shape [C])."""
+    view = (1, -1, 1, 1, 1)
+    frames = pixels.float() * std.view(view).to(pixels.device) + mean.view(view).to(pixels.device)
+    tokens = patchify(frames, tubelet, patch)
+    if norm:
+        tokens = (tokens - tokens.mean(dim=-2, keepdim=True)) / (
+            tokens.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6
+        )
+    return tokens.flatten(2)
+
+
+def token_errors(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, N] squared error of each token, averaged over its features."""
+    return (prediction.float() - target.float()).pow(2).mean(-1)
+
+
+__all__ = ["CONFIG", "patchify", "reconstruction_target", "token_errors", "unpatchify"]
