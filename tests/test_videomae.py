@@ -282,11 +282,11 @@ def test_transformers_and_official_checkpoints_round_trip(hf, tmp_path, capsys, 
 # ----------------------------------------------------------------------------- training
 
 
-TRAIN_ARGS = ["train.max_steps=6", "checkpoint.interval=2", "eval.interval=0", "logging.tensorboard=false"]
+TRAIN_ARGS = ["train.max_steps=6", "checkpoint.interval=4", "eval.interval=0", "logging.tensorboard=false"]
 
 
 def test_resume_is_exact_and_resharded_after_sigkill(tmp_path, monkeypatch):
-    """One run of 6 steps (checkpoints at 2, 4, 6); the same run resumed from step 4 repeats steps
+    """One run of 6 steps (checkpoints at 4 and 6); the same run resumed from step 4 repeats steps
     5-6 bit for bit; a run SIGKILLed at step 5 resumes from its step-4 checkpoint at PP=2 within 1e-4."""
     full, again, killed_dir = tmp_path / "full", tmp_path / "again", tmp_path / "killed"
     monkeypatch.setenv("MASTER_PORT", str(free_port()))  # the in-process runs' group
