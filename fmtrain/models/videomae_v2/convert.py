@@ -26,7 +26,6 @@ reads only its heads' rows of q, k and v.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,13 @@ from pathlib import Path
 import torch
 
 from fmtrain.config import Config, ConfigError
-from fmtrain.models.release import HFCheckpointError, check_architecture, check_tensor_names, overrides_as_args
+from fmtrain.models.release import (
+    HFCheckpointError,
+    check_architecture,
+    check_tensor_names,
+    overrides_as_args,
+    read_config_json,
+)
 
 HF_DECODER_NORM_EPS = 1e-5
 """transformers' ``VideoMAEDecoder.norm`` is a plain ``nn.LayerNorm`` (eps 1e-5)."""
@@ -199,9 +204,8 @@ class VideoMAEConverter:
         folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
         if not self.is_official(ckpt):
             file = folder / "config.json"
-            if not file.is_file():
-                raise HFCheckpointError(f"{folder}: no config.json and not an official VideoMAE V2 checkpoint")
-            return json.loads(file.read_text()), str(file)
+            missing = f"{folder}: no config.json and not an official VideoMAE V2 checkpoint"
+            return read_config_json(file, missing), str(file)
         shape = lambda name: tuple(ckpt.info(name)[0])  # noqa: E731
         h, c, t, p, _ = shape("encoder.patch_embed.proj.weight")
         layers = {int(x.group(1)) for n in ckpt.names if (x := re.match(r"encoder\.blocks\.(\d+)\.", n))}
@@ -306,22 +310,18 @@ class VideoMAEConverter:
             return new if hf_names is not None and new in hf_names and old not in hf_names else old
         return block + _BLOCK_NAMES[rest]
 
+    def _qkv_names(self, key: str) -> list[str]:
+        """transformers' query, key and value weights behind fmtrain's fused ``...attn.qkv.weight``."""
+        attention = self._hf_name(key.replace("attn.qkv.weight", "attn.proj.weight")).replace(
+            "attention.output.dense.weight", "attention.attention."
+        )
+        return [f"{attention}{w}.weight" for w in ("query", "key", "value")]
+
     def _expected_names(self, ckpt, shapes: Shapes) -> dict[str, tuple[int, ...]]:
         """The checkpoint's expected tensors (its own naming) and shapes."""
         if self.is_official(ckpt):
             return dict(shapes.tensors)
-        out = {}
-        for key, shape in shapes.tensors.items():
-            if key.endswith("attn.qkv.weight"):
-                base = self._hf_name(key.replace("attn.qkv.weight", "norm1.weight")).replace(
-                    "layernorm_before.weight", "attention.attention."
-                )
-                h = shape[1]
-                for which in ("query", "key", "value"):
-                    out[f"{base}{which}.weight"] = (h, h)
-            else:
-                out[self._hf_name(key, ckpt.names)] = shape
-        return out
+        return {name: s for key, shape in shapes.tensors.items() for name, s in self._outputs(key, shape, ckpt.names)}
 
     def check_hf_names(self, ckpt, shapes: Shapes) -> None:
         check_tensor_names(ckpt, self._expected_names(ckpt, shapes))
@@ -348,12 +348,7 @@ class VideoMAEConverter:
                     for w in range(3)
                 ]
             else:
-                base = self._hf_name(key.replace("attn.qkv.weight", "norm1.weight")).replace(
-                    "layernorm_before.weight", "attention.attention."
-                )
-                parts = [
-                    ckpt.read_slice(f"{base}{w}.weight", (heads_rows, region[1])) for w in ("query", "key", "value")
-                ]
+                parts = [ckpt.read_slice(name, (heads_rows, region[1])) for name in self._qkv_names(key)]
             stacked = torch.stack([p.view(last - first, d, -1) for p in parts], dim=1)  # [n, 3, d, cols]
             return stacked.reshape(3 * d * (last - first), -1)
 
@@ -370,14 +365,14 @@ class VideoMAEConverter:
     def export_order(self, shapes: Shapes, present: Callable[[str], bool]) -> list[tuple[str, tuple]]:
         return [(key, ()) for key in self._exported(shapes)]
 
-    def _outputs(self, key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    def _outputs(
+        self, key: str, shape: tuple[int, ...], hf_names: frozenset[str] | None = None
+    ) -> list[tuple[str, tuple[int, ...]]]:
+        """The transformers tensors (name, shape) one fmtrain tensor becomes."""
         if key.endswith("attn.qkv.weight"):
-            base = self._hf_name(key.replace("attn.qkv.weight", "norm1.weight")).replace(
-                "layernorm_before.weight", "attention.attention."
-            )
             h = shape[1]
-            return [(f"{base}{w}.weight", (h, h)) for w in ("query", "key", "value")]
-        return [(self._hf_name(key), shape)]
+            return [(name, (h, h)) for name in self._qkv_names(key)]
+        return [(self._hf_name(key, hf_names), shape)]
 
     def hf_shapes(self, shapes: Shapes) -> dict[str, tuple[int, ...]]:
         return {name: s for key in self._exported(shapes) for name, s in self._outputs(key, shapes.tensors[key])}
@@ -388,9 +383,7 @@ class VideoMAEConverter:
         if not key.endswith("attn.qkv.weight"):
             return {self._hf_name(key): t}
         _, heads = shapes.tower_of(key)
-        q, k, v = per_head_to_fused(t, heads).chunk(3, dim=0)
-        names = [name for name, _ in self._outputs(key, tuple(t.shape))]
-        return dict(zip(names, (q, k, v)))
+        return dict(zip(self._qkv_names(key), per_head_to_fused(t, heads).chunk(3, dim=0)))
 
     def hf_config_from_fmtrain(self, cfg: Config, dtype: torch.dtype | None = None) -> dict:
         """transformers' config.json. Its decoder's final LayerNorm has eps 1e-5 whatever the

@@ -17,6 +17,7 @@ import torch
 from megatron.core.utils import get_attr_wrapped_model
 
 from fmtrain.config import Config
+from fmtrain.data.video import IMAGENET_MEAN, IMAGENET_STD  # the clips' normalisation (the release's)
 from fmtrain.models.registry import ModelFamily, PartSpec, RunData
 from fmtrain.models.sizes import (
     MemoryEstimate,
@@ -29,10 +30,6 @@ from fmtrain.models.videomae_v2.config import token_counts, token_grid
 from fmtrain.models.videomae_v2.masking import draw_masks
 from fmtrain.models.videomae_v2.model import MAEInputs, build_chunk, init_rule, transformer_config
 from fmtrain.objectives import mae as objective
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-"""The clips' normalisation (the data pipeline's, and the release's); the target undoes it."""
 
 
 def masks(cfg: Config, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +179,14 @@ def prepare_data(cfg: Config, topo, run_dir) -> RunData:
 # ----------------------------------------------------------------------------- pictures
 
 
+def _channel_stats(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as [3, 1, 1, 1], broadcasting over [..., 3, T, H, W]."""
+    return (torch.tensor(v, device=device).view(3, 1, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def _to_unit_range(video: torch.Tensor) -> torch.Tensor:
     """ImageNet-normalised [3, T, H, W] -> [-1, 1]."""
-    mean = torch.tensor(IMAGENET_MEAN, device=video.device).view(3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=video.device).view(3, 1, 1, 1)
+    mean, std = _channel_stats(video.device)
     return (video.float() * std + mean) * 2 - 1
 
 
@@ -200,10 +201,8 @@ def reconstruct(cfg: Config, model: torch.nn.Module, batch: dict) -> tuple[torch
     video = batch["video"].to(device)
     inputs, _ = make_inputs(cfg, {**batch, "predict_only": True}, device, first=True, last=True)
     prediction = model(inputs=inputs)  # [B, N_decoder, D]
-    mean, std = torch.tensor(IMAGENET_MEAN, device=device), torch.tensor(IMAGENET_STD, device=device)
-    pixels = objective.patchify(
-        video.float() * std.view(1, 3, 1, 1, 1) + mean.view(1, 3, 1, 1, 1), m.tubelet_size, m.patch_size
-    )
+    mean, std = _channel_stats(device)
+    pixels = objective.patchify(video.float() * std + mean, m.tubelet_size, m.patch_size)
     b, n, k, c = pixels.shape
     predicted = prediction.view(b, -1, k, c)
     chosen = pixels[~inputs.decoder_mask]  # [B * N_decoder, k, c]
@@ -220,7 +219,7 @@ def reconstruct(cfg: Config, model: torch.nn.Module, batch: dict) -> tuple[torch
 
     def back(tokens: torch.Tensor) -> torch.Tensor:
         frames = objective.unpatchify(tokens.clamp(0, 1), grid, m.tubelet_size, m.patch_size)
-        return (frames - mean.view(1, 3, 1, 1, 1)) / std.view(1, 3, 1, 1, 1)
+        return (frames - mean) / std
 
     return back(masked), back(recon)
 

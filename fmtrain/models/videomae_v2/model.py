@@ -45,6 +45,7 @@ from fmtrain.models.init import InitRule
 from fmtrain.models.layers import sharded_state_dict_with_global_blocks
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.videomae_v2.config import token_grid
+from fmtrain.objectives import mae
 
 
 @dataclass
@@ -324,7 +325,7 @@ class VideoMAE(MegatronModule):
         prediction = self.decoder.head(self.decoder.norm(full[-n_out:])).transpose(0, 1)  # [b, N_decoder, D]
         if inputs.target is None:
             return prediction.float()
-        return (prediction.float() - inputs.target.float()).pow(2).mean(-1)
+        return mae.token_errors(prediction, inputs.target)
 
 
 # ----------------------------------------------------------------------------- building
