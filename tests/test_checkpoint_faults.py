@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, Run, finish_ok, read_metrics
+from conftest import REPO, TINY_OVERRIDES, TINY_RECIPE, Run, finish_ok, free_port, read_metrics
 
 REQUEUE = 99  # fmtrain.train.signals.REQUEUE_EXIT_CODE, spelled out: the number is the contract
 STEPS = ["train.max_steps=20", "checkpoint.interval=5"]
@@ -125,6 +125,17 @@ def test_sigterm_saves_requeues_and_resumes_with_async_saves_and_retention(base_
     # Retention: the newest two (15, 20) and every 10th (10, 20); step 5 and the stop's went.
     assert checkpoint_names(run_dir) == {"step_0000010", "step_0000015", "step_0000020"}
     assert "retention (checkpoint.keep_last / keep_every) removed" in out
+    # metrics.jsonl: the loop's wait on every step that saved, a background save's duration on
+    # the step it completed (here, in the resumed run, 10's or 15's: 20's completes at the end).
+    lines = metric_lines(run_dir)
+    assert {rec["step"] for rec in lines if "checkpoint_wait_s" in rec} == {5, 10, 15, 20}
+    waits = {rec["step"]: rec["checkpoint_wait_s"] for rec in lines if "checkpoint_wait_s" in rec}
+    completed = [rec for rec in lines if "checkpoint_background_s" in rec and rec["step"] > stopped]
+    assert completed
+    for rec in completed:  # the save that completed began at the last save step before this one
+        began = max(step for step in waits if step < rec["step"])
+        assert waits[began] <= rec["checkpoint_background_s"] < 600, rec
+    assert "ckpt wait " in out  # the progress line of a step that saved
 
 
 def test_exit_after_minutes_saves_and_requeues(base_args, tmp_path):
@@ -137,8 +148,8 @@ def test_exit_after_minutes_saves_and_requeues(base_args, tmp_path):
 
 
 def test_resharding_resume(base_args, reference, tmp_path):
-    """Saved at (TP, PP) = (2, 2); resumed at (1, 1), (2, 1) and DP=2: steps 6-10 match the
-    uninterrupted run (which ran at DP=2) within 1e-4."""
+    """Saved at (TP, PP) = (2, 2); resumed at (1, 1), (2, 1) and DP=2, and the DP=2 run's
+    checkpoint at TP=2: steps 6-10 match the uninterrupted run (which ran at DP=2) within 1e-4."""
     ref_dir, ref = reference
     saved_dir = tmp_path / "tp2pp2"
     stop_at_5 = {"FMTRAIN_TEST_SIGNAL_AT_STEP": "5"}
@@ -163,9 +174,14 @@ def test_resharding_resume(base_args, reference, tmp_path):
         "tp2pp1": (2, ["parallel.tp=2", "parallel.pp=1"]),
         "dp2": (2, ["parallel.tp=1", "parallel.pp=1", "parallel.dp=2"]),
     }
+    # And the DP=2 reference's own checkpoint (every data-parallel rank wrote its optimizer pieces)
+    # under tensor parallelism.
+    ref_ckpt = ref_dir / "checkpoints" / "step_0000005"
+    sources = {name: ckpt for name in layouts} | {"from-dp2-tp2": ref_ckpt}
+    layouts["from-dp2-tp2"] = (2, ["parallel.tp=2", "parallel.pp=1"])
     runs = {
         name: Run(
-            base_args + STEPS + [f"run.dir={tmp_path / name}", f"checkpoint.load={ckpt}", *layout],
+            base_args + STEPS + [f"run.dir={tmp_path / name}", f"checkpoint.load={sources[name]}", *layout],
             nproc,
             tmp_path,
             name,
@@ -175,7 +191,8 @@ def test_resharding_resume(base_args, reference, tmp_path):
     }
     for name, run in runs.items():
         out = finish_ok(run, expected=REQUEUE)
-        assert f"resumed from {ckpt} at step 5 (saved with TP=2 PP=2" in out, name
+        saved_with = "TP=1 PP=1 VPP=1 DP=2" if name == "from-dp2-tp2" else "TP=2 PP=2"
+        assert f"resumed from {sources[name]} at step 5 (saved with {saved_with}" in out, name
         assert "RNG states re-derived from run.seed=" in out and "the layout changed" in out, name
         got = read_metrics(tmp_path / name)
         assert sorted(got) == list(range(6, 11)), name
@@ -337,3 +354,103 @@ def test_retention_keeps_last_k_every_mth_and_latest(tmp_path):
         "step_0000035.tmp",
     ]
     assert {p.name for p in removed} == {"step_0000005", "step_0000012.tmp"}
+
+
+def test_failed_background_write_is_reported_and_latest_stays(single_rank, tmp_path, monkeypatch):
+    """The background writer fails (the disk is full): every rank gets an error naming the
+    checkpoint and the cause, ``latest`` keeps naming the previous complete checkpoint, and the
+    failed one stays a ``.tmp`` that is never loaded."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from fmtrain import checkpoint, parallel
+    from fmtrain.config import load_config
+    from fmtrain.engine import build_engine
+    from fmtrain.models.registry import get_family
+
+    cfg = load_config(TINY_RECIPE, TINY_OVERRIDES + [f"run.dir={tmp_path}", "checkpoint.async_save=true"])
+    topo = parallel.initialize(cfg)
+    engine = build_engine(cfg, topo, get_family(cfg.model.family))
+    writer = checkpoint.CheckpointWriter(cfg, tmp_path, topo, log=lambda message: None)
+    writer.save(1, engine)
+    writer.wait()
+    assert latest(tmp_path) == "step_0000001"
+
+    def disk_full(*args, serialization_format=None, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    # The forked writer inherits the patch: its first tensor write fails as a full disk would.
+    monkeypatch.setattr(filesystem_async, "_write_item", disk_full)
+    writer.save(2, engine)
+    with pytest.raises(checkpoint.CheckpointError) as failure:
+        writer.wait()
+    message = str(failure.value)
+    assert "background write of checkpoint" in message and "step_0000002.tmp failed" in message
+    assert "No space left on device" in message
+    assert f"latest names {tmp_path / 'checkpoints' / 'step_0000001'}" in message
+    writer.abort()
+    assert latest(tmp_path) == "step_0000001"
+    assert checkpoint_names(tmp_path) == {"step_0000001", "step_0000002.tmp"}
+    assert checkpoint.find_latest(tmp_path, log=lambda message: None) == tmp_path / "checkpoints" / "step_0000001"
+
+
+def test_optimizer_pieces_equal_megatrons_gathered_checkpoint(tmp_path):
+    """Every data-parallel rank writes its own optimizer pieces; the checkpoint holds exactly the
+    tensors megatron-core's gathering ``fully_reshardable`` save writes (same names, shapes and
+    values; the same common state), at TP=2 x DP=2 with SwiGLU's split fc1, stacked layers,
+    replicated norms and a padded vocabulary."""
+    import subprocess
+    import sys
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from fmtrain.checkpoint.verify import read_dcp_metadata
+
+    overrides = [
+        "model.num_layers=2",
+        "model.hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.ffn_hidden_size=96",
+        "model.vocab_size=500",
+        "model.seq_length=32",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=1",
+        "parallel.tp=2",
+        f"run.dir={tmp_path / 'run'}",
+    ]
+    worker = REPO / "tests" / "optimizer_checkpoint_worker.py"
+    env = {**os.environ, "MASTER_PORT": str(free_port())}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
+    subprocess.run(
+        [*launch, str(worker), str(tmp_path), *overrides],
+        check=True,
+        env=env,
+        timeout=600,
+    )
+
+    def tensors(path: Path) -> dict[str, torch.Tensor]:
+        index = read_dcp_metadata(path).state_dict_metadata
+        out = {
+            key: torch.empty(item.size, dtype=item.properties.dtype)
+            for key, item in index.items()
+            if isinstance(item, TensorStorageMetadata)
+        }
+        dcp.load(out, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+        return out
+
+    pieces_dir = tmp_path / "pieces" / "checkpoints" / "step_0000002"
+    gathered_dir = tmp_path / "gathered" / "checkpoints" / "step_0000002"
+    pieces, gathered = tensors(pieces_dir), tensors(gathered_dir)
+    assert sorted(pieces) == sorted(gathered)
+    optimizer_keys = [k for k in pieces if k.startswith("optimizer.state.exp_avg_sq.")]
+    assert len(optimizer_keys) == 9 and any(k.endswith("linear_fc1.weight") for k in optimizer_keys), optimizer_keys
+    for key in pieces:
+        assert torch.equal(pieces[key], gathered[key]), key
+    assert all(pieces[k].abs().sum() > 0 for k in optimizer_keys)  # trained moments, not zeros
+    common = [torch.load(d / "common.pt", weights_only=True) for d in (pieces_dir, gathered_dir)]
+    assert common[0] == common[1]
+    # Gathered: data-parallel rank 0 of each TP rank writes the optimizer state; pieces: all four ranks.
+    assert len(list(pieces_dir.glob("__*_*.distcp"))) > len(list(gathered_dir.glob("__*_*.distcp")))

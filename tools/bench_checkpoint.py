@@ -96,13 +96,23 @@ def sync_device(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_one(size: str, async_save: bool, args, topo) -> dict:
+def megatron_gathering_save(optimizer, model_sharded_state_dict: dict, metadata: dict) -> dict:
+    return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=False, metadata=metadata)
+
+
+def bench_one(size: str, mode: str, args, topo) -> dict:
     from fmtrain.checkpoint import CheckpointWriter
     from fmtrain.config import num_microbatches
     from fmtrain.engine import build_engine
+    from fmtrain.engine import megatron as megatron_engine
+    from fmtrain.engine.optimizer_checkpoint import sharded_state_dict_for_saving
     from fmtrain.models.registry import get_family
 
-    mode = "async" if async_save else "sync"
+    async_save = mode.startswith("async")
+    if mode.endswith("-gathered"):  # the baseline: megatron-core's own save, gathering over data parallelism
+        megatron_engine.sharded_state_dict_for_saving = megatron_gathering_save
+    else:
+        megatron_engine.sharded_state_dict_for_saving = sharded_state_dict_for_saving
     run_dir = Path(args.out) / f"{size}-{mode}"
     if topo.is_writer and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -121,14 +131,18 @@ def bench_one(size: str, async_save: bool, args, topo) -> dict:
     for _ in range(args.warmup):
         engine.train_step(batches, 1e-4)
         step += 1
+    region_started = None
     for checkpoint in range(args.checkpoints + 1):  # the first save is a warm-up (fork, plans)
+        if checkpoint == 1:
+            region_started = time.perf_counter()
         started = time.perf_counter()
         writer.wait()  # the previous checkpoint's write, when it outlasted the steps in between
         prior_wait_s.append(time.perf_counter() - started)
         if checkpoint > 0:
             complete_s.append(writer.last_duration_s)
         started = time.perf_counter()
-        writer.save(step, engine)
+        if mode != "none":
+            writer.save(step, engine)
         save_s.append(time.perf_counter() - started)
         polled = 0.0
         for _ in range(args.every):
@@ -147,6 +161,7 @@ def bench_one(size: str, async_save: bool, args, topo) -> dict:
     writer.close()
     prior_wait_s.append(time.perf_counter() - started)
     complete_s.append(writer.last_duration_s)
+    region_s = time.perf_counter() - region_started
     # Checkpoint c's wait: its save call, the polls after it, and the wait for its write at the
     # next save (or at close). The warm-up checkpoint (c = 0) is left out.
     waits = [save_s[c] + poll_s[c] + prior_wait_s[c + 1] for c in range(1, args.checkpoints + 1)]
@@ -155,7 +170,8 @@ def bench_one(size: str, async_save: bool, args, topo) -> dict:
         "size": size,
         "mode": mode,
         "params": family.param_count(cfg),
-        "checkpoint_bytes": du_bytes(saved) if topo.is_writer else 0,
+        "checkpoint_bytes": du_bytes(saved) if topo.is_writer and saved else 0,
+        "total_s": region_s,
         "wait_s": waits,
         "wait_mean_s": statistics.mean(waits),
         "save_call_s": statistics.mean(save_s[1:]),
@@ -184,6 +200,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--gbs", type=int, default=4)
     parser.add_argument("--mbs", type=int, default=1)
+    parser.add_argument(
+        "--gathered", action="store_true", help="also time megatron-core's own (gathering) optimizer-state save"
+    )
     args = parser.parse_args()
 
     from fmtrain import parallel
@@ -193,14 +212,16 @@ def main() -> None:
     cfg = build_config(args.sizes.split(",")[0], Path(args.out), False, args.seq, args.gbs, args.mbs)
     topo = parallel.initialize(cfg)
     results = []
+    modes = ["none", "sync", "async"] + (["sync-gathered", "async-gathered"] if args.gathered else [])
     for size in args.sizes.split(","):
-        for async_save in (False, True):
-            results.append(bench_one(size, async_save, args, topo))
+        for mode in modes:
+            results.append(bench_one(size, mode, args, topo))
             r = results[-1]
             if topo.is_writer:
                 print(
-                    f"{size:>4} {r['mode']:>5}: {r['checkpoint_bytes'] / 2**20:7.1f} MiB, loop waits "
-                    f"{r['wait_mean_s']:.3f} s per checkpoint ({', '.join(f'{w:.3f}' for w in r['wait_s'])})",
+                    f"{size:>4} {r['mode']:>14}: {r['checkpoint_bytes'] / 2**20:7.1f} MiB, loop waits "
+                    f"{r['wait_mean_s']:.3f} s per checkpoint ({', '.join(f'{w:.3f}' for w in r['wait_s'])}), "
+                    f"{r['total_s']:.2f} s in all",
                     flush=True,
                 )
     if topo.is_writer:
@@ -214,19 +235,29 @@ def main() -> None:
         )
         print(
             "| model | checkpoint | sync: loop waits | async: loop waits | async / sync | async: in save() | "
-            "async: save start -> complete | step, no save | step, async write running |"
+            "async: save start -> complete | step, no save | step, async write running | "
+            "wall time: none / sync / async |"
         )
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         by = {(r["size"], r["mode"]): r for r in results}
         for size in args.sizes.split(","):
-            s, a = by[(size, "sync")], by[(size, "async")]
+            none, s, a = by[(size, "none")], by[(size, "sync")], by[(size, "async")]
             busy = f"{a['step_during_write_s']:.3f} s" if a["step_during_write_s"] else "-"
-            idle = f"{s['step_idle_s']:.3f} s" if s["step_idle_s"] else "-"
             print(
                 f"| {s['params'] / 1e6:.1f}M params | {s['checkpoint_bytes'] / 2**20:.0f} MiB | "
                 f"{s['wait_mean_s']:.3f} s | {a['wait_mean_s']:.3f} s | {a['wait_mean_s'] / s['wait_mean_s']:.2f} | "
-                f"{a['save_call_s']:.3f} s | {a['complete_s']:.3f} s | {idle} | {busy} |"
+                f"{a['save_call_s']:.3f} s | {a['complete_s']:.3f} s | {none['step_idle_s']:.3f} s | {busy} | "
+                f"{none['total_s']:.1f} / {s['total_s']:.1f} / {a['total_s']:.1f} s |"
             )
+            if args.gathered:
+                gs, ga = by[(size, "sync-gathered")], by[(size, "async-gathered")]
+                ratio = ga["wait_mean_s"] / gs["wait_mean_s"]
+                print(
+                    f"| (megatron's gathered format) | {gs['checkpoint_bytes'] / 2**20:.0f} MiB | "
+                    f"{gs['wait_mean_s']:.3f} s | {ga['wait_mean_s']:.3f} s | {ratio:.2f} | "
+                    f"{ga['save_call_s']:.3f} s | {ga['complete_s']:.3f} s | - | - | - / {gs['total_s']:.1f} / "
+                    f"{ga['total_s']:.1f} s |"
+                )
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "results.json").write_text(
             json.dumps(

@@ -2,25 +2,32 @@
 
 One save, on every rank::
 
-    step_N.tmp/ created (rank 0)  ->  sharded tensors written (megatron dist_checkpointing, every
-    rank its shards)  +  rng/rank_RRRRR.pt (every rank)  ->  [all ranks finished]  ->  finalize:
-    fmtrain_state.json written, step_N.tmp renamed to step_N, ``latest`` replaced, retention
+    step_N.tmp/ created (rank 0)  ->  state staged in host memory (HostStaging)  ->  sharded
+    tensors written (megatron dist_checkpointing, every rank its shards, the optimizer state as
+    every data-parallel rank's own pieces)  +  rng/rank_RRRRR.pt (every rank)  ->  [all ranks
+    finished]  ->  finalize: fmtrain_state.json written, step_N.tmp renamed to step_N,
+    ``latest`` replaced, retention started in a thread of rank 0
 
-``checkpoint.async_save=true`` hands the tensor writing to megatron's asynchronous path: the
-shards are staged in host memory (a copy from the GPU; on the CPU the forked writer process
-keeps a copy-on-write snapshot), a forked process writes them, and the training loop goes on.
+The loop waits for the staging: the device-to-host copy into reused buffers
+(:mod:`fmtrain.checkpoint.staging`), with no exchange between ranks
+(:mod:`fmtrain.engine.optimizer_checkpoint`), no per-save sharding validation (first save
+only) and no per-save planning (the plan is cached: a run's checkpoints all have the same
+structure). ``checkpoint.async_save=true`` then hands the writing to megatron's asynchronous
+path: a forked process writes and fsyncs the files, and the training loop goes on.
 :meth:`CheckpointWriter.poll`, called by the loop after every step on every rank, asks all
 ranks (one small all-reduce) whether the writers are done and finalizes the checkpoint once
 every rank's writer is; the rename and ``latest`` therefore only ever happen after all ranks
-finished writing. At most one save is in flight: a new save, the end of the run, a stop for
-requeue and a numeric-fault stop first wait for the previous one. Where the platform or the
-save strategy cannot do this (no ``fork``; a non-async strategy) the writer logs the reason
-once and saves synchronously.
+finished writing, and a failed write raises :class:`CheckpointError` on every rank with
+``latest`` untouched. At most one save is in flight: a new save, the end of the run, a stop for
+requeue and a numeric-fault stop first wait for the previous one (and log the wait). Where the
+platform or the save strategy cannot do this (no ``fork``; a non-async strategy) the writer logs
+the reason once and saves synchronously.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import shutil
 import threading
@@ -31,10 +38,24 @@ from pathlib import Path
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+from torch.distributed.checkpoint.api import CheckpointException
 
 from fmtrain.checkpoint import files, rng
 from fmtrain.checkpoint.errors import CheckpointError
+from fmtrain.checkpoint.staging import HostStaging
 from fmtrain.config import Config
+
+
+class _FreshDirectoryWarningFilter(logging.Filter):
+    """megatron warns when a rank's files are already in the directory as rank 0 starts saving;
+    the writer makes every ``.tmp`` directory fresh, so that only means another rank was faster."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Overwriting old incomplete" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.dist_checkpointing.serialization").addFilter(_FreshDirectoryWarningFilter())
 
 
 def async_unsupported_reason() -> str | None:
@@ -137,11 +158,21 @@ class CheckpointWriter:
         if cfg.checkpoint.interval or cfg.checkpoint.save_at_end:
             start_helper_processes()  # at start-up, so that the first save does not start them
             self._helpers_started = True
+        self._staging = HostStaging()
+        self._pruning: threading.Thread | None = None
+        self._validated = False
+        # One save strategy for the run, told that every save has the same structure: megatron then
+        # plans the writes (a gather of every rank's plan) once and reuses the plan (Megatron-LM's
+        # --ckpt-assume-constant-structure).
+        self._strategy = TorchDistSaveShardedStrategy("torch_dist", 1, cached_metadata=True)
         self.last_saved: Path | None = None
         self.blocked_s = 0.0
         """Seconds the caller spent inside save / poll / wait (the loop's wait for checkpoints)."""
+        self.last_wait_s = 0.0
+        """Seconds the last :meth:`save` call blocked its caller, including the wait for the previous save."""
         self.last_duration_s = 0.0
         """Seconds from the start of the last completed save until it was complete."""
+        self._completed_background_s: float | None = None
 
     @property
     def in_flight(self) -> Path | None:
@@ -158,6 +189,7 @@ class CheckpointWriter:
         """
         started = time.perf_counter()
         self.wait()
+        self._finish_pruning()
         if not self._helpers_started:
             start_helper_processes()
             self._helpers_started = True
@@ -169,25 +201,35 @@ class CheckpointWriter:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
-        sharded = engine.state_dict()
         finalize = partial(self._finalize, step, tmp, final, self._state(step, extra_state), started)
+        # The sharding is the same at every save of a run: megatron's check that every shard is
+        # written exactly once (an all-gather of every rank's tensor metadata) runs on the first.
+        validate, self._validated = not self._validated, True
         try:
+            sharded = self._staging.stage(engine.state_dict())
             if self.async_save:
-                request = dist_checkpointing.save(sharded, str(tmp), async_sharded_save=True)
+                request = dist_checkpointing.save(
+                    sharded,
+                    str(tmp),
+                    self._strategy,
+                    async_sharded_save=True,
+                    validate_access_integrity=validate,
+                )
                 rng.save(tmp, self.topo.rank, rng_states)
                 request.add_finalize_fn(finalize)
                 self._queue.schedule_async_request(request)
                 self._in_flight = tmp
             else:
-                dist_checkpointing.save(sharded, str(tmp))
+                dist_checkpointing.save(sharded, str(tmp), self._strategy, validate_access_integrity=validate)
                 rng.save(tmp, self.topo.rank, rng_states)
                 finalize()
         except CheckpointError:
             raise
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # torch's CheckpointException is a BaseException
             raise CheckpointError(f"writing checkpoint {tmp} failed: {type(exc).__name__}: {exc}") from exc
         finally:
-            self.blocked_s += time.perf_counter() - started
+            self.last_wait_s = time.perf_counter() - started
+            self.blocked_s += self.last_wait_s
         return final
 
     def _state(self, step: int, extra_state: dict | None) -> dict:
@@ -215,12 +257,23 @@ class CheckpointWriter:
                 files._remove(final)
             tmp.rename(final)
             files.write_latest(self.run_dir, final)
-            files.prune(self.run_dir, self.keep_last, self.keep_every, step, log=self.log)
+            # Deleting old checkpoints (gigabytes of files) is not the loop's business: a thread
+            # does it, and the next save waits for it.
+            self._pruning = threading.Thread(
+                target=files.prune,
+                args=(self.run_dir, self.keep_last, self.keep_every, step),
+                kwargs={"log": self.log},
+                name="fmtrain-checkpoint-retention",
+                daemon=True,
+            )
+            self._pruning.start()
             mode = "in the background" if self.async_save else "synchronously"
             self.log(f"saved checkpoint {final} ({mode}, {time.perf_counter() - started:.1f}s after it began)")
         dist.barrier()
         self.last_saved = final
         self.last_duration_s = time.perf_counter() - started
+        if self.async_save:
+            self._completed_background_s = self.last_duration_s
 
     # ------------------------------------------------------------------ async bookkeeping
 
@@ -229,26 +282,46 @@ class CheckpointWriter:
         if self._in_flight is not None:
             self._finalize_async(blocking=False)
 
+    def take_completed(self) -> float | None:
+        """Start-to-complete seconds of a background save completed since the last call, else None."""
+        completed, self._completed_background_s = self._completed_background_s, None
+        return completed
+
     def wait(self) -> None:
-        """Block until a background save is complete (every rank)."""
-        if self._in_flight is not None:
-            self._finalize_async(blocking=True)
+        """Block until a background save is complete (every rank); a wait is reported."""
+        if self._in_flight is None:
+            return
+        tmp, started = self._in_flight, time.perf_counter()
+        self._finalize_async(blocking=True)
+        waited = time.perf_counter() - started
+        if waited >= 0.01:
+            self.log(f"waited {waited:.2f}s for the background save of {tmp.name.removesuffix('.tmp')} to complete")
 
     def _finalize_async(self, blocking: bool) -> None:
         started = time.perf_counter()
         try:
             finished = self._queue.maybe_finalize_async_calls(blocking=blocking)
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # on every rank: megatron broadcasts a failure
             tmp, self._in_flight = self._in_flight, None
-            raise CheckpointError(f"writing checkpoint {tmp} failed: {type(exc).__name__}: {exc}") from exc
+            previous = files.find_latest(self.run_dir, log=lambda message: None)
+            raise CheckpointError(
+                f"the background write of checkpoint {tmp} failed: {type(exc).__name__}: {exc}; it stays "
+                f"incomplete, and {files.LATEST} names {previous or 'no checkpoint'}"
+            ) from exc
         finally:
             self.blocked_s += time.perf_counter() - started
         if finished:
             self._in_flight = None
 
+    def _finish_pruning(self) -> None:
+        if self._pruning is not None:
+            self._pruning.join()
+            self._pruning = None
+
     def close(self) -> None:
-        """Finish any background save (every rank)."""
+        """Finish any background save and retention (every rank)."""
         self.wait()
+        self._finish_pruning()
 
     def abort(self) -> None:
         """Stop a background writer without finalizing (its ``.tmp`` stays incomplete)."""

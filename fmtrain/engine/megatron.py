@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from fmtrain.config import Config, TrainConfig, num_microbatches
 from fmtrain.engine import StepResult
+from fmtrain.engine.optimizer_checkpoint import sharded_state_dict_for_saving
 from fmtrain.engine.parts import (
     build_part_chunks,
     family_module,
@@ -443,11 +444,15 @@ class MegatronEngine:
         model_sd = sharded_state_dict(part.modules, part.prefix)
         # "fully_reshardable": optimizer state in model-parameter space, so it loads under any
         # other (TP, PP, VPP, DP); the flattened "model space" default is refused by the
-        # checkpoint layer of megatron-core 0.16.
+        # checkpoint layer of megatron-core 0.16. Saving writes those tensors as every data-
+        # parallel rank's own pieces, without megatron's gather (fmtrain.engine.optimizer_checkpoint).
         metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
         # Loading fills these state tensors; saving before the first applied update needs them too.
         _materialize_optimizer_state(part.optimizer)
-        optimizer_sd = part.optimizer.sharded_state_dict(model_sd, is_loading=for_loading, metadata=metadata)
+        if for_loading:
+            optimizer_sd = part.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=metadata)
+        else:
+            optimizer_sd = sharded_state_dict_for_saving(part.optimizer, model_sd, metadata)
         if part.prefix:  # the optimizer's own entries (param groups, step) are named the same for every part
             add_prefix_for_sharding(optimizer_sd, part.prefix)
         return {"model": model_sd, "optimizer": optimizer_sd}

@@ -218,6 +218,17 @@ def _train(cfg: Config) -> dict:
                 metrics.update({f"val_{name}": value for name, value in values.items()})
                 if pictures and topo.is_writer and first is not None:
                     log_eval_videos(family, engine, first, cfg, logger, done, decode)
+            saved_now = (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or (
+                done == t.max_steps and cfg.checkpoint.save_at_end
+            )
+            if not skips.exhausted():
+                writer.poll()
+                if saved_now:
+                    save(done)
+                    metrics["checkpoint_wait_s"] = writer.last_wait_s
+                background_s = writer.take_completed()
+                if background_s is not None:
+                    metrics["checkpoint_background_s"] = background_s
             logger.log(done, metrics)
             if topo.is_writer and (done % t.log_interval == 0 or done == t.max_steps or done == start_step + 1):
                 print(logger.progress_line(done, metrics, time.perf_counter() - started), flush=True)
@@ -228,20 +239,14 @@ def _train(cfg: Config) -> dict:
                     f"update skipped ({len(skips.streak)} in a row, {skips.total} in the run)",
                 )
             if skips.exhausted():
-                writer.wait()  # a save still in flight holds the last good state: complete it
+                writer.close()  # a save still in flight holds the last good state: complete it
                 skips.raise_fault(result.loss, result.grad_norm, checkpoint.find_latest(run_dir, log=lambda m: None))
-            writer.poll()
-            saved_now = (cfg.checkpoint.interval and done % cfg.checkpoint.interval == 0) or (
-                done == t.max_steps and cfg.checkpoint.save_at_end
-            )
-            if saved_now:
-                save(done)
             injected.after_step(done, topo.rank, topo.world_size)
             reason = stop.check() if done < t.max_steps else None
             if reason:
                 if not saved_now:
                     save(done)
-                writer.wait()
+                writer.close()
                 log0(
                     topo,
                     f"stopping after step {done} ({reason}): checkpoint {writer.last_saved} is "

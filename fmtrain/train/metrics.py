@@ -164,6 +164,8 @@ TB_TAGS: dict[str, str] = {
     "tflops": "perf/tflops",
     "mfu": "perf/mfu",
     "val_loss": "val/loss",
+    "checkpoint_wait_s": "perf/checkpoint_wait_s",
+    "checkpoint_background_s": "perf/checkpoint_background_s",
 }
 
 
@@ -269,6 +271,7 @@ class MetricsLogger:
             ("tokens_per_s", lambda v: f"{v:,.0f} tok/s"),
             ("tflops", lambda v: f"{v:.2f} TFLOP/s"),
             ("mfu", lambda v: f"MFU {100 * v:.1f}%"),
+            ("checkpoint_wait_s", lambda v: f"ckpt wait {v:.2f}s"),
         )
         for key, fmt in fields:
             if key in metrics:
