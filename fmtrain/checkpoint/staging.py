@@ -1,17 +1,18 @@
-"""Host copies of a checkpoint's tensors in buffers that live as long as the run.
+"""Host tensors for a checkpoint's write, with as little copying as possible.
 
-A save's only in-loop copy: every tensor on the GPU is copied into a pinned host buffer (all
-copies issued without waiting, one synchronisation at the end), and every host tensor that is a
-view into a larger storage (the distributed optimizer's pieces, DDP's flat parameter buffer) into
-a host buffer of its own. The buffers are allocated on the first save and reused by every later
-one, so a save neither allocates nor page-faults gigabytes of host memory; megatron-core's writer
-then finds host tensors that own their storage and writes them as they are (it would otherwise
-copy every GPU tensor, and clone every host view, in the training loop on every save).
+megatron-core's writer needs host tensors that own exactly their bytes (it serialises a
+tensor's whole storage, so it would clone every view, and copy every GPU tensor, in the
+training loop on every save). Before a save, every tensor of the state is made one:
 
-A host tensor that owns its storage is not copied: a synchronous save writes it before training
-continues, and an asynchronous save's forked writer holds a copy-on-write snapshot of it.
-The cost is host memory: one buffer per staged tensor, the size of this rank's share of the
-checkpoint on a GPU, less on the CPU.
+* a GPU tensor is copied into a pinned host buffer (all copies issued without waiting, one
+  synchronisation at the end). The buffers are allocated on the first save and reused by every
+  later one, so a save neither allocates nor page-faults gigabytes of host memory; they are a
+  persistent host copy of this rank's share of the checkpoint;
+* a contiguous host view (DDP's flat parameter buffer, the distributed optimizer's pieces)
+  becomes an alias over exactly its bytes (a slice of its storage): no copy at all. A
+  synchronous save writes it before training continues, and an asynchronous save's writer is a
+  forked process whose copy-on-write memory is the snapshot;
+* a non-contiguous host view is copied into a reused host buffer.
 """
 
 from __future__ import annotations
@@ -25,20 +26,24 @@ def _owns_storage(tensor: torch.Tensor) -> bool:
     return tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
 
 
+def _alias(view: torch.Tensor) -> torch.Tensor:
+    """A tensor over exactly the bytes of a contiguous ``view`` (shared memory, no copy); its
+    storage slice keeps the whole original storage alive."""
+    size = view.element_size()
+    start = view.storage_offset() * size
+    storage = view.untyped_storage()[start : start + view.numel() * size]
+    return torch.empty(0, dtype=view.dtype).set_(storage, 0, view.shape, view.stride())
+
+
 class HostStaging:
     """Reusable host buffers for the tensors of one rank's checkpoints (one per writer)."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
 
-    @property
-    def nbytes(self) -> int:
-        """Host memory the buffers hold."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
     def stage(self, sharded_state_dict: dict) -> dict:
-        """Point every ShardedTensor of ``sharded_state_dict`` (its factories applied first, in
-        place) at a host tensor that owns its storage, copying where it is on the GPU or a view."""
+        """Point every written ShardedTensor of ``sharded_state_dict`` (its factories applied first,
+        in place) at a host tensor that owns exactly its bytes."""
         apply_factories(sharded_state_dict)
         on_gpu = False
         for item in nested_values(sharded_state_dict):
@@ -46,6 +51,9 @@ class HostStaging:
                 continue  # another rank writes a replica
             data = item.data.detach()
             if data.device.type == "cpu" and _owns_storage(data):
+                continue
+            if data.device.type == "cpu" and data.is_contiguous():
+                item.data = _alias(data)
                 continue
             key = (item.key, item.global_offset, tuple(data.shape), data.dtype)
             buffer = self._buffers.get(key)
