@@ -3,7 +3,9 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tools/bench_checkpoint.py
     python -m torch.distributed.run --standalone --nproc-per-node 1 tools/bench_checkpoint.py  # one GPU
 
-For each model size, and for ``checkpoint.async_save`` false and true, the script trains the
+For each model size, with no saves (the wall-time baseline) and with ``checkpoint.async_save``
+false and true (and, with ``--gathered``, both again with megatron-core's own gathering save of
+the optimizer state), the script trains the
 Yi family on random tokens (short sequences: the step is cheap, the checkpoint is not) and
 saves every ``--every`` steps through fmtrain's :class:`CheckpointWriter` the way the training
 loop does: ``save`` at the interval, ``poll`` after every step, ``close`` at the end. The
@@ -14,7 +16,9 @@ between). Also reported: the checkpoint's size on disk, the async save() call al
 dict, planning, staging to host memory, forking the writer), the time from an async save's
 start until the checkpoint is complete, the mean step time with no save running and while a
 background write runs (on the CPU the writer competes with training for the same cores), and,
-per size, async wait / sync wait. Give ``--every`` enough steps to cover the write, as a real
+per size, async wait / sync wait and the wall time of the timed stretch per mode (none / sync /
+async: the total cost, including a background writer slowing the steps down). Give ``--every``
+enough steps to cover the write, as a real
 checkpoint interval does; otherwise the async loop waits for the write at the next save.
 
 Results go to stdout (rank 0) and to OUT/results.json.

@@ -5,7 +5,8 @@
 # tools/bench_train.py --device cuda: fmtrain (fused kernels on, the CUDA default) vs
 # transformers on a ~1.1B Yi config at seq 4096 in bf16, from the same initial weights (the two
 # loss curves must agree), then fmtrain again without the fused kernels (the
-# "unfused" variant: what they are worth). Everything lands in $OUT.
+# "unfused" variant: what they are worth), and the checkpoint-save benchmark. Everything lands
+# in $OUT.
 #
 # Prepare the wheels on a machine with pip access (from the repo root):
 #   echo /.whl/ >> .git/info/exclude
@@ -100,3 +101,11 @@ EOF
 PYTHONUNBUFFERED=1 timeout "${BENCH_TIMEOUT:-420}" $PY tools/bench_train.py --device cuda \
     --json-out "$OUT/bench_gpu.json" --profile "$OUT/profile_gpu.txt" --timeout 150 "$@" 2>&1 \
   | tee "$OUT/bench_gpu.log"
+
+# docs/benchmarks.md "Checkpoint save" on the GPU (CKPT_BENCH=0 skips it): the loop's wait for
+# sync and async saves of 25M-400M Yi models, side by side with megatron's gathering save.
+if [ "${CKPT_BENCH:-1}" != 0 ]; then
+  PYTHONUNBUFFERED=1 timeout "${CKPT_TIMEOUT:-300}" $PY -m torch.distributed.run --standalone --nproc-per-node 1 \
+      tools/bench_checkpoint.py --sizes 25M,100M,400M --checkpoints 2 --every 20 --seq 256 --gbs 8 --mbs 4 \
+      --gathered --out "$OUT/checkpoint" 2>&1 | tee "$OUT/bench_checkpoint.log"
+fi
