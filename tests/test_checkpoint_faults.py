@@ -1,9 +1,12 @@
 """Checkpoints under faults, with real training processes on gloo.
 
-Exact resume after SIGKILL; SIGTERM -> save -> requeue status -> resume (asynchronous saves and
-retention on); the wall-clock budget; resharding (TP, PP) = (2, 2) -> (1, 1), (2, 1) and DP=2;
-partial saves left by a kill; truncated and mismatched checkpoints; NaN steps skipped and the
-stop after too many. One uninterrupted 20-step run (module fixture) is the reference.
+Exact resume after SIGKILL, also while a background write is in flight; SIGTERM -> save ->
+requeue status -> resume (asynchronous saves and retention on); the wall-clock budget;
+resharding (TP, PP) = (2, 2) -> (1, 1), (2, 1) and DP=2, and DP=2 -> TP=2; partial saves left by
+a kill; a background write that fails; truncated and mismatched checkpoints; NaN steps skipped
+and the stop after too many. One uninterrupted 20-step run (module fixture) is the reference.
+How a save is written: the host staging, the optimizer pieces' boxes, and the pieces against
+megatron-core's own gathered save.
 """
 
 from __future__ import annotations
@@ -91,6 +94,29 @@ def test_exact_resume_after_sigkill_and_partial_saves(base_args, reference, tmp_
         assert {"python", "numpy_keys", "torch", "tracker/model-parallel-rng"} <= set(states)
     state = json.loads((ckpts / "step_0000020" / "fmtrain_state.json").read_text())
     assert state["consumed_samples"] == 20 * 8 and state["skipped_steps"] == 0
+
+
+def test_sigkill_during_a_background_write_resumes_from_the_previous_checkpoint(base_args, reference, tmp_path):
+    """Asynchronous saves; every process SIGKILLed while step 10's checkpoint is being written
+    in the background (the loop hangs right after scheduling it, so it is never finalized): it
+    stays a ``.tmp``, ``latest`` names step 5, and the resumed run repeats steps 6-20 exactly."""
+    ref_dir, ref = reference
+    run_dir = tmp_path / "run"
+    args = base_args + STEPS + [f"run.dir={run_dir}", "checkpoint.async_save=true"]
+    first = Run(args, 2, tmp_path, "killed-writing", env={"FMTRAIN_TEST_HANG_AT_STEP": "10"})
+    first.wait_for_step(run_dir, 10)
+    first.signal_group(signal.SIGKILL)
+    first.finish()
+    assert latest(run_dir) == "step_0000005"
+    assert checkpoint_names(run_dir) == {"step_0000005", "step_0000010.tmp"}
+
+    out = finish_ok(Run(args, 2, tmp_path, "resumed-after-kill"))
+    assert f"ignoring incomplete checkpoint {run_dir / 'checkpoints' / 'step_0000010.tmp'}" in out
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_0000005'} at step 5" in out
+    resumed = read_metrics(run_dir)
+    for step in range(6, 21):
+        assert resumed[step]["loss"] == ref[step]["loss"], step
+    assert latest(run_dir) == "step_0000020"
 
 
 def test_sigterm_saves_requeues_and_resumes_with_async_saves_and_retention(base_args, reference, tmp_path):
@@ -391,6 +417,68 @@ def test_failed_background_write_is_reported_and_latest_stays(single_rank, tmp_p
     assert latest(tmp_path) == "step_0000001"
     assert checkpoint_names(tmp_path) == {"step_0000001", "step_0000002.tmp"}
     assert checkpoint.find_latest(tmp_path, log=lambda message: None) == tmp_path / "checkpoints" / "step_0000001"
+
+
+def test_host_staging_aliases_views_copies_the_rest_and_reuses_its_buffers():
+    """What megatron's writer gets from the staging: tensors that own exactly their bytes. A
+    contiguous view is an alias over its bytes (no copy), a non-contiguous one is copied into a
+    buffer reused by the next save, an owning tensor and another rank's replica are left alone."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from fmtrain.checkpoint.staging import HostStaging
+
+    flat = torch.arange(24, dtype=torch.float32)  # e.g. DDP's flat parameter buffer
+    owner = torch.ones(3)
+    matrix = torch.arange(12.0).view(3, 4)
+
+    def state() -> dict:
+        return {
+            "view": ShardedTensor.from_rank_offsets("view", flat[4:10].view(2, 3)),
+            "owner": ShardedTensor.from_rank_offsets("owner", owner),
+            "strided": ShardedTensor.from_rank_offsets("strided", matrix.t()),
+            "replica": ShardedTensor.from_rank_offsets("replica", flat[0:4], replica_id=1),
+        }
+
+    staging = HostStaging()
+    first = staging.stage(state())
+    view = first["view"].data
+    assert torch.equal(view, flat[4:10].view(2, 3))
+    assert view.untyped_storage().nbytes() == 6 * 4  # exactly its bytes: written without a clone
+    flat[4] = -1.0
+    assert view[0, 0] == -1.0  # shared memory, not a copy
+    assert first["owner"].data is owner
+    strided = first["strided"].data
+    assert torch.equal(strided, matrix.t()) and strided.is_contiguous()
+    assert strided.untyped_storage().data_ptr() != matrix.untyped_storage().data_ptr()
+    assert first["replica"].data.untyped_storage().nbytes() == 24 * 4  # not written here: untouched
+
+    matrix += 100
+    second = staging.stage(state())
+    assert second["strided"].data is strided and torch.equal(strided, matrix.t())  # reused, refreshed
+
+
+def test_flat_range_boxes_tile_the_range_in_order():
+    """A data-parallel rank's flat range of a row-major tensor, as boxes: exactly the range's
+    elements, in flat order, in at most 2 x ndim - 1 boxes (checked against indexing)."""
+    import random
+
+    from fmtrain.engine.optimizer_checkpoint import flat_range_boxes
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        shape = tuple(rng.randint(1, 5) for _ in range(rng.randint(0, 4)))
+        numel = math.prod(shape)
+        start = rng.randint(0, numel)
+        stop = rng.randint(start, numel)
+        index = torch.arange(numel).view(shape)
+        boxes = list(flat_range_boxes(shape, start, stop))
+        assert len(boxes) <= max(1, 2 * len(shape) - 1), (shape, start, stop, boxes)
+        covered = [
+            i
+            for offset, size in boxes
+            for i in index[tuple(slice(o, o + n) for o, n in zip(offset, size))].flatten().tolist()
+        ]
+        assert covered == list(range(start, stop)), (shape, start, stop, boxes)
 
 
 def test_optimizer_pieces_equal_megatrons_gathered_checkpoint(tmp_path):

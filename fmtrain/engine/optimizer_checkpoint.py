@@ -20,6 +20,7 @@ gathered checkpoints keep loading.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -67,7 +68,7 @@ def _without_dp(replica_id, instance_id: int):
     instance's (as megatron's own per-rank formats do)."""
     if isinstance(replica_id, tuple) and len(replica_id) == 3:
         return (*replica_id[:2], instance_id)
-    raise ValueError(f"expected a (PP, TP, DP) replica id, got {replica_id!r}")
+    raise NotImplementedError(f"a replica id that is not (PP, TP, DP): {replica_id!r}")
 
 
 def _regions(sharded: ShardedTensor | ShardedTensorFactory, key: str) -> list[tuple[ShardedTensor, int]]:
@@ -79,9 +80,12 @@ def _regions(sharded: ShardedTensor | ShardedTensorFactory, key: str) -> list[tu
     probe = torch.empty(sharded.data.shape, device="meta")
     regions = []
     for output in nested_values(sharded.build_fn(key, probe, sharded.replica_id, None)):
-        if not isinstance(output, ShardedTensor) or not output.data.is_contiguous():
-            raise NotImplementedError(f"the sharded-tensor factory of {sharded.key} makes a non-contiguous piece")
-        regions.append((output, output.data.storage_offset()))
+        view = output.data if isinstance(output, ShardedTensor) else None
+        if view is None or view._base is not probe or not view.is_contiguous():
+            raise NotImplementedError(f"the sharded-tensor factory of {sharded.key} is not a split into views")
+        regions.append((output, view.storage_offset()))
+    if sum(math.prod(region.local_shape) for region, _ in regions) != probe.numel():
+        raise NotImplementedError(f"the sharded-tensor factory of {sharded.key} does not cover its tensor")
     return regions
 
 
@@ -164,7 +168,12 @@ def _saving_state(optimizer, model_sharded_state_dict: dict, metadata: dict) -> 
         return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=False, metadata=metadata)
     if metadata.get("distrib_optim_sharding_type") != "fully_reshardable":
         raise ValueError(f"only the fully_reshardable format is written without exchange, not {metadata}")
+    try:
+        param_state = sharded_param_state(optimizer, model_sharded_state_dict)
+    except NotImplementedError as reason:  # a model whose sharding this cannot split: megatron's own save
+        warnings.warn(f"optimizer state saved through megatron's gather: {reason}", stacklevel=2)
+        return optimizer.sharded_state_dict(model_sharded_state_dict, is_loading=False, metadata=metadata)
     state = optimizer.state_dict()  # param groups and step: small, the same on every DP rank
-    state["param_state"] = sharded_param_state(optimizer, model_sharded_state_dict)
+    state["param_state"] = param_state
     state["param_state_sharding_type"] = "fully_reshardable"
     return state
