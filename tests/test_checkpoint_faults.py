@@ -542,3 +542,43 @@ def test_optimizer_pieces_equal_megatrons_gathered_checkpoint(tmp_path):
     assert common[0] == common[1]
     # Gathered: data-parallel rank 0 of each TP rank writes the optimizer state; pieces: all four ranks.
     assert len(list(pieces_dir.glob("__*_*.distcp"))) > len(list(gathered_dir.glob("__*_*.distcp")))
+
+
+def test_saves_wait_for_the_writer_manager_to_finish_importing(single_rank, tmp_path, monkeypatch):
+    """megatron's write-result manager imports torch.distributed.checkpoint when the warm-up
+    reaches it; a save's results reaching it meanwhile made two threads import the package at
+    once (``KeyError: 'torch.distributed.checkpoint'`` in CI). Every save waits for the warm-up."""
+    import threading
+    import time
+
+    from fmtrain import checkpoint, parallel
+    from fmtrain.checkpoint import writer as writer_module
+    from fmtrain.config import load_config
+    from fmtrain.engine import build_engine
+    from fmtrain.models.registry import get_family
+
+    warmed = threading.Event()
+    original_warm_up = writer_module._warm_up_results_queue
+
+    def slow_warm_up(results_queue):
+        time.sleep(1.5)  # what the import costs a freshly spawned manager on a busy 2-core machine
+        original_warm_up(results_queue)
+        warmed.set()
+
+    seen_at_save = []
+    original_save = writer_module.dist_checkpointing.save
+
+    def recording_save(*args, **kwargs):
+        seen_at_save.append(warmed.is_set())
+        return original_save(*args, **kwargs)
+
+    monkeypatch.setattr(writer_module, "_warm_up_results_queue", slow_warm_up)
+    monkeypatch.setattr(writer_module.dist_checkpointing, "save", recording_save)
+    cfg = load_config(TINY_RECIPE, TINY_OVERRIDES + [f"run.dir={tmp_path}", "checkpoint.interval=1"])
+    topo = parallel.initialize(cfg)
+    engine = build_engine(cfg, topo, get_family(cfg.model.family))
+    writer = checkpoint.CheckpointWriter(cfg, tmp_path, topo, log=lambda message: None)  # starts the warm-up
+    writer.save(1, engine)
+    writer.close()
+    assert seen_at_save == [True]
+    assert latest(tmp_path) == "step_0000001"

@@ -101,7 +101,26 @@ def start_helper_processes() -> None:
         # The writers report through that manager, which is a fresh interpreter: the first
         # report it unpickles imports torch.distributed.checkpoint there (about 6 s on 2 CPU
         # cores), inside the first save. Have it import them now, beside the run's start-up.
-        threading.Thread(target=_warm_up_results_queue, args=(start_queue(),), daemon=True).start()
+        global _warm_up_thread
+        _warm_up_thread = threading.Thread(target=_warm_up_results_queue, args=(start_queue(),), daemon=True)
+        _warm_up_thread.start()
+
+
+_warm_up_thread: threading.Thread | None = None
+
+
+def wait_for_helper_warm_up(timeout_s: float = 300.0) -> None:
+    """Block until the manager has finished importing torch.distributed.checkpoint.
+
+    The manager serves each connection in its own thread, and two threads importing the same
+    package at once can fail with ``KeyError: 'torch.distributed.checkpoint'`` (CPython's import
+    of a partially initialised parent package). A save's write results must therefore not reach
+    the manager while the warm-up is still importing there: every save waits for it first (at
+    most a few seconds, on the first save of a run that saves right after start-up).
+    """
+    thread = _warm_up_thread
+    if thread is not None and thread.is_alive():
+        thread.join(timeout_s)
 
 
 def _warm_up_results_queue(results_queue) -> None:
@@ -193,6 +212,7 @@ class CheckpointWriter:
         if not self._helpers_started:
             start_helper_processes()
             self._helpers_started = True
+        wait_for_helper_warm_up()
         final = files.step_dir(self.run_dir, step)
         tmp = final.with_name(final.name + ".tmp")
         rng_states = rng.capture()
