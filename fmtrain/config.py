@@ -138,6 +138,8 @@ class ObjectiveConfig:
     """The training objective (``fmtrain.objectives.NAME``); empty: the family's default."""
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    ROWS_PER_SAMPLE: ClassVar[int] = 1
+    """Sequences a sample puts into a microbatch's tensors (a preference pair: 2)."""
 
     def check(self, cfg: Config) -> None:
         """Rules of this section's fields (raise ConfigError)."""
@@ -375,7 +377,7 @@ class FamilySettings:
 BUILTIN_FAMILIES = ("yi", "step_video", "video_vae", "videomae_v2")
 """The model families shipped with fmtrain (packages under ``fmtrain.models``); the first is
 the default ``model.family``."""
-BUILTIN_OBJECTIVES = ("lm", "flow_matching", "vae", "mae")
+BUILTIN_OBJECTIVES = ("lm", "flow_matching", "vae", "mae", "dpo")
 """The objectives shipped with fmtrain (modules under ``fmtrain.objectives``)."""
 PARALLEL_DIMENSIONS = {
     "tp": "tensor",

@@ -1,10 +1,12 @@
 """``fmtrain data ...`` and ``fmtrain tokenizer ...`` subcommands.
 
     fmtrain data shard text FILES... --out DIR [--shard-size 64MB] [--max-count N] [--tokenizer MODEL]
+    fmtrain data shard preference FILE.jsonl --out DIR [--shard-size 64MB] [--max-count N]
     fmtrain data shard video VIDEOS... --out DIR [--captions FILE] [--latents DIR] [--text-embs DIR]
     fmtrain data shard latents NPZ_FILES|DIRS... --out DIR [--channels C] [--caption-dim D] [--clip-dim D2]
     fmtrain data synth-latents OUT_DIR --shapes 2x8x8,3x8x6 --samples N --classes K --channels C
         --caption-dim D --caption-tokens L [--clip-dim D2 --clip-tokens L2] [--seed S] [--valid-fraction F]
+    fmtrain data synth-preference OUT_DIR --pairs N [--valid-pairs M] [--seed S]
     fmtrain data index PATTERN --out DIR/index.json
     fmtrain data encode SHARDS --vae SRC --llm-encoder DIR [--clip-encoder DIR] --out DIR  (fmtrain.cli.encode)
     fmtrain tokenizer train --shards PATTERN --vocab-size N --out PREFIX
@@ -45,6 +47,18 @@ def cmd_shard_text(args: argparse.Namespace) -> int:
     )
     print(
         f"wrote {index['samples']} documents in {len(index['shards'])} shards to {args.out} "
+        f"(index: {Path(args.out) / 'index.json'})"
+    )
+    return 0
+
+
+def cmd_shard_preference(args: argparse.Namespace) -> int:
+    from fmtrain.data.preference import write_preference_shards
+
+    size = parse_size(args.shard_size)
+    index = write_preference_shards(args.file, args.out, shard_size=size, max_count=args.max_count)
+    print(
+        f"wrote {index['samples']} preference pairs in {len(index['shards'])} shards to {args.out} "
         f"(index: {Path(args.out) / 'index.json'})"
     )
     return 0
@@ -138,6 +152,16 @@ def cmd_synth_latents(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth_preference(args: argparse.Namespace) -> int:
+    from fmtrain.data.preference import write_synthetic_preference
+
+    train, valid = write_synthetic_preference(
+        args.out_dir, pairs=args.pairs, valid_pairs=args.valid_pairs, seed=args.seed
+    )
+    print(f"wrote {args.pairs} training pairs to {train}" + (f" and {args.valid_pairs} to {valid}" if valid else ""))
+    return 0
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     from fmtrain.data.shards import write_index
 
@@ -222,6 +246,13 @@ def register_data(sub):
     text.add_argument("--tokenizer", default=None, help="SentencePiece model: store .tokens.npy instead of .txt")
     text.set_defaults(func=_guarded(cmd_shard_text))
 
+    preference = ssub.add_parser(
+        "preference", help='.jsonl(.gz) of {"prompt", "chosen", "rejected"} records (TRL\'s format) -> DPO shards'
+    )
+    preference.add_argument("file")
+    sizes(preference)
+    preference.set_defaults(func=_guarded(cmd_shard_preference))
+
     video = ssub.add_parser("video", help="video files (or folders of them) -> .mp4/.json/.txt samples")
     video.add_argument("videos", nargs="+")
     sizes(video)
@@ -258,6 +289,15 @@ def register_data(sub):
     synth.add_argument("--shard-size", default="64MB", help="target shard size (default 64MB)")
     synth.add_argument("--max-count", type=int, default=100_000, help="at most this many samples per shard")
     synth.set_defaults(func=_guarded(cmd_synth_latents))
+
+    synth_pref = dsub.add_parser(
+        "synth-preference", help="write the synthetic 'repeat the words' preference task (DPO tests, demos)"
+    )
+    synth_pref.add_argument("out_dir", help="writes OUT_DIR/train.jsonl, OUT_DIR/train/ (and valid with --valid-pairs)")
+    synth_pref.add_argument("--pairs", type=int, default=512, help="training pairs (default 512)")
+    synth_pref.add_argument("--valid-pairs", type=int, default=0, help="held-out pairs (default 0)")
+    synth_pref.add_argument("--seed", type=int, default=0)
+    synth_pref.set_defaults(func=_guarded(cmd_synth_preference))
 
     index = dsub.add_parser("index", help="count the samples of existing shards into an index.json")
     index.add_argument("pattern", help="brace pattern, '::'-joined list, or pipe: URLs")

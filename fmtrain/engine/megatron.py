@@ -255,7 +255,7 @@ class MegatronEngine:
             model=part.chunks,
             num_microbatches=len(microbatches),
             seq_length=seq_length,
-            micro_batch_size=self.cfg.train.micro_batch_size,
+            micro_batch_size=self.cfg.train.micro_batch_size * self.cfg.objective.ROWS_PER_SAMPLE,
             forward_only=forward_only,
             collect_non_loss_data=collect_non_loss_data,
         )
@@ -334,6 +334,8 @@ class MegatronEngine:
         for group in part.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
             group["weight_decay"] = part.train.weight_decay * group.get("wd_mult", 1.0)
+        if part.spec.prepare_microbatches is not None:
+            microbatches = part.spec.prepare_microbatches(self, microbatches)
         forward_step = _nan_loss(part.forward_step) if poison_loss else part.forward_step
         reports = self._run(part, microbatches, forward_step, forward_only=False)
         sums = self._reduce_reports(part, reports, forward_only=False)
@@ -378,6 +380,8 @@ class MegatronEngine:
     def eval_step(self, microbatches: list[dict]) -> dict[str, float]:
         """The primary part's reported means over ``microbatches`` (forward only)."""
         part = self.primary
+        if part.spec.prepare_microbatches is not None:
+            microbatches = part.spec.prepare_microbatches(self, microbatches)
         for chunk in part.chunks:
             chunk.eval()
         reports = self._run(part, microbatches, part.forward_step, forward_only=True)

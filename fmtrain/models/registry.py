@@ -102,6 +102,11 @@ class PartSpec:
     offload: bool = False
     """Frozen parts: keep the weights in host memory between uses (moved to the device for a
     forward, back afterwards)."""
+    prepare_microbatches: Callable[[Any, list[dict]], list[dict]] | None = None
+    """Trainable parts: ``(engine, microbatches) -> microbatches``, run before the part's forward
+    steps in training and evaluation, for inputs other parts compute through the pipeline (DPO:
+    the frozen reference's log-probs, ``engine.forward_outputs(..., part="reference")``, which
+    exist on the last pipeline stage only)."""
     active_from_step: int = 0
     """Trainable parts: stepped from this optimizer step on (a discriminator that starts late);
     before it the part is neither run nor updated, and its metrics are absent."""
@@ -211,6 +216,10 @@ class ModelFamily:
     RUN_DIR/videos (the primary module must be whole on rank 0: TP = PP = 1). ``decode`` maps
     latents [B, C, T', H', W'] to pixels with the Video-VAE of ``eval.sample_vae`` (None without
     one), for families that generate latents."""
+
+    first_step_check: Callable[[Config, float, dict[str, float]], str | None] | None = None
+    """(cfg, the first step's loss, its other reports) -> one line for the log, or None: a sanity
+    check of a fresh run's first step (DPO: the loss is ln 2 while the reference equals the policy)."""
 
     parameter_breakdown: Callable[[Config], dict[str, int]] | None = None
     """Parameters of the primary part by component (encoder, decoder), for ``fmtrain info``."""

@@ -140,10 +140,59 @@ class MAEConfig(ObjectiveConfig):
             )
 
 
+@dataclass
+class DPOConfig(ObjectiveConfig):
+    """``objective.name=dpo``: Direct Preference Optimization (Rafailov et al. 2023, "Direct
+    Preference Optimization: Your Language Model is Secretly a Reward Model") on (prompt,
+    chosen, rejected) pairs, with TRL's ``DPOTrainer`` loss variants. ``train.global_batch_size``
+    and ``train.micro_batch_size`` count pairs; a microbatch holds its pairs' chosen sequences
+    followed by their rejected ones, so every pair is scored on one pipeline stage."""
+
+    beta: float = 0.1
+    """Temperature of the implicit reward ``beta * (log pi - log pi_ref)``."""
+    loss: str = "sigmoid"
+    """sigmoid: DPO's ``-log sigmoid(beta * margin)``; with ``label_smoothing`` > 0 it is cDPO.
+    ipo: IPO's ``(margin - 1 / (2 beta))^2`` (Azar et al. 2023) on length-averaged log-probs, as TRL."""
+    label_smoothing: float = 0.0
+    """cDPO's assumed share of flipped preference labels (sigmoid loss only), in [0, 0.5)."""
+    reference: str = ""
+    """The frozen reference model: an fmtrain checkpoint (or run directory) or a Hugging Face /
+    release directory; empty: the policy's starting weights (``model.init_from_hf`` when set,
+    else the run seed's initialisation)."""
+    reference_offload: bool = False
+    """Keep the reference's weights in host memory between its forward passes."""
+    truncation: str = "keep_end"
+    """A prompt + completion longer than ``model.seq_length + 1`` tokens: keep_end keeps its last
+    tokens (TRL's default), keep_start its first; none skips the pair (counted, naming it)."""
+    sft_weight: float = 0.0
+    """RPO (Pang et al. 2024): adds ``sft_weight`` times the chosen completion's mean per-token
+    negative log-likelihood to each pair's loss (TRL's ``rpo_alpha``)."""
+    add_bos: bool = False
+    """Put BOS before each prompt (TRL adds it only when the tokenizer's template does)."""
+
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "loss": ("sigmoid", "ipo"),
+        "truncation": ("keep_end", "keep_start", "none"),
+    }
+    ROWS_PER_SAMPLE: ClassVar[int] = 2
+    """Sequences per sample (a pair): what the pipeline's microbatch tensors hold."""
+
+    def check(self, cfg: Config) -> None:
+        if self.beta <= 0:
+            raise ConfigError(f"objective.beta={self.beta} must be positive")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"objective.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise ConfigError(f"objective.label_smoothing is cDPO's, for objective.loss=sigmoid (not {self.loss})")
+        if self.sft_weight < 0:
+            raise ConfigError(f"objective.sft_weight={self.sft_weight} must be >= 0")
+
+
 SECTIONS: dict[str, type[ObjectiveConfig]] = {
     "lm": LMConfig,
     "flow_matching": FlowMatchingConfig,
     "vae": VAEConfig,
     "mae": MAEConfig,
+    "dpo": DPOConfig,
 }
 """Built-in objective name -> its section."""

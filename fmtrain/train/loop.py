@@ -212,6 +212,10 @@ def _train(cfg: Config) -> dict:
                 "skipped_steps": skips.total,
             }
             metrics.update(result.extra)
+            if step == 0 and family.first_step_check is not None:
+                note = family.first_step_check(cfg, result.loss, result.extra)
+                if note:
+                    log0(topo, note)
             metrics.update({f"{name}/lr": rate for name, rate in lrs.items() if f"{name}/loss" in result.extra})
             if valid_batches is not None and (done % cfg.eval.interval == 0 or done == t.max_steps):
                 values, first = evaluate(engine, valid_batches, cfg, topo)

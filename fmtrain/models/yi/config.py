@@ -55,7 +55,7 @@ def validate(cfg: Config) -> None:
 
 SETTINGS = FamilySettings(
     model=YiModelConfig,
-    objectives=("lm",),
+    objectives=("lm", "dpo"),
     parallel=frozenset({"tp", "sp", "pp", "vpp"}),
     validate=validate,
 )

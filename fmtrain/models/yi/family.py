@@ -1,10 +1,13 @@
-"""The Yi family's registry entry: one trainable part (the GPTModel), next-token prediction,
-its size functions, its data (text) and its Hugging Face converter."""
+"""The Yi family's registry entry: the GPTModel trained with next-token prediction, or with DPO
+beside a frozen reference GPTModel in the same layout; its size functions, its data (text, or
+preference pairs) and its Hugging Face converter."""
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
+from dataclasses import replace
 
 import torch
 
@@ -14,14 +17,11 @@ from fmtrain.models.registry import ModelFamily, PartSpec, RunData
 from fmtrain.models.yi import convert
 from fmtrain.models.yi.config import YiModelConfig
 from fmtrain.models.yi.model import build_chunk, init_rule, transformer_config
+from fmtrain.objectives import dpo
 from fmtrain.objectives.lm import masked_token_loss
 
 
-def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-    """One microbatch through this rank's chunk: per-token cross entropy on the last stage
-    (``objective.name=lm``), hidden states elsewhere."""
-    batch = next(data_iterator)
-    device = next(model.parameters()).device
+def _inputs(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
@@ -30,21 +30,128 @@ def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
         position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     else:
         position_ids = position_ids.to(device, non_blocking=True)
+    return tokens, labels, loss_mask, position_ids
+
+
+def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+    """One microbatch through this rank's chunk: per-token cross entropy on the last stage
+    (``objective.name=lm``), hidden states elsewhere."""
+    batch = next(data_iterator)
+    tokens, labels, loss_mask, position_ids = _inputs(batch, next(model.parameters()).device)
     # [b, s] per-token cross entropy on the last stage, hidden states elsewhere.
     output = model(tokens, position_ids, None, labels=labels)
     return output, functools.partial(masked_token_loss, loss_mask)
 
 
-def parts(cfg: Config) -> list[PartSpec]:
-    return [
-        PartSpec(
-            name="model",
-            build=build_chunk,
-            init_rule=init_rule,
-            megatron_config=transformer_config,
-            forward_step=lambda cfg, parts, progress: forward_step,
+# ----------------------------------------------------------------------------- DPO
+
+
+def dpo_forward_step(cfg: Config):
+    """The policy's DPO forward step: the rows' per-token cross entropy (vocab-parallel) on the
+    last stage, paired into the DPO loss with the reference log-probs the batch carries."""
+    settings = cfg.objective
+
+    def step(data_iterator: Iterator[dict], model: torch.nn.Module):
+        batch = next(data_iterator)
+        tokens, labels, loss_mask, position_ids = _inputs(batch, next(model.parameters()).device)
+        output = model(tokens, position_ids, None, labels=labels)
+        reference = batch.get("reference_logps")
+        if reference is None:  # other stages never call the loss function
+            return output, _needs_reference
+        return output, functools.partial(dpo.dpo_loss, settings, loss_mask, reference.to(loss_mask.device))
+
+    return step
+
+
+def _needs_reference(output):
+    raise RuntimeError("a DPO microbatch reached the loss without reference log-probs (reference_logps)")
+
+
+def reference_logps_step(cfg: Config):
+    """The reference's forward step: each row's completion log-prob (as the loss uses it)."""
+    settings = cfg.objective
+
+    def step(data_iterator: Iterator[dict], model: torch.nn.Module):
+        batch = next(data_iterator)
+        tokens, labels, loss_mask, position_ids = _inputs(batch, next(model.parameters()).device)
+        output = model(tokens, position_ids, None, labels=labels)
+        return output, functools.partial(_completion_logps, settings, loss_mask)
+
+    return step
+
+
+def _completion_logps(settings, loss_mask, per_token_loss):
+    return dpo.completion_logps(settings, per_token_loss, loss_mask)
+
+
+def add_reference_logps(cfg: Config):
+    """``prepare_microbatches`` of the DPO policy: one forward-only pass of the frozen reference
+    through the pipeline; its per-row log-probs ride along as ``reference_logps`` on the last
+    stage (where the loss needs them; other stages get [] from the engine)."""
+    step = reference_logps_step(cfg)
+
+    def prepare(engine, microbatches: list[dict]) -> list[dict]:
+        logps = engine.forward_outputs(
+            microbatches, part="reference", forward_step=step, collect=lambda output, loss_fn: loss_fn(output).detach()
         )
-    ]
+        if not logps:
+            return microbatches
+        return [{**batch, "reference_logps": value} for batch, value in zip(microbatches, logps)]
+
+    return prepare
+
+
+def reference_source(cfg: Config) -> str:
+    """Where the DPO reference's weights come from: ``objective.reference``, else the policy's
+    starting weights (``checkpoint.load``, else ``model.init_from_hf``, else the run seed: "")."""
+    return cfg.objective.reference or cfg.checkpoint.load or cfg.model.init_from_hf
+
+
+def dpo_first_step_check(cfg: Config, loss: float, reports: dict[str, float]) -> str | None:
+    """At step 1 a reference equal to the policy gives margin 0: loss ln 2 (sigmoid, cDPO) or
+    1 / (2 beta)^2 (IPO). Anything else means the reference is not the weights the user thinks."""
+    if cfg.objective.name != "dpo":
+        return None
+    o = cfg.objective
+    source = reference_source(cfg)
+    preference = reports.get("dpo/preference_loss", loss)
+    if o.reference and o.reference not in (cfg.checkpoint.load, cfg.model.init_from_hf):
+        return f"DPO step 1: preference loss {preference:.6f} against the reference {source}"
+    expected, name = (math.log(2), "ln 2") if o.loss == "sigmoid" else ((1 / (2 * o.beta)) ** 2, "1/(2 beta)^2")
+    if abs(preference - expected) <= 1e-3 * expected:
+        return f"DPO step 1: preference loss {preference:.6f} = {name}, as it must be with the reference = the policy"
+    return (
+        f"warning: DPO step 1: preference loss {preference:.6f}, not {name} = {expected:.6f}, although the reference "
+        f"is the policy's starting weights ({source or 'the run seed'}): the two models differ (a different "
+        "checkpoint, dropout, or weights loaded into one of them only)"
+    )
+
+
+def parts(cfg: Config) -> list[PartSpec]:
+    model = PartSpec(
+        name="model",
+        build=build_chunk,
+        init_rule=init_rule,
+        megatron_config=transformer_config,
+        forward_step=lambda cfg, parts, progress: forward_step,
+    )
+    if cfg.objective.name != "dpo":
+        return [model]
+    policy = replace(
+        model,
+        forward_step=lambda cfg, parts, progress: dpo_forward_step(cfg),
+        prepare_microbatches=add_reference_logps(cfg),
+    )
+    reference = replace(
+        model,
+        name="reference",
+        trainable=False,
+        forward_step=None,
+        prepare_microbatches=None,
+        source=reference_source(cfg),
+        offload=cfg.objective.reference_offload,
+    )
+    return [policy, reference]
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -83,6 +190,13 @@ def flops_per_token(cfg: Config) -> int:
     )
 
 
+def flops_per_sample(cfg: Config) -> float:
+    """Training FLOPs of one sample: a sequence, or (DPO) a pair of sequences through the policy
+    (forward and backward) plus the co-located reference's forward (a third of that)."""
+    flops = cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE * flops_per_token(cfg)
+    return flops * 4 / 3 if cfg.objective.name == "dpo" else flops
+
+
 def param_count(cfg: Config) -> int:
     """Exact parameter count (untied unless model.tie_embeddings)."""
     return sizes.transformer_param_count(**_shape_args(cfg), swiglu=True, tied=cfg.model.tie_embeddings)
@@ -99,17 +213,18 @@ def memory_estimate(
 
     ``flash_attention`` defaults to every backend but ``local`` (megatron's own core attention
     materialises the score matrix; TE and SDPA fused kernels do not). ``bf16`` defaults to the
-    configured precision, ``auto`` counting as bf16 (GPU)."""
+    configured precision, ``auto`` counting as bf16 (GPU). Under DPO a microbatch is twice as
+    many sequences and the co-located reference's weights are added."""
     m, p = cfg.model, cfg.parallel
     shape = _shape_args(cfg)
     if flash_attention is None:
         flash_attention = m.attention_backend != "local"
     if bf16 is None:
         bf16 = cfg.train.precision != "fp32"
-    return sizes.memory_per_gpu(
+    estimate = sizes.memory_per_gpu(
         **shape,
         seq_len=m.seq_length,
-        micro_batch_size=cfg.train.micro_batch_size,
+        micro_batch_size=cfg.train.micro_batch_size * cfg.objective.ROWS_PER_SAMPLE,
         tp=p.tp,
         pp=p.pp,
         vpp=p.vpp,
@@ -123,13 +238,27 @@ def memory_estimate(
         swiglu=True,
         tied=m.tie_embeddings,
     )
+    if cfg.objective.name != "dpo" or cfg.objective.reference_offload:
+        return estimate
+    # DPO's co-located reference: the same weights per GPU, 16-bit (bf16) or fp32, no gradients
+    # or optimizer state; its forward-only activations are freed before the policy's forward.
+    reference = estimate.params_per_gpu * (2 if bf16 else 4)
+    return replace(
+        estimate,
+        weights_grads_optimizer_bytes=estimate.weights_grads_optimizer_bytes + reference,
+        total_bytes=estimate.total_bytes + reference,
+    )
 
 
 def prepare_data(cfg: Config, topo, run_dir) -> RunData:
-    """Text: in-memory corpus or streamed shards; every checkpoint carries the tokenizer."""
-    from fmtrain.data.text import prepare_text_data
+    """Text: in-memory corpus or streamed shards (DPO: preference shards); every checkpoint
+    carries the tokenizer."""
+    if cfg.objective.name == "dpo":
+        from fmtrain.data.preference import prepare_preference_data as prepare
+    else:
+        from fmtrain.data.text import prepare_text_data as prepare
 
-    tokenizer, train, valid = prepare_text_data(cfg, topo, run_dir)
+    tokenizer, train, valid = prepare(cfg, topo, run_dir)
     return RunData(train=train, valid=valid, files={"tokenizer.model": tokenizer})
 
 
@@ -138,9 +267,10 @@ FAMILY = ModelFamily(
     parts=parts,
     prepare_data=prepare_data,
     param_count=param_count,
-    flops_per_sample=lambda cfg: cfg.model.seq_length * flops_per_token(cfg),
-    units_per_sample=lambda cfg: cfg.model.seq_length,
+    flops_per_sample=lambda cfg: flops_per_sample(cfg),
+    units_per_sample=lambda cfg: cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE,
     memory_estimate=memory_estimate,
     throughput_unit="tokens",
+    first_step_check=dpo_first_step_check,
     converter=convert,
 )

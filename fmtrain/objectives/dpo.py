@@ -1,0 +1,122 @@
+"""Direct Preference Optimization (``objective.name=dpo``) as pure functions of tensors.
+
+For a pair (prompt x, chosen y_w, rejected y_l), policy pi and frozen reference pi_ref
+(Rafailov et al. 2023, eq. 7), with log-probabilities summed over the completion's tokens
+(its EOS included):
+
+    margin = (log pi(y_w|x) - log pi_ref(y_w|x)) - (log pi(y_l|x) - log pi_ref(y_l|x))
+    sigmoid (DPO):        -log sigmoid(beta * margin)
+    sigmoid with eps (cDPO): -(1 - eps) log sigmoid(beta * margin) - eps log sigmoid(-beta * margin)
+    ipo:                  (margin - 1 / (2 beta))^2, on log-probs averaged over each completion's tokens
+
+which are TRL's ``DPOTrainer`` formulas (``loss_type`` sigmoid / ipo, ``label_smoothing``), as are
+the reported ``rewards/*`` (``beta * (log pi - log pi_ref)`` per completion) and ``logps/*``.
+
+A microbatch holds n pairs as 2n rows: the chosen sequences, then the rejected ones in the same
+order. The model's last pipeline stage returns the per-token cross entropy ([2n, s], computed
+vocab-parallel: no rank holds full logits), so a row's log-probability is minus its masked sum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fmtrain.objectives.sections import DPOConfig
+
+CONFIG = DPOConfig
+"""This objective's config section (declared in :mod:`fmtrain.objectives.sections`)."""
+
+REPORTS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+"""What every DPO step reports besides ``loss`` (TRL's metric names), each a mean over pairs."""
+
+
+def sequence_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each row's masked tokens, their count): ``[rows, s] -> ([rows], [rows])``."""
+    mask = loss_mask.float()
+    return -(per_token_loss.float() * mask).sum(dim=1), mask.sum(dim=1)
+
+
+def preference_losses(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    *,
+    beta: float,
+    loss: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair losses, chosen rewards, rejected rewards) from per-completion log-probs [n]."""
+    margin = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
+    if loss == "sigmoid":
+        losses = -F.logsigmoid(beta * margin) * (1 - label_smoothing) - F.logsigmoid(-beta * margin) * label_smoothing
+    elif loss == "ipo":
+        losses = (margin - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"objective.loss={loss!r}: one of sigmoid, ipo")
+    chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def completion_logps(settings: DPOConfig, per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's log-probability as the loss uses it: summed, or (IPO) averaged over its tokens."""
+    logps, tokens = sequence_logps(per_token_loss, loss_mask)
+    return logps / tokens.clamp(min=1) if settings.loss == "ipo" else logps
+
+
+def dpo_loss(settings: DPOConfig, loss_mask: torch.Tensor, reference_logps: torch.Tensor, per_token_loss: torch.Tensor):
+    """A microbatch's (sum of its pairs' losses, its pair count, reports as ``[sum, count]``).
+
+    ``reference_logps`` [2n]: the reference's :func:`completion_logps` of the same rows."""
+    rows = per_token_loss.shape[0]
+    if rows % 2 or reference_logps.shape != (rows,):
+        raise ValueError(
+            f"a DPO microbatch holds chosen rows then rejected rows with one reference log-prob each; got "
+            f"{rows} rows and reference log-probs of shape {tuple(reference_logps.shape)}"
+        )
+    n = rows // 2
+    policy = completion_logps(settings, per_token_loss, loss_mask)
+    reference = reference_logps.to(policy)
+    losses, chosen_rewards, rejected_rewards = preference_losses(
+        policy[:n],
+        policy[n:],
+        reference[:n],
+        reference[n:],
+        beta=settings.beta,
+        loss=settings.loss,
+        label_smoothing=settings.label_smoothing,
+    )
+    reports = {}
+    if settings.sft_weight:
+        chosen_tokens = loss_mask[:n].float().sum(dim=1).clamp(min=1)
+        nll = (per_token_loss[:n].float() * loss_mask[:n].float()).sum(dim=1) / chosen_tokens
+        reports["dpo/preference_loss"] = losses.detach().sum()
+        reports["dpo/sft_nll"] = nll.detach().sum()
+        losses = losses + settings.sft_weight * nll
+    reports.update(
+        {
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": policy[:n].detach().sum(),
+            "logps/rejected": policy[n:].detach().sum(),
+        }
+    )
+    loss_sum = losses.sum()
+    count = torch.tensor(float(n), device=loss_sum.device)
+    report = {"loss": torch.stack([loss_sum.detach().clone(), count])}
+    report.update({name: torch.stack([value.float(), count]) for name, value in reports.items()})
+    return loss_sum, count.to(torch.int), report
+
+
+__all__ = ["CONFIG", "DPOConfig", "REPORTS", "completion_logps", "dpo_loss", "preference_losses", "sequence_logps"]

@@ -1,0 +1,356 @@
+"""DPO for the LLM (``objective.name=dpo``): the loss against TRL's formulas on transformers'
+log-probs, preference data (tokenization, truncation, bad records), layout equivalence, exact
+resume and learning a preference rule."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_OVERRIDES, read_metrics, run_fmtrain
+
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(REPO / "tests"))
+
+DPO_RECIPE = REPO / "recipes" / "yi" / "dpo_tiny.yaml"
+SEQ = 32
+
+# transformers' Llama with the shapes of TINY_OVERRIDES (vocabulary = the tiny tokenizer's 512).
+HF_KW = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    rope_theta=5e6,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def _hf_llama(seed: int, **overrides):
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**HF_KW, **overrides})).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    """Two different Hugging Face Llama directories: the policy's start and the reference."""
+    root = tmp_path_factory.mktemp("dpo_llamas")
+    models = {"policy": _hf_llama(0), "reference": _hf_llama(1)}
+    for name, model in models.items():
+        model.save_pretrained(root / name, safe_serialization=True)
+    return root, models
+
+
+@pytest.fixture(scope="module")
+def preference_shards(tmp_path_factory):
+    from fmtrain.data.preference import write_synthetic_preference
+
+    root = tmp_path_factory.mktemp("preference")
+    train, valid = write_synthetic_preference(root, pairs=256, valid_pairs=64, seed=3, progress=False)
+    return train, valid
+
+
+def _records(n: int, seed: int = 5) -> list[dict]:
+    from fmtrain.data.preference import synthetic_preference_records
+
+    records = synthetic_preference_records(n, seed)
+    records[1]["chosen"] += " and a much longer chosen answer than the rest, which must not change anything"
+    return records
+
+
+def _trl_reference(models, batch, beta, loss, label_smoothing, sft_weight):
+    """TRL's DPOTrainer formulas on transformers' log-probs of the same token ids."""
+    rows = batch["tokens"].shape[0]
+    n = rows // 2
+    logps, tokens = {}, batch["loss_mask"].sum(1)
+    with torch.no_grad():
+        for name, model in models.items():
+            logits = model(input_ids=batch["tokens"]).logits.float()
+            per_token = torch.log_softmax(logits, -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
+            summed = (per_token * batch["loss_mask"]).sum(1)
+            logps[name] = summed / tokens if loss == "ipo" else summed  # TRL: ipo averages over tokens
+            if name == "policy":
+                nll = -(per_token * batch["loss_mask"])[:n].sum(1) / tokens[:n]
+    pc, pr, rc, rr = logps["policy"][:n], logps["policy"][n:], logps["reference"][:n], logps["reference"][n:]
+    logits = (pc - pr) - (rc - rr)
+    if loss == "ipo":
+        losses = (logits - 1 / (2 * beta)) ** 2
+    else:
+        losses = (
+            -torch.nn.functional.logsigmoid(beta * logits) * (1 - label_smoothing)
+            - torch.nn.functional.logsigmoid(-beta * logits) * label_smoothing
+        )
+    losses = losses + sft_weight * nll
+    chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+    return {
+        "loss": losses,
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/accuracies": (chosen > rejected).float(),
+        "rewards/margins": chosen - rejected,
+        "logps/chosen": pc,
+        "logps/rejected": pr,
+    }
+
+
+@pytest.mark.parametrize(
+    "loss,label_smoothing,sft_weight", [("sigmoid", 0.0, 0.0), ("sigmoid", 0.2, 0.5), ("ipo", 0.0, 0.0)]
+)
+def test_step_one_equals_trl_formulas_on_transformers_logprobs(
+    llamas, tiny_tokenizer, single_rank, tmp_path, loss, label_smoothing, sft_weight
+):
+    """Policy and reference from two different HF Llama directories: fmtrain's step-1 loss and
+    rewards over 2 microbatches of 2 pairs equal TRL's formulas on transformers' log-probs."""
+    from convert_helpers import load_hf_into_engine
+
+    from fmtrain import checkpoint, parallel
+    from fmtrain.config import load_config
+    from fmtrain.data.preference import PreferencePipeline, pair_batch
+    from fmtrain.engine import build_engine
+    from fmtrain.models.registry import get_family
+    from fmtrain.models.release import overrides_as_args
+    from fmtrain.models.yi.convert import fmtrain_model_overrides_from_hf
+
+    root, models = llamas
+    beta = 0.3
+    overrides = fmtrain_model_overrides_from_hf(json.loads((root / "policy" / "config.json").read_text()))
+    cfg = load_config(
+        None,
+        ["objective.name=dpo"]
+        + overrides_as_args(overrides)
+        + [
+            f"model.seq_length={SEQ}",
+            f"model.init_from_hf={root / 'policy'}",
+            f"data.tokenizer={tiny_tokenizer}",
+            f"objective.reference={root / 'reference'}",
+            f"objective.beta={beta}",
+            f"objective.loss={loss}",
+            f"objective.label_smoothing={label_smoothing}",
+            f"objective.sft_weight={sft_weight}",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=2",
+            "train.precision=fp32",
+            "model.attention_backend=sdpa",
+            f"run.dir={tmp_path}",
+        ],
+    )
+    topo = parallel.initialize(cfg)
+    engine = build_engine(cfg, topo, get_family("yi"))
+    load_hf_into_engine(engine, root / "policy")
+    assert checkpoint.load_frozen_parts(cfg, engine, log=lambda message: None) == 1
+
+    pipeline = PreferencePipeline(tiny_tokenizer, SEQ)
+    records = _records(4)
+    microbatches = [pair_batch(pipeline, records[:2]), pair_batch(pipeline, records[2:])]
+    result = engine.train_step(microbatches, 1e-3, step=0)
+
+    want = {name: [] for name in ("loss", "rewards/chosen")}
+    for batch in microbatches:
+        for name, value in _trl_reference(models, batch, beta, loss, label_smoothing, sft_weight).items():
+            want.setdefault(name, []).append(value)
+    want = {name: torch.cat(values).mean().item() for name, values in want.items()}
+    print(f"\n{loss} ls={label_smoothing} sft={sft_weight}: fmtrain {result.loss:.8f}, TRL formula {want['loss']:.8f}")
+    assert abs(result.loss - want["loss"]) < 1e-5
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert abs(result.extra[name] - want[name]) < 1e-5 * max(1.0, abs(want[name])), name
+    assert result.extra["rewards/accuracies"] == want["rewards/accuracies"]
+    # The two models really differ (else every reward would be 0 and the check vacuous).
+    assert abs(want["rewards/margins"]) > 1e-3 and abs(want["rewards/chosen"]) > 1e-3
+
+
+def test_pairs_tokenized_and_truncated_as_trl(tiny_tokenizer):
+    from fmtrain.data.preference import PreferencePipeline, pair_batch, truncate
+    from fmtrain.data.stream import BadSample
+    from fmtrain.data.text import EOS_ID, load_tokenizer
+
+    sp = load_tokenizer(tiny_tokenizer)
+    record = {"prompt": "repeat: king queen ->", "chosen": " king queen", "rejected": " storm moon heaven"}
+    prompt = sp.encode(record["prompt"])
+    batch = pair_batch(PreferencePipeline(tiny_tokenizer, SEQ), [record, record])
+    assert batch["tokens"].shape == (4, SEQ)
+    for row, name in ((0, "chosen"), (1, "chosen"), (2, "rejected"), (3, "rejected")):
+        completion = sp.encode(record[name]) + [EOS_ID]
+        sequence = prompt + completion
+        assert batch["tokens"][row, : len(sequence) - 1].tolist() == sequence[:-1]
+        # The mask keeps exactly the labels that are completion tokens (EOS included).
+        assert batch["labels"][row][batch["loss_mask"][row].bool()].tolist() == completion
+    # keep_end keeps the last tokens, keep_start the first; the prompt share follows.
+    assert truncate([1, 2, 3, 4], [5, 6, 7], 5, "keep_end")[0].tolist() == [3, 4, 5, 6, 7]
+    assert truncate([1, 2, 3, 4], [5, 6, 7], 5, "keep_end")[1] == 2
+    assert truncate([1, 2, 3, 4], [5, 6, 7], 5, "keep_start")[0].tolist() == [1, 2, 3, 4, 5]
+    with pytest.raises(BadSample, match="objective.truncation=none"):
+        truncate([1, 2, 3, 4], [5, 6, 7], 5, "none")
+    short = PreferencePipeline(tiny_tokenizer, 8, truncation="keep_start")
+    with pytest.raises(BadSample, match="no chosen completion token"):
+        short.encode_pair("repeat: " + "king queen lord " * 8, " king", " queen")
+    long_completion = PreferencePipeline(tiny_tokenizer, 8)
+    chosen, chosen_prompt, _, _ = long_completion.encode_pair("repeat: king ->", " king " * 20, " queen")
+    assert len(chosen) == 9 and chosen[-1] == EOS_ID and chosen_prompt == 0
+
+
+def test_bad_preference_records(tmp_path, tiny_tokenizer):
+    from fmtrain.data.preference import PreferencePipeline, write_preference_shards
+    from fmtrain.data.shards import BadDataError
+    from fmtrain.data.stream import BadSample, SampleContext
+
+    source = tmp_path / "pairs.jsonl"
+    source.write_text(
+        json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n" + json.dumps({"prompt": "a", "chosen": "b"})
+    )
+    with pytest.raises(BadDataError, match=r"pairs.jsonl:2: record has no 'rejected'"):
+        write_preference_shards(source, tmp_path / "out", progress=False)
+    source.write_text(json.dumps({"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}))
+    with pytest.raises(BadDataError, match="'prompt' is a list.*chat template"):
+        write_preference_shards(source, tmp_path / "out", progress=False)
+    ctx = SampleContext(seed=0, epoch=0, stream=0, index=0, shard="shard-000000.tar", key="k")
+    with pytest.raises(BadSample, match="missing field: rejected.txt"):
+        PreferencePipeline(tiny_tokenizer, SEQ).units({"prompt.txt": b"a", "chosen.txt": b"b"}, ctx)
+
+
+def test_reference_of_another_shape_is_refused(llamas, tmp_path_factory, tiny_tokenizer, single_rank, tmp_path):
+    from fmtrain import checkpoint, parallel
+    from fmtrain.config import load_config
+    from fmtrain.engine import build_engine
+    from fmtrain.models.registry import get_family
+    from fmtrain.models.release import overrides_as_args
+    from fmtrain.models.yi.convert import fmtrain_model_overrides_from_hf
+
+    root, _ = llamas
+    wider = tmp_path_factory.mktemp("wider") / "reference"
+    _hf_llama(2, intermediate_size=192).save_pretrained(wider, safe_serialization=True)
+    overrides = fmtrain_model_overrides_from_hf(json.loads((root / "policy" / "config.json").read_text()))
+    cfg = load_config(
+        None,
+        ["objective.name=dpo"]
+        + overrides_as_args(overrides)
+        + [f"model.seq_length={SEQ}", f"objective.reference={wider}", "train.global_batch_size=2"]
+        + [f"run.dir={tmp_path}"],
+    )
+    engine = build_engine(cfg, parallel.initialize(cfg), get_family("yi"))
+    with pytest.raises(Exception, match=r"gate_proj.weight has shape \(192, 64\).*expects \(128, 64\)") as info:
+        checkpoint.load_frozen_parts(cfg, engine, log=lambda message: None)
+    print(f"\nrefused: {info.value}")
+
+
+# ---------------------------------------------------------------------- whole runs
+
+
+def _dpo_args(tiny_tokenizer, train: Path, run_dir: Path, steps: int) -> list[str]:
+    shapes = [a for a in TINY_OVERRIDES if not a.startswith(("model.seq_length", "train."))]
+    return shapes + [
+        'model.init_from_hf=""',
+        f"model.seq_length={SEQ}",
+        f"data.tokenizer={tiny_tokenizer}",
+        f"data.shards={train}",
+        'data.valid_shards=""',
+        "eval.interval=0",
+        f"run.dir={run_dir}",
+        f"train.max_steps={steps}",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "train.lr=2e-3",
+        "train.warmup_steps=2",
+        "train.precision=fp32",
+        "model.attention_backend=sdpa",
+        "checkpoint.interval=3",
+    ]
+
+
+def _series(run_dir: Path, names=("loss", "rewards/margins", "logps/chosen")) -> dict[str, list[float]]:
+    records = read_metrics(run_dir)
+    return {name: [records[s][name] for s in sorted(records)] for name in names}
+
+
+def test_dpo_layouts_agree(tiny_tokenizer, single_rank, tmp_path):
+    """5 DPO steps at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2) on the same pairs give the
+    same losses, gradient norms, rewards and log-probs within 1e-5 (2 real ranks on gloo)."""
+    from dpo_worker import dpo_steps
+
+    want = dpo_steps(tiny_tokenizer, 1, 1)
+    assert want[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # reference = policy at step 1
+    assert all(abs(s["loss"] - math.log(2)) > 1e-3 for s in want[1:])  # the policy moved off it
+    out = tmp_path / "layouts.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(REPO / "tests" / "dpo_worker.py"), str(out), str(tiny_tokenizer), "tp2,pp2,dp2"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    results = torch.load(out, weights_only=True)
+    assert sorted(results) == ["dp2", "pp2", "tp2"] and all(len(got) == len(want) for got in results.values())
+    for layout, got in results.items():
+        for step, (a, b) in enumerate(zip(got, want)):
+            assert a.keys() == b.keys()
+            for key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (layout, step + 1, key)
+
+
+def test_dpo_run_resumes_exactly(preference_shards, tiny_tokenizer, tmp_path):
+    """`fmtrain train` on preference shards: step 1 is ln 2 (logged), and a run resumed from its
+    step-3 checkpoint repeats steps 4-5 exactly."""
+    train, _ = preference_shards
+    base = tmp_path / "base"
+    proc = run_fmtrain(_dpo_args(tiny_tokenizer, train, base, 5), recipe=DPO_RECIPE)
+    assert "preference loss 0.693147 = ln 2" in proc.stdout + proc.stderr
+    want = _series(base)
+    assert len(want["loss"]) == 5 and want["loss"][0] == pytest.approx(math.log(2), abs=1e-6)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(base, resumed)
+    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    proc = run_fmtrain(_dpo_args(tiny_tokenizer, train, resumed, 5), recipe=DPO_RECIPE)
+    assert "resumed from" in proc.stdout + proc.stderr
+    got = _series(resumed)
+    for key in want:
+        assert got[key] == want[key], key
+
+
+def test_dpo_learns_a_preference_rule(preference_shards, tiny_tokenizer, tmp_path):
+    """Chosen completions repeat the prompt's words, rejected ones say other words: after 60
+    steps the implicit reward ranks held-out pairs right at least 90% of the time."""
+    train, valid = preference_shards
+    run_dir = tmp_path / "run"
+    args = _dpo_args(tiny_tokenizer, train, run_dir, 60)
+    skip = ("data.valid_shards", "eval.interval", "checkpoint.interval", "train.global_batch_size", "train.micro")
+    args = [a for a in args if not a.startswith(skip)]
+    run_fmtrain(
+        args
+        + [
+            f"data.valid_shards={valid}",
+            "eval.interval=30",
+            "eval.steps=4",
+            "train.global_batch_size=16",
+            "train.micro_batch_size=4",
+            "model.num_layers=2",
+            "checkpoint.interval=0",
+        ],
+        recipe=DPO_RECIPE,
+    )
+    last = read_metrics(run_dir)[60]
+    print(f"\nheld-out: accuracy {last['val_rewards/accuracies']:.3f}, loss {last['val_loss']:.3f}")
+    assert last["val_rewards/accuracies"] >= 0.9
+    assert last["val_loss"] < 0.5 * math.log(2)
