@@ -377,7 +377,7 @@ class FamilySettings:
 BUILTIN_FAMILIES = ("yi", "step_video", "video_vae", "videomae_v2")
 """The model families shipped with fmtrain (packages under ``fmtrain.models``); the first is
 the default ``model.family``."""
-BUILTIN_OBJECTIVES = ("lm", "flow_matching", "vae", "mae", "dpo")
+BUILTIN_OBJECTIVES = ("lm", "flow_matching", "vae", "mae", "dpo", "video_dpo")
 """The objectives shipped with fmtrain (modules under ``fmtrain.objectives``)."""
 PARALLEL_DIMENSIONS = {
     "tp": "tensor",

@@ -291,21 +291,73 @@ def test_dpo_layouts_agree(tiny_tokenizer, single_rank, tmp_path):
     want = dpo_steps(tiny_tokenizer, 1, 1)
     assert want[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # reference = policy at step 1
     assert all(abs(s["loss"] - math.log(2)) > 1e-3 for s in want[1:])  # the policy moved off it
+    _assert_same_steps(_layouts(str(tiny_tokenizer), "tp2,pp2,dp2", tmp_path), want, ["tp2", "pp2", "dp2"])
+
+
+def _layouts(tokenizer_or_video: str, layouts: str, tmp_path: Path) -> dict:
     out = tmp_path / "layouts.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(REPO / "tests" / "dpo_worker.py"), str(out), str(tiny_tokenizer), "tp2,pp2,dp2"]
+    cmd += [str(REPO / "tests" / "dpo_worker.py"), str(out), tokenizer_or_video, layouts]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
-    results = torch.load(out, weights_only=True)
-    assert sorted(results) == ["dp2", "pp2", "tp2"] and all(len(got) == len(want) for got in results.values())
+    return torch.load(out, weights_only=True)
+
+
+def _assert_same_steps(results: dict, want: list[dict], layouts: list[str]) -> None:
+    assert sorted(results) == sorted(layouts) and all(len(got) == len(want) for got in results.values())
     for layout, got in results.items():
         for step, (a, b) in enumerate(zip(got, want)):
-            assert a.keys() == b.keys()
+            assert a.keys() == b.keys(), (layout, step + 1)
             for key in b:
                 assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (layout, step + 1, key)
+
+
+def test_video_dpo_pairs_share_t_and_noise_and_the_loss_is_diffusion_dpos(single_rank):
+    """Chosen and rejected rows of a pair get the same t and the same noise; the loss and the
+    implicit accuracy are Diffusion-DPO's formula on per-latent mean squared errors."""
+    from dpo_worker import VIDEO_DIT, video_pairs
+
+    from fmtrain.config import load_config
+    from fmtrain.data.latents import LatentPreferencePipeline
+    from fmtrain.models.step_video.family import make_inputs
+    from fmtrain.objectives.video_dpo import video_dpo_loss
+
+    cfg = load_config(None, VIDEO_DIT + ["train.global_batch_size=4", "train.micro_batch_size=4"])
+    batch = LatentPreferencePipeline.from_config(cfg).collate(video_pairs(0)[:4])
+    assert batch["latent"].shape[0] == 8 and torch.equal(batch["sample_seed"][:4], batch["sample_seed"][4:])
+    inputs, _ = make_inputs(cfg, batch, torch.device("cpu"), training=False, need_x_t=True, need_target=True)
+    t = inputs.t.view(-1, 1, 1, 1, 1)
+    noise = (inputs.x_t - t * batch["latent"]) / (1 - t)
+    assert torch.equal(inputs.t[:4], inputs.t[4:])
+    torch.testing.assert_close(noise[:4], noise[4:], atol=1e-5, rtol=1e-5)
+    assert not torch.equal(batch["latent"][:4], batch["latent"][4:])
+
+    g = torch.Generator().manual_seed(0)
+    elements = 4 * 2 * 4 * 4
+    policy, reference = torch.rand(8, generator=g), torch.rand(8, generator=g)
+    sums = torch.stack([policy * elements, policy, torch.full((8,), float(elements))], dim=1)
+    beta = 50.0
+    loss_sum, count, reports = video_dpo_loss(beta, inputs.t, reference, sums)
+    inside = -beta / 2 * ((policy[:4] - reference[:4]) - (policy[4:] - reference[4:]))
+    assert int(count) == 4
+    torch.testing.assert_close(loss_sum, -torch.nn.functional.logsigmoid(inside).sum())
+    assert reports["implicit_acc"][0] == (inside > 0).sum() and reports["implicit_acc"][1] == 4
+    buckets = [reports[name][1] for name in reports if name.startswith("implicit_acc/t<")]
+    assert sum(buckets) == 4  # every pair in exactly one t quarter
+
+
+def test_video_dpo_layouts_agree(single_rank, tmp_path):
+    """5 Video-DPO steps at (TP, PP, DP) = (1,1,1), (2,1,1), (1,1,2) on the same pairs agree within
+    1e-5 (losses, gradient norms, rewards, implicit accuracy per t quarter); step 1 is ln 2."""
+    from dpo_worker import video_dpo_steps
+
+    want = video_dpo_steps(1, 1)
+    assert want[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(abs(s["loss"] - math.log(2)) > 1e-4 for s in want[1:])
+    _assert_same_steps(_layouts("video", "tp2,dp2", tmp_path), want, ["tp2", "dp2"])
 
 
 def test_dpo_run_resumes_exactly(preference_shards, tiny_tokenizer, tmp_path):
@@ -354,3 +406,54 @@ def test_dpo_learns_a_preference_rule(preference_shards, tiny_tokenizer, tmp_pat
     print(f"\nheld-out: accuracy {last['val_rewards/accuracies']:.3f}, loss {last['val_loss']:.3f}")
     assert last["val_rewards/accuracies"] >= 0.9
     assert last["val_loss"] < 0.5 * math.log(2)
+
+
+def test_video_dpo_trains_on_preference_latent_shards(tmp_path):
+    """`fmtrain data synth-latents --preference` shards -> `fmtrain train` with objective
+    video_dpo: step 1 is ln 2 (logged), and held-out pairs (chosen = the caption's own class)
+    are ranked right by the end; a sample without its rejected latent is a named bad sample."""
+    from fmtrain.data.latents import LatentPreferencePipeline, write_synthetic_latent_shards
+    from fmtrain.data.stream import BadSample, SampleContext
+
+    write_synthetic_latent_shards(
+        tmp_path / "pairs",
+        shapes=[(2, 8, 8), (2, 8, 4)],
+        samples=64,
+        classes=4,
+        channels=8,
+        caption_tokens=8,
+        caption_dim=64,
+        clip_tokens=4,
+        clip_dim=32,
+        valid_fraction=0.125,
+        preference=True,
+        progress=False,
+    )
+    run_dir = tmp_path / "run"
+    args = [
+        'model.init_from_hf=""',
+        f"data.shards={tmp_path / 'pairs' / 'train'}",
+        f"data.valid_shards={tmp_path / 'pairs' / 'valid'}",
+        f"run.dir={run_dir}",
+        "objective.beta=50",
+        "train.max_steps=30",
+        "train.lr=1e-3",
+        "train.precision=fp32",
+        "eval.interval=30",
+        "eval.steps=1",
+        "checkpoint.interval=0",
+        "checkpoint.save_at_end=false",
+        "logging.tensorboard=false",
+    ]
+    proc = run_fmtrain(args, recipe=REPO / "recipes" / "step_video" / "dpo_tiny.yaml")
+    assert "preference loss 0.693147 = ln 2" in proc.stdout + proc.stderr
+    last = read_metrics(run_dir)[30]
+    print(f"\nVideo-DPO held-out: implicit accuracy {last['val_implicit_acc']:.3f}, loss {last['val_loss']:.4f}")
+    assert last["val_implicit_acc"] >= 0.9 and last["val_loss"] < 0.5 * math.log(2)
+    assert {"implicit_acc", "rewards/margins", "mse/chosen"} <= last.keys()
+    ctx = SampleContext(seed=0, epoch=0, stream=0, index=0, shard="shard-000000.tar", key="k")
+    from fmtrain.config import load_config
+
+    cfg = load_config(REPO / "recipes" / "step_video" / "dpo_tiny.yaml", [])
+    with pytest.raises(BadSample, match="missing field: .rejected.latent.npy"):
+        LatentPreferencePipeline.from_config(cfg).units({"chosen.latent.npy": b""}, ctx)

@@ -6,6 +6,7 @@
     fmtrain data shard latents NPZ_FILES|DIRS... --out DIR [--channels C] [--caption-dim D] [--clip-dim D2]
     fmtrain data synth-latents OUT_DIR --shapes 2x8x8,3x8x6 --samples N --classes K --channels C
         --caption-dim D --caption-tokens L [--clip-dim D2 --clip-tokens L2] [--seed S] [--valid-fraction F]
+        [--preference]
     fmtrain data synth-preference OUT_DIR --pairs N [--valid-pairs M] [--seed S]
     fmtrain data index PATTERN --out DIR/index.json
     fmtrain data encode SHARDS --vae SRC --llm-encoder DIR [--clip-encoder DIR] --out DIR  (fmtrain.cli.encode)
@@ -143,6 +144,7 @@ def cmd_synth_latents(args: argparse.Namespace) -> int:
         valid_fraction=args.valid_fraction,
         shard_size=parse_size(args.shard_size),
         max_count=args.max_count,
+        preference=args.preference,
     )
     out = Path(args.out_dir)
     print(
@@ -288,6 +290,11 @@ def register_data(sub):
     synth.add_argument("--valid-fraction", type=float, default=0.0, help="share of each shape held out to valid/")
     synth.add_argument("--shard-size", default="64MB", help="target shard size (default 64MB)")
     synth.add_argument("--max-count", type=int, default=100_000, help="at most this many samples per shard")
+    synth.add_argument(
+        "--preference",
+        action="store_true",
+        help="Video-DPO pairs: the caption's own latent chosen, another class's rejected",
+    )
     synth.set_defaults(func=_guarded(cmd_synth_latents))
 
     synth_pref = dsub.add_parser(

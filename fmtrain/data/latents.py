@@ -518,10 +518,18 @@ def _compact(emb: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.n
 
 def latent_shard_sample(sample: dict, key: str) -> dict:
     """A numpy latent sample (``latent``, ``text_emb``, optional ``text_mask``, ``clip_emb``,
-    ``clip_mask``, ``caption``, ``class``) -> the raw shard sample (``KEY.latent.npy``, ...)."""
+    ``clip_mask``, ``caption``, ``class``) -> the raw shard sample (``KEY.latent.npy``, ...); with
+    ``rejected_latent`` a preference pair (``KEY.chosen.latent.npy``, ``KEY.rejected.latent.npy``)."""
     import json
 
-    out = {"__key__": key, "latent.npy": npy_bytes(np.ascontiguousarray(sample["latent"]))}
+    if "rejected_latent" in sample:  # a Video-DPO pair: two latents of one prompt
+        out = {
+            "__key__": key,
+            "chosen.latent.npy": npy_bytes(np.ascontiguousarray(sample["latent"])),
+            "rejected.latent.npy": npy_bytes(np.ascontiguousarray(sample["rejected_latent"])),
+        }
+    else:
+        out = {"__key__": key, "latent.npy": npy_bytes(np.ascontiguousarray(sample["latent"]))}
     for name in ("text", "clip"):
         emb = sample.get(f"{name}_emb")
         if emb is None:
@@ -677,15 +685,19 @@ def write_synthetic_latent_shards(
     shard_size: int = 64_000_000,
     max_count: int = 100_000,
     progress: bool = True,
+    preference: bool = False,
 ) -> tuple[dict, dict | None]:
     """:func:`synthetic_latent_dataset` written as ``OUT/train`` (and ``OUT/valid``, with
     ``round(samples * valid_fraction)`` (at least 1) samples of each shape, when
-    ``valid_fraction > 0``). Returns (train index, valid index or None)."""
+    ``valid_fraction > 0``); ``preference``: as Video-DPO pairs (:func:`synthetic_preference_pairs`).
+    Returns (train index, valid index or None)."""
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction={valid_fraction} must be in [0, 1)")
     dataset = synthetic_latent_dataset(
         shapes, samples, classes, channels, caption_tokens, caption_dim, clip_tokens, clip_dim, seed
     )
+    if preference:
+        dataset = synthetic_preference_pairs(dataset)
     held = max(1, round(samples * valid_fraction)) if valid_fraction > 0 else 0
     if held >= samples:
         raise ValueError(f"valid_fraction={valid_fraction} of {samples} samples per shape leaves no training sample")
@@ -700,6 +712,7 @@ def write_synthetic_latent_shards(
             "clip_tokens": clip_tokens,
             "clip_dim": clip_dim,
             "seed": seed,
+            "preference": preference,
         }
     }
     out_dir = Path(out_dir)
@@ -712,6 +725,52 @@ def write_synthetic_latent_shards(
             valid, out_dir / "valid", shard_size=shard_size, max_count=max_count, meta=meta, progress=progress
         )
     return train_index, valid_index
+
+
+def synthetic_preference_pairs(samples: Sequence[dict]) -> list[dict]:
+    """Video-DPO pairs from synthetic samples: each sample's own latent (its caption's class) is
+    chosen, the latent of the next sample of the same shape and another class is rejected."""
+    by_shape: dict[Shape, list[int]] = {}
+    for i, sample in enumerate(samples):
+        by_shape.setdefault(tuple(np.shape(sample["latent"])[1:]), []).append(i)
+    pairs = []
+    for i, sample in enumerate(samples):
+        group = by_shape[tuple(np.shape(sample["latent"])[1:])]
+        start = group.index(i)
+        others = [samples[group[(start + k) % len(group)]] for k in range(1, len(group))]
+        rejected = next((o for o in others if o.get("class") != sample.get("class")), None)
+        if rejected is None:
+            raise ValueError("synthetic preference pairs need at least two classes per latent shape")
+        pairs.append({**sample, "rejected_latent": rejected["latent"]})
+    return pairs
+
+
+class LatentPreferencePipeline(LatentPipeline):
+    """Video-DPO pairs: ``KEY.chosen.latent.npy`` and ``KEY.rejected.latent.npy`` (the same shape)
+    of one prompt, with the prompt's embeddings as in :class:`LatentPipeline`. A microbatch of n
+    pairs is 2n rows: the chosen latents, then the rejected ones, every other field repeated, so
+    both halves share each sample's ``sample_seed`` and with it the flow-matching t and noise."""
+
+    def units(self, sample: dict, ctx: SampleContext) -> list[dict]:
+        missing = [f for f in ("chosen.latent.npy", "rejected.latent.npy") if f not in sample]
+        if missing:
+            fields = sorted(k for k in sample if not k.startswith("__"))
+            raise BadSample(f"missing field: {', '.join('.' + f for f in missing)} (has {fields or 'nothing'})")
+        fields = {k: v for k, v in sample.items() if k not in ("chosen.latent.npy", "rejected.latent.npy")}
+        (item,) = super().units({**fields, "latent.npy": sample["chosen.latent.npy"]}, ctx)
+        rejected = check_latent(
+            _load_npy(sample, "rejected.latent.npy"), in_channels=self.in_channels, patch_size=self.patch_size
+        )
+        if rejected.shape != item["latent"].shape:
+            raise BadSample(f"rejected latent {rejected.shape} differs from the chosen one {item['latent'].shape}")
+        item["rejected_latent"] = rejected
+        return [item]
+
+    def collate(self, items: list[dict]) -> dict:
+        return super().collate(list(items) + [{**item, "latent": item["rejected_latent"]} for item in items])
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "kind": "latent_preference"}
 
 
 # --------------------------------------------------------------------------- from a Config
@@ -752,7 +811,13 @@ def prepare_latent_data(cfg, topo, run_dir: Path):
 
     d, t, m = cfg.data, cfg.train, cfg.model
     if d.shards:
-        return (None, *stream_loaders(cfg, LatentPipeline.from_config(cfg), topo, run_dir))
+        pipeline = LatentPreferencePipeline if cfg.objective.ROWS_PER_SAMPLE == 2 else LatentPipeline
+        return (None, *stream_loaders(cfg, pipeline.from_config(cfg), topo, run_dir))
+    if cfg.objective.ROWS_PER_SAMPLE == 2:
+        raise ConfigError(
+            f"objective.name={cfg.objective.name} trains on preference latent shards: set data.shards "
+            "(fmtrain data synth-latents --preference, or shards of chosen/rejected latents)"
+        )
     if d.corpus != SYNTHETIC_CORPUS:
         raise ConfigError(
             f"data.corpus={d.corpus!r}: model.family={m.family} trains on latents: set data.shards "
@@ -786,6 +851,8 @@ __all__ = [
     "check_embedding",
     "collate_latents",
     "LatentPipeline",
+    "LatentPreferencePipeline",
+    "synthetic_preference_pairs",
     "class_prototypes",
     "class_text_embeddings",
     "synthetic_latent_dataset",

@@ -19,6 +19,8 @@ vocab-parallel: no rank holds full logits), so a row's log-probability is minus 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -119,4 +121,43 @@ def dpo_loss(settings: DPOConfig, loss_mask: torch.Tensor, reference_logps: torc
     return loss_sum, count.to(torch.int), report
 
 
-__all__ = ["CONFIG", "DPOConfig", "REPORTS", "completion_logps", "dpo_loss", "preference_losses", "sequence_logps"]
+def reference_source(cfg) -> str:
+    """Where a DPO reference's weights come from (``dpo`` and ``video_dpo``):
+    ``objective.reference``, else the policy's starting weights (``checkpoint.load``, else
+    ``model.init_from_hf``, else the run seed: "")."""
+    return cfg.objective.reference or cfg.checkpoint.load or cfg.model.init_from_hf
+
+
+def first_step_check(cfg, loss: float, reports: dict[str, float]) -> str | None:
+    """The log line after a fresh DPO run's first step. With the reference equal to the policy
+    every margin is 0: the loss is ln 2 (sigmoid, cDPO, Video-DPO) or 1 / (2 beta)^2 (IPO); any
+    other value means the reference is not the weights the user thinks."""
+    o = cfg.objective
+    if o.name not in ("dpo", "video_dpo"):
+        return None
+    source = reference_source(cfg)
+    preference = reports.get("dpo/preference_loss", loss)
+    if o.reference and o.reference not in (cfg.checkpoint.load, cfg.model.init_from_hf):
+        return f"DPO step 1: preference loss {preference:.6f} against the reference {source}"
+    ipo = getattr(o, "loss", "sigmoid") == "ipo"
+    expected, name = ((1 / (2 * o.beta)) ** 2, "1/(2 beta)^2") if ipo else (math.log(2), "ln 2")
+    if abs(preference - expected) <= 1e-3 * expected:
+        return f"DPO step 1: preference loss {preference:.6f} = {name}, as it must be with the reference = the policy"
+    return (
+        f"warning: DPO step 1: preference loss {preference:.6f}, not {name} = {expected:.6f}, although the reference "
+        f"is the policy's starting weights ({source or 'the run seed'}): the two models differ (a different "
+        "checkpoint, dropout, or weights loaded into one of them only)"
+    )
+
+
+__all__ = [
+    "first_step_check",
+    "reference_source",
+    "CONFIG",
+    "DPOConfig",
+    "REPORTS",
+    "completion_logps",
+    "dpo_loss",
+    "preference_losses",
+    "sequence_logps",
+]

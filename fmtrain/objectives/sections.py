@@ -188,11 +188,47 @@ class DPOConfig(ObjectiveConfig):
             raise ConfigError(f"objective.sft_weight={self.sft_weight} must be >= 0")
 
 
+@dataclass
+class VideoDPOConfig(FlowMatchingConfig):
+    """``objective.name=video_dpo``: Diffusion-DPO (Wallace et al. 2023) on flow-matching velocity
+    errors (as Flow-DPO, Liu et al. 2025). A pair is two latents of one prompt; both get the same
+    t and noise (drawn from the pair's sample seed), and with e the mean squared velocity error of
+    a latent: ``-log sigmoid(-beta / 2 * ((e_w - e_w_ref) - (e_l - e_l_ref)))``. The timestep and
+    sampler settings are flow matching's."""
+
+    beta: float = 5000.0
+    """Scales the error differences, which are means over a latent's elements (so beta is tied to
+    that normalisation: a sum over elements would need beta / elements). 5000 is Diffusion-DPO's
+    setting for Stable Diffusion latents."""
+    text_drop_prob: float = 0.0
+    """Must stay 0: both completions of a pair are judged under the prompt."""
+    reference: str = ""
+    """The frozen reference DiT: an fmtrain checkpoint or the release directory; empty: the
+    policy's starting weights (``checkpoint.load``, else ``model.init_from_hf``, else the run seed)."""
+    reference_offload: bool = False
+    """Keep the reference's weights in host memory between its forward passes."""
+
+    ROWS_PER_SAMPLE: ClassVar[int] = 2
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        if self.beta <= 0:
+            raise ConfigError(f"objective.beta={self.beta} must be positive")
+        if self.text_drop_prob:
+            raise ConfigError(
+                f"objective.text_drop_prob={self.text_drop_prob}: Video-DPO compares a pair under its prompt; "
+                "set it to 0"
+            )
+        if self.l1_weight:
+            raise ConfigError("objective.l1_weight is flow matching's; Video-DPO's errors are squared errors")
+
+
 SECTIONS: dict[str, type[ObjectiveConfig]] = {
     "lm": LMConfig,
     "flow_matching": FlowMatchingConfig,
     "vae": VAEConfig,
     "mae": MAEConfig,
     "dpo": DPOConfig,
+    "video_dpo": VideoDPOConfig,
 }
 """Built-in objective name -> its section."""

@@ -82,7 +82,7 @@ def validate(cfg: Config) -> None:
 
 SETTINGS = FamilySettings(
     model=StepVideoModelConfig,
-    objectives=("flow_matching",),
+    objectives=("flow_matching", "video_dpo"),
     parallel=frozenset({"tp", "sp", "pp", "vpp"}),
     validate=validate,
 )

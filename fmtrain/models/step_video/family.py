@@ -1,4 +1,5 @@
-"""The Step-Video-T2V family's registry entry: the DiT trained with flow matching.
+"""The Step-Video-T2V family's registry entry: the DiT trained with flow matching, or with
+Video-DPO beside a frozen reference DiT in the same layout.
 
 Per sample, the flow-matching draws (t, the noise, the classifier-free-guidance drop) come
 from generators seeded by the sample's ``sample_seed`` (:mod:`fmtrain.objectives.flow_matching`),
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +36,7 @@ from fmtrain.models.step_video.model import (
     init_rule,
     transformer_config,
 )
+from fmtrain.objectives import dpo, video_dpo
 from fmtrain.objectives import flow_matching as fm
 
 # Salts of the per-sample generators (independent draws from one sample seed).
@@ -201,7 +204,7 @@ def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -
     per_layer = (
         activation_bytes_per_layer(
             m.seq_length,
-            t.micro_batch_size,
+            t.micro_batch_size * cfg.objective.ROWS_PER_SAMPLE,
             k["h"],
             m.num_attention_heads,
             p.tp,
@@ -214,6 +217,8 @@ def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -
     )
     act = per_layer * in_flight_layer_microbatches(0, m.num_layers, p.pp, p.vpp, num_microbatches) * (1 if bf16 else 2)
     state = params * state_bytes_per_param(bf16, p.distributed_optimizer, dp)
+    if cfg.objective.name == "video_dpo" and not cfg.objective.reference_offload:
+        state += params * (2 if bf16 else 4)  # the co-located reference: weights only
     return MemoryEstimate(params, state, act, state + act)
 
 
@@ -375,16 +380,74 @@ def prepare_data(cfg: Config, topo, run_dir) -> RunData:
     return RunData(train=train, valid=valid)
 
 
-def parts(cfg: Config) -> list[PartSpec]:
-    return [
-        PartSpec(
-            name="model",
-            build=build_chunk,
-            init_rule=init_rule,
-            megatron_config=transformer_config,
-            forward_step=make_forward_step,
+# ----------------------------------------------------------------------------- Video-DPO
+
+
+def make_video_dpo_forward_step(cfg: Config, parts=None, progress=None):
+    """The policy's Video-DPO forward step: chosen and rejected rows with the same t and noise
+    (their shared sample seeds), error sums on the last stage paired into the Video-DPO loss with
+    the reference errors the batch carries."""
+    beta = cfg.objective.beta
+
+    def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        first = get_attr_wrapped_model(model, "pre_process")
+        last = get_attr_wrapped_model(model, "post_process")
+        inputs, _ = make_inputs(cfg, batch, device, training=False, need_x_t=first, need_target=last)
+        output = model(inputs=inputs)
+        reference = batch.get("reference_errors")
+        if reference is None:  # other stages never call the loss function
+            return output, _needs_reference
+        return output, functools.partial(video_dpo.video_dpo_loss, beta, inputs.t, reference.to(device))
+
+    return forward_step
+
+
+def _needs_reference(output):
+    raise RuntimeError("a Video-DPO microbatch reached the loss without reference errors (reference_errors)")
+
+
+def add_reference_errors(cfg: Config):
+    """``prepare_microbatches`` of the Video-DPO policy: the frozen reference's per-row mean
+    squared velocity errors (same t and noise: the rows' sample seeds), one forward-only pass
+    through the pipeline, riding along as ``reference_errors`` on the last stage."""
+    step = make_forward_step(cfg)
+
+    def prepare(engine, microbatches: list[dict]) -> list[dict]:
+        errors = engine.forward_outputs(
+            microbatches,
+            part="reference",
+            forward_step=step,
+            collect=lambda output, loss_fn: video_dpo.mean_squared_errors(output).detach(),
         )
-    ]
+        if not errors:
+            return microbatches
+        return [{**batch, "reference_errors": value} for batch, value in zip(microbatches, errors)]
+
+    return prepare
+
+
+def parts(cfg: Config) -> list[PartSpec]:
+    model = PartSpec(
+        name="model",
+        build=build_chunk,
+        init_rule=init_rule,
+        megatron_config=transformer_config,
+        forward_step=make_forward_step,
+    )
+    if cfg.objective.name != "video_dpo":
+        return [model]
+    policy = replace(model, forward_step=make_video_dpo_forward_step, prepare_microbatches=add_reference_errors(cfg))
+    reference = replace(
+        model,
+        name="reference",
+        trainable=False,
+        forward_step=None,
+        source=dpo.reference_source(cfg),
+        offload=cfg.objective.reference_offload,
+    )
+    return [policy, reference]
 
 
 FAMILY = ModelFamily(
@@ -392,12 +455,17 @@ FAMILY = ModelFamily(
     parts=parts,
     prepare_data=prepare_data,
     param_count=param_count,
-    flops_per_sample=lambda cfg: training_flops(cfg, cfg.model.seq_length),
-    units_per_sample=lambda cfg: cfg.model.seq_length,
+    flops_per_sample=lambda cfg: (
+        training_flops(cfg, cfg.model.seq_length)
+        * cfg.objective.ROWS_PER_SAMPLE
+        * (4 / 3 if cfg.objective.name == "video_dpo" else 1)
+    ),  # a pair, plus the reference's forward
+    units_per_sample=lambda cfg: cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE,
     memory_estimate=memory_estimate,
     throughput_unit="tokens",
     prepare_step=prepare_pipeline_step,
     converter=convert,
     sample=sample,
     eval_videos=eval_videos,
+    first_step_check=dpo.first_step_check,
 )

@@ -5,7 +5,6 @@ preference pairs) and its Hugging Face converter."""
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -101,32 +100,6 @@ def add_reference_logps(cfg: Config):
     return prepare
 
 
-def reference_source(cfg: Config) -> str:
-    """Where the DPO reference's weights come from: ``objective.reference``, else the policy's
-    starting weights (``checkpoint.load``, else ``model.init_from_hf``, else the run seed: "")."""
-    return cfg.objective.reference or cfg.checkpoint.load or cfg.model.init_from_hf
-
-
-def dpo_first_step_check(cfg: Config, loss: float, reports: dict[str, float]) -> str | None:
-    """At step 1 a reference equal to the policy gives margin 0: loss ln 2 (sigmoid, cDPO) or
-    1 / (2 beta)^2 (IPO). Anything else means the reference is not the weights the user thinks."""
-    if cfg.objective.name != "dpo":
-        return None
-    o = cfg.objective
-    source = reference_source(cfg)
-    preference = reports.get("dpo/preference_loss", loss)
-    if o.reference and o.reference not in (cfg.checkpoint.load, cfg.model.init_from_hf):
-        return f"DPO step 1: preference loss {preference:.6f} against the reference {source}"
-    expected, name = (math.log(2), "ln 2") if o.loss == "sigmoid" else ((1 / (2 * o.beta)) ** 2, "1/(2 beta)^2")
-    if abs(preference - expected) <= 1e-3 * expected:
-        return f"DPO step 1: preference loss {preference:.6f} = {name}, as it must be with the reference = the policy"
-    return (
-        f"warning: DPO step 1: preference loss {preference:.6f}, not {name} = {expected:.6f}, although the reference "
-        f"is the policy's starting weights ({source or 'the run seed'}): the two models differ (a different "
-        "checkpoint, dropout, or weights loaded into one of them only)"
-    )
-
-
 def parts(cfg: Config) -> list[PartSpec]:
     model = PartSpec(
         name="model",
@@ -148,7 +121,7 @@ def parts(cfg: Config) -> list[PartSpec]:
         trainable=False,
         forward_step=None,
         prepare_microbatches=None,
-        source=reference_source(cfg),
+        source=dpo.reference_source(cfg),
         offload=cfg.objective.reference_offload,
     )
     return [policy, reference]
@@ -271,6 +244,6 @@ FAMILY = ModelFamily(
     units_per_sample=lambda cfg: cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE,
     memory_estimate=memory_estimate,
     throughput_unit="tokens",
-    first_step_check=dpo_first_step_check,
+    first_step_check=dpo.first_step_check,
     converter=convert,
 )
