@@ -228,6 +228,49 @@ class ModelFamily:
         return next(part for part in self.parts(cfg) if part.trainable)
 
 
+def with_frozen_reference(
+    model: PartSpec,
+    cfg: Config,
+    *,
+    forward_step: MakeForwardStep,
+    reference_step: ForwardStep,
+    collect: Callable[[torch.Tensor, Callable], torch.Tensor],
+    key: str,
+) -> list[PartSpec]:
+    """A preference-tuned run's parts (DPO, Video-DPO): ``model`` trained with ``forward_step``
+    beside ``reference``, a frozen copy in the same layout whose weights come from
+    ``objective.reference`` (else the policy's start). Before every training or validation step
+    one forward-only pass of the reference (``reference_step``; ``collect(output, loss_fn)`` of
+    what it returns on the last stage) puts ``key`` into each microbatch on the last pipeline
+    stage, where the loss reads it."""
+    from dataclasses import replace
+
+    from fmtrain.objectives.dpo import reference_source
+
+    def add_reference_outputs(engine, microbatches: list[dict]) -> list[dict]:
+        outputs = engine.forward_outputs(
+            microbatches,
+            part="reference",
+            forward_step=reference_step,
+            collect=lambda output, loss_fn: collect(output, loss_fn).detach(),
+        )
+        if not outputs:  # not the last stage
+            return microbatches
+        return [{**batch, key: value} for batch, value in zip(microbatches, outputs)]
+
+    policy = replace(model, forward_step=forward_step, prepare_microbatches=add_reference_outputs)
+    reference = replace(
+        model,
+        name="reference",
+        trainable=False,
+        forward_step=None,
+        prepare_microbatches=None,
+        source=reference_source(cfg),
+        offload=cfg.objective.reference_offload,
+    )
+    return [policy, reference]
+
+
 def get_family(name: str) -> ModelFamily:
     """The family registered under ``name`` (a built-in name or a dotted module path)."""
     family = import_family_part(name, "family", "FAMILY")
@@ -250,4 +293,5 @@ __all__ = [
     "RunData",
     "Sampler",
     "get_family",
+    "with_frozen_reference",
 ]

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from megatron.core.utils import get_attr_wrapped_model
 
 from fmtrain.config import Config
-from fmtrain.models.registry import ModelFamily, PartSpec, RunData
+from fmtrain.models.registry import ModelFamily, PartSpec, RunData, with_frozen_reference
 from fmtrain.models.sizes import (
     MemoryEstimate,
     activation_bytes_per_layer,
@@ -408,26 +407,6 @@ def _needs_reference(output):
     raise RuntimeError("a Video-DPO microbatch reached the loss without reference errors (reference_errors)")
 
 
-def add_reference_errors(cfg: Config):
-    """``prepare_microbatches`` of the Video-DPO policy: the frozen reference's per-row mean
-    squared velocity errors (same t and noise: the rows' sample seeds), one forward-only pass
-    through the pipeline, riding along as ``reference_errors`` on the last stage."""
-    step = make_forward_step(cfg)
-
-    def prepare(engine, microbatches: list[dict]) -> list[dict]:
-        errors = engine.forward_outputs(
-            microbatches,
-            part="reference",
-            forward_step=step,
-            collect=lambda output, loss_fn: video_dpo.mean_squared_errors(output).detach(),
-        )
-        if not errors:
-            return microbatches
-        return [{**batch, "reference_errors": value} for batch, value in zip(microbatches, errors)]
-
-    return prepare
-
-
 def parts(cfg: Config) -> list[PartSpec]:
     model = PartSpec(
         name="model",
@@ -438,16 +417,15 @@ def parts(cfg: Config) -> list[PartSpec]:
     )
     if cfg.objective.name != "video_dpo":
         return [model]
-    policy = replace(model, forward_step=make_video_dpo_forward_step, prepare_microbatches=add_reference_errors(cfg))
-    reference = replace(
+    # The reference's errors with the same t and noise: the rows' sample seeds draw them.
+    return with_frozen_reference(
         model,
-        name="reference",
-        trainable=False,
-        forward_step=None,
-        source=dpo.reference_source(cfg),
-        offload=cfg.objective.reference_offload,
+        cfg,
+        forward_step=make_video_dpo_forward_step,
+        reference_step=make_forward_step(cfg),
+        collect=lambda output, loss_fn: video_dpo.mean_squared_errors(output),
+        key="reference_errors",
     )
-    return [policy, reference]
 
 
 FAMILY = ModelFamily(

@@ -12,7 +12,7 @@ import torch
 
 from fmtrain.config import Config, family_settings
 from fmtrain.models import sizes
-from fmtrain.models.registry import ModelFamily, PartSpec, RunData
+from fmtrain.models.registry import ModelFamily, PartSpec, RunData, with_frozen_reference
 from fmtrain.models.yi import convert
 from fmtrain.models.yi.config import YiModelConfig
 from fmtrain.models.yi.model import build_chunk, init_rule, transformer_config
@@ -67,37 +67,16 @@ def _needs_reference(output):
 
 
 def reference_logps_step(cfg: Config):
-    """The reference's forward step: each row's completion log-prob (as the loss uses it)."""
+    """The reference's forward step: per row, the completion log-prob as the loss uses it."""
     settings = cfg.objective
 
     def step(data_iterator: Iterator[dict], model: torch.nn.Module):
         batch = next(data_iterator)
         tokens, labels, loss_mask, position_ids = _inputs(batch, next(model.parameters()).device)
         output = model(tokens, position_ids, None, labels=labels)
-        return output, functools.partial(_completion_logps, settings, loss_mask)
+        return output, lambda per_token_loss: dpo.completion_logps(settings, per_token_loss, loss_mask)
 
     return step
-
-
-def _completion_logps(settings, loss_mask, per_token_loss):
-    return dpo.completion_logps(settings, per_token_loss, loss_mask)
-
-
-def add_reference_logps(cfg: Config):
-    """``prepare_microbatches`` of the DPO policy: one forward-only pass of the frozen reference
-    through the pipeline; its per-row log-probs ride along as ``reference_logps`` on the last
-    stage (where the loss needs them; other stages get [] from the engine)."""
-    step = reference_logps_step(cfg)
-
-    def prepare(engine, microbatches: list[dict]) -> list[dict]:
-        logps = engine.forward_outputs(
-            microbatches, part="reference", forward_step=step, collect=lambda output, loss_fn: loss_fn(output).detach()
-        )
-        if not logps:
-            return microbatches
-        return [{**batch, "reference_logps": value} for batch, value in zip(microbatches, logps)]
-
-    return prepare
 
 
 def parts(cfg: Config) -> list[PartSpec]:
@@ -110,21 +89,14 @@ def parts(cfg: Config) -> list[PartSpec]:
     )
     if cfg.objective.name != "dpo":
         return [model]
-    policy = replace(
+    return with_frozen_reference(
         model,
+        cfg,
         forward_step=lambda cfg, parts, progress: dpo_forward_step(cfg),
-        prepare_microbatches=add_reference_logps(cfg),
+        reference_step=reference_logps_step(cfg),
+        collect=lambda output, logps: logps(output),
+        key="reference_logps",
     )
-    reference = replace(
-        model,
-        name="reference",
-        trainable=False,
-        forward_step=None,
-        prepare_microbatches=None,
-        source=dpo.reference_source(cfg),
-        offload=cfg.objective.reference_offload,
-    )
-    return [policy, reference]
 
 
 # ----------------------------------------------------------------------------- sizes
