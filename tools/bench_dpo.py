@@ -10,6 +10,16 @@ extra forward-only pass). Steps alternate ABBA after warm-up; the medians give t
 third of forward + backward).
 
     .venv/bin/python tools/bench_dpo.py --seq 256 --pairs 8 --steps 12
+
+``--trl`` (needs ``pip install trl``, not a dependency of fmtrain) instead compares fmtrain's DPO
+step with TRL's ``DPOTrainer`` on the same tiny Llama (transformers' ``LlamaForCausalLM`` of the
+shapes above; fmtrain imports its weights), the same tokenizer, pairs and batch, fp32 on CPU,
+each side with its reference model co-located. The pairs are chunks of the built-in corpus
+(prompt, chosen and rejected of ``--seq`` / 2 tokens each) so both sides see the same token
+counts; fmtrain pads every row to ``model.seq_length`` = the longest pair, TRL to the batch's
+longest. Reports pairs/s per side (steps timed by a callback on TRL's side) and the ratio.
+
+    PYTHONPATH=/path/to/trl .venv/bin/python tools/bench_dpo.py --trl --seq 256 --pairs 8 --steps 8
 """
 
 from __future__ import annotations
@@ -66,6 +76,161 @@ def rows(args) -> dict[str, torch.Tensor]:
     return {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "loss_mask": loss_mask}
 
 
+def corpus_records(args, tokenizer_path: Path) -> list[dict]:
+    """Pairs whose prompt, chosen and rejected are --seq / 4 pieces of built-in corpus text each."""
+    from fmtrain.data.text import load_tokenizer, read_documents
+
+    sp = load_tokenizer(tokenizer_path)
+    ids = [i for doc in read_documents("builtin:shakespeare")[:200] for i in sp.encode(doc)]
+    n = args.seq // 4
+    records = []
+    for k in range(args.pairs * (args.steps + args.warmup + 1)):
+        chunk = ids[k * 3 * n : (k + 1) * 3 * n]
+        prompt, chosen, rejected = (sp.decode(chunk[i * n : (i + 1) * n]) for i in range(3))
+        records.append({"prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected})
+    return records
+
+
+def _records_in_order(records):
+    yield from records
+
+
+def compare_with_trl(args) -> None:
+    import transformers
+    from datasets import IterableDataset
+    from trl import DPOConfig, DPOTrainer
+
+    from fmtrain import checkpoint, parallel
+    from fmtrain.data.hf_tokenizer import write_hf_tokenizer
+    from fmtrain.data.preference import PreferencePipeline, pair_batch
+    from fmtrain.data.text import read_documents, train_tokenizer
+    from fmtrain.engine import build_engine
+    from fmtrain.models.registry import get_family
+
+    work = Path(tempfile.mkdtemp(prefix="bench_dpo_trl_"))
+    tokenizer_path = train_tokenizer(read_documents("builtin:shakespeare"), args.vocab, work / "tokenizer")
+    records = corpus_records(args, tokenizer_path)
+    torch.manual_seed(0)
+    llama_config = transformers.LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.ffn,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.heads,
+        rope_theta=5e6,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=4 * args.seq,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    hf_dir = work / "llama"
+    transformers.LlamaForCausalLM(llama_config).float().save_pretrained(hf_dir, safe_serialization=True)
+    write_hf_tokenizer(tokenizer_path, hf_dir, model_max_length=4 * args.seq, log=lambda message: None)
+
+    # fmtrain: the policy and its reference both from hf_dir (the reference is the starting point).
+    pipeline = PreferencePipeline(tokenizer_path, 4 * args.seq)
+    longest = max(
+        len(seq) for r in records for seq in pipeline.encode_pair(r["prompt"], r["chosen"], r["rejected"])[::2]
+    )
+    cfg = config(args, "dpo", 2 * args.pairs)
+    from fmtrain.config import load_config
+    from fmtrain.models.release import overrides_as_args
+    from fmtrain.models.yi.convert import fmtrain_model_overrides_from_hf
+
+    overrides = overrides_as_args(fmtrain_model_overrides_from_hf(json.loads((hf_dir / "config.json").read_text())))
+    cfg = load_config(
+        None,
+        ["objective.name=dpo", *overrides]
+        + [
+            f"model.seq_length={longest - 1}",
+            f"model.init_from_hf={hf_dir}",
+            f"data.tokenizer={tokenizer_path}",
+            f"train.global_batch_size={args.pairs}",
+            f"train.micro_batch_size={args.pairs}",
+            "train.precision=fp32",
+            "model.attention_backend=sdpa",
+            f"run.dir={work / 'run'}",
+        ],
+    )
+    pipeline = PreferencePipeline(tokenizer_path, cfg.model.seq_length)
+    topo = parallel.initialize(cfg)
+    engine = build_engine(cfg, topo, get_family("yi"))
+    from fmtrain.checkpoint.hf.convert import load_hf_weights
+
+    load_hf_weights(engine.unwrapped_chunks(), hf_dir, cfg)
+    engine.weights_changed()
+    checkpoint.load_frozen_parts(cfg, engine, log=lambda message: None)
+    fmtrain_times = []
+    for step in range(args.warmup + args.steps):
+        batch = pair_batch(pipeline, records[step * args.pairs : (step + 1) * args.pairs])
+        start = time.perf_counter()
+        result = engine.train_step([batch], 1e-6, step=step)
+        if step >= args.warmup:
+            fmtrain_times.append(time.perf_counter() - start)
+        if step == 0:
+            fmtrain_first = result.loss
+    parallel.destroy()
+
+    # TRL on the same model, tokenizer and pairs, in order (no shuffling), one batch per step.
+    trl_times: list[float] = []
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, state_args, state, control, **k):
+            if state.global_step > args.warmup:
+                trl_times.append(time.perf_counter() - self.start)
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    trainer = DPOTrainer(
+        model=transformers.LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32),
+        args=DPOConfig(
+            output_dir=str(work / "trl"),
+            per_device_train_batch_size=args.pairs,
+            max_steps=args.warmup + args.steps,
+            learning_rate=1e-6,
+            beta=0.1,
+            max_length=None,
+            logging_steps=1,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            dataloader_num_workers=0,
+            seed=0,
+        ),
+        # An iterable dataset: read in order, and datasets' fingerprinting (which cannot pickle
+        # every pyarrow type) is skipped.
+        train_dataset=IterableDataset.from_generator(
+            _records_in_order, gen_kwargs={"records": records[: args.pairs * (args.warmup + args.steps)]}
+        ),
+        processing_class=tokenizer,
+        callbacks=[StepTimer()],
+    )
+    trainer.train()
+    trl_first = next(log["loss"] for log in trainer.state.log_history if "loss" in log)
+    ours, theirs = statistics.median(fmtrain_times), statistics.median(trl_times)
+    print(
+        json.dumps(
+            {
+                "shape": f"{args.layers}x{args.hidden}, vocab {args.vocab}, {args.pairs} pairs, "
+                f"longest {longest} tokens",
+                "threads": torch.get_num_threads(),
+                "fmtrain_step_s": round(ours, 4),
+                "trl_step_s": round(theirs, 4),
+                "fmtrain_pairs_per_s": round(args.pairs / ours, 2),
+                "trl_pairs_per_s": round(args.pairs / theirs, 2),
+                "fmtrain_over_trl_speed": round(theirs / ours, 3),
+                "first_loss": {"fmtrain": round(fmtrain_first, 6), "trl": round(trl_first, 6)},
+            }
+        )
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
@@ -78,12 +243,16 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8, help="pairs per step (2x as many sequences)")
     ap.add_argument("--steps", type=int, default=12, help="timed steps per side")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--trl", action="store_true", help="compare with TRL's DPOTrainer instead of an SFT step")
     args = ap.parse_args()
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(key, value)
     from fmtrain.launch.local import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if args.trl:
+        compare_with_trl(args)
+        return
     from fmtrain import parallel
     from fmtrain.engine import build_engine
     from fmtrain.models.registry import get_family
