@@ -361,8 +361,9 @@ def test_video_dpo_layouts_agree(single_rank, tmp_path):
 
 
 def test_dpo_run_resumes_exactly(preference_shards, tiny_tokenizer, tmp_path):
-    """`fmtrain train` on preference shards: step 1 is ln 2 (logged), and a run resumed from its
-    step-3 checkpoint repeats steps 4-5 exactly."""
+    """`fmtrain train` on preference shards: step 1 is ln 2 (logged), a run resumed from its
+    step-3 checkpoint repeats steps 4-5 exactly, and precomputed reference log-probs give the
+    co-located reference's losses within 1e-6."""
     train, _ = preference_shards
     base = tmp_path / "base"
     proc = run_fmtrain(_dpo_args(tiny_tokenizer, train, base, 5), recipe=DPO_RECIPE)
@@ -379,6 +380,17 @@ def test_dpo_run_resumes_exactly(preference_shards, tiny_tokenizer, tmp_path):
     got = _series(resumed)
     for key in want:
         assert got[key] == want[key], key
+    # Precomputed reference log-probs (one pass over the shards, then no reference) give the
+    # co-located reference's numbers.
+    precomputed = tmp_path / "precomputed"
+    run_fmtrain(
+        _dpo_args(tiny_tokenizer, train, precomputed, 5) + ["objective.precompute_reference=true"], recipe=DPO_RECIPE
+    )
+    table = json.loads((precomputed / "data" / "reference_logps.json").read_text())
+    assert len(table["logps"]) == 256  # every pair of the shards
+    got = _series(precomputed)
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-6, rel=1e-6), key
 
 
 def test_dpo_learns_a_preference_rule(preference_shards, tiny_tokenizer, tmp_path):

@@ -123,7 +123,9 @@ def truncate(prompt: Sequence[int], completion: Sequence[int], max_length: int, 
 
 
 class PreferencePipeline:
-    """``units`` = one tokenized pair; ``item`` = that pair; ``collate`` = chosen rows, then rejected."""
+    """``units`` = one tokenized pair and its sample key; ``item`` = that pair; ``collate`` = chosen
+    rows, then rejected, and the pairs' keys (``key``: what precomputed reference log-probs are
+    looked up by)."""
 
     item_size = 1
     pad_at_epoch_end = False
@@ -178,7 +180,7 @@ class PreferencePipeline:
 
     def units(self, sample: dict, ctx: SampleContext) -> list:
         prompt, chosen, rejected = (self._text(sample, name) for name in FIELDS)
-        return [self.encode_pair(prompt, chosen, rejected)]
+        return [(*self.encode_pair(prompt, chosen, rejected), sample.get("__key__", ctx.key))]
 
     def make_item(self, pieces: list[Sequence], size: int):
         return pieces[0][0]
@@ -197,10 +199,15 @@ class PreferencePipeline:
             loss_mask[row, max(prompt_tokens - 1, 0) : n] = 1.0
         return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
 
-    def collate(self, items: list) -> dict[str, torch.Tensor]:
+    def collate(self, items: list) -> dict:
+        """Items ``(chosen, its prompt tokens, rejected, its prompt tokens[, key])`` -> the
+        microbatch (``key``: the pairs' sample keys, when the items have them)."""
         chosen = [(item[0], item[1]) for item in items]
         rejected = [(item[2], item[3]) for item in items]
-        return self._rows(chosen + rejected)
+        batch = self._rows(chosen + rejected)
+        if all(len(item) > 4 for item in items):
+            batch["key"] = [str(item[4]) for item in items]
+        return batch
 
     def fingerprint(self) -> dict:
         from fmtrain.data.text import _file_digest
@@ -278,15 +285,35 @@ def write_synthetic_preference(
     return made[0], made[1]
 
 
-def pair_batch(pipeline: PreferencePipeline, records: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
-    """The microbatch of ``records`` (in-process tests and tools: no shards, no stream)."""
-    return pipeline.collate([pipeline.encode_pair(r["prompt"], r["chosen"], r["rejected"]) for r in records])
+def pair_batch(pipeline: PreferencePipeline, records: Sequence[dict[str, str]]) -> dict:
+    """The microbatch of ``records`` (in-process tests and tools: no shards, no stream); a
+    record's optional ``key`` becomes the pair's sample key."""
+    items = [pipeline.encode_pair(r["prompt"], r["chosen"], r["rejected"]) for r in records]
+    if all("key" in r for r in records):
+        items = [(*item, r["key"]) for item, r in zip(items, records)]
+    return pipeline.collate(items)
+
+
+def pairs_of_shards(pipeline: PreferencePipeline, spec: str) -> Iterator[tuple[str, tuple]]:
+    """(sample key, encoded pair) of every usable sample of the shards of ``spec``, in shard
+    order; what the stream would skip as a bad sample is skipped here too."""
+    from fmtrain.data.shards import iter_samples, resolve_shards
+
+    for sample in iter_samples(resolve_shards(spec)):
+        key = sample.get("__key__", "")
+        ctx = SampleContext(seed=0, epoch=0, stream=0, index=0, shard="", key=key)
+        try:
+            (item,) = pipeline.units(sample, ctx)
+        except BadSample:
+            continue
+        yield key, item
 
 
 __all__ = [
     "FIELDS",
     "PreferencePipeline",
     "pair_batch",
+    "pairs_of_shards",
     "prepare_preference_data",
     "read_preference_records",
     "synthetic_preference_records",

@@ -194,6 +194,13 @@ class MegatronEngine:
         wrappers: what checkpoints and converters read and write (``sharded_state_dict``)."""
         return self.parts[part or self.primary.name].modules
 
+    def release_part(self, name: str) -> None:
+        """Drop frozen part ``name`` for the rest of the run, freeing its memory (DPO's reference
+        once its log-probs are precomputed)."""
+        if self.parts[name].trainable:
+            raise ValueError(f"part {name!r} is trainable: only a frozen part can be released")
+        del self.parts[name]
+
     def _offload(self, part: Part) -> None:
         for module in part.modules:
             module.to("cpu")

@@ -161,6 +161,11 @@ class DPOConfig(ObjectiveConfig):
     else the run seed's initialisation)."""
     reference_offload: bool = False
     """Keep the reference's weights in host memory between its forward passes."""
+    precompute_reference: bool = False
+    """Before the first step, one forward-only pass of the reference over every pair of
+    ``data.shards`` and ``data.valid_shards`` writes their log-probs to
+    RUN_DIR/data/reference_logps.json (keyed by sample key; reused by a resumed run); the
+    reference is then freed and training reads the table (no reference forward per step)."""
     truncation: str = "keep_end"
     """A prompt + completion longer than ``model.seq_length + 1`` tokens: keep_end keeps its last
     tokens (TRL's default), keep_start its first; none skips the pair (counted, naming it)."""

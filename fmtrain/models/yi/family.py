@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -79,6 +80,125 @@ def reference_logps_step(cfg: Config):
     return step
 
 
+REFERENCE_TABLE = "reference_logps.json"
+"""RUN_DIR/data/ file of precomputed reference log-probs (``objective.precompute_reference``)."""
+
+
+def _index_digest(spec: str) -> str | None:
+    """The digest of a shard directory's (or index file's) index.json: rewritten shards change it."""
+    from fmtrain.data.text import _file_digest
+
+    path = Path(spec) if spec else None
+    if path is None:
+        return None
+    return _file_digest(str(path / "index.json" if path.is_dir() else path))
+
+
+def _reference_table_meta(cfg: Config, tokenizer: Path) -> dict:
+    from fmtrain.data.text import _file_digest
+
+    o = cfg.objective
+    return {
+        "reference": dpo.reference_source(cfg) or f"run seed {cfg.run.seed}",
+        "shards": [cfg.data.shards, _index_digest(cfg.data.shards)],
+        "valid_shards": [cfg.data.valid_shards, _index_digest(cfg.data.valid_shards)],
+        "tokenizer": _file_digest(str(tokenizer)),
+        "seq_length": cfg.model.seq_length,
+        "truncation": o.truncation,
+        "add_bos": o.add_bos,
+        "length_averaged": o.loss == "ipo",
+    }
+
+
+def compute_reference_table(cfg: Config, engine, step) -> dict[str, list[float]]:
+    """Sample key -> [reference log-prob of chosen, of rejected] for every usable pair of
+    ``data.shards`` and ``data.valid_shards``: data-parallel rank r scores the pairs r, r + DP,
+    ..., through the reference's pipeline; the table is then shared by every rank."""
+    import torch.distributed as dist
+
+    from fmtrain.data.preference import PreferencePipeline, pairs_of_shards
+    from fmtrain.data.text import existing_tokenizer
+
+    o, topo = cfg.objective, engine.topo
+    tokenizer = existing_tokenizer(cfg, cfg.run.dir)
+    pipeline = PreferencePipeline(tokenizer, cfg.model.seq_length, truncation=o.truncation, add_bos=o.add_bos)
+    specs = [spec for spec in (cfg.data.shards, cfg.data.valid_shards) if spec]
+    pairs = [pair for spec in specs for pair in pairs_of_shards(pipeline, spec)]
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = sorted({key for key in keys if keys.count(key) > 1})[:3]
+        raise ValueError(
+            f"objective.precompute_reference keys the log-probs by sample key, and these repeat across "
+            f"data.shards / data.valid_shards: {twice}"
+        )
+    mine = pairs[topo.dp_rank :: topo.dp]
+    size, table = cfg.train.micro_batch_size, {}
+    per_pass = 64  # microbatches per forward-only pass
+    for start in range(0, len(mine), size * per_pass):
+        chunk = mine[start : start + size * per_pass]
+        microbatches = []
+        for i in range(0, len(chunk), size):
+            items = [item for _, item in chunk[i : i + size]]
+            # a full microbatch even at the end: the pipeline's tensors have one shape
+            microbatches.append(pipeline.collate(items + [items[0]] * (size - len(items))))
+        logps = engine.forward_outputs(
+            microbatches, part="reference", forward_step=step, collect=lambda output, loss_fn: loss_fn(output).detach()
+        )
+        for batch, values in zip(microbatches, logps):
+            n = len(batch["key"])
+            for i, key in enumerate(batch["key"]):
+                table[key] = [float(values[i]), float(values[n + i])]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, table if topo.is_last_stage and topo.tp_rank == 0 else {})
+    return {key: value for part in gathered for key, value in part.items()}
+
+
+def precomputed_reference_logps(cfg: Config):
+    """``prepare_microbatches`` of a DPO policy with ``objective.precompute_reference``: on the
+    first call the table of reference log-probs is read from RUN_DIR/data (or computed and
+    written there, then the reference is released); every microbatch then gets its
+    ``reference_logps`` from the table by sample key."""
+    import json
+
+    import torch.distributed as dist
+
+    from fmtrain.data.text import existing_tokenizer
+
+    table: dict[str, list[float]] = {}
+    step = reference_logps_step(cfg)
+
+    def prepare(engine, microbatches: list[dict]) -> list[dict]:
+        if not table:
+            path = Path(cfg.run.dir) / "data" / REFERENCE_TABLE
+            meta = _reference_table_meta(cfg, existing_tokenizer(cfg, cfg.run.dir))
+            saved = json.loads(path.read_text()) if path.is_file() else None
+            if saved is not None and saved.get("meta") == meta:
+                table.update(saved["logps"])
+            else:
+                table.update(compute_reference_table(cfg, engine, step))
+                if engine.topo.is_writer:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_suffix(".tmp")
+                    tmp.write_text(json.dumps({"meta": meta, "logps": table}))
+                    tmp.replace(path)
+                dist.barrier()
+            if "reference" in engine.parts:
+                engine.release_part("reference")
+        if not engine.topo.is_last_stage:
+            return microbatches
+        out = []
+        for batch in microbatches:
+            missing = [key for key in batch["key"] if key not in table]
+            if missing:
+                raise KeyError(f"objective.precompute_reference: no reference log-probs for samples {missing[:3]}")
+            chosen = [table[key][0] for key in batch["key"]]
+            rejected = [table[key][1] for key in batch["key"]]
+            out.append({**batch, "reference_logps": torch.tensor(chosen + rejected, dtype=torch.float64)})
+        return out
+
+    return prepare
+
+
 def parts(cfg: Config) -> list[PartSpec]:
     model = PartSpec(
         name="model",
@@ -89,7 +209,7 @@ def parts(cfg: Config) -> list[PartSpec]:
     )
     if cfg.objective.name != "dpo":
         return [model]
-    return with_frozen_reference(
+    policy, reference = with_frozen_reference(
         model,
         cfg,
         forward_step=lambda cfg, parts, progress: dpo_forward_step(cfg),
@@ -97,6 +217,9 @@ def parts(cfg: Config) -> list[PartSpec]:
         collect=lambda output, logps: logps(output),
         key="reference_logps",
     )
+    if cfg.objective.precompute_reference:
+        policy = replace(policy, prepare_microbatches=precomputed_reference_logps(cfg))
+    return [policy, reference]
 
 
 # ----------------------------------------------------------------------------- sizes
