@@ -27,43 +27,45 @@ SHAPES = [a for a in TINY_OVERRIDES if a.startswith("model.") and "seq_length" n
 PAIRS, MICRO = 8, 2
 
 
-def dpo_steps(tokenizer: Path, tp: int, pp: int, steps: int = 5) -> list[dict]:
-    """``steps`` DPO steps (reference = the policy's seed initialisation) on pairs drawn per step."""
+def train_steps(overrides: list[str], tp: int, pp: int, steps: int, lr: float, microbatch) -> list[dict]:
+    """``steps`` training steps at (tp, pp) of the config of ``overrides``, every layout on the
+    same global batch: ``microbatch(cfg, step, pairs)`` collates pairs ``pairs`` (a range) of
+    step ``step``'s PAIRS pairs; data-parallel rank r takes the r-th slice of them."""
     from megatron.core import parallel_state
 
     from fmtrain import parallel
     from fmtrain.config import load_config
-    from fmtrain.data.preference import PreferencePipeline, pair_batch, synthetic_preference_records
     from fmtrain.engine import build_engine
     from fmtrain.models.registry import get_family
 
-    cfg = load_config(
-        None,
-        ["objective.name=dpo", *SHAPES]
-        + [
-            f"parallel.tp={tp}",
-            f"parallel.pp={pp}",
-            f"train.global_batch_size={PAIRS}",
-            f"train.micro_batch_size={MICRO}",
-            "train.precision=fp32",
-            "model.attention_backend=sdpa",
-            f"data.tokenizer={tokenizer}",
-        ],
-    )
+    layout = [f"parallel.tp={tp}", f"parallel.pp={pp}", f"train.global_batch_size={PAIRS}"]
+    cfg = load_config(None, overrides + layout + [f"train.micro_batch_size={MICRO}", "train.precision=fp32"])
     topo = parallel.initialize(cfg)
     try:
-        engine = build_engine(cfg, topo, get_family("yi"))
-        pipeline = PreferencePipeline(tokenizer, cfg.model.seq_length)
+        engine = build_engine(cfg, topo, get_family(cfg.model.family))
         per_rank = PAIRS // topo.dp
+        first = topo.dp_rank * per_rank
         out = []
         for step in range(steps):
-            records = synthetic_preference_records(PAIRS, seed=100 + step)[topo.dp_rank * per_rank :][:per_rank]
-            microbatches = [pair_batch(pipeline, records[i : i + MICRO]) for i in range(0, per_rank, MICRO)]
-            result = engine.train_step(microbatches, 2e-3, step=step)
+            starts = range(first, first + per_rank, MICRO)
+            microbatches = [microbatch(cfg, step, range(start, start + MICRO)) for start in starts]
+            result = engine.train_step(microbatches, lr, step=step)
             out.append({"loss": result.loss, "grad_norm": result.grad_norm, **result.extra})
         return out
     finally:
         parallel_state.destroy_model_parallel()
+
+
+def dpo_steps(tokenizer: Path, tp: int, pp: int, steps: int = 5) -> list[dict]:
+    """``steps`` DPO steps (reference = the policy's seed initialisation) on pairs drawn per step."""
+    from fmtrain.data.preference import PreferencePipeline, pair_batch, synthetic_preference_records
+
+    def microbatch(cfg, step, pairs):
+        records = synthetic_preference_records(PAIRS, seed=100 + step)
+        return pair_batch(PreferencePipeline(tokenizer, cfg.model.seq_length), [records[i] for i in pairs])
+
+    overrides = ["objective.name=dpo", *SHAPES, "model.attention_backend=sdpa", f"data.tokenizer={tokenizer}"]
+    return train_steps(overrides, tp, pp, steps, 2e-3, microbatch)
 
 
 VIDEO_DIT = [
@@ -100,39 +102,13 @@ def video_pairs(step: int) -> list[dict]:
 
 def video_dpo_steps(tp: int, pp: int, steps: int = 5) -> list[dict]:
     """``steps`` Video-DPO steps of a tiny DiT (reference = the policy's seed initialisation)."""
-    from megatron.core import parallel_state
-
-    from fmtrain import parallel
-    from fmtrain.config import load_config
     from fmtrain.data.latents import LatentPreferencePipeline
-    from fmtrain.engine import build_engine
-    from fmtrain.models.registry import get_family
 
-    cfg = load_config(
-        None,
-        VIDEO_DIT
-        + [
-            f"parallel.tp={tp}",
-            f"parallel.pp={pp}",
-            f"train.global_batch_size={PAIRS}",
-            f"train.micro_batch_size={MICRO}",
-            "train.precision=fp32",
-        ],
-    )
-    topo = parallel.initialize(cfg)
-    try:
-        engine = build_engine(cfg, topo, get_family("step_video"))
-        pipeline = LatentPreferencePipeline.from_config(cfg)
-        per_rank = PAIRS // topo.dp
-        out = []
-        for step in range(steps):
-            items = video_pairs(step)[topo.dp_rank * per_rank :][:per_rank]
-            microbatches = [pipeline.collate(items[i : i + MICRO]) for i in range(0, per_rank, MICRO)]
-            result = engine.train_step(microbatches, 1e-3, step=step)
-            out.append({"loss": result.loss, "grad_norm": result.grad_norm, **result.extra})
-        return out
-    finally:
-        parallel_state.destroy_model_parallel()
+    def microbatch(cfg, step, pairs):
+        items = video_pairs(step)
+        return LatentPreferencePipeline.from_config(cfg).collate([items[i] for i in pairs])
+
+    return train_steps(VIDEO_DIT, tp, pp, steps, 1e-3, microbatch)
 
 
 def main() -> None:

@@ -147,6 +147,12 @@ class PreferencePipeline:
         self.eos_id, self.bos_id = eos_id, bos_id
         self._processor = None
 
+    @classmethod
+    def from_config(cls, cfg: Config, tokenizer_path: str | Path) -> PreferencePipeline:
+        """The pipeline of a DPO run: ``model.seq_length`` and the objective's truncation and BOS."""
+        o = cfg.objective
+        return cls(tokenizer_path, cfg.model.seq_length, truncation=o.truncation, add_bos=o.add_bos)
+
     def _sp(self):
         if self._processor is None:  # loaded in the worker process that first needs it
             self._processor = load_tokenizer(self.tokenizer_path)
@@ -237,9 +243,7 @@ def prepare_preference_data(cfg: Config, topo, run_dir: Path):
             f"objective.name=dpo needs the policy's tokenizer: data.tokenizer ({tokenizer} does not exist); "
             "DPO does not train a tokenizer"
         )
-    o = cfg.objective
-    pipeline = PreferencePipeline(tokenizer, cfg.model.seq_length, truncation=o.truncation, add_bos=o.add_bos)
-    return (tokenizer, *stream_loaders(cfg, pipeline, topo, run_dir))
+    return (tokenizer, *stream_loaders(cfg, PreferencePipeline.from_config(cfg, tokenizer), topo, run_dir))
 
 
 SYNTHETIC_WORDS = (

@@ -69,24 +69,52 @@ def preference_losses(
     return losses, chosen_rewards, rejected_rewards
 
 
+def _as_used(settings: DPOConfig, logps: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return logps / tokens.clamp(min=1) if settings.loss == "ipo" else logps
+
+
 def completion_logps(settings: DPOConfig, per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
     """Each row's log-probability as the loss uses it: summed, or (IPO) averaged over its tokens."""
-    logps, tokens = sequence_logps(per_token_loss, loss_mask)
-    return logps / tokens.clamp(min=1) if settings.loss == "ipo" else logps
+    return _as_used(settings, *sequence_logps(per_token_loss, loss_mask))
+
+
+def pairs_in(rows: int, reference: torch.Tensor, what: str) -> int:
+    """The pair count of a microbatch of ``rows`` rows (chosen rows, then rejected ones) with one
+    reference value per row; raises ValueError naming ``what`` otherwise."""
+    if rows % 2 or reference.shape != (rows,):
+        raise ValueError(
+            f"a preference microbatch holds chosen rows then rejected rows with one reference {what} each; got "
+            f"{rows} rows and reference {what}s of shape {tuple(reference.shape)}"
+        )
+    return rows // 2
+
+
+def missing_reference(key: str):
+    """The loss function of a preference microbatch that reached the last stage without ``key``
+    (the reference's outputs, which the policy's ``prepare_microbatches`` adds there)."""
+
+    def loss_fn(output):
+        raise RuntimeError(f"a preference microbatch reached the loss without the reference's {key}")
+
+    return loss_fn
+
+
+def reference_flops_factor(cfg) -> float:
+    """Training FLOPs of a preference step over the policy's alone: 4/3 while a co-located
+    reference runs a forward (a third of forward + backward) every step, else 1."""
+    o = cfg.objective
+    if o.name not in ("dpo", "video_dpo") or getattr(o, "precompute_reference", False):
+        return 1.0
+    return 4 / 3
 
 
 def dpo_loss(settings: DPOConfig, loss_mask: torch.Tensor, reference_logps: torch.Tensor, per_token_loss: torch.Tensor):
     """A microbatch's (sum of its pairs' losses, its pair count, reports as ``[sum, count]``).
 
     ``reference_logps`` [2n]: the reference's :func:`completion_logps` of the same rows."""
-    rows = per_token_loss.shape[0]
-    if rows % 2 or reference_logps.shape != (rows,):
-        raise ValueError(
-            f"a DPO microbatch holds chosen rows then rejected rows with one reference log-prob each; got "
-            f"{rows} rows and reference log-probs of shape {tuple(reference_logps.shape)}"
-        )
-    n = rows // 2
-    policy = completion_logps(settings, per_token_loss, loss_mask)
+    n = pairs_in(per_token_loss.shape[0], reference_logps, "log-prob")
+    logps, tokens = sequence_logps(per_token_loss, loss_mask)
+    policy = _as_used(settings, logps, tokens)
     reference = reference_logps.to(policy)
     losses, chosen_rewards, rejected_rewards = preference_losses(
         policy[:n],
@@ -99,8 +127,7 @@ def dpo_loss(settings: DPOConfig, loss_mask: torch.Tensor, reference_logps: torc
     )
     reports = {}
     if settings.sft_weight:
-        chosen_tokens = loss_mask[:n].float().sum(dim=1).clamp(min=1)
-        nll = (per_token_loss[:n].float() * loss_mask[:n].float()).sum(dim=1) / chosen_tokens
+        nll = -logps[:n] / tokens[:n].clamp(min=1)
         reports["dpo/preference_loss"] = losses.detach().sum()
         reports["dpo/sft_nll"] = nll.detach().sum()
         losses = losses + settings.sft_weight * nll
@@ -152,6 +179,9 @@ def first_step_check(cfg, loss: float, reports: dict[str, float]) -> str | None:
 
 __all__ = [
     "first_step_check",
+    "missing_reference",
+    "pairs_in",
+    "reference_flops_factor",
     "reference_source",
     "CONFIG",
     "DPOConfig",

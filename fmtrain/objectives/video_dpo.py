@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fmtrain.objectives.dpo import pairs_in
 from fmtrain.objectives.sections import VideoDPOConfig
 
 CONFIG = VideoDPOConfig
@@ -47,13 +48,7 @@ def video_dpo_loss(beta: float, t: torch.Tensor, reference_errors: torch.Tensor,
 
     ``t`` [2n] (the two halves equal), ``reference_errors`` [2n]: the reference's
     :func:`mean_squared_errors` of the same rows with the same t and noise."""
-    rows = error_sums.shape[0]
-    if rows % 2 or reference_errors.shape != (rows,):
-        raise ValueError(
-            f"a Video-DPO microbatch holds chosen rows then rejected rows with one reference error each; got "
-            f"{rows} rows and reference errors of shape {tuple(reference_errors.shape)}"
-        )
-    n = rows // 2
+    n = pairs_in(error_sums.shape[0], reference_errors, "error")
     errors = mean_squared_errors(error_sums.float())
     reference = reference_errors.to(errors)
     chosen = -0.5 * beta * (errors[:n] - reference[:n])

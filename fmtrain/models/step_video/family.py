@@ -397,14 +397,10 @@ def make_video_dpo_forward_step(cfg: Config, parts=None, progress=None):
         output = model(inputs=inputs)
         reference = batch.get("reference_errors")
         if reference is None:  # other stages never call the loss function
-            return output, _needs_reference
+            return output, dpo.missing_reference("reference_errors")
         return output, functools.partial(video_dpo.video_dpo_loss, beta, inputs.t, reference.to(device))
 
     return forward_step
-
-
-def _needs_reference(output):
-    raise RuntimeError("a Video-DPO microbatch reached the loss without reference errors (reference_errors)")
 
 
 def parts(cfg: Config) -> list[PartSpec]:
@@ -433,11 +429,9 @@ FAMILY = ModelFamily(
     parts=parts,
     prepare_data=prepare_data,
     param_count=param_count,
-    flops_per_sample=lambda cfg: (
-        training_flops(cfg, cfg.model.seq_length)
-        * cfg.objective.ROWS_PER_SAMPLE
-        * (4 / 3 if cfg.objective.name == "video_dpo" else 1)
-    ),  # a pair, plus the reference's forward
+    flops_per_sample=lambda cfg: (  # a pair, plus the co-located reference's forward
+        training_flops(cfg, cfg.model.seq_length) * cfg.objective.ROWS_PER_SAMPLE * dpo.reference_flops_factor(cfg)
+    ),
     units_per_sample=lambda cfg: cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE,
     memory_estimate=memory_estimate,
     throughput_unit="tokens",

@@ -4,6 +4,7 @@ preference pairs) and its Hugging Face converter."""
 
 from __future__ import annotations
 
+import collections
 import functools
 from collections.abc import Iterator
 from dataclasses import replace
@@ -57,14 +58,10 @@ def dpo_forward_step(cfg: Config):
         output = model(tokens, position_ids, None, labels=labels)
         reference = batch.get("reference_logps")
         if reference is None:  # other stages never call the loss function
-            return output, _needs_reference
+            return output, dpo.missing_reference("reference_logps")
         return output, functools.partial(dpo.dpo_loss, settings, loss_mask, reference.to(loss_mask.device))
 
     return step
-
-
-def _needs_reference(output):
-    raise RuntimeError("a DPO microbatch reached the loss without reference log-probs (reference_logps)")
 
 
 def reference_logps_step(cfg: Config):
@@ -119,14 +116,13 @@ def compute_reference_table(cfg: Config, engine, step) -> dict[str, list[float]]
     from fmtrain.data.preference import PreferencePipeline, pairs_of_shards
     from fmtrain.data.text import existing_tokenizer
 
-    o, topo = cfg.objective, engine.topo
-    tokenizer = existing_tokenizer(cfg, cfg.run.dir)
-    pipeline = PreferencePipeline(tokenizer, cfg.model.seq_length, truncation=o.truncation, add_bos=o.add_bos)
+    topo = engine.topo
+    pipeline = PreferencePipeline.from_config(cfg, existing_tokenizer(cfg, cfg.run.dir))
     specs = [spec for spec in (cfg.data.shards, cfg.data.valid_shards) if spec]
     pairs = [pair for spec in specs for pair in pairs_of_shards(pipeline, spec)]
-    keys = [key for key, _ in pairs]
-    if len(set(keys)) != len(keys):
-        twice = sorted({key for key in keys if keys.count(key) > 1})[:3]
+    counts = collections.Counter(key for key, _ in pairs)
+    if len(counts) != len(pairs):
+        twice = sorted(key for key, count in counts.items() if count > 1)[:3]
         raise ValueError(
             f"objective.precompute_reference keys the log-probs by sample key, and these repeat across "
             f"data.shards / data.valid_shards: {twice}"
@@ -260,9 +256,8 @@ def flops_per_token(cfg: Config) -> int:
 
 def flops_per_sample(cfg: Config) -> float:
     """Training FLOPs of one sample: a sequence, or (DPO) a pair of sequences through the policy
-    (forward and backward) plus the co-located reference's forward (a third of that)."""
-    flops = cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE * flops_per_token(cfg)
-    return flops * 4 / 3 if cfg.objective.name == "dpo" else flops
+    (forward and backward) plus a co-located reference's forward (a third of that)."""
+    return cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE * flops_per_token(cfg) * dpo.reference_flops_factor(cfg)
 
 
 def param_count(cfg: Config) -> int:
@@ -335,7 +330,7 @@ FAMILY = ModelFamily(
     parts=parts,
     prepare_data=prepare_data,
     param_count=param_count,
-    flops_per_sample=lambda cfg: flops_per_sample(cfg),
+    flops_per_sample=flops_per_sample,
     units_per_sample=lambda cfg: cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE,
     memory_estimate=memory_estimate,
     throughput_unit="tokens",
