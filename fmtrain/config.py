@@ -128,6 +128,13 @@ class TransformerModelConfig(ModelConfig):
                 f"model.seq_length={self.seq_length} is not divisible by parallel.tp={p.tp} "
                 "(required by parallel.sequence_parallel)"
             )
+        if p.cp > 1 and self.num_attention_heads % (p.tp * p.cp):
+            # Ulysses hands each CP rank whole heads of its TP rank's share (key/value heads are
+            # repeated when they do not split).
+            raise ConfigError(
+                f"model.num_attention_heads={self.num_attention_heads} is not divisible by parallel.tp x "
+                f"parallel.cp = {p.tp} x {p.cp} = {p.tp * p.cp} (context parallelism splits the heads)"
+            )
 
 
 @dataclass
@@ -140,6 +147,10 @@ class ObjectiveConfig:
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {}
     ROWS_PER_SAMPLE: ClassVar[int] = 1
     """Sequences a sample puts into a microbatch's tensors (a preference pair: 2)."""
+    CONTEXT_PARALLEL: ClassVar[bool] = True
+    """Whether the loss is a sum of per-token terms, so that each context-parallel rank's slice
+    adds its share (False: a loss nonlinear in per-sequence sums, which would need them
+    reduced over the CP group first)."""
 
     def check(self, cfg: Config) -> None:
         """Rules of this section's fields (raise ConfigError)."""
@@ -154,9 +165,10 @@ class ParallelConfig:
     vpp: int = 1
     """Virtual pipeline stages per rank (interleaved 1F1B when > 1)."""
     cp: int = 1
-    """Context-parallel size (reserved: only 1 is implemented)."""
+    """Context-parallel size: every sample's sequence split over cp ranks, attention by
+    DeepSpeed-Ulysses (heads all-to-all)."""
     dp: int = 0
-    """Data-parallel size; 0 derives it as world_size / (tp * pp)."""
+    """Data-parallel size; 0 derives it as world_size / (tp * cp * pp)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism for the non-tensor-parallel regions (needs tp > 1)."""
     distributed_optimizer: bool = True
@@ -715,6 +727,7 @@ WHOLE_MODEL_LAYOUT = [
     "parallel.tp=1",
     "parallel.pp=1",
     "parallel.vpp=1",
+    "parallel.cp=1",
     "parallel.dp=0",
     "parallel.sequence_parallel=false",
 ]
@@ -792,6 +805,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"objective.name={cfg.objective.name!r}: model.family={cfg.model.family} trains with "
             f"{', '.join(settings.objectives)}"
+        )
+    if p.cp > 1 and not type(cfg.objective).CONTEXT_PARALLEL:
+        raise ConfigError(
+            f"parallel.cp={p.cp}: objective.name={cfg.objective.name} is not a sum of per-token terms "
+            "and does not support context parallelism; use parallel.cp=1"
         )
     cfg.model.check(cfg)
     if not 0.0 <= d.valid_fraction < 1.0:
@@ -908,18 +926,16 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     """World size must equal TP x PP x DP; say which numbers disagree when it does not."""
     p = cfg.parallel
     model_parallel = p.tp * p.pp * p.cp
+    names = "parallel.tp x parallel.cp x parallel.pp" if p.cp > 1 else "parallel.tp x parallel.pp"
+    sizes = f"{p.tp} x {p.cp} x {p.pp}" if p.cp > 1 else f"{p.tp} x {p.pp}"
     if p.dp:
-        if p.tp * p.pp * p.cp * p.dp != world_size:
+        if model_parallel * p.dp != world_size:
             raise ConfigError(
-                f"world size {world_size} != parallel.tp x parallel.pp x parallel.dp = "
-                f"{p.tp} x {p.pp} x {p.dp} = {p.tp * p.pp * p.dp}"
+                f"world size {world_size} != {names} x parallel.dp = {sizes} x {p.dp} = {model_parallel * p.dp}"
             )
         return p.dp
     if world_size % model_parallel:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by parallel.tp x parallel.pp = "
-            f"{p.tp} x {p.pp} = {model_parallel}"
-        )
+        raise ConfigError(f"world size {world_size} is not divisible by {names} = {sizes} = {model_parallel}")
     return world_size // model_parallel
 
 

@@ -1,4 +1,4 @@
-"""Worker for tests/test_step_video.py: one Step-Video DiT under a (TP, PP, SP) layout.
+"""Worker for tests/test_step_video.py: one Step-Video DiT under a (TP, PP, SP, CP) layout.
 
 ``python -m torch.distributed.run --nproc_per_node N tests/dit_worker.py OUT RECIPE [overrides]``
 builds the engine (layout-invariant weights from run.seed), then
@@ -62,7 +62,7 @@ def main() -> None:
         result = engine.train_step(microbatches, lr=1e-3)
         losses.append(result.loss)
         norms.append(result.grad_norm)
-    if topo.is_last_stage and topo.tp_rank == 0 and topo.dp_rank == 0:
+    if topo.is_last_stage and topo.tp_rank == 0 and topo.dp_rank == 0 and topo.cp_rank == 0:
         torch.save(
             {
                 "predictions": predictions,

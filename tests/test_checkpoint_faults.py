@@ -193,7 +193,13 @@ def test_resharding_resume(base_args, reference, tmp_path):
     for step in range(1, 6):
         assert saved[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4), step
     ckpt = saved_dir / "checkpoints" / "step_0000005"
-    assert json.loads((ckpt / "fmtrain_state.json").read_text())["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": 1}
+    assert json.loads((ckpt / "fmtrain_state.json").read_text())["layout"] == {
+        "tp": 2,
+        "pp": 2,
+        "vpp": 1,
+        "cp": 1,
+        "dp": 1,
+    }
 
     layouts = {
         "tp1pp1": (1, ["parallel.tp=1", "parallel.pp=1"]),

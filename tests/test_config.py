@@ -29,7 +29,7 @@ def test_overrides_are_typed():
         ("trian.lr=1", "did you mean 'train'"),
         ("parallel.tp=two", "parallel.tp: expected int"),
         ("train.lr_schedule=linear", "is not one of cosine, wsd, constant"),
-        ("parallel.cp=2", "context parallelism is not implemented"),
+        ("parallel.cp=3", "model.num_attention_heads=32 is not divisible by parallel.tp x parallel.cp = 1 x 3 = 3"),
         ("parallel.tp=3", "not divisible by parallel.tp=3"),
         ("parallel.vpp=2", "needs parallel.pp > 1"),
         ("parallel.sequence_parallel=true", "needs parallel.tp > 1"),

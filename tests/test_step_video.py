@@ -27,14 +27,14 @@ RTOL = 1e-4
 WORKER_ARGS = ["train.global_batch_size=8", "train.micro_batch_size=2"]
 
 
-def _worker(tmp_path, tp: int, pp: int, sp: bool = False) -> dict:
-    out = tmp_path / f"dit_tp{tp}_pp{pp}_sp{int(sp)}.pt"
+def _worker(tmp_path, tp: int, pp: int, sp: bool = False, cp: int = 1) -> dict:
+    out = tmp_path / f"dit_tp{tp}_pp{pp}_sp{int(sp)}_cp{cp}.pt"
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
-        str(tp * pp),
+        str(tp * pp * cp),
         "--master_port",
         str(free_port()),
         str(REPO / "tests" / "dit_worker.py"),
@@ -43,6 +43,7 @@ def _worker(tmp_path, tp: int, pp: int, sp: bool = False) -> dict:
         f"parallel.tp={tp}",
         f"parallel.pp={pp}",
         f"parallel.sequence_parallel={str(sp).lower()}",
+        f"parallel.cp={cp}",
         f"run.dir={tmp_path / 'run'}",
         *WORKER_ARGS,
     ]
@@ -65,21 +66,32 @@ def test_parameter_count_formula_matches_the_module(reference):
     assert reference["num_parameters"] == param_count(load_config(RECIPE))
 
 
-@pytest.mark.parametrize(
-    "tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)], ids=["tp2", "pp2", "tp2-pp2", "tp2-sp"]
-)
-def test_layout_matches_single_rank(reference, tmp_path, tp, pp, sp):
-    other = _worker(tmp_path, tp, pp, sp)
+def _assert_same_as_reference(other: dict, reference: dict, rtol: float) -> None:
     # Forward: two microbatches of different latent shapes (the pipeline pads to the longer).
     assert len(other["predictions"]) == len(reference["predictions"]) == 2
     for got, ref in zip(other["predictions"], reference["predictions"]):
         assert got.shape == ref.shape
-        assert torch.allclose(got, ref, rtol=RTOL, atol=RTOL * float(ref.abs().max())), (
+        assert torch.allclose(got, ref, rtol=rtol, atol=rtol * float(ref.abs().max())), (
             f"prediction differs by {float((got - ref).abs().max())}"
         )
     # Ten training steps: losses and gradient norms.
-    assert torch.allclose(other["losses"], reference["losses"], rtol=RTOL)
-    assert torch.allclose(other["grad_norms"], reference["grad_norms"], rtol=RTOL)
+    assert torch.allclose(other["losses"], reference["losses"], rtol=rtol)
+    assert torch.allclose(other["grad_norms"], reference["grad_norms"], rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)], ids=["tp2", "pp2", "tp2-pp2", "tp2-sp"]
+)
+def test_layout_matches_single_rank(reference, tmp_path, tp, pp, sp):
+    _assert_same_as_reference(_worker(tmp_path, tp, pp, sp), reference, RTOL)
+
+
+@pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, True), (1, 2, False)], ids=["cp2", "tp2-sp-cp2", "pp2-cp2"])
+def test_context_parallel_matches_single_rank(reference, tmp_path, tp, pp, sp):
+    """Ulysses over the self-attention heads (3D RoPE at each rank's true positions), each rank's
+    query slice against the whole text in the cross-attention, the loss summed over the CP
+    group, the pipeline tensor carrying each rank's slice: the same numbers as one rank."""
+    _assert_same_as_reference(_worker(tmp_path, tp, pp, sp, cp=2), reference, 1e-5)
 
 
 def test_tiny_recipe_learns_and_samples_move_toward_the_data(tmp_path):
@@ -151,4 +163,4 @@ def test_30b_recipe_size_and_memory(capsys):
     params = int(line.split()[1].replace(",", ""))
     # 48 blocks x (8 h^2 attention + 2 h x 4h FFN) = 29.0B, plus AdaLN-single (6 h^2) and embedders.
     assert 29.0e9 < params < 30.5e9
-    assert "TP=8 PP=4 VPP=1 DP=8 on 256 GPUs" in stdout and "memory/GPU" in stdout
+    assert "TP=8 PP=4 VPP=1 CP=2 DP=4 on 256 GPUs" in stdout and "memory/GPU" in stdout

@@ -197,6 +197,7 @@ def resume_state(cfg: Config, run_dir: Path, engine, topo, log: Callable[[str], 
     state = load(path, engine, cfg)
     resumed = Resumed(path=path, step=int(state["step"]), state=state)
     layout = state.get("layout", {})
+    saved_cp = f" CP={layout['cp']}" if layout.get("cp", 1) > 1 else ""
     if resumed.model_only:
         log(
             f"initialised the model from {path} (weights only, written at TP={layout.get('tp')} "
@@ -205,7 +206,7 @@ def resume_state(cfg: Config, run_dir: Path, engine, topo, log: Callable[[str], 
         return resumed
     log(
         f"resumed from {path} at step {resumed.step} (saved with TP={layout.get('tp')} PP={layout.get('pp')} "
-        f"VPP={layout.get('vpp')} DP={layout.get('dp')})"
+        f"VPP={layout.get('vpp')}{saved_cp} DP={layout.get('dp')})"
     )
     return resumed
 
@@ -237,8 +238,9 @@ def restore_rng(resumed: Resumed | None, cfg: Config, topo, log: Callable[[str],
     """
     if resumed is None or resumed.model_only:
         return
-    saved_layout = resumed.state.get("layout")
-    layout = {"tp": topo.tp, "pp": topo.pp, "vpp": topo.vpp, "dp": topo.dp}
+    # Checkpoints written before context parallelism existed were all CP=1.
+    saved_layout = {"cp": 1, **resumed.state.get("layout", {})}
+    layout = topo.layout
     same = saved_layout == layout and resumed.state.get("world_size", topo.world_size) == topo.world_size
     states = rng.load(resumed.path, topo.rank) if same else None
     have = torch.tensor([0 if states is None else 1], dtype=torch.int32, device=topo.device)

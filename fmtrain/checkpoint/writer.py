@@ -258,7 +258,7 @@ class CheckpointWriter:
             "step": step,
             "consumed_samples": step * t.global_batch_size,
             "global_batch_size": t.global_batch_size,
-            "layout": {"tp": topo.tp, "pp": topo.pp, "vpp": topo.vpp, "dp": topo.dp},
+            "layout": topo.layout,
             "world_size": topo.world_size,
             "rng": f"{rng.RNG_DIR}/rank_NNNNN.pt per rank; restored when the layout is unchanged",
             "config": self.cfg.to_dict(),

@@ -66,7 +66,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from fmtrain.models.registry import get_family
 
     cfg = load_config(args.recipe, args.overrides)
-    world = args.gpus or cfg.parallel.tp * cfg.parallel.pp * max(cfg.parallel.dp, 1)
+    world = args.gpus or cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.pp * max(cfg.parallel.dp, 1)
     validate(cfg, world)
     dp = data_parallel_size(cfg, world)
     family = get_family(cfg.model.family)
@@ -90,7 +90,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     recompute = getattr(cfg.model, "recompute", "none")
     print(
-        f"layout        TP={p.tp} PP={p.pp} VPP={p.vpp} DP={dp} on {world} GPUs, "
+        f"layout        TP={p.tp} PP={p.pp} VPP={p.vpp} CP={p.cp} DP={dp} on {world} GPUs, "
         f"sequence_parallel={p.sequence_parallel}, distributed_optimizer={p.distributed_optimizer}, "
         f"recompute={recompute}"
     )

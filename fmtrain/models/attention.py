@@ -12,12 +12,18 @@ with an empty pass-through slice, a rotate-half concatenation and four elementwi
 q and k, and the [s, b, h, d] -> [b, h, s, d] copy SDPA wants comes on top. Here the rotation
 and the copy are one expression, which ``compile_rope`` hands to torch.compile as one kernel
 (forward and backward) when ``model.fused_kernels`` is on.
+
+Under context parallelism (``parallel.cp``) the same attention runs inside DeepSpeed-Ulysses
+(:class:`UlyssesAttention`): each rank passes its slice of the sequence in, attends over the
+whole sequence for its share of the heads, and gets its slice back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +31,9 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import divide
 
 from fmtrain.models.rope import rope_1d_cos_sin, rotate_half
+from fmtrain.parallel import context
 
 
 def _rotate_to_bhsd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -61,20 +67,32 @@ class SDPACoreAttention(MegatronModule):
         self.compile_rope = compile_rope and rotary_base is not None
         self.rotate = _compiled_rotate_to_bhsd() if self.compile_rope else _rotate_to_bhsd
         if config.context_parallel_size != 1:
-            raise ValueError("SDPACoreAttention does not implement context parallelism")
+            raise ValueError(
+                "SDPACoreAttention runs context parallelism itself (DeepSpeed-Ulysses over megatron's "
+                "CP group); build the TransformerConfig with context_parallel_size=1"
+            )
+        self.ulysses = UlyssesAttention(self._attend) if context.size() > 1 else None
         self.attn_mask_type = attn_mask_type
         self.attention_type = attention_type
         self.softmax_scale = softmax_scale  # None: SDPA's default 1/sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        tp = config.tensor_model_parallel_size
-        self.heads_per_partition = divide(config.num_attention_heads, tp)
-        self.groups_per_partition = divide(config.num_query_groups or config.num_attention_heads, tp)
 
     def forward(
         self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
     ):
         if packed_seq_params is not None:
             raise ValueError("packed sequences need Transformer Engine's attention")
+        if self.ulysses is not None:
+            if attention_mask is not None and (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal:
+                raise ValueError("context parallelism supports causal or unmasked attention, not an explicit mask")
+            context_4d = self.ulysses(query, key, value, None, attn_mask_type)
+        else:
+            context_4d = self._attend(query, key, value, attention_mask, attn_mask_type)
+        s, b, h, d = context_4d.shape
+        return context_4d.reshape(s, b, h * d)
+
+    def _attend(self, query, key, value, attention_mask, attn_mask_type=None) -> torch.Tensor:
+        """SDPA over the whole sequence: q [s, b, np, hn], k/v [s, b, ng, hn] -> [s, b, np, hn]."""
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type == AttnMaskType.causal
         # [s, b, h, d] -> [b, h, s, d], materialised: megatron hands q/k/v over as strided views
@@ -82,7 +100,8 @@ class SDPACoreAttention(MegatronModule):
         # SDPA backends (cuDNN) have given wrong results on such views; the copy is cheap next
         # to the attention itself.
         if self.rotary_base is not None:
-            # Positions 0..s-1 of this sequence (sequence parallelism has gathered it by now).
+            # Positions 0..s-1 of the whole sequence: sequence parallelism has gathered it by now,
+            # and under context parallelism the all-to-all has.
             seq, head_dim = query.shape[0], query.shape[-1]
             cos, sin = (
                 t[:, None, None, :] for t in rope_1d_cos_sin(seq, head_dim, self.rotary_base, query.device, query.dtype)
@@ -106,8 +125,58 @@ class SDPACoreAttention(MegatronModule):
                 dropout_p=dropout,
                 is_causal=causal and mask is None,
                 scale=self.softmax_scale,
-                enable_gqa=self.groups_per_partition != self.heads_per_partition,
+                enable_gqa=k.shape[1] != q.shape[1],
             )
-        # [b, np, sq, hn] -> [sq, b, np * hn]
-        b, h, s, d = context.shape
-        return context.permute(2, 0, 1, 3).reshape(s, b, h * d)
+        return context.permute(2, 0, 1, 3)  # [b, np, sq, hn] -> [sq, b, np, hn]
+
+
+def replicate_kv_heads(key: torch.Tensor, value: torch.Tensor, query_heads: int, ways: int):
+    """k/v [s, b, ng, hn] with each head repeated until ``ways`` ranks can take an equal share:
+    lcm(ng, ways) heads. Query head i keeps attending to its group's head (heads are repeated in
+    place, so group j becomes heads j*r .. j*r + r - 1), which needs ``query_heads`` divisible
+    by the new count: true whenever ``ways`` and ``ng`` both divide ``query_heads``."""
+    groups = key.shape[2]
+    if groups % ways == 0:
+        return key, value
+    repeats = math.lcm(groups, ways) // groups
+    if query_heads % (groups * repeats):
+        raise ValueError(
+            f"{query_heads} query heads cannot share {groups} key/value heads over {ways} context-parallel ranks"
+        )
+    return key.repeat_interleave(repeats, dim=2), value.repeat_interleave(repeats, dim=2)
+
+
+class UlyssesAttention(torch.nn.Module):
+    """DeepSpeed-Ulysses around a local attention function (``deepspeed.sequence.layer.
+    DistributedAttention`` over megatron's context-parallel group).
+
+    ``attend(q, k, v, *args) -> [S, b, n/cp, d]`` sees the whole sequence S for 1/cp of this TP
+    rank's heads; the module takes and returns sequence slices: q [S/cp, b, n, d] and k/v
+    [S/cp, b, g, d] (key/value heads repeated first when g does not divide by cp, see
+    :func:`replicate_kv_heads`) -> [S/cp, b, n, d]. Rotary embeddings belong inside ``attend``
+    (positions 0..S-1 there) or before the call with each rank's true positions."""
+
+    def __init__(self, attend: Callable[..., torch.Tensor]):
+        super().__init__()
+        from deepspeed.sequence.layer import DistributedAttention
+
+        self.ways = context.size()
+        # scatter heads (dim 2), gather the sequence (dim 0); the batch is dim 1.
+        self.distributed = DistributedAttention(_Local(attend), context.group(), scatter_idx=2, gather_idx=0)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args) -> torch.Tensor:
+        if query.shape[2] % self.ways:
+            raise ValueError(f"{query.shape[2]} attention heads per rank are not divisible by parallel.cp={self.ways}")
+        key, value = replicate_kv_heads(key, value, query.shape[2], self.ways)
+        return self.distributed(query, key, value, 1, None, *args)
+
+
+class _Local(torch.nn.Module):
+    """A function as the module DistributedAttention expects (no parameters of its own)."""
+
+    def __init__(self, attend: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.attend = attend
+
+    def forward(self, *args):
+        return self.attend(*args)

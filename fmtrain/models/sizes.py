@@ -188,6 +188,7 @@ def memory_per_gpu(
     pp: int = 1,
     vpp: int = 1,
     dp: int = 1,
+    cp: int = 1,
     sequence_parallel: bool = False,
     recompute: str = "none",
     flash_attention: bool = True,
@@ -207,19 +208,22 @@ def memory_per_gpu(
     microbatch's logits that vocab-parallel cross-entropy saves (4*s*b*V/t bytes).
 
     Activation numbers assume 16-bit activations (Korthikanti Table 2); with
-    ``bf16=False`` they are doubled as an approximation of fp32 training.
+    ``bf16=False`` they are doubled as an approximation of fp32 training. Context parallelism
+    gives each rank s/cp tokens of every sequence (the Ulysses all-to-all keeps that count: s
+    tokens of 1/cp of the heads) and shards the distributed optimizer over DP x CP.
     """
     if num_layers % (pp * vpp):
         raise ValueError(f"num_layers={num_layers} is not divisible by pp*vpp={pp * vpp}")
     layers = num_layers // pp
     layer_params = _layer_linear_params(hidden, heads, kv_heads, head_dim, ffn, swiglu) // tp + 2 * hidden
     embedding = vocab * hidden // tp
+    local_seq = seq_len / cp
     per_layer_act = activation_bytes_per_layer(
-        seq_len, micro_batch_size, hidden, heads, tp, sequence_parallel, recompute, flash_attention
+        local_seq, micro_batch_size, hidden, heads, tp, sequence_parallel, recompute, flash_attention
     )
     act_scale = 1 if bf16 else 2
-    logits = 4 * seq_len * micro_batch_size * vocab / tp
-    per_param = state_bytes_per_param(bf16, distributed_optimizer, dp)
+    logits = 4 * local_seq * micro_batch_size * vocab / tp
+    per_param = state_bytes_per_param(bf16, distributed_optimizer, dp * cp)
 
     def stage(rank: int) -> MemoryEstimate:
         params = layers * layer_params

@@ -180,6 +180,7 @@ class DPOConfig(ObjectiveConfig):
         "truncation": ("keep_end", "keep_start", "none"),
     }
     ROWS_PER_SAMPLE: ClassVar[int] = 2
+    CONTEXT_PARALLEL: ClassVar[bool] = False
     """Sequences per sample (a pair): what the pipeline's microbatch tensors hold."""
 
     def check(self, cfg: Config) -> None:
@@ -214,6 +215,7 @@ class VideoDPOConfig(FlowMatchingConfig):
     """Keep the reference's weights in host memory between its forward passes."""
 
     ROWS_PER_SAMPLE: ClassVar[int] = 2
+    CONTEXT_PARALLEL: ClassVar[bool] = False
 
     def check(self, cfg: Config) -> None:
         super().check(cfg)

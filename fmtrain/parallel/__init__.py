@@ -1,6 +1,6 @@
 """Process groups, device and seeds for one training process.
 
-The layout (TP x PP x DP, with virtual pipeline stages) lives in megatron-core's
+The layout (TP x CP x PP x DP, with virtual pipeline stages) lives in megatron-core's
 ``parallel_state``; this module starts ``torch.distributed`` from the environment torchrun
 or SLURM leaves, picks NCCL on CUDA and gloo on CPU (installing the CPU stand-ins in
 :mod:`fmtrain.parallel.cpu_backend`), and seeds every generator megatron uses.
@@ -36,6 +36,18 @@ class Topology:
     pp_rank: int
     dp_rank: int
     device: torch.device
+    cp: int = 1
+    cp_rank: int = 0
+
+    @property
+    def layout(self) -> dict[str, int]:
+        """What a checkpoint records of the layout (RNG states are restored only under the same)."""
+        return {"tp": self.tp, "pp": self.pp, "vpp": self.vpp, "cp": self.cp, "dp": self.dp}
+
+    def describe(self) -> str:
+        """``TP=.. PP=.. VPP=.. [CP=..] DP=..`` for logs."""
+        cp = f" CP={self.cp}" if self.cp > 1 else ""
+        return f"TP={self.tp} PP={self.pp} VPP={self.vpp}{cp} DP={self.dp}"
 
     @property
     def is_writer(self) -> bool:
@@ -136,7 +148,13 @@ def initialize(cfg: Config, timeout_minutes: int = 30) -> Topology:
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device,
+        cp=p.cp,
+        cp_rank=parallel_state.get_context_parallel_rank(),
     )
+    if p.cp > 1:
+        from fmtrain.parallel import context
+
+        context.init_deepspeed_comm(backend)
     set_seeds(cfg.run.seed)
     return topo
 

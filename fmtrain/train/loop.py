@@ -129,7 +129,7 @@ def _train(cfg: Config) -> dict:
     log0(
         topo,
         f"fmtrain: {cfg.model.family} with {family.param_count(cfg) / 1e6:.2f}M parameters, "
-        f"layout TP={topo.tp} PP={topo.pp} VPP={topo.vpp} DP={topo.dp} on {topo.world_size} "
+        f"layout {topo.describe()} on {topo.world_size} "
         f"{topo.device.type} rank(s), run dir {run_dir}",
     )
     log0(topo, f"kernels: {engine.kernel_summary()}")

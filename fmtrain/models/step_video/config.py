@@ -61,16 +61,24 @@ class StepVideoModelConfig(TransformerModelConfig):
 
 
 def validate(cfg: Config) -> None:
-    m = cfg.model
+    m, p = cfg.model, cfg.parallel
+    # Every rank holds an equal slice of a sample's tokens: CP ranks, and TP ranks under SP.
+    split = p.cp * (p.tp if p.sequence_parallel else 1)
     for t, h, w in latent_shapes(cfg):
         if h % m.patch_size or w % m.patch_size:
             raise ConfigError(
                 f"data.synthetic_latent_shapes: {[t, h, w]} is not divisible by model.patch_size={m.patch_size}"
             )
-    if cfg.eval.sample_vae and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
+        tokens = t * (h // m.patch_size) * (w // m.patch_size)
+        if p.cp > 1 and tokens % split:
+            what = "parallel.cp x parallel.tp (sequence parallelism)" if p.sequence_parallel else "parallel.cp"
+            raise ConfigError(
+                f"data.synthetic_latent_shapes: {[t, h, w]} is {tokens} tokens, not divisible by {what} = {split}"
+            )
+    if cfg.eval.sample_vae and (p.tp > 1 or p.pp > 1 or p.cp > 1):
         raise ConfigError(
             f"eval.sample_vae: sampling at validation runs the whole DiT on rank 0, which needs "
-            f"parallel.tp=1 and parallel.pp=1 (got {cfg.parallel.tp} and {cfg.parallel.pp}); sample a "
+            f"parallel.tp=1, parallel.pp=1 and parallel.cp=1 (got {p.tp}, {p.pp} and {p.cp}); sample a "
             "checkpoint with fmtrain sample --vae instead"
         )
     if m.recompute == "selective":
@@ -83,6 +91,6 @@ def validate(cfg: Config) -> None:
 SETTINGS = FamilySettings(
     model=StepVideoModelConfig,
     objectives=("flow_matching", "video_dpo"),
-    parallel=frozenset({"tp", "sp", "pp", "vpp"}),
+    parallel=frozenset({"tp", "sp", "pp", "vpp", "cp"}),
     validate=validate,
 )

@@ -33,6 +33,7 @@ from fmtrain.models.step_video.model import (
     StepVideoDiT,
     build_chunk,
     init_rule,
+    local_video_tokens,
     transformer_config,
 )
 from fmtrain.objectives import dpo, video_dpo
@@ -115,22 +116,24 @@ def make_forward_step(cfg: Config, parts=None, progress=None):
 
 
 def pipeline_rows(cfg: Config, microbatches: list[dict]) -> int:
-    """Rows per TP rank of the tensor passed between stages: the step's longest microbatch."""
+    """Rows per TP and CP rank of the tensor passed between stages: the step's longest microbatch."""
     m, p = cfg.model, cfg.parallel
     ctx = m.caption_tokens + m.clip_tokens
     longest = 0
     for batch in microbatches:
-        t, hp, wp = latent_grid(batch["latent"].shape, m.patch_size)
-        tokens = t * hp * wp
-        longest = max(longest, (tokens // p.tp if p.sequence_parallel else tokens) + ctx + MODULATION_ROWS)
+        grid = latent_grid(batch["latent"].shape, m.patch_size)
+        tokens = local_video_tokens(grid, cp=p.cp, tp=p.tp if p.sequence_parallel else 1)
+        longest = max(longest, tokens + ctx + MODULATION_ROWS)
     return longest
 
 
 def prepare_pipeline_step(cfg: Config, microbatches: list[dict]) -> tuple[list[dict], int]:
-    """(microbatches annotated with ``pipeline_rows``, the seq_length megatron's schedules expect)."""
+    """(microbatches annotated with ``pipeline_rows``, the seq_length megatron's schedules expect:
+    they divide it by CP, and by TP under sequence parallelism)."""
+    p = cfg.parallel
     rows = pipeline_rows(cfg, microbatches)
     annotated = [{**batch, "pipeline_rows": rows} for batch in microbatches]
-    return annotated, rows * (cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
+    return annotated, rows * p.cp * (p.tp if p.sequence_parallel else 1)
 
 
 # ----------------------------------------------------------------------------- sizes
@@ -191,7 +194,7 @@ def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -
     Activations per block: Korthikanti's GPT-layer count with flash attention (SDPA never
     stores the score matrix) scaled by 42/34 for the cross-attention's extra stored tensors
     (its input, queries, output and the residual: about 8 s*b*h bytes); the video tokens play
-    the sequence. An estimate, like the LLM one."""
+    the sequence, s/cp of them per context-parallel rank. An estimate, like the LLM one."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
     k = _dims(cfg)
     bf16 = t.precision != "fp32"
@@ -202,7 +205,7 @@ def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -
     params += param_count(cfg) - m.num_layers * block  # embedders (first stage) and final layer, replicated
     per_layer = (
         activation_bytes_per_layer(
-            m.seq_length,
+            m.seq_length / p.cp,
             t.micro_batch_size * cfg.objective.ROWS_PER_SAMPLE,
             k["h"],
             m.num_attention_heads,
@@ -215,7 +218,7 @@ def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -
         / 34
     )
     act = per_layer * in_flight_layer_microbatches(0, m.num_layers, p.pp, p.vpp, num_microbatches) * (1 if bf16 else 2)
-    state = params * state_bytes_per_param(bf16, p.distributed_optimizer, dp)
+    state = params * state_bytes_per_param(bf16, p.distributed_optimizer, dp * p.cp)
     if cfg.objective.name == "video_dpo" and not cfg.objective.reference_offload:
         state += params * (2 if bf16 else 4)  # the co-located reference: weights only
     return MemoryEstimate(params, state, act, state + act)

@@ -55,11 +55,13 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from fmtrain.config import Config
 from fmtrain.models.adaln import AdaLNSingle, modulate
+from fmtrain.models.attention import UlyssesAttention
 from fmtrain.models.init import InitRule
 from fmtrain.models.layers import HeadRMSNorm, sharded_state_dict_with_global_blocks
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.rope import apply_rope_3d, rope_3d_cos_sin
 from fmtrain.objectives import flow_matching as fm
+from fmtrain.parallel import context as context_parallel
 
 BLOCK_NORM_EPS = 1e-5
 """LayerNorm eps inside the blocks (the release's block default)."""
@@ -147,10 +149,14 @@ class _Sequence(MegatronModule):
 
 
 class SelfAttention(MegatronModule):
-    """Fused per-head qkv (column-parallel), q/k RMSNorm, 3D RoPE, SDPA, output (row-parallel)."""
+    """Fused per-head qkv (column-parallel), q/k RMSNorm, 3D RoPE, SDPA, output (row-parallel).
+    Under context parallelism (head-wise, as the Step-Video-T2V report trains it) the rank's
+    token slice is rotated with its true positions, then DeepSpeed-Ulysses attends over all
+    tokens for 1/cp of the heads."""
 
     def __init__(self, config: TransformerConfig, axes: tuple[int, ...]):
         super().__init__(config=config)
+        self.ulysses = UlyssesAttention(_attend_all) if context_parallel.size() > 1 else None
         h, d = config.hidden_size, config.kv_channels
         self.head_dim, self.axes = d, axes
         self.wqkv = ColumnParallelLinear(
@@ -174,16 +180,21 @@ class SelfAttention(MegatronModule):
         q, k, v = qkv.view(s, b, -1, 3 * self.head_dim).split(self.head_dim, dim=-1)
         q = apply_rope_3d(self.q_norm(q), *rope, self.axes)
         k = apply_rope_3d(self.k_norm(k), *rope, self.axes)
-        # [S, b, n, d] -> [b, n, S, d]
-        q, k, v = (y.permute(1, 2, 0, 3).contiguous() for y in (q, k, v))
-        context = F.scaled_dot_product_attention(q, k, v)
-        context = context.permute(2, 0, 1, 3).reshape(s, b, -1)
-        out, _ = self.wo(context)
+        attended = _attend_all(q, k, v) if self.ulysses is None else self.ulysses(q, k, v)
+        out, _ = self.wo(attended.reshape(s, b, -1))
         return out
 
 
+def _attend_all(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked SDPA: [S, b, n, d] each -> [S, b, n, d]."""
+    q, k, v = (y.permute(1, 2, 0, 3).contiguous() for y in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).permute(2, 0, 1, 3)
+
+
 class CrossAttention(MegatronModule):
-    """Video queries attend to the text context (q / per-head kv column-parallel, q/k RMSNorm)."""
+    """Video queries attend to the text context (q / per-head kv column-parallel, q/k RMSNorm).
+    Under context parallelism (sequence-wise) each rank's query slice attends to the whole
+    context, which every rank holds: no exchange."""
 
     def __init__(self, config: TransformerConfig):
         super().__init__(config=config)
@@ -304,6 +315,18 @@ class _CaptionProjection(torch.nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
 
 
+def local_video_tokens(grid: tuple[int, int, int], *, cp: int, tp: int) -> int:
+    """Tokens of a latent grid per context-parallel rank, per tensor-parallel rank when tp > 1
+    (sequence parallelism); ValueError naming the grid when they do not split evenly."""
+    tokens = grid[0] * grid[1] * grid[2]
+    if tokens % (cp * tp):
+        names = " x ".join(
+            name for name, size in (("parallel.cp", cp), ("parallel.tp (sequence parallelism)", tp)) if size > 1
+        )
+        raise ValueError(f"latent grid {tuple(grid)} has {tokens} tokens, not divisible by {names} = {cp * tp}")
+    return tokens // (cp * tp)
+
+
 def patchify(latent: torch.Tensor, p: int) -> torch.Tensor:
     """[b, C, T, H, W] -> [b, T*(H/p)*(W/p), C*p*p] (tokens frame-major, features (c, p, q))."""
     b, c, t, h, w = latent.shape
@@ -337,6 +360,7 @@ class StepVideoDiT(MegatronModule):
         self.recompute = m.recompute == "full"
         self.sequence_parallel = config.sequence_parallel
         self.tp = config.tensor_model_parallel_size
+        self.cp = context_parallel.size()
         self.input_tensor: torch.Tensor | None = None
         if pre_process:
             self.pos_embed = _PatchEmbed(m.in_channels * m.patch_size**2, h, dtype)
@@ -373,7 +397,10 @@ class StepVideoDiT(MegatronModule):
         """First stage: tokens [S, b, h], context [L, b, h], key mask [b, L], modulation [6, b, h],
         embedded timestep [1, b, h]."""
         dtype = self.pos_embed.proj.weight.dtype
-        tokens = self.pos_embed.proj(patchify(inputs.x_t.to(dtype), self.patch_size)).transpose(0, 1)
+        patches = context_parallel.split(
+            patchify(inputs.x_t.to(dtype), self.patch_size), dim=1, what=f"latent grid {inputs.grid}"
+        )
+        tokens = self.pos_embed.proj(patches).transpose(0, 1)
         modulation, embedded = self.adaln_single(inputs.t)
         b, h = embedded.shape
         text_emb, text_mask, clip_emb, clip_mask = inputs.text_emb, inputs.text_mask, inputs.clip_emb, inputs.clip_mask
@@ -403,16 +430,8 @@ class StepVideoDiT(MegatronModule):
         return torch.cat([clip_mask, text_mask], dim=1) if inputs.clip_emb is not None else text_mask
 
     def _local_tokens(self, inputs: DiTInputs) -> int:
-        t, hp, wp = inputs.grid
-        tokens = t * hp * wp
-        if self.sequence_parallel:
-            if tokens % self.tp:
-                raise ValueError(
-                    f"latent grid {inputs.grid} has {tokens} tokens, not divisible by "
-                    f"parallel.tp={self.tp} (required by parallel.sequence_parallel)"
-                )
-            return tokens // self.tp
-        return tokens
+        """Video tokens of this rank between blocks: the CP rank's slice, split over TP under SP."""
+        return local_video_tokens(inputs.grid, cp=self.cp, tp=self.tp if self.sequence_parallel else 1)
 
     def forward(self, inputs: DiTInputs) -> torch.Tensor:
         n_local = self._local_tokens(inputs)
@@ -432,7 +451,10 @@ class StepVideoDiT(MegatronModule):
         block_modulation = (
             tensor_parallel.copy_to_tensor_model_parallel_region(modulation) if self.sequence_parallel else modulation
         )
-        cos, sin = rope_3d_cos_sin(inputs.grid, self.axes, self.rope_theta, x.device)
+        # The positions of this CP rank's tokens (all of them at CP=1).
+        cos, sin = (
+            context_parallel.split(t, dim=0) for t in rope_3d_cos_sin(inputs.grid, self.axes, self.rope_theta, x.device)
+        )
         for block in self.transformer_blocks:
             if self.recompute and self.training:
                 x = tensor_parallel.checkpoint(block, False, x, context, key_mask, block_modulation, cos, sin)
@@ -452,11 +474,13 @@ class StepVideoDiT(MegatronModule):
             # gather is a split, not a reduce-scatter of identical gradients.
             x = tensor_parallel.gather_from_sequence_parallel_region(x, tensor_parallel_output_grad=False)
         shift, scale = (self.scale_shift_table[:, None, :] + embedded).unbind(0)  # [b, h] each
-        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # [S, b, C*p*p]
-        prediction = unpatchify(x.transpose(0, 1), inputs.grid, self.in_channels, self.patch_size)
+        patches = self.proj_out(modulate(self.norm_out(x), shift, scale)).transpose(0, 1)  # [b, S/cp, C*p*p]
         if inputs.target is None:
-            return prediction.float()
-        return fm.error_sums(prediction, inputs.target)
+            patches = context_parallel.gather(patches, dim=1)
+            return unpatchify(patches, inputs.grid, self.in_channels, self.patch_size).float()
+        # Errors over this CP rank's tokens: the sums add up over the CP group.
+        target = context_parallel.split(patchify(inputs.target, self.patch_size), dim=1)
+        return fm.error_sums(patches, target)
 
 
 # ----------------------------------------------------------------------------- building

@@ -20,9 +20,13 @@ from fmtrain.models.yi.config import YiModelConfig
 from fmtrain.models.yi.model import build_chunk, init_rule, transformer_config
 from fmtrain.objectives import dpo
 from fmtrain.objectives.lm import masked_token_loss
+from fmtrain.parallel import context
 
 
 def _inputs(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens, labels, loss mask, position ids) [b, s] of this rank's slice of the sequence: all
+    of it, or under context parallelism its CP rank's contiguous part (labels are shifted before
+    the split, so each slice predicts its own next tokens)."""
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
@@ -31,7 +35,9 @@ def _inputs(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     else:
         position_ids = position_ids.to(device, non_blocking=True)
-    return tokens, labels, loss_mask, position_ids
+    return tuple(
+        context.split(x, dim=1, what="the microbatch's sequence") for x in (tokens, labels, loss_mask, position_ids)
+    )
 
 
 def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
@@ -292,6 +298,7 @@ def memory_estimate(
         pp=p.pp,
         vpp=p.vpp,
         dp=dp,
+        cp=p.cp,
         sequence_parallel=p.sequence_parallel,
         recompute=m.recompute,
         flash_attention=flash_attention,

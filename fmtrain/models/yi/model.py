@@ -39,7 +39,9 @@ from fmtrain.models.megatron_config import (
 def resolve_attention_backend(cfg: Config) -> str:
     backend = cfg.model.attention_backend
     if backend == "auto":
-        return "te" if transformer_engine_available() else "sdpa"
+        # Context parallelism is fmtrain's Ulysses around SDPA (megatron's needs TE's attention
+        # with its own load-balanced split of the sequence).
+        return "te" if transformer_engine_available() and cfg.parallel.cp == 1 else "sdpa"
     if backend == "te" and not transformer_engine_available():
         raise ConfigError("model.attention_backend=te but transformer_engine is not importable")
     return backend
