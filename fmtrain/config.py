@@ -251,7 +251,12 @@ class DataConfig:
     """Stop the run when a worker's unreadable or unusable samples exceed this share of what it
     read (each bad sample is skipped with a warning naming its shard and key)."""
     reset_position_ids: bool = False
-    """Text: position ids restart at 0 after each EOS (document-boundary-aware positions)."""
+    """Text: position ids restart at 0 after each EOS (Megatron's reset_position_ids): RoPE
+    rotates each document's tokens by their position in that document."""
+    reset_attention_mask: bool = False
+    """Text: attention stops at document boundaries (Megatron's reset_attention_mask): a token
+    attends only to earlier tokens of its own document. Documents are where the position ids
+    restart, so this needs reset_position_ids."""
     prefetch: int = 2
     """Microbatches each DataLoader worker prepares ahead."""
     worker_timeout: float = 600.0
@@ -810,6 +815,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"parallel.cp={p.cp}: objective.name={cfg.objective.name} is not a sum of per-token terms "
             "and does not support context parallelism; use parallel.cp=1"
+        )
+    if d.reset_attention_mask and not d.reset_position_ids:
+        raise ConfigError(
+            "data.reset_attention_mask=true needs data.reset_position_ids=true (documents begin where "
+            "the position ids restart)"
         )
     cfg.model.check(cfg)
     if not 0.0 <= d.valid_fraction < 1.0:

@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 
-def build_config(hf_dir: Path, tp: int, pp: int, batch: int, seq: int, world_size: int, vpp: int = 1):
+def build_config(hf_dir: Path, tp: int, pp: int, batch: int, seq: int, world_size: int, vpp: int = 1, extra=()):
     """The fmtrain config for ``hf_dir``'s model at (tp, pp, vpp): fp32, one sample per microbatch."""
     from fmtrain.config import load_config
     from fmtrain.models.release import overrides_as_args
@@ -47,6 +47,7 @@ def build_config(hf_dir: Path, tp: int, pp: int, batch: int, seq: int, world_siz
             f"train.global_batch_size={batch * dp}",
             "train.precision=fp32",
             "model.attention_backend=sdpa",
+            *extra,
         ],
     )
 

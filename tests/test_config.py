@@ -29,16 +29,22 @@ def test_overrides_are_typed():
         ("trian.lr=1", "did you mean 'train'"),
         ("parallel.tp=two", "parallel.tp: expected int"),
         ("train.lr_schedule=linear", "is not one of cosine, wsd, constant"),
-        ("parallel.cp=3", "model.num_attention_heads=32 is not divisible by parallel.tp x parallel.cp = 1 x 3 = 3"),
+        ("parallel.cp=3", "model.num_attention_heads=4 is not divisible by parallel.tp x parallel.cp = 1 x 3 = 3"),
         ("parallel.tp=3", "not divisible by parallel.tp=3"),
         ("parallel.vpp=2", "needs parallel.pp > 1"),
         ("parallel.sequence_parallel=true", "needs parallel.tp > 1"),
         ("tp=2", "is not a section.key name"),
+        ("data.reset_attention_mask=true", "needs data.reset_position_ids=true"),
     ],
 )
 def test_bad_override_names_the_problem(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+def test_per_document_positions_need_fmtrain_attention():
+    with pytest.raises(ConfigError, match="not model.attention_backend=local; use sdpa or auto"):
+        load_config(None, ["data.reset_position_ids=true", "model.attention_backend=local"])
 
 
 def test_world_size_must_match_layout():

@@ -64,6 +64,15 @@ def test_yi_context_parallel_matches_single_rank(reference, base, tmp_path, tp, 
     _assert_same(ref, run, range(1, STEPS + 1), f"TP={tp} CP={cp}")
 
 
+def test_document_masks_under_context_parallelism(base, tmp_path):
+    """Packed documents (data.reset_position_ids + reset_attention_mask): each CP rank holds a
+    slice of the row, the attention after the all-to-all sees the whole row's document layout."""
+    documents = ["data.reset_position_ids=true", "data.reset_attention_mask=true", f"train.max_steps={STEPS - 2}"]
+    one = _train(tmp_path, base, "documents_cp1", 1, *documents)
+    two = _train(tmp_path, base, "documents_cp2", 2, "parallel.cp=2", *documents)
+    _assert_same(one, two, range(1, STEPS - 1), "documents, CP=2")
+
+
 def test_checkpoints_move_between_context_parallel_sizes(reference, base, tmp_path):
     """A CP=2 run's step-3 checkpoint resumes at CP=1, and the CP=1 run's at CP=2: steps 4-6
     are the uninterrupted run's."""

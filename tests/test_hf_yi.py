@@ -232,6 +232,53 @@ def test_import_tp1_pp1_logits_and_round_trip(hf, single_rank, tmp_path):
         load_hf_into_engine(engine, old)
 
 
+def test_packed_documents_match_transformers_per_document(hf, single_rank):
+    """Two documents packed into one row (split after an EOS). With data.reset_position_ids and
+    data.reset_attention_mask each document's logits are transformers' for that document alone;
+    with reset_position_ids only, the row's logits are transformers' for the row with the same
+    restarting position ids (attention crossing the boundary), and the second document's differ
+    from its logits alone: the mask is what separates them."""
+    from convert_helpers import load_hf_into_engine
+    from hf_yi_worker import build_config
+
+    from fmtrain import parallel
+    from fmtrain.data.text import document_position_ids
+    from fmtrain.engine import build_engine
+    from fmtrain.models.attention import DocumentLayout
+    from fmtrain.models.registry import get_family
+
+    g = torch.Generator().manual_seed(3)
+    eos = HF_KW["eos_token_id"]
+    first = torch.cat([torch.randint(3, HF_KW["vocab_size"], (14,), generator=g), torch.tensor([eos])])
+    second = torch.randint(3, HF_KW["vocab_size"], (25,), generator=g)
+    row = torch.cat([first, second]).unsqueeze(0)
+    positions = document_position_ids(row, eos)
+    assert positions[0, 15] == 0 and positions[0, -1] == 24
+
+    cfg = build_config(hf["single"], 1, 1, 1, row.shape[1], world_size=1, extra=["data.reset_position_ids=true"])
+    engine = build_engine(cfg, parallel.initialize(cfg), get_family("yi"))
+    load_hf_into_engine(engine, hf["single"])
+
+    def logits(mask_documents: bool) -> torch.Tensor:
+        def step(data_iterator, model):
+            toks = next(data_iterator)["tokens"]
+            documents = DocumentLayout.from_position_ids(positions, mask_documents)
+            return model(toks, positions, None, packed_seq_params=documents), None
+
+        return engine.forward_outputs([{"tokens": row}], forward_step=step)[0]
+
+    masked, crossing = logits(True), logits(False)
+    model = hf["model"]
+    alone = [_hf_logits(model, first[None]), _hf_logits(model, second[None])]
+    with torch.no_grad():
+        whole_row = model(input_ids=row, position_ids=positions).logits.float()
+    diffs = [(masked[:, :15] - alone[0]).abs().max().item(), (masked[:, 15:] - alone[1]).abs().max().item()]
+    print(f"\npacked documents vs each alone: max |logits diff| = {max(diffs):.3e}")
+    assert max(diffs) < TOL
+    assert (crossing - whole_row).abs().max().item() < TOL
+    assert (crossing[:, 15:] - alone[1]).abs().max().item() > 1e-2
+
+
 def test_import_tp_pp_layouts_match_transformers(hf, tmp_path):
     """(TP, PP) = (2,1), (1,2), (2,2) and PP=2 x VPP=2 on 4 gloo ranks (DP = 2, 2, 1, 2), from a
     sharded (index.json) checkpoint. Exports from (2,2) (TP copies of the norms) and from

@@ -219,6 +219,15 @@ def test_packed_real_text_and_shifted_labels(sp):
     first = MicrobatchSampler(ds, 4, 2, 1, seed=0).window_indices(0, 0)[0]
     assert batch["tokens"][0].tolist() == reference[first * 65 : first * 65 + 64]
     assert batch["labels"][0].tolist() == reference[first * 65 + 1 : first * 65 + 65]
+    assert "position_ids" not in batch
+
+
+def test_reset_position_ids_restart_after_each_eos_in_memory_corpus():
+    docs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    ds = PackedTextDataset(docs, seq_length=11)  # one window: 5 6 7 EOS 8 9 EOS 10 11 12 13 | EOS
+    batch = MicrobatchSampler(ds, 1, 1, 1, seed=0, reset_position_ids=True).microbatches(0, 0)[0]
+    assert batch["tokens"][0].tolist() == [5, 6, 7, EOS_ID, 8, 9, EOS_ID, 10, 11, 12, 13]
+    assert batch["position_ids"][0].tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3]
 
 
 # --------------------------------------------------------------------------- sampler

@@ -282,7 +282,13 @@ class MicrobatchSampler:
     """
 
     def __init__(
-        self, dataset: PackedTextDataset, global_batch_size: int, micro_batch_size: int, dp_size: int, seed: int
+        self,
+        dataset: PackedTextDataset,
+        global_batch_size: int,
+        micro_batch_size: int,
+        dp_size: int,
+        seed: int,
+        reset_position_ids: bool = False,
     ):
         if len(dataset) == 0:
             raise ValueError("dataset has no windows: the corpus is shorter than one sequence")
@@ -294,6 +300,7 @@ class MicrobatchSampler:
         self.seed = seed
         self.num_microbatches = num_microbatches
         """Microbatches per rank per global step."""
+        self.reset_position_ids = reset_position_ids
         self._permutations: dict[int, list[int]] = {}
 
     def epoch_permutation(self, epoch: int) -> list[int]:
@@ -324,7 +331,8 @@ class MicrobatchSampler:
         """This rank's microbatches for one optimizer step.
 
         Each is ``{"tokens": LongTensor[mbs, S], "labels": LongTensor[mbs, S],
-        "loss_mask": FloatTensor[mbs, S]}`` with S = the dataset's seq_length.
+        "loss_mask": FloatTensor[mbs, S]}`` with S = the dataset's seq_length, plus
+        ``"position_ids"`` restarting after each EOS with ``reset_position_ids``.
         """
         indices = self.window_indices(global_step, dp_rank)
         mbs = self.micro_batch_size
@@ -333,9 +341,10 @@ class MicrobatchSampler:
             windows = torch.stack([self.dataset.window(i) for i in indices[k : k + mbs]])  # (mbs, S + 1)
             tokens = windows[:, :-1].contiguous()
             labels = windows[:, 1:].contiguous()
-            batches.append(
-                {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(tokens.shape, dtype=torch.float32)}
-            )
+            batch = {"tokens": tokens, "labels": labels, "loss_mask": torch.ones(tokens.shape, dtype=torch.float32)}
+            if self.reset_position_ids:
+                batch["position_ids"] = document_position_ids(tokens, self.dataset.eos_id)
+            batches.append(batch)
         return batches
 
 
@@ -669,8 +678,9 @@ def prepare_text_data(cfg: Config, topo, run_dir: Path):
         return (tokenizer_path, *stream_loaders(cfg, text_pipeline(cfg, tokenizer_path), topo, run_dir))
     train_ds, valid_ds = build_text_datasets(cfg, tokenizer_path)
     t = cfg.train
-    train = MicrobatchSampler(train_ds, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed)
+    reset = cfg.data.reset_position_ids
+    train = MicrobatchSampler(train_ds, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed, reset)
     valid = None
     if cfg.eval.interval and valid_ds is not None and len(valid_ds) >= t.global_batch_size:
-        valid = MicrobatchSampler(valid_ds, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed)
+        valid = MicrobatchSampler(valid_ds, t.global_batch_size, t.micro_batch_size, topo.dp, cfg.run.seed, reset)
     return tokenizer_path, train, valid

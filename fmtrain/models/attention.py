@@ -24,10 +24,12 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -36,8 +38,41 @@ from fmtrain.models.rope import rope_1d_cos_sin, rotate_half
 from fmtrain.parallel import context
 
 
+@dataclass
+class DocumentLayout(PackedSeqParams):
+    """Several documents packed into each row of a microbatch, as megatron hands it to core
+    attention (``packed_seq_params``): per token its position inside its document (RoPE) and,
+    when attention must not cross documents, its document index. Whole rows: under context
+    parallelism every rank holds the full layout, since attention runs over the whole sequence."""
+
+    position_ids: torch.Tensor | None = None
+    """[b, s] position of each token in its document."""
+    document_ids: torch.Tensor | None = None
+    """[b, s] document index of each token; None: attention crosses documents (causal only)."""
+
+    def __post_init__(self):
+        self.qkv_format = "sbhd"  # not megatron's THD path: tensors keep their [s, b, ...] layout
+
+    @classmethod
+    def from_position_ids(cls, position_ids: torch.Tensor, mask_documents: bool) -> DocumentLayout:
+        """Documents begin where the positions restart at 0 (and at each row's start)."""
+        restarts = position_ids == 0
+        restarts[:, 0] = True
+        return cls(position_ids=position_ids, document_ids=restarts.cumsum(dim=1) if mask_documents else None)
+
+    def mask(self) -> torch.Tensor:
+        """[b, 1, s, s] bool, True = attend: causal, and within the document when they are masked."""
+        s = self.position_ids.shape[1]
+        index = torch.arange(s, device=self.position_ids.device)
+        allowed = (index[None, :, None] >= index[None, None, :]).expand(self.position_ids.shape[0], s, s)
+        if self.document_ids is not None:
+            allowed = allowed & (self.document_ids[:, :, None] == self.document_ids[:, None, :])
+        return allowed[:, None]
+
+
 def _rotate_to_bhsd(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on x [s, b, h, d] with cos/sin [s, 1, 1, d] (x's dtype), returned as contiguous [b, h, s, d]."""
+    """RoPE on x [s, b, h, d] with cos/sin [s, 1, 1, d] or (per-sample positions) [s, b, 1, d] in x's
+    dtype, returned as contiguous [b, h, s, d]."""
     return (x * cos + rotate_half(x) * sin).permute(1, 2, 0, 3).contiguous()
 
 
@@ -80,19 +115,21 @@ class SDPACoreAttention(MegatronModule):
     def forward(
         self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
     ):
-        if packed_seq_params is not None:
-            raise ValueError("packed sequences need Transformer Engine's attention")
+        if packed_seq_params is not None and not isinstance(packed_seq_params, DocumentLayout):
+            raise ValueError("megatron's THD packed sequences need Transformer Engine's attention")
         if self.ulysses is not None:
             if attention_mask is not None and (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal:
                 raise ValueError("context parallelism supports causal or unmasked attention, not an explicit mask")
-            context_4d = self.ulysses(query, key, value, None, attn_mask_type)
+            context_4d = self.ulysses(query, key, value, None, attn_mask_type, packed_seq_params)
         else:
-            context_4d = self._attend(query, key, value, attention_mask, attn_mask_type)
+            context_4d = self._attend(query, key, value, attention_mask, attn_mask_type, packed_seq_params)
         s, b, h, d = context_4d.shape
         return context_4d.reshape(s, b, h * d)
 
-    def _attend(self, query, key, value, attention_mask, attn_mask_type=None) -> torch.Tensor:
-        """SDPA over the whole sequence: q [s, b, np, hn], k/v [s, b, ng, hn] -> [s, b, np, hn]."""
+    def _attend(self, query, key, value, attention_mask, attn_mask_type=None, documents=None) -> torch.Tensor:
+        """SDPA over the whole sequence: q [s, b, np, hn], k/v [s, b, ng, hn] -> [s, b, np, hn].
+        ``documents`` (a :class:`DocumentLayout`): RoPE at each token's position in its document,
+        and the mask that keeps attention inside documents."""
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type == AttnMaskType.causal
         # [s, b, h, d] -> [b, h, s, d], materialised: megatron hands q/k/v over as strided views
@@ -100,18 +137,23 @@ class SDPACoreAttention(MegatronModule):
         # SDPA backends (cuDNN) have given wrong results on such views; the copy is cheap next
         # to the attention itself.
         if self.rotary_base is not None:
-            # Positions 0..s-1 of the whole sequence: sequence parallelism has gathered it by now,
-            # and under context parallelism the all-to-all has.
+            # Positions 0..s-1 of the whole sequence (sequence parallelism has gathered it by now,
+            # and under context parallelism the all-to-all has), or each document's own.
             seq, head_dim = query.shape[0], query.shape[-1]
-            cos, sin = (
-                t[:, None, None, :] for t in rope_1d_cos_sin(seq, head_dim, self.rotary_base, query.device, query.dtype)
-            )
+            cos, sin = rope_1d_cos_sin(seq, head_dim, self.rotary_base, query.device, query.dtype)
+            if documents is not None:
+                positions = documents.position_ids.to(query.device).t()  # [s, b]
+                cos, sin = cos[positions][:, :, None, :], sin[positions][:, :, None, :]
+            else:
+                cos, sin = cos[:, None, None, :], sin[:, None, None, :]
             q, k = self.rotate(query, cos, sin), self.rotate(key, cos, sin)
         else:
             q, k = (t.permute(1, 2, 0, 3).contiguous() for t in (query, key))
         v = value.permute(1, 2, 0, 3).contiguous()
         mask = None
-        if not causal and attention_mask is not None:
+        if documents is not None and documents.document_ids is not None:
+            mask = documents.mask().to(query.device)
+        elif not causal and attention_mask is not None:
             # megatron masks mark positions to drop with True; SDPA keeps True positions.
             mask = ~attention_mask
         dropout = self.dropout_p if self.training else 0.0

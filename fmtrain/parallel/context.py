@@ -80,4 +80,21 @@ def init_deepspeed_comm(backend: str) -> None:
     has (Ulysses' all-to-all goes through ``deepspeed.comm``)."""
     import deepspeed.comm
 
+    if backend == "gloo":
+        _without_shared_memory_op()
     deepspeed.comm.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def _without_shared_memory_op() -> None:
+    """On CPU, DeepSpeed's torch backend compiles its shared-memory all-reduce op (C++, one to
+    three minutes on a machine's first use) as it starts. The all-to-all Ulysses needs goes to
+    torch.distributed (gloo) either way, so the op is marked unavailable: the fallback DeepSpeed
+    itself takes where the op cannot build. Nothing changes if DeepSpeed stops exposing the
+    table."""
+    import deepspeed.ops
+
+    try:
+        compatible = deepspeed.ops.__compatible_ops__
+    except AttributeError:
+        return
+    compatible["deepspeed_shm_comm"] = False

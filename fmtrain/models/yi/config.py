@@ -45,6 +45,12 @@ class YiModelConfig(TransformerModelConfig):
         if self.vocab_size % cfg.parallel.tp:
             raise ConfigError(f"model.vocab_size={self.vocab_size} is not divisible by parallel.tp={cfg.parallel.tp}")
         p = cfg.parallel
+        if (cfg.data.reset_position_ids or cfg.data.reset_attention_mask) and self.attention_backend in ("te", "local"):
+            raise ConfigError(
+                f"data.reset_position_ids / data.reset_attention_mask: per-document positions and masks are "
+                f"applied by fmtrain's SDPA attention, not model.attention_backend={self.attention_backend}; "
+                "use sdpa or auto"
+            )
         if p.cp > 1:
             if self.attention_backend in ("te", "local"):
                 raise ConfigError(

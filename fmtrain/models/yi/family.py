@@ -14,6 +14,7 @@ import torch
 
 from fmtrain.config import Config, family_settings
 from fmtrain.models import sizes
+from fmtrain.models.attention import DocumentLayout
 from fmtrain.models.registry import ModelFamily, PartSpec, RunData, with_frozen_reference
 from fmtrain.models.yi import convert
 from fmtrain.models.yi.config import YiModelConfig
@@ -23,31 +24,43 @@ from fmtrain.objectives.lm import masked_token_loss
 from fmtrain.parallel import context
 
 
-def _inputs(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(batch: dict, device, mask_documents: bool = False):
     """(tokens, labels, loss mask, position ids) [b, s] of this rank's slice of the sequence: all
     of it, or under context parallelism its CP rank's contiguous part (labels are shifted before
-    the split, so each slice predicts its own next tokens)."""
+    the split, so each slice predicts its own next tokens); and the documents' layout when the
+    batch carries per-document positions (``data.reset_position_ids``), for the core attention
+    (whole rows: it sees the whole sequence), else None."""
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     position_ids = batch.get("position_ids")
+    documents = None
     if position_ids is None:
         position_ids = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     else:
         position_ids = position_ids.to(device, non_blocking=True)
-    return tuple(
+        documents = DocumentLayout.from_position_ids(position_ids, mask_documents)
+    sliced = (
         context.split(x, dim=1, what="the microbatch's sequence") for x in (tokens, labels, loss_mask, position_ids)
     )
+    return (*sliced, documents)
 
 
-def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+def lm_forward_step(cfg: Config):
     """One microbatch through this rank's chunk: per-token cross entropy on the last stage
     (``objective.name=lm``), hidden states elsewhere."""
-    batch = next(data_iterator)
-    tokens, labels, loss_mask, position_ids = _inputs(batch, next(model.parameters()).device)
-    # [b, s] per-token cross entropy on the last stage, hidden states elsewhere.
-    output = model(tokens, position_ids, None, labels=labels)
-    return output, functools.partial(masked_token_loss, loss_mask)
+    mask_documents = cfg.data.reset_attention_mask
+
+    def step(data_iterator: Iterator[dict], model: torch.nn.Module):
+        batch = next(data_iterator)
+        tokens, labels, loss_mask, position_ids, documents = _inputs(
+            batch, next(model.parameters()).device, mask_documents
+        )
+        # [b, s] per-token cross entropy on the last stage, hidden states elsewhere.
+        output = model(tokens, position_ids, None, labels=labels, packed_seq_params=documents)
+        return output, functools.partial(masked_token_loss, loss_mask)
+
+    return step
 
 
 # ----------------------------------------------------------------------------- DPO
@@ -60,8 +73,8 @@ def dpo_forward_step(cfg: Config):
 
     def step(data_iterator: Iterator[dict], model: torch.nn.Module):
         batch = next(data_iterator)
-        tokens, labels, loss_mask, position_ids = _inputs(batch, next(model.parameters()).device)
-        output = model(tokens, position_ids, None, labels=labels)
+        tokens, labels, loss_mask, position_ids, documents = _inputs(batch, next(model.parameters()).device)
+        output = model(tokens, position_ids, None, labels=labels, packed_seq_params=documents)
         reference = batch.get("reference_logps")
         if reference is None:  # other stages never call the loss function
             return output, dpo.missing_reference("reference_logps")
@@ -76,8 +89,8 @@ def reference_logps_step(cfg: Config):
 
     def step(data_iterator: Iterator[dict], model: torch.nn.Module):
         batch = next(data_iterator)
-        tokens, labels, loss_mask, position_ids = _inputs(batch, next(model.parameters()).device)
-        output = model(tokens, position_ids, None, labels=labels)
+        tokens, labels, loss_mask, position_ids, documents = _inputs(batch, next(model.parameters()).device)
+        output = model(tokens, position_ids, None, labels=labels, packed_seq_params=documents)
         return output, lambda per_token_loss: dpo.completion_logps(settings, per_token_loss, loss_mask)
 
     return step
@@ -207,7 +220,7 @@ def parts(cfg: Config) -> list[PartSpec]:
         build=build_chunk,
         init_rule=init_rule,
         megatron_config=transformer_config,
-        forward_step=lambda cfg, parts, progress: forward_step,
+        forward_step=lambda cfg, parts, progress: lm_forward_step(cfg),
     )
     if cfg.objective.name != "dpo":
         return [model]

@@ -41,7 +41,10 @@ def resolve_attention_backend(cfg: Config) -> str:
     if backend == "auto":
         # Context parallelism is fmtrain's Ulysses around SDPA (megatron's needs TE's attention
         # with its own load-balanced split of the sequence).
-        return "te" if transformer_engine_available() and cfg.parallel.cp == 1 else "sdpa"
+        # Per-document positions and masks (data.reset_*) are applied there too.
+        d = cfg.data
+        batch_positions = d.reset_position_ids or d.reset_attention_mask
+        return "te" if transformer_engine_available() and cfg.parallel.cp == 1 and not batch_positions else "sdpa"
     if backend == "te" and not transformer_engine_available():
         raise ConfigError("model.attention_backend=te but transformer_engine is not importable")
     return backend
