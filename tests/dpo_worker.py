@@ -23,7 +23,8 @@ for path in (REPO, REPO / "tests"):
 
 from conftest import TINY_OVERRIDES  # noqa: E402
 
-SHAPES = [a for a in TINY_OVERRIDES if a.startswith("model.") and "seq_length" not in a] + ["model.seq_length=32"]
+# 48 tokens hold every synthetic pair's sequences (at most 41 predictions) untruncated.
+SHAPES = [a for a in TINY_OVERRIDES if a.startswith("model.") and "seq_length" not in a] + ["model.seq_length=48"]
 PAIRS, MICRO = 8, 2
 
 
@@ -56,15 +57,20 @@ def train_steps(overrides: list[str], tp: int, pp: int, steps: int, lr: float, m
         parallel_state.destroy_model_parallel()
 
 
-def dpo_steps(tokenizer: Path, tp: int, pp: int, steps: int = 5) -> list[dict]:
-    """``steps`` DPO steps (reference = the policy's seed initialisation) on pairs drawn per step."""
+def dpo_steps(tokenizer: Path, tp: int, pp: int, steps: int = 5, packing: bool = False) -> list[dict]:
+    """``steps`` DPO steps (reference = the policy's seed initialisation) on pairs drawn per step;
+    ``packing``: the microbatches' sequences packed into shared rows (``objective.packing``)."""
     from fmtrain.data.preference import PreferencePipeline, pair_batch, synthetic_preference_records
 
     def microbatch(cfg, step, pairs):
         records = synthetic_preference_records(PAIRS, seed=100 + step)
-        return pair_batch(PreferencePipeline(tokenizer, cfg.model.seq_length), [records[i] for i in pairs])
+        batch = pair_batch(PreferencePipeline.from_config(cfg, tokenizer), [records[i] for i in pairs])
+        assert not packing or batch["tokens"].shape[0] < 2 * len(pairs) or cfg.parallel.pp > 1
+        return batch
 
     overrides = ["objective.name=dpo", *SHAPES, "model.attention_backend=sdpa", f"data.tokenizer={tokenizer}"]
+    if packing:  # rows of 96 tokens hold two of these sequences
+        overrides += ["objective.packing=true", "model.seq_length=96"]
     return train_steps(overrides, tp, pp, steps, 2e-3, microbatch)
 
 
@@ -115,12 +121,12 @@ def main() -> None:
     out, tokenizer, layouts = sys.argv[1:]
     results = {}
     for layout in layouts.split(","):
-        tp = 2 if layout == "tp2" else 1
-        pp = 2 if layout == "pp2" else 1
+        tp = 2 if layout.startswith("tp2") else 1
+        pp = 2 if layout.startswith("pp2") else 1
         if tokenizer == "video":
             results[layout] = video_dpo_steps(tp, pp)
         else:
-            results[layout] = dpo_steps(Path(tokenizer), tp, pp)
+            results[layout] = dpo_steps(Path(tokenizer), tp, pp, packing=layout.endswith("-packed"))
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()

@@ -116,13 +116,17 @@ def _trl_reference(models, batch, beta, loss, label_smoothing, sft_weight):
 
 
 @pytest.mark.parametrize(
-    "loss,label_smoothing,sft_weight", [("sigmoid", 0.0, 0.0), ("sigmoid", 0.2, 0.5), ("ipo", 0.0, 0.0)]
+    "loss,label_smoothing,sft_weight,packing",
+    [("sigmoid", 0.0, 0.0, False), ("sigmoid", 0.2, 0.5, False), ("ipo", 0.0, 0.0, False), ("ipo", 0.0, 0.5, True)],
+    ids=["sigmoid", "cdpo-rpo", "ipo", "ipo-rpo-packed"],
 )
 def test_step_one_equals_trl_formulas_on_transformers_logprobs(
-    llamas, tiny_tokenizer, single_rank, tmp_path, loss, label_smoothing, sft_weight
+    llamas, tiny_tokenizer, single_rank, tmp_path, loss, label_smoothing, sft_weight, packing
 ):
     """Policy and reference from two different HF Llama directories: fmtrain's step-1 loss and
-    rewards over 2 microbatches of 2 pairs equal TRL's formulas on transformers' log-probs."""
+    rewards over 2 microbatches of 2 pairs equal TRL's formulas on transformers' log-probs (each
+    sequence alone through the model). Packed (``objective.packing``): the 4 sequences of a
+    microbatch share rows, each with its own positions and attention; the numbers do not move."""
     from convert_helpers import load_hf_into_engine
 
     from fmtrain import checkpoint, parallel
@@ -135,13 +139,14 @@ def test_step_one_equals_trl_formulas_on_transformers_logprobs(
 
     root, models = llamas
     beta = 0.3
+    seq = 2 * SEQ if packing else SEQ  # rows long enough to hold several sequences
     overrides = fmtrain_model_overrides_from_hf(json.loads((root / "policy" / "config.json").read_text()))
     cfg = load_config(
         None,
         ["objective.name=dpo"]
         + overrides_as_args(overrides)
         + [
-            f"model.seq_length={SEQ}",
+            f"model.seq_length={seq}",
             f"model.init_from_hf={root / 'policy'}",
             f"data.tokenizer={tiny_tokenizer}",
             f"objective.reference={root / 'reference'}",
@@ -149,6 +154,7 @@ def test_step_one_equals_trl_formulas_on_transformers_logprobs(
             f"objective.loss={loss}",
             f"objective.label_smoothing={label_smoothing}",
             f"objective.sft_weight={sft_weight}",
+            f"objective.packing={str(packing).lower()}",
             "train.global_batch_size=4",
             "train.micro_batch_size=2",
             "train.precision=fp32",
@@ -161,10 +167,16 @@ def test_step_one_equals_trl_formulas_on_transformers_logprobs(
     load_hf_into_engine(engine, root / "policy")
     assert checkpoint.load_frozen_parts(cfg, engine, log=lambda message: None) == 1
 
-    pipeline = PreferencePipeline(tiny_tokenizer, SEQ)
+    pipeline = PreferencePipeline(tiny_tokenizer, seq)
     records = _records(4)
     microbatches = [pair_batch(pipeline, records[:2]), pair_batch(pipeline, records[2:])]
-    result = engine.train_step(microbatches, 1e-3, step=0)
+    trained = microbatches
+    if packing:
+        packed = PreferencePipeline.from_config(cfg, tiny_tokenizer)
+        trained = [pair_batch(packed, records[:2]), pair_batch(packed, records[2:])]
+        assert [batch["tokens"].shape[0] for batch in trained] < [4, 4], "nothing was packed"
+        assert int(trained[0]["sequence_index"].max()) == 3 and trained[0]["sequences"] == 4
+    result = engine.train_step(trained, 1e-3, step=0)
 
     want = {name: [] for name in ("loss", "rewards/chosen")}
     for batch in microbatches:
@@ -285,13 +297,15 @@ def _series(run_dir: Path, names=("loss", "rewards/margins", "logps/chosen")) ->
 
 def test_dpo_layouts_agree(tiny_tokenizer, single_rank, tmp_path):
     """5 DPO steps at (TP, PP, DP) = (1,1,1), (2,1,1), (1,2,1), (1,1,2) on the same pairs give the
-    same losses, gradient norms, rewards and log-probs within 1e-5 (2 real ranks on gloo)."""
+    same losses, gradient norms, rewards and log-probs within 1e-5 (2 real ranks on gloo); so do
+    TP=2 and PP=2 with the pairs packed into shared rows (PP pads them back to 2 rows per pair)."""
     from dpo_worker import dpo_steps
 
     want = dpo_steps(tiny_tokenizer, 1, 1)
     assert want[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # reference = policy at step 1
     assert all(abs(s["loss"] - math.log(2)) > 1e-3 for s in want[1:])  # the policy moved off it
-    _assert_same_steps(_layouts(str(tiny_tokenizer), "tp2,pp2,dp2", tmp_path), want, ["tp2", "pp2", "dp2"])
+    layouts = ["tp2", "pp2", "dp2", "tp2-packed", "pp2-packed"]
+    _assert_same_steps(_layouts(str(tiny_tokenizer), ",".join(layouts), tmp_path), want, layouts)
 
 
 def _layouts(tokenizer_or_video: str, layouts: str, tmp_path: Path) -> dict:

@@ -139,19 +139,32 @@ class PreferencePipeline:
         add_bos: bool = False,
         eos_id: int = EOS_ID,
         bos_id: int = BOS_ID,
+        packing: bool = False,
+        packed_rows: int | None = None,
     ):
         self.tokenizer_path = str(tokenizer_path)
         self.seq_length = seq_length
         self.truncation = truncation
         self.add_bos = add_bos
+        self.packing = packing
+        self.packed_rows = packed_rows
         self.eos_id, self.bos_id = eos_id, bos_id
         self._processor = None
 
     @classmethod
     def from_config(cls, cfg: Config, tokenizer_path: str | Path) -> PreferencePipeline:
         """The pipeline of a DPO run: ``model.seq_length`` and the objective's truncation and BOS."""
-        o = cfg.objective
-        return cls(tokenizer_path, cfg.model.seq_length, truncation=o.truncation, add_bos=o.add_bos)
+        o, p = cfg.objective, cfg.parallel
+        # Pipeline stages exchange one tensor shape: packed rows padded back to 2 per pair.
+        rows = 2 * cfg.train.micro_batch_size if o.packing and p.pp > 1 else None
+        return cls(
+            tokenizer_path,
+            cfg.model.seq_length,
+            truncation=o.truncation,
+            add_bos=o.add_bos,
+            packing=o.packing,
+            packed_rows=rows,
+        )
 
     def _sp(self):
         if self._processor is None:  # loaded in the worker process that first needs it
@@ -192,6 +205,8 @@ class PreferencePipeline:
         return pieces[0][0]
 
     def _rows(self, sequences: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
+        if self.packing:
+            return self._packed_rows(sequences)
         s = self.seq_length
         tokens = torch.full((len(sequences), s), self.eos_id, dtype=torch.int64)
         labels = torch.full((len(sequences), s), self.eos_id, dtype=torch.int64)
@@ -204,6 +219,49 @@ class PreferencePipeline:
             # label i is sequence[i + 1]: a completion token when i + 1 >= prompt_tokens
             loss_mask[row, max(prompt_tokens - 1, 0) : n] = 1.0
         return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+
+    def _packed_rows(self, sequences: list[tuple[np.ndarray, int]]) -> dict:
+        """The sequences placed first-fit into rows of ``seq_length`` predictions, each with
+        positions from 0 (the model's attention keeps to it: documents begin where positions
+        restart) and ``sequence_index`` naming it (-1 on padding, whose positions restart too, so
+        it is a document of its own); ``sequences``: how many there are."""
+        s = self.seq_length
+        free: list[int] = []  # room left in each row
+        placed = []
+        for sequence, _ in sequences:
+            n = len(sequence) - 1
+            row = next((r for r, room in enumerate(free) if room >= n), None)
+            if row is None:
+                row = len(free)
+                free.append(s)
+            placed.append((row, s - free[row]))
+            free[row] -= n
+        rows = len(free) if self.packed_rows is None else self.packed_rows
+        if rows < len(free):
+            raise ValueError(f"{len(sequences)} sequences need {len(free)} packed rows, more than {rows}")
+        tokens = torch.full((rows, s), self.eos_id, dtype=torch.int64)
+        labels = torch.full((rows, s), self.eos_id, dtype=torch.int64)
+        loss_mask = torch.zeros(rows, s)
+        index = torch.full((rows, s), -1, dtype=torch.int64)
+        positions = torch.zeros(rows, s, dtype=torch.int64)
+        for j, ((sequence, prompt_tokens), (row, start)) in enumerate(zip(sequences, placed)):
+            ids = torch.from_numpy(sequence)
+            n = len(ids) - 1
+            tokens[row, start : start + n] = ids[:-1]
+            labels[row, start : start + n] = ids[1:]
+            loss_mask[row, start + max(prompt_tokens - 1, 0) : start + n] = 1.0
+            index[row, start : start + n] = j
+            positions[row, start : start + n] = torch.arange(n)
+        for row, room in enumerate(free + [s] * (rows - len(free))):
+            positions[row, s - room :] = torch.arange(room)
+        return {
+            "tokens": tokens,
+            "labels": labels,
+            "loss_mask": loss_mask,
+            "position_ids": positions,
+            "sequence_index": index,
+            "sequences": len(sequences),
+        }
 
     def collate(self, items: list) -> dict:
         """Items ``(chosen, its prompt tokens, rejected, its prompt tokens[, key])`` -> the
@@ -223,6 +281,7 @@ class PreferencePipeline:
             "seq_length": self.seq_length,
             "truncation": self.truncation,
             "add_bos": self.add_bos,
+            "packing": self.packing,
             "tokenizer": _file_digest(self.tokenizer_path),
         }
 

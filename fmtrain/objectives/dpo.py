@@ -12,9 +12,11 @@ For a pair (prompt x, chosen y_w, rejected y_l), policy pi and frozen reference 
 which are TRL's ``DPOTrainer`` formulas (``loss_type`` sigmoid / ipo, ``label_smoothing``), as are
 the reported ``rewards/*`` (``beta * (log pi - log pi_ref)`` per completion) and ``logps/*``.
 
-A microbatch holds n pairs as 2n rows: the chosen sequences, then the rejected ones in the same
-order. The model's last pipeline stage returns the per-token cross entropy ([2n, s], computed
-vocab-parallel: no rank holds full logits), so a row's log-probability is minus its masked sum.
+A microbatch holds n pairs as 2n sequences: the chosen ones, then the rejected ones in the same
+order, one per row, or packed several to a row (``objective.packing``, with a ``sequence_index``
+naming each token's sequence). The model's last pipeline stage returns the per-token cross
+entropy ([rows, s], computed vocab-parallel: no rank holds full logits), so a sequence's
+log-probability is minus its masked sum.
 """
 
 from __future__ import annotations
@@ -40,10 +42,21 @@ REPORTS = (
 """What every DPO step reports besides ``loss`` (TRL's metric names), each a mean over pairs."""
 
 
-def sequence_logps(per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probability of each row's masked tokens, their count): ``[rows, s] -> ([rows], [rows])``."""
+def sequence_logps(
+    per_token_loss: torch.Tensor,
+    loss_mask: torch.Tensor,
+    sequence_index: torch.Tensor | None = None,
+    sequences: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each sequence's masked tokens, their count): one sequence per row,
+    ``[rows, s] -> ([rows], [rows])``, or packed rows with ``sequence_index`` [rows, s] (-1 on
+    padding) -> ([sequences], [sequences])."""
     mask = loss_mask.float()
-    return -(per_token_loss.float() * mask).sum(dim=1), mask.sum(dim=1)
+    if sequence_index is None:
+        return -(per_token_loss.float() * mask).sum(dim=1), mask.sum(dim=1)
+    index = sequence_index.reshape(-1).clamp(min=0)  # padding carries no mask
+    sums = mask.new_zeros(sequences).scatter_add(0, index, (per_token_loss.float() * mask).reshape(-1))
+    return -sums, mask.new_zeros(sequences).scatter_add(0, index, mask.reshape(-1))
 
 
 def preference_losses(
@@ -73,9 +86,15 @@ def _as_used(settings: DPOConfig, logps: torch.Tensor, tokens: torch.Tensor) -> 
     return logps / tokens.clamp(min=1) if settings.loss == "ipo" else logps
 
 
-def completion_logps(settings: DPOConfig, per_token_loss: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Each row's log-probability as the loss uses it: summed, or (IPO) averaged over its tokens."""
-    return _as_used(settings, *sequence_logps(per_token_loss, loss_mask))
+def completion_logps(
+    settings: DPOConfig,
+    per_token_loss: torch.Tensor,
+    loss_mask: torch.Tensor,
+    sequence_index: torch.Tensor | None = None,
+    sequences: int | None = None,
+) -> torch.Tensor:
+    """Each sequence's log-probability as the loss uses it: summed, or (IPO) averaged over its tokens."""
+    return _as_used(settings, *sequence_logps(per_token_loss, loss_mask, sequence_index, sequences))
 
 
 def pairs_in(rows: int, reference: torch.Tensor, what: str) -> int:
@@ -108,12 +127,20 @@ def reference_flops_factor(cfg) -> float:
     return 4 / 3
 
 
-def dpo_loss(settings: DPOConfig, loss_mask: torch.Tensor, reference_logps: torch.Tensor, per_token_loss: torch.Tensor):
+def dpo_loss(
+    settings: DPOConfig,
+    loss_mask: torch.Tensor,
+    reference_logps: torch.Tensor,
+    per_token_loss: torch.Tensor,
+    sequence_index: torch.Tensor | None = None,
+):
     """A microbatch's (sum of its pairs' losses, its pair count, reports as ``[sum, count]``).
 
-    ``reference_logps`` [2n]: the reference's :func:`completion_logps` of the same rows."""
-    n = pairs_in(per_token_loss.shape[0], reference_logps, "log-prob")
-    logps, tokens = sequence_logps(per_token_loss, loss_mask)
+    ``reference_logps`` [2n]: the reference's :func:`completion_logps` of the same sequences;
+    ``sequence_index``: packed rows' token-to-sequence map (None: one sequence per row)."""
+    sequences = per_token_loss.shape[0] if sequence_index is None else reference_logps.shape[0]
+    n = pairs_in(sequences, reference_logps, "log-prob")
+    logps, tokens = sequence_logps(per_token_loss, loss_mask, sequence_index, sequences)
     policy = _as_used(settings, logps, tokens)
     reference = reference_logps.to(policy)
     losses, chosen_rewards, rejected_rewards = preference_losses(

@@ -174,14 +174,20 @@ class DPOConfig(ObjectiveConfig):
     negative log-likelihood to each pair's loss (TRL's ``rpo_alpha``)."""
     add_bos: bool = False
     """Put BOS before each prompt (TRL adds it only when the tokenizer's template does)."""
+    packing: bool = False
+    """Pack a microbatch's sequences (each pair's chosen and rejected) into as few rows of
+    ``model.seq_length`` tokens as they fit (first fit), each with its own positions and
+    attention that stays inside it: the same losses as one row per sequence, without the
+    padding. Under pipeline parallelism the rows are padded back to 2 x micro_batch_size (the
+    schedule sends one tensor shape)."""
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "loss": ("sigmoid", "ipo"),
         "truncation": ("keep_end", "keep_start", "none"),
     }
     ROWS_PER_SAMPLE: ClassVar[int] = 2
-    CONTEXT_PARALLEL: ClassVar[bool] = False
     """Sequences per sample (a pair): what the pipeline's microbatch tensors hold."""
+    CONTEXT_PARALLEL: ClassVar[bool] = False
 
     def check(self, cfg: Config) -> None:
         if self.beta <= 0:

@@ -45,11 +45,11 @@ class YiModelConfig(TransformerModelConfig):
         if self.vocab_size % cfg.parallel.tp:
             raise ConfigError(f"model.vocab_size={self.vocab_size} is not divisible by parallel.tp={cfg.parallel.tp}")
         p = cfg.parallel
-        if (cfg.data.reset_position_ids or cfg.data.reset_attention_mask) and self.attention_backend in ("te", "local"):
+        if batch_positions(cfg) and self.attention_backend in ("te", "local"):
             raise ConfigError(
-                f"data.reset_position_ids / data.reset_attention_mask: per-document positions and masks are "
-                f"applied by fmtrain's SDPA attention, not model.attention_backend={self.attention_backend}; "
-                "use sdpa or auto"
+                f"data.reset_position_ids / data.reset_attention_mask / objective.packing: per-document positions "
+                f"and masks are applied by fmtrain's SDPA attention, not model.attention_backend="
+                f"{self.attention_backend}; use sdpa or auto"
             )
         if p.cp > 1:
             if self.attention_backend in ("te", "local"):
@@ -68,6 +68,11 @@ class YiModelConfig(TransformerModelConfig):
                     f"model.seq_length={self.seq_length} is not divisible by {what} = {split}: every rank "
                     "needs an equal slice of the sequence"
                 )
+
+
+def batch_positions(cfg: Config) -> bool:
+    """Whether the batches carry per-document positions (packed documents or preference pairs)."""
+    return cfg.data.reset_position_ids or cfg.data.reset_attention_mask or getattr(cfg.objective, "packing", False)
 
 
 def validate(cfg: Config) -> None:

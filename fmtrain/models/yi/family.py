@@ -73,12 +73,19 @@ def dpo_forward_step(cfg: Config):
 
     def step(data_iterator: Iterator[dict], model: torch.nn.Module):
         batch = next(data_iterator)
-        tokens, labels, loss_mask, position_ids, documents = _inputs(batch, next(model.parameters()).device)
+        tokens, labels, loss_mask, position_ids, documents = _inputs(batch, next(model.parameters()).device, True)
         output = model(tokens, position_ids, None, labels=labels, packed_seq_params=documents)
         reference = batch.get("reference_logps")
         if reference is None:  # other stages never call the loss function
             return output, dpo.missing_reference("reference_logps")
-        return output, functools.partial(dpo.dpo_loss, settings, loss_mask, reference.to(loss_mask.device))
+        index = batch.get("sequence_index")
+        return output, functools.partial(
+            dpo.dpo_loss,
+            settings,
+            loss_mask,
+            reference.to(loss_mask.device),
+            sequence_index=None if index is None else index.to(loss_mask.device),
+        )
 
     return step
 
@@ -89,9 +96,14 @@ def reference_logps_step(cfg: Config):
 
     def step(data_iterator: Iterator[dict], model: torch.nn.Module):
         batch = next(data_iterator)
-        tokens, labels, loss_mask, position_ids, documents = _inputs(batch, next(model.parameters()).device)
+        tokens, labels, loss_mask, position_ids, documents = _inputs(batch, next(model.parameters()).device, True)
         output = model(tokens, position_ids, None, labels=labels, packed_seq_params=documents)
-        return output, lambda per_token_loss: dpo.completion_logps(settings, per_token_loss, loss_mask)
+        index = batch.get("sequence_index")
+        index = None if index is None else index.to(loss_mask.device)
+        sequences = batch.get("sequences")
+        return output, lambda per_token_loss: dpo.completion_logps(
+            settings, per_token_loss, loss_mask, index, sequences
+        )
 
     return step
 

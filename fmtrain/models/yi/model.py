@@ -34,6 +34,7 @@ from fmtrain.models.megatron_config import (
     shared_transformer_kwargs,
     transformer_engine_available,
 )
+from fmtrain.models.yi.config import batch_positions
 
 
 def resolve_attention_backend(cfg: Config) -> str:
@@ -41,10 +42,9 @@ def resolve_attention_backend(cfg: Config) -> str:
     if backend == "auto":
         # Context parallelism is fmtrain's Ulysses around SDPA (megatron's needs TE's attention
         # with its own load-balanced split of the sequence).
-        # Per-document positions and masks (data.reset_*) are applied there too.
-        d = cfg.data
-        batch_positions = d.reset_position_ids or d.reset_attention_mask
-        return "te" if transformer_engine_available() and cfg.parallel.cp == 1 and not batch_positions else "sdpa"
+        # Per-document positions and masks (data.reset_*, objective.packing) are applied there too.
+        fmtrain_attention = cfg.parallel.cp > 1 or batch_positions(cfg)
+        return "te" if transformer_engine_available() and not fmtrain_attention else "sdpa"
     if backend == "te" and not transformer_engine_available():
         raise ConfigError("model.attention_backend=te but transformer_engine is not importable")
     return backend
