@@ -7,14 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_OVERRIDES, read_metrics, run_fmtrain
+from conftest import REPO, TINY_OVERRIDES, Run, finish_ok, read_metrics, run_fmtrain
 
 transformers = pytest.importorskip("transformers")
 
@@ -234,7 +234,7 @@ def test_bad_preference_records(tmp_path, tiny_tokenizer):
     with pytest.raises(BadDataError, match=r"pairs.jsonl:2: record has no 'rejected'"):
         write_preference_shards(source, tmp_path / "out", progress=False)
     source.write_text(json.dumps({"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"}))
-    with pytest.raises(BadDataError, match="'prompt' is a list.*chat template"):
+    with pytest.raises(BadDataError, match="'prompt' is a list.*need --chat-template"):
         write_preference_shards(source, tmp_path / "out", progress=False)
     ctx = SampleContext(seed=0, epoch=0, stream=0, index=0, shard="shard-000000.tar", key="k")
     with pytest.raises(BadSample, match="missing field: rejected.txt"):
@@ -375,23 +375,26 @@ def test_video_dpo_layouts_agree(single_rank, tmp_path):
 
 
 def test_dpo_run_resumes_exactly(preference_shards, tiny_tokenizer, tmp_path):
-    """`fmtrain train` on preference shards: step 1 is ln 2 (logged), a run resumed from its
-    step-3 checkpoint repeats steps 4-5 exactly, and precomputed reference log-probs give the
-    co-located reference's losses within 1e-6."""
+    """`fmtrain train` on preference shards: step 1 is ln 2 (logged); a run killed (SIGKILL to
+    every process) after step 4 and started again resumes from its step-3 checkpoint and repeats
+    steps 4-5 exactly; precomputed reference log-probs give the co-located reference's losses
+    within 1e-6."""
     train, _ = preference_shards
     base = tmp_path / "base"
     proc = run_fmtrain(_dpo_args(tiny_tokenizer, train, base, 5), recipe=DPO_RECIPE)
     assert "preference loss 0.693147 = ln 2" in proc.stdout + proc.stderr
     want = _series(base)
     assert len(want["loss"]) == 5 and want["loss"][0] == pytest.approx(math.log(2), abs=1e-6)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(base, resumed)
-    assert (resumed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()
-    (resumed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")
-    proc = run_fmtrain(_dpo_args(tiny_tokenizer, train, resumed, 5), recipe=DPO_RECIPE)
-    assert "resumed from" in proc.stdout + proc.stderr
-    got = _series(resumed)
+    killed = tmp_path / "killed"
+    args = _dpo_args(tiny_tokenizer, train, killed, 5)
+    first = Run(args, 1, tmp_path, "killed", env={"FMTRAIN_TEST_HANG_AT_STEP": "4"}, recipe=DPO_RECIPE)
+    first.wait_for_step(killed, 4)
+    first.signal_group(signal.SIGKILL)
+    first.finish()
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
+    out = finish_ok(Run(args, 1, tmp_path, "resumed", recipe=DPO_RECIPE))
+    assert f"resumed from {killed / 'checkpoints' / 'step_0000003'} at step 3" in out
+    got = _series(killed)
     for key in want:
         assert got[key] == want[key], key
     # Precomputed reference log-probs (one pass over the shards, then no reference) give the

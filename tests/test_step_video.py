@@ -86,7 +86,7 @@ def test_layout_matches_single_rank(reference, tmp_path, tp, pp, sp):
     _assert_same_as_reference(_worker(tmp_path, tp, pp, sp), reference, RTOL)
 
 
-@pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, True), (1, 2, False)], ids=["cp2", "tp2-sp-cp2", "pp2-cp2"])
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, True), (1, 2, False)], ids=["tp2-sp-cp2", "pp2-cp2"])
 def test_context_parallel_matches_single_rank(reference, tmp_path, tp, pp, sp):
     """Ulysses over the self-attention heads (3D RoPE at each rank's true positions), each rank's
     query slice against the whole text in the cross-attention, the loss summed over the CP

@@ -1,7 +1,7 @@
 """``fmtrain data ...`` and ``fmtrain tokenizer ...`` subcommands.
 
     fmtrain data shard text FILES... --out DIR [--shard-size 64MB] [--max-count N] [--tokenizer MODEL]
-    fmtrain data shard preference FILE.jsonl --out DIR [--shard-size 64MB] [--max-count N]
+    fmtrain data shard preference FILE.jsonl --out DIR [--chat-template chatml|FILE] [--shard-size 64MB] [--max-count N]
     fmtrain data shard video VIDEOS... --out DIR [--captions FILE] [--latents DIR] [--text-embs DIR]
     fmtrain data shard latents NPZ_FILES|DIRS... --out DIR [--channels C] [--caption-dim D] [--clip-dim D2]
     fmtrain data synth-latents OUT_DIR --shapes 2x8x8,3x8x6 --samples N --classes K --channels C
@@ -57,7 +57,9 @@ def cmd_shard_preference(args: argparse.Namespace) -> int:
     from fmtrain.data.preference import write_preference_shards
 
     size = parse_size(args.shard_size)
-    index = write_preference_shards(args.file, args.out, shard_size=size, max_count=args.max_count)
+    index = write_preference_shards(
+        args.file, args.out, shard_size=size, max_count=args.max_count, chat_template=args.chat_template
+    )
     print(
         f"wrote {index['samples']} preference pairs in {len(index['shards'])} shards to {args.out} "
         f"(index: {Path(args.out) / 'index.json'})"
@@ -253,6 +255,12 @@ def register_data(sub):
     )
     preference.add_argument("file")
     sizes(preference)
+    preference.add_argument(
+        "--chat-template",
+        default=None,
+        help="conversational records (lists of messages) -> text: chatml (Yi's chat format), a Jinja "
+        "template file, or a Hugging Face tokenizer_config.json / its directory",
+    )
     preference.set_defaults(func=_guarded(cmd_shard_preference))
 
     video = ssub.add_parser("video", help="video files (or folders of them) -> .mp4/.json/.txt samples")

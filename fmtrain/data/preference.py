@@ -1,7 +1,9 @@
 """Preference data for DPO: (prompt, chosen, rejected) records -> shards -> pair microbatches.
 
 Records are TRL's plain-text preference format, one JSON object per line:
-``{"prompt": "...", "chosen": "...", "rejected": "..."}``. :func:`write_preference_shards`
+``{"prompt": "...", "chosen": "...", "rejected": "..."}``, or its conversational format (lists
+of messages) rendered to that text with a chat template when sharding (:mod:`fmtrain.data.chat`).
+:func:`write_preference_shards`
 (``fmtrain data shard preference FILE.jsonl --out DIR``) stores each as a sample with
 ``prompt.txt``, ``chosen.txt`` and ``rejected.txt``; the text is tokenized at training time with
 the run's tokenizer, as TRL's ``DPOTrainer`` does:
@@ -42,12 +44,17 @@ if TYPE_CHECKING:
 FIELDS = ("prompt", "chosen", "rejected")
 
 
-def read_preference_records(path: str | Path) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, record) of a ``.jsonl`` (or ``.jsonl.gz``) file of preference records.
+def read_preference_records(path: str | Path, chat_template: str | None = None) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, plain-text record) of a ``.jsonl`` (or ``.jsonl.gz``) file of preference
+    records.
 
-    Raises BadDataError naming the file and line for a line that is not a JSON object, lacks one
-    of prompt / chosen / rejected, or holds a non-string there (conversational records, lists of
-    messages, need a chat template, which fmtrain's SentencePiece tokenizers do not have)."""
+    Conversational records (lists of messages) become text through ``chat_template``
+    (a template's Jinja source, :mod:`fmtrain.data.chat`). Raises BadDataError naming the file
+    and line for a line that is not a JSON object, lacks one of prompt / chosen / rejected, holds
+    something else than text there (messages without a template), or that the template cannot
+    render."""
+    from fmtrain.data.chat import ChatTemplateError, conversation_to_text
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"preference file {path} does not exist")
@@ -66,11 +73,16 @@ def read_preference_records(path: str | Path) -> Iterator[tuple[int, dict[str, s
             missing = [name for name in FIELDS if name not in record]
             if missing:
                 raise BadDataError(f"{path}:{number}: record has no {', '.join(repr(m) for m in missing)}")
+            if chat_template is not None and any(isinstance(record[name], list) for name in FIELDS):
+                try:
+                    record = conversation_to_text(record, chat_template)
+                except ChatTemplateError as exc:
+                    raise BadDataError(f"{path}:{number}: {exc}") from None
             for name in FIELDS:
                 if not isinstance(record[name], str):
                     raise BadDataError(
-                        f"{path}:{number}: {name!r} is a {type(record[name]).__name__}; fmtrain reads plain-text "
-                        "preference records (conversational message lists need a chat template)"
+                        f"{path}:{number}: {name!r} is a {type(record[name]).__name__}; plain-text records hold "
+                        "strings, and conversational ones (lists of messages) need --chat-template"
                     )
             yield number, {name: record[name] for name in FIELDS}
 
@@ -82,16 +94,21 @@ def write_preference_shards(
     shard_size: int = 64_000_000,
     max_count: int = 100_000,
     progress: bool = True,
+    chat_template: str | None = None,
 ) -> dict:
     """A preference ``.jsonl`` file -> shards of ``prompt.txt`` / ``chosen.txt`` / ``rejected.txt``
-    samples keyed ``FILESTEM-LINE``. Returns the index it wrote."""
+    samples keyed ``FILESTEM-LINE``; conversational records rendered with ``chat_template`` (a
+    built-in name, a template file or a tokenizer_config.json, :func:`fmtrain.data.chat.
+    load_chat_template`). Returns the index it wrote."""
+    from fmtrain.data.chat import load_chat_template
+
     path = Path(path)
-    writer = IndexedShardWriter(
-        out_dir, kind="preference", shard_size=shard_size, max_count=max_count, meta={"source": [str(path)]}
-    )
+    template = load_chat_template(chat_template) if chat_template else None
+    meta = {"source": [str(path)], **({"chat_template": chat_template} if chat_template else {})}
+    writer = IndexedShardWriter(out_dir, kind="preference", shard_size=shard_size, max_count=max_count, meta=meta)
     stem = safe_key(path.name.split(".")[0])
     bar = progress_bar(f"sharding preference pairs into {out_dir}", unit="pairs", enabled=progress)
-    for number, record in read_preference_records(path):
+    for number, record in read_preference_records(path, template):
         sample = {"__key__": f"{stem}-{number:09d}"}
         sample.update({f"{name}.txt": record[name].encode("utf-8") for name in FIELDS})
         writer.write(sample)
