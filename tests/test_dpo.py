@@ -377,26 +377,25 @@ def test_video_dpo_layouts_agree(single_rank, tmp_path):
 def test_dpo_run_resumes_exactly(preference_shards, tiny_tokenizer, tmp_path):
     """`fmtrain train` on preference shards: step 1 is ln 2 (logged); a run killed (SIGKILL to
     every process) after step 4 and started again resumes from its step-3 checkpoint and repeats
-    steps 4-5 exactly; precomputed reference log-probs give the co-located reference's losses
+    step 4 bit for bit; precomputed reference log-probs give the co-located reference's losses
     within 1e-6."""
     train, _ = preference_shards
-    base = tmp_path / "base"
-    proc = run_fmtrain(_dpo_args(tiny_tokenizer, train, base, 5), recipe=DPO_RECIPE)
-    assert "preference loss 0.693147 = ln 2" in proc.stdout + proc.stderr
-    want = _series(base)
-    assert len(want["loss"]) == 5 and want["loss"][0] == pytest.approx(math.log(2), abs=1e-6)
     killed = tmp_path / "killed"
     args = _dpo_args(tiny_tokenizer, train, killed, 5)
     first = Run(args, 1, tmp_path, "killed", env={"FMTRAIN_TEST_HANG_AT_STEP": "4"}, recipe=DPO_RECIPE)
     first.wait_for_step(killed, 4)
     first.signal_group(signal.SIGKILL)
-    first.finish()
+    _, out, err = first.finish()
+    assert "preference loss 0.693147 = ln 2" in out + err
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     out = finish_ok(Run(args, 1, tmp_path, "resumed", recipe=DPO_RECIPE))
     assert f"resumed from {killed / 'checkpoints' / 'step_0000003'} at step 3" in out
-    got = _series(killed)
-    for key in want:
-        assert got[key] == want[key], key
+    lines = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    before, after = [record for record in lines if record["step"] == 4]  # logged by both runs
+    for key in ("loss", "grad_norm", "rewards/margins", "logps/chosen"):
+        assert after[key] == before[key], key
+    want = _series(killed)
+    assert len(want["loss"]) == 5 and want["loss"][0] == pytest.approx(math.log(2), abs=1e-6)
     # Precomputed reference log-probs (one pass over the shards, then no reference) give the
     # co-located reference's numbers.
     precomputed = tmp_path / "precomputed"
@@ -405,9 +404,48 @@ def test_dpo_run_resumes_exactly(preference_shards, tiny_tokenizer, tmp_path):
     )
     table = json.loads((precomputed / "data" / "reference_logps.json").read_text())
     assert len(table["logps"]) == 256  # every pair of the shards
+    assert not list((precomputed / "data").glob("reference_logps.part-*")), "the partial tables outlived the pass"
     got = _series(precomputed)
     for key in want:
         assert got[key] == pytest.approx(want[key], abs=1e-6, rel=1e-6), key
+
+
+def test_precompute_pass_resumes_from_its_partial_table(preference_shards, tiny_tokenizer, single_rank, tmp_path):
+    """A precompute pass started again reads what the interrupted one wrote (values it finds are
+    kept, not recomputed: planted ones survive) and scores only the pairs it lacks; a partial
+    table of other settings (here: another truncation) is ignored."""
+    from fmtrain import parallel
+    from fmtrain.config import load_config
+    from fmtrain.engine import build_engine
+    from fmtrain.models.registry import get_family
+    from fmtrain.models.yi.family import (
+        _partial_meta,
+        compute_reference_table,
+        partial_table_path,
+        reference_logps_step,
+    )
+
+    train, _ = preference_shards
+    args = _dpo_args(tiny_tokenizer, train, tmp_path / "run", 1) + ["objective.precompute_reference=true"]
+    cfg = load_config(DPO_RECIPE, args)
+    topo = parallel.initialize(cfg)
+    engine = build_engine(cfg, topo, get_family("yi"))
+    step = reference_logps_step(cfg)
+    full = compute_reference_table(cfg, engine, step)
+    partial = partial_table_path(cfg, topo)
+    assert json.loads(partial.read_text())["logps"] == full  # what an interruption would leave, complete
+
+    planted = dict(list(full.items())[:100])
+    planted.update({key: [123.0, -123.0] for key in list(planted)[:3]})
+    meta = _partial_meta(cfg, topo, tiny_tokenizer)
+    partial.write_text(json.dumps({"meta": meta, "logps": planted}))
+    again = compute_reference_table(cfg, engine, step)
+    assert len(again) == len(full) == 256
+    assert [again[key] for key in list(planted)[:3]] == [[123.0, -123.0]] * 3
+    assert all(again[key] == pytest.approx(value, abs=1e-6) for key, value in list(full.items())[3:])
+
+    partial.write_text(json.dumps({"meta": {**meta, "truncation": "keep_start"}, "logps": planted}))
+    assert compute_reference_table(cfg, engine, step)[list(planted)[0]] == pytest.approx(full[list(planted)[0]])
 
 
 def test_dpo_learns_a_preference_rule(preference_shards, tiny_tokenizer, tmp_path):

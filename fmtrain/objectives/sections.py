@@ -164,8 +164,9 @@ class DPOConfig(ObjectiveConfig):
     precompute_reference: bool = False
     """Before the first step, one forward-only pass of the reference over every pair of
     ``data.shards`` and ``data.valid_shards`` writes their log-probs to
-    RUN_DIR/data/reference_logps.json (keyed by sample key; reused by a resumed run); the
-    reference is then freed and training reads the table (no reference forward per step)."""
+    RUN_DIR/data/reference_logps.json (keyed by sample key; reused by a resumed run; an
+    interrupted pass continues from each data-parallel replica's partial table); the reference
+    is then freed and training reads the table (no reference forward per step)."""
     truncation: str = "keep_end"
     """A prompt + completion longer than ``model.seq_length + 1`` tokens: keep_end keeps its last
     tokens (TRL's default), keep_start its first; none skips the pair (counted, naming it)."""

@@ -138,10 +138,26 @@ def _reference_table_meta(cfg: Config, tokenizer: Path) -> dict:
     }
 
 
+def partial_table_path(cfg: Config, topo) -> Path:
+    """Where data-parallel replica ``topo.dp_rank`` keeps the log-probs it has computed so far."""
+    return Path(cfg.run.dir) / "data" / f"reference_logps.part-{topo.dp_rank:05d}-of-{topo.dp:05d}.json"
+
+
+def _partial_meta(cfg: Config, topo, tokenizer: Path) -> dict:
+    return {**_reference_table_meta(cfg, tokenizer), "dp_rank": topo.dp_rank, "dp": topo.dp}
+
+
 def compute_reference_table(cfg: Config, engine, step) -> dict[str, list[float]]:
     """Sample key -> [reference log-prob of chosen, of rejected] for every usable pair of
     ``data.shards`` and ``data.valid_shards``: data-parallel rank r scores the pairs r, r + DP,
-    ..., through the reference's pipeline; the table is then shared by every rank."""
+    ..., through the reference's pipeline; the table is then shared by every rank.
+
+    Resumable: after every pass of 64 microbatches replica r's last stage writes what it has to
+    :func:`partial_table_path`; a pass interrupted and started again (same shards, reference,
+    tokenizer, settings and DP size) reads it back on every rank of the replica and scores only
+    the pairs it lacks."""
+    import json
+
     import torch.distributed as dist
 
     from fmtrain.data.preference import PreferencePipeline, pairs_of_shards
@@ -158,8 +174,13 @@ def compute_reference_table(cfg: Config, engine, step) -> dict[str, list[float]]
             f"objective.precompute_reference keys the log-probs by sample key, and these repeat across "
             f"data.shards / data.valid_shards: {twice}"
         )
-    mine = pairs[topo.dp_rank :: topo.dp]
-    size, table = cfg.train.micro_batch_size, {}
+    partial = partial_table_path(cfg, topo)
+    meta = _partial_meta(cfg, topo, existing_tokenizer(cfg, cfg.run.dir))
+    saved = json.loads(partial.read_text()) if partial.is_file() else {}
+    table: dict[str, list[float]] = saved["logps"] if saved.get("meta") == meta else {}
+    mine = [pair for pair in pairs[topo.dp_rank :: topo.dp] if pair[0] not in table]
+    writes = topo.is_last_stage and topo.tp_rank == 0  # where the log-probs come out
+    size = cfg.train.micro_batch_size
     per_pass = 64  # microbatches per forward-only pass
     for start in range(0, len(mine), size * per_pass):
         chunk = mine[start : start + size * per_pass]
@@ -175,8 +196,13 @@ def compute_reference_table(cfg: Config, engine, step) -> dict[str, list[float]]
             n = len(batch["key"])
             for i, key in enumerate(batch["key"]):
                 table[key] = [float(values[i]), float(values[n + i])]
+        if writes:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            tmp = partial.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"meta": meta, "logps": table}))
+            tmp.replace(partial)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, table if topo.is_last_stage and topo.tp_rank == 0 else {})
+    dist.all_gather_object(gathered, table if writes else {})
     return {key: value for part in gathered for key, value in part.items()}
 
 
@@ -208,7 +234,8 @@ def precomputed_reference_logps(cfg: Config):
                     tmp = path.with_suffix(".tmp")
                     tmp.write_text(json.dumps({"meta": meta, "logps": table}))
                     tmp.replace(path)
-                dist.barrier()
+                dist.barrier()  # the whole table is written: the replicas' partial ones can go
+                partial_table_path(cfg, engine.topo).unlink(missing_ok=True)
             if "reference" in engine.parts:
                 engine.release_part("reference")
         if not engine.topo.is_last_stage:
