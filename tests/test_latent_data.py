@@ -515,3 +515,20 @@ def test_shard_latents_from_npz_skips_bad_files(tmp_path, capsys, caplog_data):
     # nothing usable: an error, exit status 1
     assert fmtrain_main(["data", "shard", "latents", str(src / "junk.npz"), "--out", str(tmp_path / "none")]) == 1
     assert "none of the 1 .npz files could be sharded" in capsys.readouterr().err
+
+
+def test_shard_latent_preference_pairs_from_npz(tmp_path, caplog_data):
+    """An .npz with ``rejected_latent`` beside ``latent`` is a Video-DPO pair (latent = chosen);
+    a rejected latent of another shape is skipped, naming the file."""
+    src = tmp_path / "npz"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    chosen, rejected = (rng.standard_normal((C, 1, 4, 4)).astype(np.float16) for _ in range(2))
+    text = rng.standard_normal((3, CAP_D)).astype(np.float32)
+    np.savez(src / "pair.npz", latent=chosen, rejected_latent=rejected, text_emb=text)
+    np.savez(src / "odd.npz", latent=chosen, rejected_latent=rejected[:, :, :2], text_emb=text)
+    assert fmtrain_main(["data", "shard", "latents", str(src), "--out", str(tmp_path / "out")]) == 0
+    assert f"latent file {src / 'odd.npz'} skipped: rejected_latent has shape (4, 1, 2, 4)" in caplog_data.text
+    key, sample = next(iter(read_shard(resolve_shards(str(tmp_path / "out"))[0])))
+    assert np.array_equal(np.load(io.BytesIO(sample["chosen.latent.npy"])), chosen)
+    assert np.array_equal(np.load(io.BytesIO(sample["rejected.latent.npy"])), rejected)

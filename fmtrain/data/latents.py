@@ -591,7 +591,8 @@ def read_npz_sample(
     clip_dim: int | None = None,
 ) -> dict:
     """One per-sample ``.npz`` (``latent``, ``text_emb``, optional ``text_mask``, ``clip_emb``,
-    ``clip_mask``, ``caption``) checked as the stream checks it; raises :class:`BadSample`
+    ``clip_mask``, ``caption``; with ``rejected_latent`` of the latent's shape it is a Video-DPO
+    pair, ``latent`` the chosen one) checked as the stream checks it; raises :class:`BadSample`
     (or OSError) naming the problem."""
     try:
         archive = np.load(path, allow_pickle=False)
@@ -609,6 +610,16 @@ def read_npz_sample(
     except (ValueError, EOFError, OSError, KeyError, zipfile.BadZipFile, zlib.error) as exc:  # a damaged member
         raise BadSample(f"unreadable member ({exc})") from None
     sample = {"latent": check_latent(arrays["latent"], in_channels=in_channels, patch_size=patch_size, name="latent")}
+    if "rejected_latent" in arrays:
+        rejected = check_latent(
+            arrays["rejected_latent"], in_channels=in_channels, patch_size=patch_size, name="rejected_latent"
+        )
+        if rejected.shape != sample["latent"].shape:
+            raise BadSample(
+                f"rejected_latent has shape {tuple(rejected.shape)}, "
+                f"the (chosen) latent {tuple(sample['latent'].shape)}"
+            )
+        sample["rejected_latent"] = rejected
     for name, dim in (("text", caption_dim), ("clip", clip_dim)):
         if f"{name}_emb" in arrays:
             check_embedding(arrays[f"{name}_emb"], arrays.get(f"{name}_mask"), dim=dim, tokens=None, name=name)
