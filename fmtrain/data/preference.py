@@ -221,28 +221,43 @@ class PreferencePipeline:
     def make_item(self, pieces: list[Sequence], size: int):
         return pieces[0][0]
 
-    def _rows(self, sequences: list[tuple[np.ndarray, int]]) -> dict[str, torch.Tensor]:
-        if self.packing:
-            return self._packed_rows(sequences)
+    def _rows(self, sequences: list[tuple[np.ndarray, int]]) -> dict:
+        """The microbatch tensors of ``sequences`` (each: token ids, how many are prompt), right-
+        padded with EOS (masked out of the loss): one sequence per row, or with ``packing`` as
+        many per row as fit (:meth:`_placement`), each with positions from 0 (the model's attention
+        keeps to it: documents begin where positions restart) and ``sequence_index`` naming it (-1
+        on padding, whose positions restart too, so it is a document of its own), and
+        ``sequences``: how many there are."""
         s = self.seq_length
-        tokens = torch.full((len(sequences), s), self.eos_id, dtype=torch.int64)
-        labels = torch.full((len(sequences), s), self.eos_id, dtype=torch.int64)
-        loss_mask = torch.zeros(len(sequences), s)
-        for row, (sequence, prompt_tokens) in enumerate(sequences):
+        rows, placed = (
+            self._placement(sequences) if self.packing else (len(sequences), [(j, 0) for j in range(len(sequences))])
+        )
+        tokens = torch.full((rows, s), self.eos_id, dtype=torch.int64)
+        labels = torch.full((rows, s), self.eos_id, dtype=torch.int64)
+        loss_mask = torch.zeros(rows, s)
+        index = torch.full((rows, s), -1, dtype=torch.int64)
+        positions = torch.zeros(rows, s, dtype=torch.int64)
+        used = [0] * rows
+        for j, ((sequence, prompt_tokens), (row, start)) in enumerate(zip(sequences, placed)):
             ids = torch.from_numpy(sequence)
             n = len(ids) - 1  # predictions: token i + 1 from tokens 0..i
-            tokens[row, :n] = ids[:-1]
-            labels[row, :n] = ids[1:]
+            tokens[row, start : start + n] = ids[:-1]
+            labels[row, start : start + n] = ids[1:]
             # label i is sequence[i + 1]: a completion token when i + 1 >= prompt_tokens
-            loss_mask[row, max(prompt_tokens - 1, 0) : n] = 1.0
-        return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+            loss_mask[row, start + max(prompt_tokens - 1, 0) : start + n] = 1.0
+            index[row, start : start + n] = j
+            positions[row, start : start + n] = torch.arange(n)
+            used[row] = start + n
+        batch = {"tokens": tokens, "labels": labels, "loss_mask": loss_mask}
+        if not self.packing:
+            return batch
+        for row, end in enumerate(used):
+            positions[row, end:] = torch.arange(s - end)
+        return {**batch, "position_ids": positions, "sequence_index": index, "sequences": len(sequences)}
 
-    def _packed_rows(self, sequences: list[tuple[np.ndarray, int]]) -> dict:
-        """The sequences placed first-fit into rows of ``seq_length`` predictions, each with
-        positions from 0 (the model's attention keeps to it: documents begin where positions
-        restart) and ``sequence_index`` naming it (-1 on padding, whose positions restart too, so
-        it is a document of its own); ``sequences``: how many there are."""
-        s = self.seq_length
+    def _placement(self, sequences: list[tuple[np.ndarray, int]]) -> tuple[int, list[tuple[int, int]]]:
+        """(rows, (row, start) of each sequence): first fit into rows of ``seq_length`` predictions;
+        ``packed_rows`` rows when set (pipeline parallelism's one tensor shape)."""
         free: list[int] = []  # room left in each row
         placed = []
         for sequence, _ in sequences:
@@ -250,35 +265,13 @@ class PreferencePipeline:
             row = next((r for r, room in enumerate(free) if room >= n), None)
             if row is None:
                 row = len(free)
-                free.append(s)
-            placed.append((row, s - free[row]))
+                free.append(self.seq_length)
+            placed.append((row, self.seq_length - free[row]))
             free[row] -= n
         rows = len(free) if self.packed_rows is None else self.packed_rows
         if rows < len(free):
             raise ValueError(f"{len(sequences)} sequences need {len(free)} packed rows, more than {rows}")
-        tokens = torch.full((rows, s), self.eos_id, dtype=torch.int64)
-        labels = torch.full((rows, s), self.eos_id, dtype=torch.int64)
-        loss_mask = torch.zeros(rows, s)
-        index = torch.full((rows, s), -1, dtype=torch.int64)
-        positions = torch.zeros(rows, s, dtype=torch.int64)
-        for j, ((sequence, prompt_tokens), (row, start)) in enumerate(zip(sequences, placed)):
-            ids = torch.from_numpy(sequence)
-            n = len(ids) - 1
-            tokens[row, start : start + n] = ids[:-1]
-            labels[row, start : start + n] = ids[1:]
-            loss_mask[row, start + max(prompt_tokens - 1, 0) : start + n] = 1.0
-            index[row, start : start + n] = j
-            positions[row, start : start + n] = torch.arange(n)
-        for row, room in enumerate(free + [s] * (rows - len(free))):
-            positions[row, s - room :] = torch.arange(room)
-        return {
-            "tokens": tokens,
-            "labels": labels,
-            "loss_mask": loss_mask,
-            "position_ids": positions,
-            "sequence_index": index,
-            "sequences": len(sequences),
-        }
+        return rows, placed
 
     def collate(self, items: list) -> dict:
         """Items ``(chosen, its prompt tokens, rejected, its prompt tokens[, key])`` -> the

@@ -52,6 +52,7 @@ class DocumentLayout(PackedSeqParams):
 
     def __post_init__(self):
         self.qkv_format = "sbhd"  # not megatron's THD path: tensors keep their [s, b, ...] layout
+        self._mask: torch.Tensor | None = None
 
     @classmethod
     def from_position_ids(cls, position_ids: torch.Tensor, mask_documents: bool) -> DocumentLayout:
@@ -61,7 +62,13 @@ class DocumentLayout(PackedSeqParams):
         return cls(position_ids=position_ids, document_ids=restarts.cumsum(dim=1) if mask_documents else None)
 
     def mask(self) -> torch.Tensor:
-        """[b, 1, s, s] bool, True = attend: causal, and within the document when they are masked."""
+        """[b, 1, s, s] bool, True = attend: causal, and within the document when they are masked.
+        Built once per microbatch: every layer's attention asks for it."""
+        if self._mask is None:
+            self._mask = self._build_mask()
+        return self._mask
+
+    def _build_mask(self) -> torch.Tensor:
         s = self.position_ids.shape[1]
         index = torch.arange(s, device=self.position_ids.device)
         allowed = (index[None, :, None] >= index[None, None, :]).expand(self.position_ids.shape[0], s, s)

@@ -161,10 +161,12 @@ def compute_reference_table(cfg: Config, engine, step) -> dict[str, list[float]]
     import torch.distributed as dist
 
     from fmtrain.data.preference import PreferencePipeline, pairs_of_shards
+    from fmtrain.data.shards import write_atomic
     from fmtrain.data.text import existing_tokenizer
 
     topo = engine.topo
-    pipeline = PreferencePipeline.from_config(cfg, existing_tokenizer(cfg, cfg.run.dir))
+    tokenizer = existing_tokenizer(cfg, cfg.run.dir)
+    pipeline = PreferencePipeline.from_config(cfg, tokenizer)
     specs = [spec for spec in (cfg.data.shards, cfg.data.valid_shards) if spec]
     pairs = [pair for spec in specs for pair in pairs_of_shards(pipeline, spec)]
     counts = collections.Counter(key for key, _ in pairs)
@@ -175,7 +177,7 @@ def compute_reference_table(cfg: Config, engine, step) -> dict[str, list[float]]
             f"data.shards / data.valid_shards: {twice}"
         )
     partial = partial_table_path(cfg, topo)
-    meta = _partial_meta(cfg, topo, existing_tokenizer(cfg, cfg.run.dir))
+    meta = _partial_meta(cfg, topo, tokenizer)
     saved = json.loads(partial.read_text()) if partial.is_file() else {}
     table: dict[str, list[float]] = saved["logps"] if saved.get("meta") == meta else {}
     mine = [pair for pair in pairs[topo.dp_rank :: topo.dp] if pair[0] not in table]
@@ -198,9 +200,7 @@ def compute_reference_table(cfg: Config, engine, step) -> dict[str, list[float]]
                 table[key] = [float(values[i]), float(values[n + i])]
         if writes:
             partial.parent.mkdir(parents=True, exist_ok=True)
-            tmp = partial.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"meta": meta, "logps": table}))
-            tmp.replace(partial)
+            write_atomic(partial, json.dumps({"meta": meta, "logps": table}))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, table if writes else {})
     return {key: value for part in gathered for key, value in part.items()}
@@ -215,6 +215,7 @@ def precomputed_reference_logps(cfg: Config):
 
     import torch.distributed as dist
 
+    from fmtrain.data.shards import write_atomic
     from fmtrain.data.text import existing_tokenizer
 
     table: dict[str, list[float]] = {}
@@ -231,9 +232,7 @@ def precomputed_reference_logps(cfg: Config):
                 table.update(compute_reference_table(cfg, engine, step))
                 if engine.topo.is_writer:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps({"meta": meta, "logps": table}))
-                    tmp.replace(path)
+                    write_atomic(path, json.dumps({"meta": meta, "logps": table}))
                 dist.barrier()  # the whole table is written: the replicas' partial ones can go
                 partial_table_path(cfg, engine.topo).unlink(missing_ok=True)
             if "reference" in engine.parts:
