@@ -13,9 +13,9 @@ from fmtrain.models.sizes import (
     transformer_param_count,
     transformer_training_flops_per_token,
 )
-from fmtrain.models.yi.family import flops_per_token as model_flops_per_token_from_config
-from fmtrain.models.yi.family import memory_estimate as memory_per_gpu_from_config
-from fmtrain.models.yi.family import param_count as param_count_from_config
+from fmtrain.models.yi.sizes import flops_per_token as model_flops_per_token_from_config
+from fmtrain.models.yi.sizes import memory_estimate as memory_per_gpu_from_config
+from fmtrain.models.yi.sizes import param_count as param_count_from_config
 
 YI_6B = dict(num_layers=32, hidden=4096, heads=32, kv_heads=4, head_dim=128, ffn=11008, vocab=64000)
 YI_34B = dict(num_layers=60, hidden=7168, heads=56, kv_heads=8, head_dim=128, ffn=20480, vocab=64000)

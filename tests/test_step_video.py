@@ -61,7 +61,7 @@ def reference(tmp_path_factory):
 
 def test_parameter_count_formula_matches_the_module(reference):
     from fmtrain.config import load_config
-    from fmtrain.models.step_video.family import param_count
+    from fmtrain.models.step_video.sizes import param_count
 
     assert reference["num_parameters"] == param_count(load_config(RECIPE))
 

@@ -3,6 +3,7 @@
     fmtrain train RECIPE [key=value ...]            under torchrun / srun (one process per rank)
     fmtrain train --nproc N RECIPE [key=value ...]  starts N local ranks itself
     fmtrain info RECIPE [key=value ...]             parameters, FLOPs per sample unit, memory per GPU
+    fmtrain plan RECIPE --gpus N [--gpu h100]       layouts ranked by predicted step time that fit
     fmtrain demo                                    the tiny Yi model on the embedded corpus
     fmtrain data shard text|video ... / data index   WebDataset shards + index.json (fmtrain.data.commands)
     fmtrain data encode SHARDS --vae SRC --llm-encoder DIR --out DIR   video shards -> DiT latent shards
@@ -319,6 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     from fmtrain.cli.convert import register_convert
 
     register_convert(sub)  # convert from-hf|to-hf
+
+    from fmtrain.cli.plan import register_plan
+
+    register_plan(sub)  # plan
     return parser
 
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from fmtrain.models.init import InitRuleFn
     from fmtrain.models.sizes import MemoryEstimate
+from fmtrain.models.workload import Workload
 
 
 class MakeMegatronConfig(Protocol):
@@ -223,6 +224,10 @@ class ModelFamily:
 
     parameter_breakdown: Callable[[Config], dict[str, int]] | None = None
     """Parameters of the primary part by component (encoder, decoder), for ``fmtrain info``."""
+
+    workload: Callable[[Config, bool], Workload] | None = None
+    """(cfg, on a GPU) -> what one training sample asks of a GPU, for ``fmtrain plan``
+    (:mod:`fmtrain.models.workload`; on a GPU fused kernels change what is saved)."""
 
     def primary(self, cfg: Config) -> PartSpec:
         return next(part for part in self.parts(cfg) if part.trainable)

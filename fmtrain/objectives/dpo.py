@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fmtrain.objectives.sections import DPOConfig
+from fmtrain.objectives.sections import DPOConfig, reference_flops_factor
 
 CONFIG = DPOConfig
 """This objective's config section (declared in :mod:`fmtrain.objectives.sections`)."""
@@ -116,15 +116,6 @@ def missing_reference(key: str):
         raise RuntimeError(f"a preference microbatch reached the loss without the reference's {key}")
 
     return loss_fn
-
-
-def reference_flops_factor(cfg) -> float:
-    """Training FLOPs of a preference step over the policy's alone: 4/3 while a co-located
-    reference runs a forward (a third of forward + backward) every step, else 1."""
-    o = cfg.objective
-    if o.name not in ("dpo", "video_dpo") or getattr(o, "precompute_reference", False):
-        return 1.0
-    return 4 / 3
 
 
 def dpo_loss(

@@ -246,3 +246,12 @@ SECTIONS: dict[str, type[ObjectiveConfig]] = {
     "video_dpo": VideoDPOConfig,
 }
 """Built-in objective name -> its section."""
+
+
+def reference_flops_factor(cfg) -> float:
+    """Training FLOPs of a preference step over the policy's alone: 4/3 while a co-located
+    reference runs a forward (a third of forward + backward) every step, else 1."""
+    o = cfg.objective
+    if o.name not in ("dpo", "video_dpo") or getattr(o, "precompute_reference", False):
+        return 1.0
+    return 4 / 3

@@ -20,12 +20,6 @@ from megatron.core.utils import get_attr_wrapped_model
 
 from fmtrain.config import Config
 from fmtrain.models.registry import ModelFamily, PartSpec, RunData, with_frozen_reference
-from fmtrain.models.sizes import (
-    MemoryEstimate,
-    activation_bytes_per_layer,
-    in_flight_layer_microbatches,
-    state_bytes_per_param,
-)
 from fmtrain.models.step_video import convert
 from fmtrain.models.step_video.model import (
     MODULATION_ROWS,
@@ -36,6 +30,7 @@ from fmtrain.models.step_video.model import (
     local_video_tokens,
     transformer_config,
 )
+from fmtrain.models.step_video.sizes import memory_estimate, param_count, training_flops, workload
 from fmtrain.objectives import dpo, video_dpo
 from fmtrain.objectives import flow_matching as fm
 
@@ -134,94 +129,6 @@ def prepare_pipeline_step(cfg: Config, microbatches: list[dict]) -> tuple[list[d
     rows = pipeline_rows(cfg, microbatches)
     annotated = [{**batch, "pipeline_rows": rows} for batch in microbatches]
     return annotated, rows * p.cp * (p.tp if p.sequence_parallel else 1)
-
-
-# ----------------------------------------------------------------------------- sizes
-
-
-def _dims(cfg: Config) -> dict:
-    m = cfg.model
-    return dict(
-        layers=m.num_layers,
-        h=m.hidden_size,
-        d=cfg.head_dim,
-        ffn=m.ffn_hidden_size,
-        patch=m.in_channels * m.patch_size**2,
-        cap=m.caption_dim,
-        clip=m.clip_dim,
-        ctx=m.caption_tokens + m.clip_tokens,
-        cap_tokens=m.caption_tokens,
-        clip_tokens=m.clip_tokens,
-    )
-
-
-def block_param_count(h: int, d: int, ffn: int) -> int:
-    linear = 3 * h * h + h * h + h * h + 2 * h * h + h * h + 2 * h * ffn
-    return linear + 4 * h + 4 * d + 6 * h  # norm1/norm2 (weight+bias), 4 q/k norms, scale_shift_table
-
-
-def param_count(cfg: Config) -> int:
-    """Exact parameter count of the DiT (checked against the built module in tests)."""
-    k = _dims(cfg)
-    h = k["h"]
-    embed = k["patch"] * h + h
-    adaln = (256 * h + h) + (h * h + h) + (h * 6 * h + 6 * h)
-    caption = (2 * k["cap"] if cfg.model.caption_norm_affine else 0) + (k["cap"] * h + h) + (h * h + h)
-    clip = k["clip"] * h + h if k["clip"] else 0
-    final = 2 * h + h * k["patch"] + k["patch"]
-    return embed + adaln + caption + clip + k["layers"] * block_param_count(h, k["d"], k["ffn"]) + final
-
-
-def training_flops(cfg: Config, video_tokens: int) -> float:
-    """Model FLOPs (forward + backward = 3x forward) of one sample with ``video_tokens`` tokens.
-
-    Per layer and video token: self-attention projections 2*4h^2, cross-attention q and out
-    2*2h^2, FFN 2*2*h*ffn, attention cores 2*2*S*h (non-causal: the whole score matrix) and
-    2*2*L*h over the L context tokens; per layer and sample the context's k/v projection
-    2*2h^2*L. Plus patch embedding and output projection per token, and the text projections."""
-    k = _dims(cfg)
-    h, s, ctx = k["h"], video_tokens, k["ctx"]
-    per_token = 2 * 4 * h * h + 2 * 2 * h * h + 2 * 2 * h * k["ffn"] + 2 * 2 * s * h + 2 * 2 * ctx * h
-    per_layer = s * per_token + 2 * 2 * h * h * ctx
-    outer = s * 2 * 2 * k["patch"] * h
-    text = 2 * k["cap_tokens"] * (k["cap"] * h + h * h) + 2 * k["clip_tokens"] * k["clip"] * h
-    return 3.0 * (k["layers"] * per_layer + outer + text)
-
-
-def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -> MemoryEstimate:
-    """Peak memory of the first pipeline stage (it holds the most microbatches under 1F1B).
-
-    Activations per block: Korthikanti's GPT-layer count with flash attention (SDPA never
-    stores the score matrix) scaled by 42/34 for the cross-attention's extra stored tensors
-    (its input, queries, output and the residual: about 8 s*b*h bytes); the video tokens play
-    the sequence, s/cp of them per context-parallel rank. An estimate, like the LLM one."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    k = _dims(cfg)
-    bf16 = t.precision != "fp32"
-    layers_per_stage = m.num_layers // p.pp
-    block = block_param_count(k["h"], k["d"], k["ffn"])
-    linear = block - (4 * k["h"] + 4 * k["d"] + 6 * k["h"])
-    params = layers_per_stage * (linear // p.tp + block - linear)
-    params += param_count(cfg) - m.num_layers * block  # embedders (first stage) and final layer, replicated
-    per_layer = (
-        activation_bytes_per_layer(
-            m.seq_length / p.cp,
-            t.micro_batch_size * cfg.objective.ROWS_PER_SAMPLE,
-            k["h"],
-            m.num_attention_heads,
-            p.tp,
-            p.sequence_parallel,
-            m.recompute,
-            flash_attention=True,
-        )
-        * 42
-        / 34
-    )
-    act = per_layer * in_flight_layer_microbatches(0, m.num_layers, p.pp, p.vpp, num_microbatches) * (1 if bf16 else 2)
-    state = params * state_bytes_per_param(bf16, p.distributed_optimizer, dp * p.cp)
-    if cfg.objective.name == "video_dpo" and not cfg.objective.reference_offload:
-        state += params * (2 if bf16 else 4)  # the co-located reference: weights only
-    return MemoryEstimate(params, state, act, state + act)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -443,4 +350,5 @@ FAMILY = ModelFamily(
     sample=sample,
     eval_videos=eval_videos,
     first_step_check=dpo.first_step_check,
+    workload=workload,
 )

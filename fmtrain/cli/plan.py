@@ -1,0 +1,169 @@
+"""``fmtrain plan``: rank the layouts of a recipe (or a generic transformer) on N GPUs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+from fmtrain.config import ConfigError, import_family_part, load_config
+
+
+def _workload(args: argparse.Namespace):
+    from fmtrain.models.workload import dense_transformer
+
+    if args.arch:
+        missing = [
+            name
+            for name in ("layers", "hidden", "heads", "ffn", "vocab", "seq", "global_batch")
+            if getattr(args, name) is None
+        ]
+        if missing:
+            raise ConfigError(f"--arch {args.arch} needs --{' --'.join(m.replace('_', '-') for m in missing)}")
+        w = dense_transformer(
+            layers=args.layers,
+            hidden=args.hidden,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            ffn=args.ffn,
+            vocab=args.vocab,
+            seq=args.seq,
+            swiglu=args.swiglu,
+            tied=args.tied,
+        )
+        if args.attention_flops == "full":
+            # Megatron-LM before March 2025 (and the TFLOP/s it published) counted the causal
+            # score matrix in full
+            full = dense_transformer(
+                layers=args.layers,
+                hidden=args.hidden,
+                heads=args.heads,
+                kv_heads=args.kv_heads,
+                ffn=args.ffn,
+                vocab=args.vocab,
+                seq=args.seq,
+                swiglu=args.swiglu,
+                tied=args.tied,
+                causal=False,
+            )
+            w = replace(w, model_flops_per_sample=full.model_flops_per_sample)
+        return w, args.global_batch, True, f"--arch {args.arch}"
+    if not args.recipe:
+        raise ConfigError("fmtrain plan: give a RECIPE or --arch gpt with its dimensions")
+    cfg = load_config(args.recipe, args.overrides)
+    try:
+        # the family's sizes module: plain arithmetic, no model code (megatron) to import
+        workload = import_family_part(cfg.model.family, "sizes", "workload")
+    except ConfigError:
+        from fmtrain.models.registry import get_family
+
+        workload = get_family(cfg.model.family).workload
+    if workload is None:
+        raise ConfigError(
+            f"model.family={cfg.model.family!r} has no planner description yet (ModelFamily.workload); "
+            "fmtrain plan covers the families that define one (yi, step_video)"
+        )
+    batch = args.global_batch or cfg.train.global_batch_size
+    return workload(cfg, True), batch, cfg.train.precision != "fp32", args.recipe
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from fmtrain.plan.estimate import Settings
+    from fmtrain.plan.hardware import GIB, Efficiency, device
+    from fmtrain.plan.search import parse_layout, plan
+
+    start = time.perf_counter()
+    try:
+        gpu = device(args.gpu)
+        fixed = parse_layout(args.layout)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.gpus < 1 or args.gpus_per_node < 1:
+        raise ConfigError("--gpus and --gpus-per-node must be at least 1")
+    w, batch, bf16, source = _workload(args)
+    efficiency = Efficiency()
+    if args.calibrate:
+        from fmtrain.plan.calibrate import fit_gemm_efficiency
+
+        efficiency = fit_gemm_efficiency(args.calibrate, gpu, efficiency)
+    settings = Settings(
+        global_batch=batch,
+        device=gpu,
+        efficiency=efficiency,
+        gpus_per_node=args.gpus_per_node,
+        bf16=bf16,
+        overlap_tp=args.overlap_tp,
+        overlap_dp=not args.no_overlap_dp,
+        overlap_pp=args.overlap_pp,
+    )
+    try:
+        ranked, considered = plan(w, args.gpus, settings, fixed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    top = ranked[: args.top]
+    if args.json:
+        print(json.dumps({"source": source, "gpus": args.gpus, "gpu": gpu.name, "layouts": [p.as_json() for p in top]}))
+        return 0 if top else 1
+    print(
+        f"{source}: {w.layers} layers, hidden {w.hidden}, {w.tokens:,} tokens/sample, global batch {batch}, "
+        f"{args.gpus} x {gpu.name} ({args.gpus_per_node}/node, {gpu.memory_bytes / GIB:.0f} GiB)"
+    )
+    print(
+        f"{considered} layouts considered, {len(ranked)} fit; GEMM efficiency {efficiency.gemm:.2f}; memory includes "
+        "a 2 GiB + 5% allowance for the CUDA context, NCCL and fragmentation"
+    )
+    if not top:
+        print("no layout fits: more GPUs, a smaller micro-batch or recompute, or a larger device")
+        return 1
+    header = (
+        f"{'tp':>3} {'pp':>3} {'vpp':>3} {'cp':>3} {'dp':>5} {'mbs':>3} {'recompute':>9} {'mem GiB':>8} "
+        f"{'step s':>8} {'compute':>8} {'tp comm':>8} {'cp comm':>8} {'pp comm':>8} {'bubble':>8} {'dp comm':>8} "
+        f"{'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6}"
+    )
+    print(header)
+    for p in top:
+        lay, t = p.layout, p.time
+        print(
+            f"{lay.tp:>3} {lay.pp:>3} {lay.vpp:>3} {lay.cp:>3} {lay.dp:>5} {lay.mbs:>3} {lay.recompute:>9} "
+            f"{p.memory.total_bytes / GIB:>8.1f} {t.total_s:>8.3f} {t.compute_s:>8.3f} {t.tp_comm_s:>8.3f} "
+            f"{t.cp_comm_s:>8.3f} {t.pp_comm_s:>8.3f} {t.bubble_s:>8.3f} {t.dp_comm_s:>8.3f} "
+            f"{p.units_per_s_per_gpu:>10,.0f} {p.tflops_per_gpu:>8.1f} {p.mfu:>6.1%}"
+        )
+    print(f"({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def register_plan(sub) -> None:
+    plan = sub.add_parser("plan", help="rank layouts (TP/PP/VPP/CP/DP, micro-batch, recompute) for N GPUs")
+    plan.add_argument("recipe", nargs="?", default="")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu", default="h100", help="h100 | h200 | h800 | a100 | b200 (default h100)")
+    plan.add_argument("--top", type=int, default=10)
+    plan.add_argument("--json", action="store_true")
+    plan.add_argument("--layout", default="", help="fix fields: tp=8,pp=2,vpp=1,cp=1,mbs=1,recompute=selective,sp=1")
+    plan.add_argument("--calibrate", default="", help="a run directory whose metrics.jsonl sets the GEMM efficiency")
+    plan.add_argument("--overlap-tp", type=float, default=0.0, help="share of TP collectives hidden (TE comm overlap)")
+    plan.add_argument("--overlap-pp", action="store_true", help="point-to-point sends overlapped with compute")
+    plan.add_argument("--no-overlap-dp", action="store_true", help="gradient reduce and param gather not overlapped")
+    arch = plan.add_argument_group("a generic dense transformer (instead of a recipe)")
+    arch.add_argument("--arch", choices=["gpt"], default="")
+    arch.add_argument("--layers", type=int)
+    arch.add_argument("--hidden", type=int)
+    arch.add_argument("--heads", type=int)
+    arch.add_argument("--kv-heads", type=int, default=None)
+    arch.add_argument("--ffn", type=int)
+    arch.add_argument("--swiglu", action="store_true")
+    arch.add_argument("--tied", action="store_true")
+    arch.add_argument("--vocab", type=int)
+    arch.add_argument("--seq", type=int)
+    arch.add_argument("--global-batch", type=int, default=None)
+    arch.add_argument(
+        "--attention-flops",
+        choices=["causal", "full"],
+        default="causal",
+        help="count the causal score matrix half (Megatron since 2025) or full (older published TFLOP/s)",
+    )
+    plan.set_defaults(func=cmd_plan)

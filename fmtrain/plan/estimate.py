@@ -1,0 +1,396 @@
+"""Per-GPU memory and step time of one layout of a :class:`~fmtrain.models.workload.Workload`.
+
+Memory (bytes one GPU holds, for the busiest pipeline stage):
+
+- model state: the stage's parameters (its blocks' weights over TP; the embedding on the
+  first stage, the output layer on the last) times the bytes per parameter of Megatron's
+  distributed optimizer (bf16: 2 weight + 4 fp32 gradient + 12/(DP x CP) master, m, v; fp32:
+  4 + 4 + 8/(DP x CP); without the distributed optimizer 18 / 16);
+- activations: what each block keeps for backward per token (``Block.saved``) times the
+  tokens of a microbatch on this rank (divided by CP), times the layer-microbatches in flight
+  at the stage's peak under 1F1B (``in_flight_layer_microbatches``; full recompute keeps only
+  the block inputs and, during one block's backward, that block's activations again); plus
+  the stage's own tensors (RoPE tables; the last stage's final norm and the loss's softmax);
+- the backward's working memory: one block's gradients, about the size of what it saved;
+- an allowance for what none of that counts (CUDA context, NCCL buffers, the allocator's
+  fragmentation): ``ALLOWANCE_BYTES`` plus ``ALLOWANCE_FRACTION`` of the rest. ``fits`` holds
+  when the total with the allowance is within the device's memory.
+
+Step time (one optimizer step):
+
+- each microbatch's compute on the slowest stage: every matmul at ``gemm`` efficiency plus
+  its HBM traffic, attention cores at ``attention`` efficiency on the FLOPs they execute, the
+  memory-bound kernels at ``hbm`` bandwidth; backward is 2x the matmuls and 2.5x attention;
+  recompute adds the forward it recomputes;
+- tensor-parallel all-reduces (reduce-scatter + all-gather under SP) and Ulysses all-to-alls
+  per layer, on NVLink inside a node, the fabric across nodes, exposed except the share
+  ``overlap_tp`` hides;
+- the pipeline: ``m`` microbatches plus the 1F1B bubble of ``(pp - 1) / vpp`` microbatches,
+  and the point-to-point sends of each microbatch;
+- the data-parallel gradient reduce-scatter and parameter all-gather, hidden behind the last
+  microbatch's backward and the first one's forward where ``overlap_dp`` is set;
+- the optimizer's update, memory-bound over the rank's shard.
+
+The FLOP counts come from the workload; MFU and TFLOP/s/GPU divide the family's model FLOPs
+(``Workload.model_flops_per_sample``), as the training metrics do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from fmtrain.models.sizes import in_flight_layer_microbatches
+from fmtrain.models.workload import Block, Matmul, Workload
+from fmtrain.plan.hardware import GIB, Device, Efficiency
+
+ALLOWANCE_BYTES = 2 * GIB
+ALLOWANCE_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    cp: int = 1
+    dp: int = 1
+    mbs: int = 1
+    recompute: str = "none"
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    def describe(self) -> str:
+        sp = " sp" if self.sequence_parallel else ""
+        return (
+            f"tp={self.tp} pp={self.pp} vpp={self.vpp} cp={self.cp} dp={self.dp} mbs={self.mbs} "
+            f"recompute={self.recompute}{sp}"
+        )
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the layout does not fix: batch, precision, overlaps, the machine."""
+
+    global_batch: int
+    device: Device
+    efficiency: Efficiency = Efficiency()
+    gpus_per_node: int = 8
+    bf16: bool = True
+    overlap_tp: float = 0.0
+    """Share of the TP collectives hidden behind compute (Transformer Engine's comm overlap)."""
+    overlap_dp: bool = True
+    overlap_pp: bool = False
+    grad_reduce_bytes: int = 4
+    """Bytes per gradient value in the data-parallel reduction (fp32 main gradients)."""
+
+    @property
+    def act_bytes(self) -> int:
+        return 2 if self.bf16 else 4
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    params: int
+    state_bytes: float
+    activation_bytes: float
+    workspace_bytes: float
+
+    @property
+    def allocated_bytes(self) -> float:
+        return self.state_bytes + self.activation_bytes + self.workspace_bytes
+
+    @property
+    def total_bytes(self) -> float:
+        """With the allowance for the CUDA context, NCCL and fragmentation."""
+        return self.allocated_bytes * (1 + ALLOWANCE_FRACTION) + ALLOWANCE_BYTES
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute_s: float
+    tp_comm_s: float
+    cp_comm_s: float
+    pp_comm_s: float
+    bubble_s: float
+    dp_comm_s: float
+    optimizer_s: float
+
+    @property
+    def total_s(self) -> float:
+        return sum(asdict(self).values())
+
+
+@dataclass(frozen=True)
+class Prediction:
+    layout: Layout
+    memory: StageMemory
+    time: StepTime
+    fits: bool
+    units_per_s_per_gpu: float
+    tflops_per_gpu: float
+    mfu: float
+
+    def as_json(self) -> dict:
+        lay, mem, t = self.layout, self.memory, self.time
+        return {
+            "tp": lay.tp,
+            "pp": lay.pp,
+            "vpp": lay.vpp,
+            "cp": lay.cp,
+            "dp": lay.dp,
+            "mbs": lay.mbs,
+            "recompute": lay.recompute,
+            "sequence_parallel": lay.sequence_parallel,
+            "distributed_optimizer": lay.distributed_optimizer,
+            "memory_gib": round(mem.total_bytes / GIB, 3),
+            "allocated_gib": round(mem.allocated_bytes / GIB, 3),
+            "state_gib": round(mem.state_bytes / GIB, 3),
+            "activation_gib": round(mem.activation_bytes / GIB, 3),
+            "fits": self.fits,
+            "step_time_s": round(t.total_s, 5),
+            **{key: round(value, 5) for key, value in asdict(t).items()},
+            "tokens_per_s_per_gpu": round(self.units_per_s_per_gpu, 1),
+            "tflops_per_gpu": round(self.tflops_per_gpu, 1),
+            "mfu": round(self.mfu, 4),
+        }
+
+
+def microbatches(workload: Workload, layout: Layout, settings: Settings) -> int:
+    per_replica = settings.global_batch // layout.dp
+    return max(1, per_replica // layout.mbs)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _stage_params(w: Workload, lay: Layout, rank: int) -> int:
+    b = w.block
+    params = (w.layers // lay.pp) * (b.split_params // lay.tp + b.whole_params)
+    if rank == 0:
+        params += w.first_params_split // lay.tp + w.first_params_whole
+    if rank == lay.pp - 1:
+        params += w.last_params_split // lay.tp + w.last_params_whole
+        if w.tied_embeddings and lay.pp > 1:
+            params += w.first_params_split // lay.tp  # megatron keeps a copy of the tied embedding
+    return params
+
+
+def state_bytes_per_param(lay: Layout, bf16: bool) -> float:
+    shards = lay.dp * lay.cp
+    if bf16:
+        return 6 + 12 / shards if lay.distributed_optimizer else 18.0
+    return 8 + 8 / shards if lay.distributed_optimizer else 16.0
+
+
+def _block_bytes(b: Block, saved, w: Workload, lay: Layout, s: Settings) -> float:
+    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
+    per_token = saved.bytes_per_token(s.act_bytes, lay.tp, lay.sequence_parallel)
+    context = b.saved_context.bytes_per_token(s.act_bytes, lay.tp, False) * lay.mbs * w.context_tokens
+    return per_token * tokens + context
+
+
+def _saved_for(b: Block, recompute: str):
+    if recompute == "selective":
+        if b.saved_selective is None:
+            raise ValueError("selective recompute is not supported by this family")
+        return b.saved_selective
+    return b.saved
+
+
+def stage_memory(w: Workload, lay: Layout, s: Settings, rank: int) -> StageMemory:
+    """Bytes pipeline stage ``rank`` holds at its peak (any rank of the stage)."""
+    params = _stage_params(w, lay, rank)
+    state = params * state_bytes_per_param(lay, s.bf16)
+    m = microbatches(w, lay, s)
+    in_flight = in_flight_layer_microbatches(rank, w.layers, lay.pp, lay.vpp, m)
+    full_block = _block_bytes(w.block, _saved_for(w.block, "none"), w, lay, s)
+    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
+    tables = w.tables_per_token * w.tokens / lay.cp * s.act_bytes
+    last = 0.0
+    if rank == lay.pp - 1:
+        last = w.last_saved.bytes_per_token(s.act_bytes, lay.tp, lay.sequence_parallel) * tokens
+    if lay.recompute == "full":
+        inputs = _block_bytes(w.block, w.block.saved_input, w, lay, s)
+        # the forward's end (every block input and the loss) or one block's backward (its
+        # recomputed activations in place of its input; the loss's buffers are freed by then)
+        activations = max(in_flight * inputs + last, (in_flight - 1) * inputs + full_block) + tables
+    else:
+        activations = in_flight * _block_bytes(w.block, _saved_for(w.block, lay.recompute), w, lay, s) + last + tables
+    return StageMemory(params, state, activations, workspace_bytes=full_block)
+
+
+def peak_memory(w: Workload, lay: Layout, s: Settings) -> StageMemory:
+    stages = [stage_memory(w, lay, s, 0)]
+    if lay.pp > 1:
+        stages.append(stage_memory(w, lay, s, lay.pp - 1))
+    return max(stages, key=lambda stage: stage.allocated_bytes)
+
+
+# ----------------------------------------------------------------------------- time
+
+
+def _matmul_time(mm: Matmul, rows: float, lay: Layout, s: Settings) -> float:
+    n, k = mm.outputs, mm.inputs
+    if mm.split == "column":
+        n /= lay.tp
+    elif mm.split == "row":
+        k /= lay.tp
+    flops = 2 * rows * n * k
+    traffic = s.act_bytes * (rows * k + k * n + rows * n)
+    e = s.efficiency
+    return flops / (s.device.peak_flops * e.gemm) + traffic / (s.device.hbm_bytes_per_s * e.hbm)
+
+
+def _layer_times(w: Workload, lay: Layout, s: Settings) -> tuple[float, float, float]:
+    """(forward, backward, attention forward) seconds of one block for one microbatch."""
+    b, e, dev = w.block, s.efficiency, s.device
+    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
+    context = lay.mbs * w.context_tokens
+    gemm = sum(_matmul_time(mm, tokens if mm.rows == "tokens" else context, lay, s) for mm in b.matmuls)
+    attention = 0.0
+    for core in b.attention:
+        keys = w.tokens if core.keys == "tokens" else w.context_tokens
+        flops = 4 * tokens * keys * (core.heads / lay.tp) * core.head_dim
+        if core.causal and core.keys == "tokens":
+            flops /= 2
+        attention += flops / (dev.peak_flops * e.attention)
+    whole = b.elementwise_whole / (lay.tp if lay.sequence_parallel else 1)
+    elementwise = (whole + b.elementwise_split / lay.tp) * tokens * s.act_bytes / (dev.hbm_bytes_per_s * e.hbm)
+    # every kernel also pays a launch and tail cost: about eight memory-bound kernels per block
+    # forward (norms, residual adds, RoPE, the activation), twelve in backward
+    kernels_fwd = len(b.matmuls) + len(b.attention) + 8
+    kernels_bwd = 2 * len(b.matmuls) + len(b.attention) + 12
+    forward = gemm + attention + elementwise + kernels_fwd * e.kernel_s
+    backward = 2 * gemm + 2.5 * attention + 2 * elementwise + kernels_bwd * e.kernel_s
+    return forward, backward, attention
+
+
+def _bandwidth(ranks: int, stride: int, s: Settings) -> float:
+    """Bytes/s per rank of a collective over ``ranks`` ranks ``stride`` apart in rank order.
+
+    Inside one node: NVLink. Across nodes NCCL runs one ring per NIC, so a group with ``k``
+    members on each node moves its inter-node traffic over ``k`` NICs at once (capped by
+    NVLink); a group with one member per node has its own NIC only.
+    """
+    per_node = max(1, min(ranks, s.gpus_per_node // stride)) if stride < s.gpus_per_node else 1
+    if ranks * stride <= s.gpus_per_node:
+        link = s.device.nvlink_bytes_per_s
+    else:
+        link = min(s.device.nvlink_bytes_per_s, s.device.internode_bytes_per_s * per_node)
+    return link * s.efficiency.network
+
+
+def _all_reduce_time(nbytes: float, ranks: int, stride: int, s: Settings) -> float:
+    if ranks == 1:
+        return 0.0
+    return 2 * (ranks - 1) / ranks * nbytes / _bandwidth(ranks, stride, s) + s.efficiency.latency_s
+
+
+def _half_collective_time(nbytes: float, ranks: int, stride: int, s: Settings) -> float:
+    """A reduce-scatter, all-gather or all-to-all of ``nbytes`` per rank."""
+    if ranks == 1:
+        return 0.0
+    return (ranks - 1) / ranks * nbytes / _bandwidth(ranks, stride, s) + s.efficiency.latency_s
+
+
+def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
+    b, e, dev = w.block, s.efficiency, s.device
+    m = microbatches(w, lay, s)
+    layers = w.layers // lay.pp
+    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
+    forward, backward, attention_fwd = _layer_times(w, lay, s)
+    recompute = {"none": 0.0, "selective": attention_fwd, "full": forward}[lay.recompute]
+    layer = forward + backward + recompute
+    # the output layer and the loss on the last stage (the embedding lookup is negligible)
+    head = sum(3 * _matmul_time(mm, tokens, lay, s) for mm in w.head_matmuls)
+    head += 3 * sum(mm.outputs / lay.tp for mm in w.head_matmuls) * tokens * 4 * 2 / (dev.hbm_bytes_per_s * e.hbm)
+    compute_mb = layers * layer + head
+
+    activation = tokens * w.hidden * s.act_bytes
+    tp_layer = 2 * b.tp_reductions * _all_reduce_time(activation, lay.tp, 1, s)
+    tp_mb = layers * tp_layer * (1 - s.overlap_tp)
+    cp_mb = 0.0
+    if lay.cp > 1:
+        q_kv_out = sum(2 * core.heads * core.head_dim for core in b.attention if core.keys == "tokens")
+        q_kv_out += 2 * w.kv_heads * (w.hidden // w.heads)
+        exchanged = tokens * q_kv_out / lay.tp * s.act_bytes
+        cp_mb = layers * 2 * _half_collective_time(exchanged, lay.cp, lay.tp, s)
+
+    per_mb = compute_mb + tp_mb + cp_mb
+    bubble = (lay.pp - 1) / lay.vpp * per_mb
+    pp_comm = 0.0
+    if lay.pp > 1:
+        sent = activation / (lay.tp if lay.sequence_parallel else 1)
+        # megatron's rank order is tp-cp-dp-pp: neighbouring stages are tp*cp*dp ranks apart
+        one = sent / _bandwidth(2, lay.tp * lay.cp * lay.dp, s) + e.latency_s
+        pp_comm = 2 * m * lay.vpp * one * (0.2 if s.overlap_pp else 1.0)
+
+    params = _stage_params(w, lay, 0 if lay.pp == 1 else lay.pp - 1)
+    shards = lay.dp * lay.cp
+    if lay.distributed_optimizer:
+        reduce = _half_collective_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
+        gather = _half_collective_time(params * s.act_bytes, shards, lay.tp, s)
+    else:
+        reduce = _all_reduce_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
+        gather = 0.0
+    if s.overlap_dp and shards > 1:
+        last_backward = layers * (backward + recompute)
+        first_forward = layers * forward
+        buckets = max(1, layers)
+        dp_comm = max(0.0, reduce - last_backward) + reduce / buckets
+        dp_comm += max(0.0, gather - first_forward) + gather / buckets
+    else:
+        dp_comm = reduce + gather
+    # Adam over the shard: fp32 master, m and v read and written, the gradient read, the
+    # 16-bit weight written; the gradient norm reads the gradients once more
+    shard = params / (shards if lay.distributed_optimizer else 1)
+    optimizer = (shard * (24 + 4 + s.act_bytes) + params * s.grad_reduce_bytes) / (dev.hbm_bytes_per_s * e.hbm)
+
+    return StepTime(
+        compute_s=m * compute_mb,
+        tp_comm_s=m * tp_mb,
+        cp_comm_s=m * cp_mb,
+        pp_comm_s=pp_comm,
+        bubble_s=bubble,
+        dp_comm_s=dp_comm,
+        optimizer_s=optimizer,
+    )
+
+
+def predict(w: Workload, lay: Layout, s: Settings) -> Prediction:
+    memory = peak_memory(w, lay, s)
+    time = step_time(w, lay, s)
+    gpus = lay.gpus
+    samples_per_s = s.global_batch / time.total_s
+    units = samples_per_s * w.tokens * w.rows_per_sample / gpus
+    flops = samples_per_s * w.model_flops_per_sample / gpus
+    return Prediction(
+        layout=lay,
+        memory=memory,
+        time=time,
+        fits=memory.total_bytes <= s.device.memory_bytes,
+        units_per_s_per_gpu=units,
+        tflops_per_gpu=flops / 1e12,
+        mfu=flops / s.device.peak_flops,
+    )
+
+
+__all__ = [
+    "ALLOWANCE_BYTES",
+    "ALLOWANCE_FRACTION",
+    "Layout",
+    "Prediction",
+    "Settings",
+    "StageMemory",
+    "StepTime",
+    "microbatches",
+    "peak_memory",
+    "predict",
+    "stage_memory",
+    "state_bytes_per_param",
+    "step_time",
+]

@@ -1,0 +1,171 @@
+"""Worker for tests/test_plan.py: the bytes each rank holds, measured, for several layouts.
+
+``python -m torch.distributed.run --nproc_per_node 4 tests/plan_memory_worker.py OUT FAMILY LAYOUTS``
+runs, in one process group, one training step of ``FAMILY`` (yi | step_video, tiny shapes,
+fp32) for each layout of LAYOUTS (``tp,pp,vpp,recompute[,sp];...``; DP is the rest of the world)
+and records per rank:
+
+- ``activation_bytes``: the peak over the step of the distinct storages autograd keeps for
+  backward (saved-tensor hooks; each storage counted from the first tensor saved on it until
+  the last such tensor is freed; parameters excluded): the activations of every microbatch in
+  flight under the pipeline schedule, the loss's buffers, and a recomputed layer during its
+  backward;
+- ``state_bytes``: parameters, gradient buffers and optimizer state the rank holds (the
+  DDP buffers and every tensor of the optimizer's state, summed).
+
+Rank 0 writes ``{layout: [per-rank dicts]}`` to OUT (torch.save).
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parent.parent
+
+SHAPES = {
+    "yi": [
+        "model.num_layers=4",
+        "model.hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.ffn_hidden_size=128",
+        "model.vocab_size=512",
+        "model.seq_length=512",
+    ],
+    "step_video": ["model.num_layers=4", "model.seq_length=512", "data.synthetic_latent_shapes=[[2,16,16]]"],
+}
+RECIPES = {"yi": "yi/tiny.yaml", "step_video": "step_video/dit_tiny.yaml"}
+MICROBATCHES = 4
+
+
+class LiveSavedBytes:
+    """Peak bytes of the distinct storages autograd holds for backward."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude = exclude
+        self.refs: dict[int, int] = {}
+        self.sizes: dict[int, int] = {}
+        self.live = 0
+        self.peak = 0
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.numel() and tensor.data_ptr() not in self.exclude:
+            storage = tensor.untyped_storage()
+            key = storage.data_ptr()
+            if key not in self.refs:
+                self.refs[key] = 0
+                self.sizes[key] = storage.nbytes()
+                self.live += storage.nbytes()
+                self.peak = max(self.peak, self.live)
+            self.refs[key] += 1
+            weakref.finalize(tensor, self._release, key)
+        return tensor
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            del self.refs[key]
+            self.live -= self.sizes.pop(key)
+
+
+def microbatch(cfg, index: int) -> dict:
+    g = torch.Generator().manual_seed(index)
+    m = cfg.model
+    if m.family == "yi":
+        tokens = torch.randint(0, m.vocab_size, (1, m.seq_length + 1), generator=g)
+        return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, m.seq_length)}
+    t, h, w = cfg.data.synthetic_latent_shapes[0]
+    return {
+        "latent": torch.randn(1, m.in_channels, t, h, w, generator=g),
+        "text_emb": torch.randn(1, m.caption_tokens, m.caption_dim, generator=g),
+        "text_mask": torch.ones(1, m.caption_tokens, dtype=torch.bool),
+        "clip_emb": torch.randn(1, m.clip_tokens, m.clip_dim, generator=g),
+        "clip_mask": torch.ones(1, m.clip_tokens, dtype=torch.bool),
+        "sample_seed": torch.tensor([index]),
+    }
+
+
+def state_bytes(engine) -> int:
+    total = 0
+    for chunk in engine.primary.chunks:
+        for buffer in chunk.buffers:
+            total += buffer.param_data.numel() * buffer.param_data.element_size()
+            total += buffer.grad_data.numel() * buffer.grad_data.element_size()
+    seen = set()
+    for optimizer in getattr(engine.primary.optimizer, "chained_optimizers", [engine.primary.optimizer]):
+        inner = optimizer.optimizer
+        for state in inner.state.values():
+            for value in state.values():
+                if torch.is_tensor(value) and value.numel() > 1 and value.data_ptr() not in seen:
+                    seen.add(value.data_ptr())
+                    total += value.numel() * value.element_size()
+        for group in getattr(optimizer, "shard_fp32_from_float16_groups", []):
+            for shard in group:
+                total += shard.numel() * shard.element_size()
+    return total
+
+
+def measure(family: str, tp: int, pp: int, vpp: int, recompute: str, sp: bool, world: int) -> dict:
+    from megatron.core import parallel_state
+
+    from fmtrain import parallel
+    from fmtrain.config import load_config
+    from fmtrain.engine.megatron import MegatronEngine
+    from fmtrain.models.registry import get_family
+
+    dp = world // (tp * pp)
+    overrides = SHAPES[family] + [
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.vpp={vpp}",
+        f"parallel.sequence_parallel={str(sp).lower()}",
+        f"model.recompute={recompute}",
+        f"train.global_batch_size={MICROBATCHES * dp}",
+        "train.micro_batch_size=1",
+        "train.precision=fp32",
+    ]
+    cfg = load_config(REPO / "recipes" / RECIPES[family], overrides)
+    topo = parallel.initialize(cfg)
+    engine = MegatronEngine(cfg, topo, get_family(cfg.model.family))
+    params = {p.data_ptr() for chunk in engine.primary.chunks for p in chunk.parameters()}
+    counter = LiveSavedBytes(params)
+    batches = [microbatch(cfg, topo.dp_rank * MICROBATCHES + i) for i in range(MICROBATCHES)]
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
+        engine.train_step(batches, lr=1e-3)
+    result = {
+        "activation_bytes": counter.peak,
+        "state_bytes": state_bytes(engine),
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "dp": dp,
+    }
+    del engine
+    parallel_state.destroy_model_parallel()
+    return result
+
+
+def main() -> None:
+    out, family, layouts = sys.argv[1], sys.argv[2], sys.argv[3]
+    results = {}
+    for layout in layouts.split(";"):
+        fields = layout.split(",")
+        tp, pp, vpp = (int(x) for x in fields[:3])
+        recompute, sp = fields[3], len(fields) > 4 and fields[4] == "sp"
+        world = int(__import__("os").environ["WORLD_SIZE"])
+        mine = measure(family, tp, pp, vpp, recompute, sp, world)
+        gathered = [None] * world if dist.get_rank() == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        results[layout] = gathered
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
