@@ -11,13 +11,19 @@ and records per rank:
   flight under the pipeline schedule, the loss's buffers, and a recomputed layer during its
   backward;
 - ``state_bytes``: parameters, gradient buffers and optimizer state the rank holds (the
-  DDP buffers and every tensor of the optimizer's state, summed).
+  DDP buffers and every tensor of the optimizer's state, summed);
+- ``comm_bytes``: by group (tp, cp, pp, dp, other), the bytes the rank handed to
+  torch.distributed during the step: the tensor of an all-reduce or a send, the whole tensor
+  of a reduce-scatter (its input) or an all-gather (its output). torch.distributed's functions
+  are wrapped before megatron imports them; a collective called from inside another (a
+  fallback) counts once.
 
 Rank 0 writes ``{layout: [per-rank dicts]}`` to OUT (torch.save).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from pathlib import Path
@@ -41,6 +47,66 @@ SHAPES = {
 }
 RECIPES = {"yi": "yi/tiny.yaml", "step_video": "step_video/dit_tiny.yaml"}
 MICROBATCHES = 4
+
+
+class CollectiveBytes:
+    """Bytes handed to torch.distributed per group while ``counting``."""
+
+    # name: (position of the tensor whose bytes count, position of the group argument)
+    WRAPPED = {
+        "all_reduce": (0, 2),
+        "reduce_scatter_tensor": (1, 3),
+        "_reduce_scatter_base": (1, 3),
+        "all_gather_into_tensor": (0, 2),
+        "_all_gather_base": (0, 2),
+        "all_to_all_single": (1, 4),
+        "isend": (0, 2),
+        "send": (0, 2),
+    }
+
+    def __init__(self):
+        from torch.distributed import distributed_c10d
+
+        self.counting = False
+        self.depth = 0
+        self.bytes: dict[str, int] = {}
+        for name, (tensor_at, group_at) in self.WRAPPED.items():
+            # both names: torch's P2POp checks its op against distributed_c10d.isend
+            wrapped = self._wrap(getattr(dist, name), tensor_at, group_at)
+            setattr(dist, name, wrapped)
+            setattr(distributed_c10d, name, wrapped)
+
+    def _label(self, group) -> str:
+        from megatron.core import parallel_state as ps
+
+        for label, get in (
+            ("tp", ps.get_tensor_model_parallel_group),
+            ("cp", ps.get_context_parallel_group),
+            ("pp", ps.get_pipeline_model_parallel_group),
+            ("dp", lambda: ps.get_data_parallel_group(with_context_parallel=True)),
+        ):
+            if group is not None and group == get():
+                return label
+        return "other"
+
+    def _wrap(self, function, tensor_at: int, group_at: int):
+        @functools.wraps(function)
+        def wrapped(*args, **kwargs):
+            if self.counting and self.depth == 0:
+                tensor = args[tensor_at]
+                group = kwargs.get("group", args[group_at] if len(args) > group_at else None)
+                label = self._label(group)
+                self.bytes[label] = self.bytes.get(label, 0) + tensor.numel() * tensor.element_size()
+            self.depth += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.depth -= 1
+
+        return wrapped
+
+
+COLLECTIVES = CollectiveBytes()
 
 
 class LiveSavedBytes:
@@ -135,9 +201,13 @@ def measure(family: str, tp: int, pp: int, vpp: int, recompute: str, sp: bool, w
     params = {p.data_ptr() for chunk in engine.primary.chunks for p in chunk.parameters()}
     counter = LiveSavedBytes(params)
     batches = [microbatch(cfg, topo.dp_rank * MICROBATCHES + i) for i in range(MICROBATCHES)]
+    COLLECTIVES.bytes = {}
+    COLLECTIVES.counting = True
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
         engine.train_step(batches, lr=1e-3)
+    COLLECTIVES.counting = False
     result = {
+        "comm_bytes": dict(COLLECTIVES.bytes),
         "activation_bytes": counter.peak,
         "state_bytes": state_bytes(engine),
         "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),

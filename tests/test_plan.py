@@ -16,7 +16,7 @@ from fmtrain.cli import main as fmtrain_main
 from fmtrain.config import import_family_part, load_config
 from fmtrain.launch.local import free_port
 from fmtrain.models.workload import dense_transformer
-from fmtrain.plan.estimate import Layout, Settings, peak_memory, predict, stage_memory
+from fmtrain.plan.estimate import Layout, Settings, communication_bytes, peak_memory, predict, stage_memory
 from fmtrain.plan.hardware import DEVICES, GIB
 from fmtrain.plan.search import plan
 
@@ -33,19 +33,26 @@ RECOMPUTES = {"yi": ("none", "selective"), "step_video": ("none", "full")}
 LOOSER = {("yi", "2,1,1,selective,sp"): 0.07, ("yi", "2,2,1,selective,sp"): 0.07, ("step_video", "2,2,1,full,sp"): 0.07}
 
 
+# Yi at world 8 so that (2, 2, 1) has DP = 2 for the communication check; the DiT at world 4.
+WORLD = {"yi": 8, "step_video": 4}
+
+
 def _measure(tmp_path, family: str) -> dict:
-    layouts = ";".join(
+    layouts = [
         f"{tp},{pp},{vpp},{recompute}" + (",sp" if tp > 1 else "")
         for recompute in RECOMPUTES[family]
         for tp, pp, vpp in LAYOUTS
-    )
+    ]
+    if family == "yi":
+        layouts.append("2,2,1,none")  # TP without SP: all-reduces instead of gathers and scatters
+    layouts = ";".join(layouts)
     out = tmp_path / f"{family}.pt"
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
-        "4",
+        str(WORLD[family]),
         "--master_port",
         str(free_port()),
         str(REPO / "tests" / "plan_memory_worker.py"),
@@ -61,10 +68,12 @@ def _measure(tmp_path, family: str) -> dict:
 
 
 @pytest.mark.parametrize("family", ["yi", "step_video"])
-def test_planner_memory_matches_measured_bytes_per_rank(tmp_path, family):
+def test_planner_memory_and_communication_match_measured_bytes_per_rank(tmp_path, family):
     """Every rank of every layout: the planner's activation bytes (peak of what autograd holds
     over a 4-microbatch 1F1B step) and model-state bytes (parameters, gradient buffers,
-    optimizer state) against the counts of the real run, fp32 on gloo, within 5%."""
+    optimizer state) against the counts of the real run, fp32 on gloo, within 5%; for Yi also
+    the bytes each rank hands to the TP, PP and DP groups' collectives in the step (wrapped
+    torch.distributed calls; TP = PP = DP = 2 among the layouts), within 5%."""
     measured = _measure(tmp_path, family)
     errors = []
     for key, ranks in measured.items():
@@ -83,6 +92,14 @@ def test_planner_memory_matches_measured_bytes_per_rank(tmp_path, family):
                 ratio = value / rank[f"{what}_bytes"]
                 if abs(ratio - 1) > tolerance:
                     errors.append(f"{key} pp_rank {rank['pp_rank']}: {what} {ratio:.3f}x measured")
+            if family != "yi":
+                continue
+            volume = communication_bytes(workload, layout, settings, rank["pp_rank"])
+            for group, size in (("tp", tp), ("pp", pp), ("dp", dp)):
+                if size > 1:
+                    ratio = getattr(volume, group) / rank["comm_bytes"][group]
+                    if abs(ratio - 1) > 0.05:
+                        errors.append(f"{key} pp_rank {rank['pp_rank']}: {group} bytes {ratio:.3f}x measured")
     assert not errors, "\n".join(errors)
 
 

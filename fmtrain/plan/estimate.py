@@ -297,6 +297,66 @@ def _half_collective_time(nbytes: float, ranks: int, stride: int, s: Settings) -
     return (ranks - 1) / ranks * nbytes / _bandwidth(ranks, stride, s) + s.efficiency.latency_s
 
 
+@dataclass(frozen=True)
+class Communication:
+    """Bytes one rank hands to the collectives of each group in one step: the tensor of an
+    all-reduce, the whole (unsharded) tensor of a reduce-scatter or all-gather, the tensor a
+    point-to-point send carries."""
+
+    tp: float
+    cp: float
+    pp: float
+    dp: float
+
+
+def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Communication:
+    """Per-step collective volume of pipeline stage ``rank`` (any rank of the stage).
+
+    TP, per block and microbatch: each of the block's ``tp_reductions`` row-parallel outputs is
+    all-reduced in forward and its paired column-parallel input gradient in backward; under
+    sequence parallelism the forward is an all-gather plus a reduce-scatter, the backward a
+    reduce-scatter, an all-gather of the gradient and the all-gather that rebuilds the
+    column-parallel input for its weight gradient (megatron keeps the input sharded). The
+    embedding's output is reduced on the first stage; the output layer's input is gathered
+    (SP) or its gradient reduced on the last, and the vocab-parallel cross entropy reduces three
+    fp32 values per token. CP: Ulysses' all-to-alls of q, k, v and the output, in both
+    directions. PP: each microbatch's activation sent forward and its gradient backward across
+    each boundary. DP: the distributed optimizer's gradient reduce-scatter and parameter
+    all-gather (or one all-reduce) over DP x CP.
+    """
+    b = w.block
+    m = microbatches(w, lay, s)
+    layers = w.layers // lay.pp
+    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
+    activation = tokens * w.hidden * s.act_bytes
+    tp = 0.0
+    if lay.tp > 1:
+        per_pair = 5 if lay.sequence_parallel else 2
+        tp = layers * b.tp_reductions * per_pair * activation
+        if rank == 0 and w.first_params_split:
+            # the vocab-parallel embedding's reduction (SP: reduce-scatter, gathered in backward)
+            tp += (2 if lay.sequence_parallel else 1) * activation
+        if rank == lay.pp - 1 and w.last_params_split:
+            tp += (3 if lay.sequence_parallel else 1) * activation + 3 * tokens * 4
+        tp *= m
+    cp = 0.0
+    if lay.cp > 1:
+        widths = sum(2 * core.heads * core.head_dim for core in b.attention if core.keys == "tokens")
+        widths += 2 * w.kv_heads * (w.hidden // w.heads)
+        cp = m * layers * 2 * tokens * widths / lay.tp * s.act_bytes
+    pp = 0.0
+    if lay.pp > 1:
+        sent = activation / (lay.tp if lay.sequence_parallel else 1)
+        forward_sends = m * lay.vpp - (m if rank == lay.pp - 1 else 0)
+        backward_sends = m * lay.vpp - (m if rank == 0 else 0)
+        pp = (forward_sends + backward_sends) * sent
+    dp = 0.0
+    if lay.dp * lay.cp > 1:
+        params = _stage_params(w, lay, rank)
+        dp = params * s.grad_reduce_bytes + (params * s.act_bytes if lay.distributed_optimizer else 0)
+    return Communication(tp=tp, cp=cp, pp=pp, dp=dp)
+
+
 def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
     b, e, dev = w.block, s.efficiency, s.device
     m = microbatches(w, lay, s)
@@ -311,7 +371,10 @@ def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
     compute_mb = layers * layer + head
 
     activation = tokens * w.hidden * s.act_bytes
-    tp_layer = 2 * b.tp_reductions * _all_reduce_time(activation, lay.tp, 1, s)
+    if lay.sequence_parallel:  # five reduce-scatters / all-gathers per pair (communication_bytes)
+        tp_layer = 5 * b.tp_reductions * _half_collective_time(activation, lay.tp, 1, s)
+    else:
+        tp_layer = 2 * b.tp_reductions * _all_reduce_time(activation, lay.tp, 1, s)
     tp_mb = layers * tp_layer * (1 - s.overlap_tp)
     cp_mb = 0.0
     if lay.cp > 1:
@@ -387,6 +450,8 @@ __all__ = [
     "Settings",
     "StageMemory",
     "StepTime",
+    "Communication",
+    "communication_bytes",
     "microbatches",
     "peak_memory",
     "predict",
