@@ -8,13 +8,12 @@ from fmtrain.config import Config, load_config
 from fmtrain.models.sizes import (
     activation_bytes_per_layer,
     in_flight_layer_microbatches,
-    memory_per_gpu,
     state_bytes_per_param,
     transformer_param_count,
     transformer_training_flops_per_token,
 )
+from fmtrain.models.workload import Layout, dense_transformer, family_workload, layout_of, peak_memory
 from fmtrain.models.yi.sizes import flops_per_token as model_flops_per_token_from_config
-from fmtrain.models.yi.sizes import memory_estimate as memory_per_gpu_from_config
 from fmtrain.models.yi.sizes import param_count as param_count_from_config
 
 YI_6B = dict(num_layers=32, hidden=4096, heads=32, kv_heads=4, head_dim=128, ffn=11008, vocab=64000)
@@ -134,80 +133,63 @@ def test_pipeline_in_flight_microbatches():
     assert in_flight_layer_microbatches(0, 1, 1) == 1
 
 
+LLAMA = dict(layers=32, hidden=4096, heads=32, ffn=11008, vocab=32000, seq=4096)
+
+
 def test_memory_by_hand_tp8_stage():
-    e = memory_per_gpu(
-        **LLAMA2_7B, seq_len=4096, micro_batch_size=4, tp=8, sequence_parallel=True, flash_attention=True, dp=1
-    )
+    """Llama2-7B at TP 8 + SP, micro-batch 4, DP 1: the stage's parameters, 18 bytes each (the
+    distributed optimizer over one rank), and per layer and token the counted values over 8."""
+    e = peak_memory(dense_transformer(**LLAMA), Layout(tp=8, mbs=4, sequence_parallel=True), global_batch=4, bf16=True)
     linear = 4 * 4096 * 4096 + 3 * 4096 * 11008
     params = 32 * (linear // 8 + 2 * 4096) + 2 * 32000 * 4096 // 8 + 4096
-    assert e.params_per_gpu == params
-    assert e.weights_grads_optimizer_bytes == params * 18  # distributed optimizer, d = 1
-    act = 32 * 34 * 4096 * 4 * 4096 / 8 + 4 * 4096 * 4 * 32000 / 8
-    assert e.activation_bytes == pytest.approx(act)
-    assert e.total_bytes == pytest.approx(params * 18 + act)
-    assert "GiB" in e.format()
+    assert e.params == params
+    assert e.state_bytes == params * 18
+    # fused SwiGLU: 6h whole + (3 q + 2 kv + 3 ffn) split, 2-byte values; fp32: 2 norm
+    # reciprocals whole, one log-sum-exp per head split
+    per_token = (2 * (6 * 4096 + 5 * 4096 + 3 * 11008) + 4 * (2 + 32)) / 8
+    tokens = 4 * 4096
+    last = (2 * 3 * 4096 + 4 * 32000) / 8 * tokens  # final norm + output-layer input, fp32 softmax shard
+    tables = 2 * 128 * 4096 * 2
+    assert e.activation_bytes == pytest.approx(32 * per_token * tokens + last + tables)
+    assert e.workspace_bytes == pytest.approx(per_token * tokens)
 
 
-@pytest.mark.parametrize(
-    "layout,measured_gib",
-    [
-        (dict(micro_batch_size=4, tp=8, dp=1, sequence_parallel=True), 28.8),
-        (dict(micro_batch_size=4, tp=2, dp=4, sequence_parallel=True), 55.7),
-        (dict(micro_batch_size=2, pp=2, dp=4, num_microbatches=8), 49.8),
-        (dict(micro_batch_size=2, dp=8), 69.1),
-    ],
-)
-def test_memory_against_megatron_llama2_7b_measurements(layout, measured_gib):
-    """Megatron-LM PR #482: peak memory for Llama2-7B, bf16, distributed optimizer,
-    flash attention, on H800. We compare our worst-stage total (weights + grads + Adam +
-    activations, no CUDA context) to the reported number read as GiB, assuming seq 4096 and
-    sequence parallelism whenever TP > 1 (Megatron's usual setting; without SP the TP8
-    estimate is 40 GiB, far above the measurement). Loose: within 35%."""
-    e = memory_per_gpu(**LLAMA2_7B, seq_len=4096, flash_attention=True, **layout)
-    ratio = e.total_bytes / (measured_gib * 2**30)
-    assert 0.65 < ratio < 1.35, (e.format(), ratio)
-
-
-def test_memory_worst_stage_and_tied_copy():
-    kw = dict(LLAMA2_7B, seq_len=4096, micro_batch_size=1, pp=4, dp=1)
+def test_memory_worst_stage_tied_copy_and_fp32():
+    lay = Layout(pp=4, mbs=1)
     layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096
     emb = 32000 * 4096
-    # First stage holds 4 microbatches of 8 layers -> it is the worst; it has the embedding.
-    e = memory_per_gpu(**kw)
-    assert e.params_per_gpu == 8 * layer + emb
-    assert e.activation_bytes == pytest.approx(32 * 34 * 4096 * 4096)
-    # One stage: tied embeddings are stored once; pp > 1 keeps a copy on the last stage.
-    one = memory_per_gpu(**dict(kw, pp=1), tied=True)
-    assert one.params_per_gpu == 32 * layer + emb + 4096
-    # fp32 state without distributed optimizer: 16 bytes per parameter, layer activations x2.
-    fp32 = memory_per_gpu(**dict(kw, pp=1), bf16=False, distributed_optimizer=False)
-    bf16 = memory_per_gpu(**dict(kw, pp=1))
-    assert fp32.weights_grads_optimizer_bytes == fp32.params_per_gpu * 16
-    logits = 4 * 4096 * 32000  # already fp32 in both cases
-    assert fp32.activation_bytes == pytest.approx(2 * (bf16.activation_bytes - logits) + logits)
-    assert bf16.activation_bytes == pytest.approx(32 * 34 * 4096 * 4096 + logits)
+    e = peak_memory(dense_transformer(**LLAMA), lay, global_batch=8, bf16=True)
+    # the first stage holds 4 microbatches of 8 layers and the embedding: it is the busiest
+    assert e.params == 8 * layer + emb
+    one = peak_memory(dense_transformer(**LLAMA, tied=True), Layout(), global_batch=8, bf16=True)
+    assert one.params == 32 * layer + emb + 4096  # tied: stored once on one stage
+    tied = dense_transformer(**LLAMA, tied=True)
+    from fmtrain.models.workload import stage_params
+
+    assert stage_params(tied, lay, 3) == 8 * layer + 4096 + emb  # pp > 1 keeps a copy on the last
+    fp32 = peak_memory(dense_transformer(**LLAMA), Layout(distributed_optimizer=False), global_batch=8, bf16=False)
+    assert fp32.state_bytes == fp32.params * 16
 
 
-def test_memory_from_config_matches_direct_call():
-    cfg = load_config(
-        overrides=[
-            "model.num_layers=32",
-            "model.hidden_size=4096",
-            "model.num_attention_heads=32",
-            "model.num_query_groups=4",
-            "model.ffn_hidden_size=11008",
-            "model.seq_length=4096",
-            "parallel.tp=2",
-            "parallel.sequence_parallel=true",
-            "train.micro_batch_size=2",
-        ]
-    )
-    e = memory_per_gpu_from_config(cfg, dp=4)
-    direct = memory_per_gpu(
-        **YI_6B, seq_len=4096, micro_batch_size=2, tp=2, dp=4, sequence_parallel=True, flash_attention=True
-    )
-    assert e == direct
-    cfg.model.attention_backend = "local"  # stores the score matrix
-    local = memory_per_gpu_from_config(cfg, dp=4)
-    extra = 32 * 4096 * 2 * 4096 / 2 * 5 * 32 * 4096 / 4096
-    assert local.activation_bytes - e.activation_bytes == pytest.approx(extra)
+def test_memory_from_config_follows_its_layout():
+    """fmtrain info's estimate: the config's layout; CP divides the activations and shares the
+    optimizer shards with DP; DPO adds the reference's 16-bit weights; megatron's local attention
+    adds the score matrix."""
+    recipe = "recipes/yi/6b_32k.yaml"
+    cp4, cp1 = load_config(recipe), load_config(recipe, ["parallel.cp=1"])
+    at_cp4 = peak_memory(family_workload(cp4, True), layout_of(cp4, 8), global_batch=16 * 8, bf16=True)
+    at_cp1 = peak_memory(family_workload(cp1, True), layout_of(cp1, 32), global_batch=4 * 32, bf16=True)
+    # the same micro-batch of 32K tokens, 1/4 of them per rank; DP x CP = 32 both ways
+    assert at_cp4.activation_bytes == pytest.approx(at_cp1.activation_bytes / 4)
+    assert at_cp4.state_bytes == pytest.approx(at_cp1.state_bytes)
+
+    base = load_config("recipes/yi/tiny.yaml", [])
+    plain = peak_memory(family_workload(base, True), layout_of(base, 1), global_batch=8, bf16=True)
+    dpo = load_config("recipes/yi/dpo_tiny.yaml", [])
+    with_reference = peak_memory(family_workload(dpo, True), layout_of(dpo, 1), global_batch=8, bf16=True)
+    assert with_reference.state_bytes == pytest.approx(with_reference.params * (18 + 2))
+    local = load_config("recipes/yi/tiny.yaml", ["model.attention_backend=local"])
+    scores = peak_memory(family_workload(local, True), layout_of(local, 1), global_batch=8, bf16=True)
+    m = base.model
+    extra = m.num_layers * 2 * m.num_attention_heads * m.seq_length * 2 * m.seq_length * base.train.micro_batch_size
+    assert scores.activation_bytes - plain.activation_bytes == pytest.approx(extra)

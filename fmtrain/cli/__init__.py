@@ -99,6 +99,22 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"batch         {t.global_batch_size} x {per_sample:,} = {t.global_batch_size * per_sample:,} {unit}/step, "
         f"micro-batch {t.micro_batch_size}, {num_microbatches(cfg, dp)} microbatches per DP rank"
     )
+    from fmtrain.models.workload import family_workload, layout_of, peak_memory
+
+    workload = family_workload(cfg, True)
+    if workload is not None:
+        gib = 2**30
+        bf16 = cfg.train.precision != "fp32"
+        memory = peak_memory(workload, layout_of(cfg, dp), global_batch=t.global_batch_size, bf16=bf16)
+        print(
+            f"memory/GPU    {memory.params / 1e6:,.1f}M params | weights+grads+optimizer "
+            f"{memory.state_bytes / gib:.2f} GiB | activations {memory.activation_bytes / gib:.2f} GiB | "
+            f"backward workspace {memory.workspace_bytes / gib:.2f} GiB | allocated "
+            f"{memory.allocated_bytes / gib:.2f} GiB, {memory.total_bytes / gib:.2f} GiB with the "
+            "2 GiB + 5% allowance (CUDA context, NCCL, fragmentation)"
+        )
+        print("              other layouts for these GPUs: fmtrain plan RECIPE --gpus N (docs/planner.md)")
+        return 0
     estimate = family.memory_estimate(cfg, dp, num_microbatches(cfg, dp))
     print("memory/GPU    " + estimate.format().replace("\n", "\n              "))
     return 0

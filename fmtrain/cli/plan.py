@@ -7,7 +7,7 @@ import json
 import time
 from dataclasses import replace
 
-from fmtrain.config import ConfigError, import_family_part, load_config
+from fmtrain.config import ConfigError, load_config
 
 
 def _workload(args: argparse.Namespace):
@@ -51,21 +51,17 @@ def _workload(args: argparse.Namespace):
         return w, args.global_batch, True, f"--arch {args.arch}"
     if not args.recipe:
         raise ConfigError("fmtrain plan: give a RECIPE or --arch gpt with its dimensions")
-    cfg = load_config(args.recipe, args.overrides)
-    try:
-        # the family's sizes module: plain arithmetic, no model code (megatron) to import
-        workload = import_family_part(cfg.model.family, "sizes", "workload")
-    except ConfigError:
-        from fmtrain.models.registry import get_family
+    from fmtrain.models.workload import family_workload
 
-        workload = get_family(cfg.model.family).workload
+    cfg = load_config(args.recipe, args.overrides)
+    workload = family_workload(cfg, True)
     if workload is None:
         raise ConfigError(
             f"model.family={cfg.model.family!r} has no planner description yet (ModelFamily.workload); "
             "fmtrain plan covers the families that define one (yi, step_video)"
         )
     batch = args.global_batch or cfg.train.global_batch_size
-    return workload(cfg, True), batch, cfg.train.precision != "fp32", args.recipe
+    return workload, batch, cfg.train.precision != "fp32", args.recipe
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

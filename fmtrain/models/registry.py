@@ -201,8 +201,6 @@ class ModelFamily:
     """Model FLOPs (forward + backward) of one training sample, for throughput and MFU."""
     units_per_sample: Callable[[Config], int]
     """Throughput units in one sample (tokens of an LLM sequence, video tokens of a clip)."""
-    memory_estimate: Callable[[Config, int, int | None], MemoryEstimate]
-    """(cfg, dp, microbatches per step) -> the estimated peak memory of the busiest GPU."""
     throughput_unit: str = "tokens"
     """What ``units_per_sample`` counts; metrics report ``{unit}_per_s``."""
     prepare_step: PrepareStep | None = None
@@ -226,8 +224,13 @@ class ModelFamily:
     """Parameters of the primary part by component (encoder, decoder), for ``fmtrain info``."""
 
     workload: Callable[[Config, bool], Workload] | None = None
-    """(cfg, on a GPU) -> what one training sample asks of a GPU, for ``fmtrain plan``
-    (:mod:`fmtrain.models.workload`; on a GPU fused kernels change what is saved)."""
+    """(cfg, on a GPU) -> what one training sample asks of a GPU (:mod:`fmtrain.models.workload`;
+    on a GPU fused kernels change what is saved): ``fmtrain info``'s memory estimate and
+    ``fmtrain plan``'s layouts."""
+
+    memory_estimate: Callable[[Config, int, int | None], MemoryEstimate] | None = None
+    """Families without a ``workload``: (cfg, dp, microbatches per step) -> the estimated peak
+    memory of the busiest GPU, for ``fmtrain info``."""
 
     def primary(self, cfg: Config) -> PartSpec:
         return next(part for part in self.parts(cfg) if part.trainable)

@@ -1,7 +1,7 @@
 """FLOP and memory arithmetic for transformers, on plain numbers: the families' size functions.
 
 Used by MFU reporting and ``fmtrain info`` through each family's ``param_count``,
-``flops_per_sample`` and ``memory_estimate``. The FLOP count is Megatron-LM's (Narayanan et
+``flops_per_sample`` and (families without a :mod:`fmtrain.models.workload`) ``memory_estimate``. The FLOP count is Megatron-LM's (Narayanan et
 al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters", appendix; causal
 attention counted half as Megatron-LM does since 2025); activation memory is Korthikanti et al.
 2022, "Reducing Activation Recomputation in Large Transformer Models", Table 2; weights,
@@ -173,80 +173,10 @@ class MemoryEstimate:
         )
 
 
-def memory_per_gpu(
-    num_layers: int,
-    hidden: int,
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    ffn: int,
-    vocab: int,
-    seq_len: int,
-    micro_batch_size: int,
-    *,
-    tp: int = 1,
-    pp: int = 1,
-    vpp: int = 1,
-    dp: int = 1,
-    cp: int = 1,
-    sequence_parallel: bool = False,
-    recompute: str = "none",
-    flash_attention: bool = True,
-    distributed_optimizer: bool = True,
-    bf16: bool = True,
-    num_microbatches: int | None = None,
-    swiglu: bool = True,
-    tied: bool = False,
-) -> MemoryEstimate:
-    """Estimate the peak memory of the worst pipeline stage (first or last) of a layout.
-
-    Parameters per GPU: l/p layers with their linear weights split over tp (norms
-    replicated); the first stage adds the input embedding, the last the output layer
-    (a second copy of the embedding when tied and pp > 1, as Megatron keeps) and the final
-    norm. Activations: ``activation_bytes_per_layer`` times the layer-microbatches in
-    flight (``in_flight_layer_microbatches``); the last stage adds the fp32 softmax of one
-    microbatch's logits that vocab-parallel cross-entropy saves (4*s*b*V/t bytes).
-
-    Activation numbers assume 16-bit activations (Korthikanti Table 2); with
-    ``bf16=False`` they are doubled as an approximation of fp32 training. Context parallelism
-    gives each rank s/cp tokens of every sequence (the Ulysses all-to-all keeps that count: s
-    tokens of 1/cp of the heads) and shards the distributed optimizer over DP x CP.
-    """
-    if num_layers % (pp * vpp):
-        raise ValueError(f"num_layers={num_layers} is not divisible by pp*vpp={pp * vpp}")
-    layers = num_layers // pp
-    layer_params = _layer_linear_params(hidden, heads, kv_heads, head_dim, ffn, swiglu) // tp + 2 * hidden
-    embedding = vocab * hidden // tp
-    local_seq = seq_len / cp
-    per_layer_act = activation_bytes_per_layer(
-        local_seq, micro_batch_size, hidden, heads, tp, sequence_parallel, recompute, flash_attention
-    )
-    act_scale = 1 if bf16 else 2
-    logits = 4 * local_seq * micro_batch_size * vocab / tp
-    per_param = state_bytes_per_param(bf16, distributed_optimizer, dp * cp)
-
-    def stage(rank: int) -> MemoryEstimate:
-        params = layers * layer_params
-        act = per_layer_act * in_flight_layer_microbatches(rank, num_layers, pp, vpp, num_microbatches) * act_scale
-        if rank == 0:
-            params += embedding
-        if rank == pp - 1:
-            params += hidden  # final norm
-            if not tied or pp > 1:
-                params += embedding  # output layer (or the tied copy on the last stage)
-            act += logits
-        state = params * per_param
-        return MemoryEstimate(params, state, act, state + act)
-
-    stages = [stage(0)] + ([stage(pp - 1)] if pp > 1 else [])
-    return max(stages, key=lambda e: e.total_bytes)
-
-
 __all__ = [
     "MemoryEstimate",
     "activation_bytes_per_layer",
     "in_flight_layer_microbatches",
-    "memory_per_gpu",
     "state_bytes_per_param",
     "transformer_param_count",
     "transformer_training_flops_per_token",

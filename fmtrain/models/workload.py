@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fmtrain.models.sizes import in_flight_layer_microbatches, state_bytes_per_param
+
 
 @dataclass(frozen=True)
 class Matmul:
@@ -137,6 +139,10 @@ class Workload:
     context_parallel: bool = False
     """Whether the family splits a sample's tokens over CP ranks."""
     tied_embeddings: bool = False
+    frozen_copy: bool = False
+    """A co-located frozen copy of the model in the same layout (DPO's reference): its 16-bit
+    (fp32) weights on every rank, no gradients or optimizer state; its forward-only
+    activations are freed before the trained model's forward."""
 
 
 def dense_transformer(
@@ -157,6 +163,8 @@ def dense_transformer(
     context_parallel: bool = True,
     rows_per_sample: int = 1,
     model_flops_per_sample: float | None = None,
+    score_matrix: bool = False,
+    frozen_copy: bool = False,
 ) -> Workload:
     """A pre-norm decoder (Llama layout with ``swiglu``, GPT's 4h GELU MLP without) as fmtrain's
     Yi layer runs it: megatron-core's linear layers, fmtrain's RMSNorm and SDPA core attention.
@@ -167,7 +175,9 @@ def dense_transformer(
     one fp32 reciprocal per norm; the MLP keeps 3 ffn (SwiGLU, fused: its two-wide input and the
     second layer's input) or 5 ffn (unfused: the gate's SiLU and the product besides), a GELU
     MLP 2 ffn. Selective recompute drops the log-sum-exp (SDPA never stores the score matrix);
-    full recompute keeps the block input (h) per layer.
+    full recompute keeps the block input (h) per layer. ``score_matrix``: a core attention that
+    materialises the scores and the softmax (megatron's ``local`` backend) keeps 2 x heads x seq
+    values per token more, which selective recompute drops.
     """
     kv_heads = kv_heads or heads
     head_dim = head_dim or hidden // heads
@@ -182,7 +192,8 @@ def dense_transformer(
         mlp_elementwise = 2 * ffn
     matmuls = (Matmul("qkv", hidden, q + 2 * kv), Matmul("proj", q, hidden, "row"), *mlp)
     split_saved = 3 * q + 2 * kv + mlp_saved
-    saved = SavedValues(whole=6 * hidden, split=split_saved, fp32_whole=2, fp32_split=heads)
+    scores = 2 * heads * seq if score_matrix else 0
+    saved = SavedValues(whole=6 * hidden, split=split_saved + scores, fp32_whole=2, fp32_split=heads)
     block = Block(
         matmuls=matmuls,
         attention=(AttentionCore(heads, head_dim, causal=causal),),
@@ -222,6 +233,7 @@ def dense_transformer(
         ),
         context_parallel=context_parallel,
         tied_embeddings=tied,
+        frozen_copy=frozen_copy,
     )
 
 
@@ -234,4 +246,171 @@ def _dense_flops_per_token(layers, hidden, q, kv, ffn, vocab, seq, swiglu, causa
     return layers * (proj + mlp + core) + 6 * hidden * vocab
 
 
-__all__ = ["AttentionCore", "Block", "Matmul", "SavedValues", "Workload", "dense_transformer"]
+def family_workload(cfg, on_gpu: bool) -> Workload | None:
+    """The workload of ``cfg``'s family, or None when it describes none. Looked up in the
+    family's ``sizes`` module first (plain arithmetic: no model code to import), else on its
+    ``ModelFamily``."""
+    from fmtrain.config import ConfigError, import_family_part
+
+    try:
+        workload = import_family_part(cfg.model.family, "sizes", "workload")
+    except ConfigError:
+        from fmtrain.models.registry import get_family
+
+        workload = get_family(cfg.model.family).workload
+    return None if workload is None else workload(cfg, on_gpu)
+
+
+def layout_of(cfg, dp: int) -> Layout:
+    """The layout a config trains with at data-parallel size ``dp``."""
+    p = cfg.parallel
+    return Layout(
+        tp=p.tp,
+        pp=p.pp,
+        vpp=p.vpp,
+        cp=p.cp,
+        dp=dp,
+        mbs=cfg.train.micro_batch_size,
+        recompute=getattr(cfg.model, "recompute", "none"),
+        sequence_parallel=p.sequence_parallel,
+        distributed_optimizer=p.distributed_optimizer,
+    )
+
+
+# ----------------------------------------------------------------------------- a layout's memory
+#
+# Per pipeline stage: model state (the stage's parameters x the distributed optimizer's bytes per
+# parameter), activations (what each block saves per token x the rank's tokens x the
+# layer-microbatches 1F1B keeps in flight), one block's backward workspace, and an allowance for
+# the CUDA context, NCCL buffers and fragmentation. Used by ``fmtrain info`` and ``fmtrain plan``.
+
+ALLOWANCE_BYTES = 2 * 2**30
+ALLOWANCE_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    cp: int = 1
+    dp: int = 1
+    mbs: int = 1
+    recompute: str = "none"
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.cp * self.dp
+
+    def describe(self) -> str:
+        sp = " sp" if self.sequence_parallel else ""
+        return (
+            f"tp={self.tp} pp={self.pp} vpp={self.vpp} cp={self.cp} dp={self.dp} mbs={self.mbs} "
+            f"recompute={self.recompute}{sp}"
+        )
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    params: int
+    state_bytes: float
+    activation_bytes: float
+    workspace_bytes: float
+
+    @property
+    def allocated_bytes(self) -> float:
+        return self.state_bytes + self.activation_bytes + self.workspace_bytes
+
+    @property
+    def total_bytes(self) -> float:
+        """With the allowance for the CUDA context, NCCL and fragmentation."""
+        return self.allocated_bytes * (1 + ALLOWANCE_FRACTION) + ALLOWANCE_BYTES
+
+
+def microbatches(layout: Layout, global_batch: int) -> int:
+    return max(1, global_batch // layout.dp // layout.mbs)
+
+
+def stage_params(w: Workload, lay: Layout, rank: int) -> int:
+    b = w.block
+    params = (w.layers // lay.pp) * (b.split_params // lay.tp + b.whole_params)
+    if rank == 0:
+        params += w.first_params_split // lay.tp + w.first_params_whole
+    if rank == lay.pp - 1:
+        params += w.last_params_split // lay.tp + w.last_params_whole
+        if w.tied_embeddings and lay.pp > 1:
+            params += w.first_params_split // lay.tp  # megatron keeps a copy of the tied embedding
+    return params
+
+
+def _block_bytes(b: Block, saved: SavedValues, w: Workload, lay: Layout, act_bytes: int) -> float:
+    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
+    per_token = saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel)
+    context = b.saved_context.bytes_per_token(act_bytes, lay.tp, False) * lay.mbs * w.context_tokens
+    return per_token * tokens + context
+
+
+def _saved_for(b: Block, recompute: str):
+    if recompute == "selective":
+        if b.saved_selective is None:
+            raise ValueError("selective recompute is not supported by this family")
+        return b.saved_selective
+    return b.saved
+
+
+def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16: bool) -> StageMemory:
+    """Bytes pipeline stage ``rank`` holds at its peak (any rank of the stage), with 16-bit
+    (``bf16``) or fp32 activations and weights."""
+    act_bytes = 2 if bf16 else 4
+    params = stage_params(w, lay, rank)
+    state = params * state_bytes_per_param(bf16, lay.distributed_optimizer, lay.dp * lay.cp)
+    if w.frozen_copy:
+        state += params * act_bytes
+    m = microbatches(lay, global_batch)
+    in_flight = in_flight_layer_microbatches(rank, w.layers, lay.pp, lay.vpp, m)
+    full_block = _block_bytes(w.block, _saved_for(w.block, "none"), w, lay, act_bytes)
+    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
+    tables = w.tables_per_token * w.tokens / lay.cp * act_bytes
+    last = 0.0
+    if rank == lay.pp - 1:
+        last = w.last_saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel) * tokens
+    if lay.recompute == "full":
+        inputs = _block_bytes(w.block, w.block.saved_input, w, lay, act_bytes)
+        # the forward's end (every block input and the loss) or one block's backward (its
+        # recomputed activations in place of its input; the loss's buffers are freed by then)
+        activations = max(in_flight * inputs + last, (in_flight - 1) * inputs + full_block) + tables
+    else:
+        activations = (
+            in_flight * _block_bytes(w.block, _saved_for(w.block, lay.recompute), w, lay, act_bytes) + last + tables
+        )
+    return StageMemory(params, state, activations, workspace_bytes=full_block)
+
+
+def peak_memory(w: Workload, lay: Layout, *, global_batch: int, bf16: bool) -> StageMemory:
+    """The busier of the first and the last pipeline stage."""
+    stages = [stage_memory(w, lay, 0, global_batch=global_batch, bf16=bf16)]
+    if lay.pp > 1:
+        stages.append(stage_memory(w, lay, lay.pp - 1, global_batch=global_batch, bf16=bf16))
+    return max(stages, key=lambda stage: stage.allocated_bytes)
+
+
+__all__ = [
+    "ALLOWANCE_BYTES",
+    "ALLOWANCE_FRACTION",
+    "AttentionCore",
+    "Block",
+    "Layout",
+    "Matmul",
+    "SavedValues",
+    "StageMemory",
+    "Workload",
+    "dense_transformer",
+    "family_workload",
+    "layout_of",
+    "microbatches",
+    "peak_memory",
+    "stage_memory",
+    "stage_params",
+]

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
-from fmtrain.config import ConfigError, import_family_part, load_config
-from fmtrain.plan.estimate import Layout, Settings, step_time
+from fmtrain.config import ConfigError, load_config
+from fmtrain.models.workload import family_workload, layout_of
+from fmtrain.plan.estimate import Settings, step_time
 from fmtrain.plan.hardware import Device, Efficiency
 
 WARMUP_STEPS = 2
@@ -64,18 +66,10 @@ def fit_gemm_efficiency(run_dir: str | Path, device: Device, efficiency: Efficie
     cfg = load_config(config, [])
     layout = _run_layout(run_dir, cfg)
     measured, steps = measured_step_time(run_dir / "metrics.jsonl")
-    workload = import_family_part(cfg.model.family, "sizes", "workload")(cfg, True)
-    lay = Layout(
-        tp=layout["tp"],
-        pp=layout["pp"],
-        vpp=layout["vpp"],
-        cp=layout["cp"],
-        dp=layout["dp"],
-        mbs=cfg.train.micro_batch_size,
-        recompute=getattr(cfg.model, "recompute", "none"),
-        sequence_parallel=cfg.parallel.sequence_parallel,
-        distributed_optimizer=cfg.parallel.distributed_optimizer,
-    )
+    workload = family_workload(cfg, True)
+    if workload is None:
+        raise ConfigError(f"--calibrate {run_dir}: model.family={cfg.model.family!r} has no planner description")
+    lay = replace(layout_of(cfg, layout["dp"]), tp=layout["tp"], pp=layout["pp"], vpp=layout["vpp"], cp=layout["cp"])
     settings = Settings(
         global_batch=cfg.train.global_batch_size,
         device=device,

@@ -39,36 +39,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from fmtrain.models.sizes import in_flight_layer_microbatches
-from fmtrain.models.workload import Block, Matmul, Workload
+from fmtrain.models import workload as memory
+from fmtrain.models.workload import (
+    ALLOWANCE_BYTES,
+    ALLOWANCE_FRACTION,
+    Layout,
+    Matmul,
+    StageMemory,
+    Workload,
+    stage_params,
+)
 from fmtrain.plan.hardware import GIB, Device, Efficiency
-
-ALLOWANCE_BYTES = 2 * GIB
-ALLOWANCE_FRACTION = 0.05
-
-
-@dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    vpp: int = 1
-    cp: int = 1
-    dp: int = 1
-    mbs: int = 1
-    recompute: str = "none"
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = True
-
-    @property
-    def gpus(self) -> int:
-        return self.tp * self.pp * self.cp * self.dp
-
-    def describe(self) -> str:
-        sp = " sp" if self.sequence_parallel else ""
-        return (
-            f"tp={self.tp} pp={self.pp} vpp={self.vpp} cp={self.cp} dp={self.dp} mbs={self.mbs} "
-            f"recompute={self.recompute}{sp}"
-        )
 
 
 @dataclass(frozen=True)
@@ -92,21 +73,16 @@ class Settings:
         return 2 if self.bf16 else 4
 
 
-@dataclass(frozen=True)
-class StageMemory:
-    params: int
-    state_bytes: float
-    activation_bytes: float
-    workspace_bytes: float
+def microbatches(w: Workload, lay: Layout, s: Settings) -> int:
+    return memory.microbatches(lay, s.global_batch)
 
-    @property
-    def allocated_bytes(self) -> float:
-        return self.state_bytes + self.activation_bytes + self.workspace_bytes
 
-    @property
-    def total_bytes(self) -> float:
-        """With the allowance for the CUDA context, NCCL and fragmentation."""
-        return self.allocated_bytes * (1 + ALLOWANCE_FRACTION) + ALLOWANCE_BYTES
+def stage_memory(w: Workload, lay: Layout, s: Settings, rank: int) -> StageMemory:
+    return memory.stage_memory(w, lay, rank, global_batch=s.global_batch, bf16=s.bf16)
+
+
+def peak_memory(w: Workload, lay: Layout, s: Settings) -> StageMemory:
+    return memory.peak_memory(w, lay, global_batch=s.global_batch, bf16=s.bf16)
 
 
 @dataclass(frozen=True)
@@ -157,77 +133,6 @@ class Prediction:
             "tflops_per_gpu": round(self.tflops_per_gpu, 1),
             "mfu": round(self.mfu, 4),
         }
-
-
-def microbatches(workload: Workload, layout: Layout, settings: Settings) -> int:
-    per_replica = settings.global_batch // layout.dp
-    return max(1, per_replica // layout.mbs)
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _stage_params(w: Workload, lay: Layout, rank: int) -> int:
-    b = w.block
-    params = (w.layers // lay.pp) * (b.split_params // lay.tp + b.whole_params)
-    if rank == 0:
-        params += w.first_params_split // lay.tp + w.first_params_whole
-    if rank == lay.pp - 1:
-        params += w.last_params_split // lay.tp + w.last_params_whole
-        if w.tied_embeddings and lay.pp > 1:
-            params += w.first_params_split // lay.tp  # megatron keeps a copy of the tied embedding
-    return params
-
-
-def state_bytes_per_param(lay: Layout, bf16: bool) -> float:
-    shards = lay.dp * lay.cp
-    if bf16:
-        return 6 + 12 / shards if lay.distributed_optimizer else 18.0
-    return 8 + 8 / shards if lay.distributed_optimizer else 16.0
-
-
-def _block_bytes(b: Block, saved, w: Workload, lay: Layout, s: Settings) -> float:
-    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
-    per_token = saved.bytes_per_token(s.act_bytes, lay.tp, lay.sequence_parallel)
-    context = b.saved_context.bytes_per_token(s.act_bytes, lay.tp, False) * lay.mbs * w.context_tokens
-    return per_token * tokens + context
-
-
-def _saved_for(b: Block, recompute: str):
-    if recompute == "selective":
-        if b.saved_selective is None:
-            raise ValueError("selective recompute is not supported by this family")
-        return b.saved_selective
-    return b.saved
-
-
-def stage_memory(w: Workload, lay: Layout, s: Settings, rank: int) -> StageMemory:
-    """Bytes pipeline stage ``rank`` holds at its peak (any rank of the stage)."""
-    params = _stage_params(w, lay, rank)
-    state = params * state_bytes_per_param(lay, s.bf16)
-    m = microbatches(w, lay, s)
-    in_flight = in_flight_layer_microbatches(rank, w.layers, lay.pp, lay.vpp, m)
-    full_block = _block_bytes(w.block, _saved_for(w.block, "none"), w, lay, s)
-    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
-    tables = w.tables_per_token * w.tokens / lay.cp * s.act_bytes
-    last = 0.0
-    if rank == lay.pp - 1:
-        last = w.last_saved.bytes_per_token(s.act_bytes, lay.tp, lay.sequence_parallel) * tokens
-    if lay.recompute == "full":
-        inputs = _block_bytes(w.block, w.block.saved_input, w, lay, s)
-        # the forward's end (every block input and the loss) or one block's backward (its
-        # recomputed activations in place of its input; the loss's buffers are freed by then)
-        activations = max(in_flight * inputs + last, (in_flight - 1) * inputs + full_block) + tables
-    else:
-        activations = in_flight * _block_bytes(w.block, _saved_for(w.block, lay.recompute), w, lay, s) + last + tables
-    return StageMemory(params, state, activations, workspace_bytes=full_block)
-
-
-def peak_memory(w: Workload, lay: Layout, s: Settings) -> StageMemory:
-    stages = [stage_memory(w, lay, s, 0)]
-    if lay.pp > 1:
-        stages.append(stage_memory(w, lay, s, lay.pp - 1))
-    return max(stages, key=lambda stage: stage.allocated_bytes)
 
 
 # ----------------------------------------------------------------------------- time
@@ -352,7 +257,7 @@ def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Com
         pp = (forward_sends + backward_sends) * sent
     dp = 0.0
     if lay.dp * lay.cp > 1:
-        params = _stage_params(w, lay, rank)
+        params = stage_params(w, lay, rank)
         dp = params * s.grad_reduce_bytes + (params * s.act_bytes if lay.distributed_optimizer else 0)
     return Communication(tp=tp, cp=cp, pp=pp, dp=dp)
 
@@ -392,7 +297,7 @@ def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
         one = sent / _bandwidth(2, lay.tp * lay.cp * lay.dp, s) + e.latency_s
         pp_comm = 2 * m * lay.vpp * one * (0.2 if s.overlap_pp else 1.0)
 
-    params = _stage_params(w, lay, 0 if lay.pp == 1 else lay.pp - 1)
+    params = stage_params(w, lay, 0 if lay.pp == 1 else lay.pp - 1)
     shards = lay.dp * lay.cp
     if lay.distributed_optimizer:
         reduce = _half_collective_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
@@ -456,6 +361,5 @@ __all__ = [
     "peak_memory",
     "predict",
     "stage_memory",
-    "state_bytes_per_param",
     "step_time",
 ]

@@ -30,7 +30,7 @@ from fmtrain.models.step_video.model import (
     local_video_tokens,
     transformer_config,
 )
-from fmtrain.models.step_video.sizes import memory_estimate, param_count, training_flops, workload
+from fmtrain.models.step_video.sizes import param_count, training_flops, workload
 from fmtrain.objectives import dpo, video_dpo
 from fmtrain.objectives import flow_matching as fm
 
@@ -343,7 +343,6 @@ FAMILY = ModelFamily(
         training_flops(cfg, cfg.model.seq_length) * cfg.objective.ROWS_PER_SAMPLE * dpo.reference_flops_factor(cfg)
     ),
     units_per_sample=lambda cfg: cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE,
-    memory_estimate=memory_estimate,
     throughput_unit="tokens",
     prepare_step=prepare_pipeline_step,
     converter=convert,

@@ -1,16 +1,10 @@
-"""The Step-Video DiT's sizes: parameters, FLOPs, the memory estimate of ``fmtrain info`` and the
-workload ``fmtrain plan`` ranks layouts with. Plain arithmetic on the config (no torch), so the
+"""The Step-Video DiT's sizes: parameters, FLOPs, and the workload ``fmtrain info`` and
+``fmtrain plan`` estimate memory and time with. Plain arithmetic on the config (no torch), so the
 planner runs without importing the model code."""
 
 from __future__ import annotations
 
 from fmtrain.config import Config
-from fmtrain.models.sizes import (
-    MemoryEstimate,
-    activation_bytes_per_layer,
-    in_flight_layer_microbatches,
-    state_bytes_per_param,
-)
 from fmtrain.models.workload import AttentionCore, Block, Matmul, SavedValues, Workload
 from fmtrain.objectives.sections import reference_flops_factor
 
@@ -62,42 +56,6 @@ def training_flops(cfg: Config, video_tokens: int) -> float:
     outer = s * 2 * 2 * k["patch"] * h
     text = 2 * k["cap_tokens"] * (k["cap"] * h + h * h) + 2 * k["clip_tokens"] * k["clip"] * h
     return 3.0 * (k["layers"] * per_layer + outer + text)
-
-
-def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -> MemoryEstimate:
-    """Peak memory of the first pipeline stage (it holds the most microbatches under 1F1B).
-
-    Activations per block: Korthikanti's GPT-layer count with flash attention (SDPA never
-    stores the score matrix) scaled by 42/34 for the cross-attention's extra stored tensors
-    (its input, queries, output and the residual: about 8 s*b*h bytes); the video tokens play
-    the sequence, s/cp of them per context-parallel rank. An estimate, like the LLM one."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    k = _dims(cfg)
-    bf16 = t.precision != "fp32"
-    layers_per_stage = m.num_layers // p.pp
-    block = block_param_count(k["h"], k["d"], k["ffn"])
-    linear = block - (4 * k["h"] + 4 * k["d"] + 6 * k["h"])
-    params = layers_per_stage * (linear // p.tp + block - linear)
-    params += param_count(cfg) - m.num_layers * block  # embedders (first stage) and final layer, replicated
-    per_layer = (
-        activation_bytes_per_layer(
-            m.seq_length / p.cp,
-            t.micro_batch_size * cfg.objective.ROWS_PER_SAMPLE,
-            k["h"],
-            m.num_attention_heads,
-            p.tp,
-            p.sequence_parallel,
-            m.recompute,
-            flash_attention=True,
-        )
-        * 42
-        / 34
-    )
-    act = per_layer * in_flight_layer_microbatches(0, m.num_layers, p.pp, p.vpp, num_microbatches) * (1 if bf16 else 2)
-    state = params * state_bytes_per_param(bf16, p.distributed_optimizer, dp * p.cp)
-    if cfg.objective.name == "video_dpo" and not cfg.objective.reference_offload:
-        state += params * (2 if bf16 else 4)  # the co-located reference: weights only
-    return MemoryEstimate(params, state, act, state + act)
 
 
 def workload(cfg: Config, on_gpu: bool) -> Workload:
@@ -156,4 +114,5 @@ def workload(cfg: Config, on_gpu: bool) -> Workload:
         * cfg.objective.ROWS_PER_SAMPLE
         * reference_flops_factor(cfg),
         context_parallel=cfg.objective.CONTEXT_PARALLEL,
+        frozen_copy=cfg.objective.name == "video_dpo" and not cfg.objective.reference_offload,
     )

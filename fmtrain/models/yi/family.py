@@ -17,7 +17,7 @@ from fmtrain.models.attention import DocumentLayout
 from fmtrain.models.registry import ModelFamily, PartSpec, RunData, with_frozen_reference
 from fmtrain.models.yi import convert
 from fmtrain.models.yi.model import build_chunk, init_rule, transformer_config
-from fmtrain.models.yi.sizes import flops_per_sample, memory_estimate, param_count, workload
+from fmtrain.models.yi.sizes import flops_per_sample, param_count, workload
 from fmtrain.objectives import dpo
 from fmtrain.objectives.lm import masked_token_loss
 from fmtrain.parallel import context
@@ -293,7 +293,6 @@ FAMILY = ModelFamily(
     param_count=param_count,
     flops_per_sample=flops_per_sample,
     units_per_sample=lambda cfg: cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE,
-    memory_estimate=memory_estimate,
     throughput_unit="tokens",
     first_step_check=dpo.first_step_check,
     converter=convert,
