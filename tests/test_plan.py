@@ -27,9 +27,11 @@ from plan_memory_worker import MICROBATCHES, RECIPES, REPO, SHAPES  # noqa: E402
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 1)]
 RECOMPUTES = {"yi": ("none", "selective"), "step_video": ("none", "full")}
-# Measured worst cases above 5%, not explained yet: Yi's selective recompute under TP2 + SP
-# keeps ~40 values/token/layer fewer than the count (planner +5.5% / +6.4%); the DiT's full
-# recompute at (2, 2, 1) + SP on the first stage (planner -5.9%).
+# Measured worst cases above 5%: Yi's selective recompute under TP2 + SP keeps one q-sized
+# tensor per token less than counted (with one key/value group per TP rank megatron's query
+# reshape is a view of the fused qkv output, so the checkpointed q, k, v share that storage;
+# the planner over-estimates, +5.5% / +6.4%); the DiT's full recompute at (2, 2, 1) + SP on the
+# first stage (planner -5.9%).
 LOOSER = {("yi", "2,1,1,selective,sp"): 0.07, ("yi", "2,2,1,selective,sp"): 0.07, ("step_video", "2,2,1,full,sp"): 0.07}
 
 
