@@ -1,7 +1,8 @@
 """FLOP and memory arithmetic for transformers, on plain numbers: the families' size functions.
 
 Used by MFU reporting and ``fmtrain info`` through each family's ``param_count``,
-``flops_per_sample`` and (families without a :mod:`fmtrain.models.workload`) ``memory_estimate``. The FLOP count is Megatron-LM's (Narayanan et
+``flops_per_sample`` and (families without a :mod:`fmtrain.models.workload`)
+``memory_estimate``. The FLOP count is Megatron-LM's (Narayanan et
 al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters", appendix; causal
 attention counted half as Megatron-LM does since 2025); activation memory is Korthikanti et al.
 2022, "Reducing Activation Recomputation in Large Transformer Models", Table 2; weights,
