@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -149,7 +150,7 @@ WEAK_SCALING = [
 def _gpt(heads, hidden, layers, seq=4096, vocab=131072):
     w = dense_transformer(layers=layers, hidden=hidden, heads=heads, ffn=4 * hidden, vocab=vocab, seq=seq, swiglu=False)
     full = 72 * seq * layers * hidden**2 * (1 + seq / (6 * hidden) + vocab / (12 * layers * hidden))
-    return w.__class__(**{**w.__dict__, "model_flops_per_sample": float(full)})
+    return replace(w, model_flops_per_sample=float(full))
 
 
 @pytest.mark.parametrize("name,heads,hidden,layers,tp,pp,gbs,published", WEAK_SCALING)
@@ -264,8 +265,6 @@ def test_calibrate_fits_the_gemm_efficiency_of_a_measured_run(tmp_path, capsys):
     """A run directory whose steps took what the model predicts at 50% GEMM efficiency for its
     layout: --calibrate recovers 0.50 and the ranked table uses it; a run faster than any
     efficiency explains, or without timed steps, is refused naming the run."""
-    from dataclasses import replace
-
     from fmtrain.plan.calibrate import fit_gemm_efficiency
     from fmtrain.plan.estimate import step_time
     from fmtrain.plan.hardware import Efficiency

@@ -21,7 +21,7 @@ def _workload(args: argparse.Namespace):
         ]
         if missing:
             raise ConfigError(f"--arch {args.arch} needs --{' --'.join(m.replace('_', '-') for m in missing)}")
-        w = dense_transformer(
+        dims = dict(
             layers=args.layers,
             hidden=args.hidden,
             heads=args.heads,
@@ -32,21 +32,11 @@ def _workload(args: argparse.Namespace):
             swiglu=args.swiglu,
             tied=args.tied,
         )
+        w = dense_transformer(**dims)
         if args.attention_flops == "full":
             # Megatron-LM before March 2025 (and the TFLOP/s it published) counted the causal
             # score matrix in full
-            full = dense_transformer(
-                layers=args.layers,
-                hidden=args.hidden,
-                heads=args.heads,
-                kv_heads=args.kv_heads,
-                ffn=args.ffn,
-                vocab=args.vocab,
-                seq=args.seq,
-                swiglu=args.swiglu,
-                tied=args.tied,
-                causal=False,
-            )
+            full = dense_transformer(**dims, causal=False)
             w = replace(w, model_flops_per_sample=full.model_flops_per_sample)
         return w, args.global_batch, True, f"--arch {args.arch}"
     if not args.recipe:

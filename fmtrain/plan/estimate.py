@@ -1,6 +1,7 @@
 """Per-GPU memory and step time of one layout of a :class:`~fmtrain.models.workload.Workload`.
 
-Memory (bytes one GPU holds, for the busiest pipeline stage):
+Memory (bytes one GPU holds, for the busiest pipeline stage; computed in
+:mod:`fmtrain.models.workload`, which ``fmtrain info`` shares):
 
 - model state: the stage's parameters (its blocks' weights over TP; the embedding on the
   first stage, the output layer on the last) times the bytes per parameter of Megatron's
@@ -71,10 +72,6 @@ class Settings:
     @property
     def act_bytes(self) -> int:
         return 2 if self.bf16 else 4
-
-
-def microbatches(w: Workload, lay: Layout, s: Settings) -> int:
-    return memory.microbatches(lay, s.global_batch)
 
 
 def stage_memory(w: Workload, lay: Layout, s: Settings, rank: int) -> StageMemory:
@@ -230,7 +227,7 @@ def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Com
     all-gather (or one all-reduce) over DP x CP.
     """
     b = w.block
-    m = microbatches(w, lay, s)
+    m = memory.microbatches(lay, s.global_batch)
     layers = w.layers // lay.pp
     tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
     activation = tokens * w.hidden * s.act_bytes
@@ -264,7 +261,7 @@ def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Com
 
 def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
     b, e, dev = w.block, s.efficiency, s.device
-    m = microbatches(w, lay, s)
+    m = memory.microbatches(lay, s.global_batch)
     layers = w.layers // lay.pp
     tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
     forward, backward, attention_fwd = _layer_times(w, lay, s)
@@ -357,7 +354,6 @@ __all__ = [
     "StepTime",
     "Communication",
     "communication_bytes",
-    "microbatches",
     "peak_memory",
     "predict",
     "stage_memory",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import fields, replace
+from dataclasses import fields
 
 from fmtrain.models.workload import Workload
 from fmtrain.plan.estimate import Layout, Prediction, Settings, predict
@@ -83,17 +83,11 @@ def layouts(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> I
                                 dp=dp,
                                 mbs=mbs,
                                 recompute=recompute,
-                                sequence_parallel=tp > 1,
-                                distributed_optimizer=True,
+                                sequence_parallel=fixed.get("sequence_parallel", tp > 1),
+                                distributed_optimizer=fixed.get("distributed_optimizer", True),
                             )
-                            lay = replace(
-                                lay,
-                                **{
-                                    k: v
-                                    for k, v in fixed.items()
-                                    if k in ("sequence_parallel", "distributed_optimizer")
-                                },
-                            )
+                            if lay.sequence_parallel and tp == 1:
+                                continue
                             if all(getattr(lay, key) == value for key, value in fixed.items()):
                                 yield lay
 
@@ -105,8 +99,6 @@ def plan(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> tupl
     considered = 0
     fitting = []
     for lay in layouts(w, gpus, s, fixed):
-        if lay.sequence_parallel and lay.tp == 1:
-            continue
         considered += 1
         prediction = predict(w, lay, s)
         if prediction.fits:
