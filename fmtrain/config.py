@@ -339,9 +339,22 @@ class LoggingConfig:
 @dataclass
 class EngineConfig:
     backend: str = "megatron"
-    """megatron (TP x PP x DP, distributed optimizer)."""
+    """megatron (TP x PP x DP, distributed optimizer) or deepspeed (ZeRO stages 1-3 over the
+    data-parallel ranks, optional CPU offload; no pipeline parallelism)."""
+    zero_stage: int = 3
+    """deepspeed: ZeRO stage (1: optimizer state sharded, 2: and gradients, 3: and parameters)."""
+    offload: str = "none"
+    """deepspeed: what lives in host memory: none, optimizer (ZeRO-Offload; stages 1-3) or
+    optimizer+params (ZeRO-Infinity's parameter offload; stage 3 only)."""
+    deepspeed_config: str = ""
+    """deepspeed: a DeepSpeed JSON file merged over the config fmtrain generates; a key fmtrain
+    sets that the file sets differently is refused, naming both values."""
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"backend": ("megatron",)}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "backend": ("megatron", "deepspeed"),
+        "zero_stage": (1, 2, 3),
+        "offload": ("none", "optimizer", "optimizer+params"),
+    }
 
 
 @dataclass
@@ -781,6 +794,41 @@ def _check_layout_support(cfg: Config, settings: FamilySettings) -> None:
             raise ConfigError(f"parallel.{key}={value}: model.family={family} does not support {name} parallelism")
 
 
+def _check_engine(cfg: Config) -> None:
+    """What the deepspeed backend cannot run, refused before any process starts."""
+    e, p = cfg.engine, cfg.parallel
+    if e.backend != "deepspeed":
+        for key, value, default in (
+            ("zero_stage", e.zero_stage, 3),
+            ("offload", e.offload, "none"),
+            ("deepspeed_config", e.deepspeed_config, ""),
+        ):
+            if value != default:
+                raise ConfigError(f"engine.{key}={value!r} is a deepspeed setting, but engine.backend={e.backend}")
+        return
+    # DeepSpeed's own PipelineEngine cannot run ZeRO-2/3, and megatron's schedules are the
+    # megatron backend's: the deepspeed backend has no pipeline stages.
+    for key, value in (("pp", p.pp), ("vpp", p.vpp), ("cp", p.cp)):
+        if value > 1:
+            raise ConfigError(
+                f"engine.backend=deepspeed does not run parallel.{key}={value}: DeepSpeed's pipeline engine "
+                "cannot run ZeRO-2/3 and fmtrain's pipeline and context parallelism are megatron's; use "
+                f"engine.backend=megatron, or parallel.{key}=1"
+            )
+    if p.tp > 1:
+        raise ConfigError(
+            f"engine.backend=deepspeed with parallel.tp={p.tp}: tensor parallelism on this backend is not "
+            "built yet; use parallel.tp=1 (ZeRO shards over all ranks) or engine.backend=megatron"
+        )
+    if e.offload == "optimizer+params" and e.zero_stage != 3:
+        raise ConfigError(
+            f"engine.offload=optimizer+params needs engine.zero_stage=3 (parameters are partitioned only "
+            f"at stage 3), got engine.zero_stage={e.zero_stage}"
+        )
+    if e.deepspeed_config and not Path(e.deepspeed_config).is_file():
+        raise ConfigError(f"engine.deepspeed_config={e.deepspeed_config}: no such file")
+
+
 def validate(cfg: Config, world_size: int | None = None) -> None:
     """Cross-field rules. ``world_size`` adds the layout-against-world checks."""
     _check_choices(cfg)
@@ -857,6 +905,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if t.min_lr > t.lr:
         raise ConfigError(f"train.min_lr={t.min_lr} is above train.lr={t.lr}")
     cfg.objective.check(cfg)
+    _check_engine(cfg)
     if settings.validate is not None:
         settings.validate(cfg)
     if world_size is not None:

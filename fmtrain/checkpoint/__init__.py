@@ -73,12 +73,17 @@ def save(
     return writer.save(step, engine, extra_state)
 
 
+def saved_backend(state: dict) -> str:
+    """The engine backend that wrote a checkpoint (checkpoints from before the field: megatron)."""
+    return state.get("backend", "megatron")
+
+
 def is_model_only(state: dict) -> bool:
     """A checkpoint of weights only (``"contents": ["model"]``, e.g. ``fmtrain convert from-hf``)."""
     return state.get("contents", ["model", "optimizer"]) == ["model"]
 
 
-def load(path: Path, engine, cfg: Config | None = None) -> dict:
+def load(path: Path, engine, cfg: Config | None = None, log: Callable[[str], None] = lambda message: None) -> dict:
     """Load model and optimizer state from ``path`` into ``engine`` (any layout); returns metadata.
 
     A model-only checkpoint (converted release weights) loads the primary part's weights and
@@ -86,6 +91,11 @@ def load(path: Path, engine, cfg: Config | None = None) -> dict:
     trainable parts keep their initialisation. The files and the tensor shapes are checked first
     (:mod:`fmtrain.checkpoint.verify`); ``cfg`` adds the differing model fields to a shape error."""
     state = read_state(path)
+    if saved_backend(state) == "deepspeed" or getattr(engine, "backend", "megatron") == "deepspeed":
+        from fmtrain.checkpoint.across_backends import load_across
+
+        load_across(path, state, engine, log)
+        return state
     verify.check_files(path)
     difference = verify.config_difference(state.get("config", {}), cfg.to_dict()["model"]) if cfg else ""
     model_only = is_model_only(state)
@@ -123,6 +133,11 @@ def load_model_weights(path: Path, chunks: torch.nn.Module | list[torch.nn.Modul
     chunks = chunks if isinstance(chunks, list) else [chunks]
     path = resolve_checkpoint(path)
     state = read_state(path)
+    if saved_backend(state) == "deepspeed":
+        from fmtrain.checkpoint.across_backends import load_deepspeed_weights
+
+        load_deepspeed_weights(path, chunks)
+        return state
     verify.check_files(path)
     difference = verify.config_difference(state.get("config", {}), cfg.to_dict()["model"]) if cfg else ""
     verify.check_shapes(path, sharded_state_dict(chunks), difference)
@@ -194,7 +209,7 @@ def resume_state(cfg: Config, run_dir: Path, engine, topo, log: Callable[[str], 
     path = _choose(cfg, run_dir, log)
     if path is None:
         return None
-    state = load(path, engine, cfg)
+    state = load(path, engine, cfg, log)
     resumed = Resumed(path=path, step=int(state["step"]), state=state)
     layout = state.get("layout", {})
     saved_cp = f" CP={layout['cp']}" if layout.get("cp", 1) > 1 else ""

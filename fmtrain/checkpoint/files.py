@@ -42,7 +42,9 @@ def step_of(path: Path) -> int | None:
 
 def is_complete(path: Path) -> bool:
     path = Path(path)
-    return (path / STATE_FILE).is_file() and (path / "metadata.json").is_file()
+    # megatron's index, or the deepspeed backend's DeepSpeed directory (fmtrain_state.json is
+    # written after every rank finished either way).
+    return (path / STATE_FILE).is_file() and ((path / "metadata.json").is_file() or (path / "deepspeed").is_dir())
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -192,6 +192,7 @@ class CheckpointWriter:
         self.last_duration_s = 0.0
         """Seconds from the start of the last completed save until it was complete."""
         self._completed_background_s: float | None = None
+        self._said_sync = False
 
     @property
     def in_flight(self) -> Path | None:
@@ -221,7 +222,20 @@ class CheckpointWriter:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
-        finalize = partial(self._finalize, step, tmp, final, self._state(step, extra_state), started)
+        finalize = partial(self._finalize, step, tmp, final, self._state(step, engine, extra_state), started)
+        if getattr(engine, "backend", "megatron") == "deepspeed":
+            try:  # DeepSpeed writes its own files, synchronously
+                engine.save_checkpoint(tmp)
+                rng.save(tmp, self.topo.rank, rng_states)
+                self._finalize_sync(finalize)
+            except CheckpointError:
+                raise
+            except Exception as exc:
+                raise CheckpointError(f"writing checkpoint {tmp} failed: {type(exc).__name__}: {exc}") from exc
+            finally:
+                self.last_wait_s = time.perf_counter() - started
+                self.blocked_s += self.last_wait_s
+            return final
         # The sharding is the same at every save of a run: megatron's check that every shard is
         # written exactly once (an all-gather of every rank's tensor metadata) runs on the first.
         validate, self._validated = not self._validated, True
@@ -252,9 +266,21 @@ class CheckpointWriter:
             self.blocked_s += self.last_wait_s
         return final
 
-    def _state(self, step: int, extra_state: dict | None) -> dict:
+    def _finalize_sync(self, finalize) -> None:
+        if self.async_save and not self._said_sync:
+            self.log("checkpoint.async_save=true: the deepspeed backend saves synchronously (DeepSpeed's own writer)")
+            self._said_sync = True
+            self.async_save = False
+        finalize()
+
+    def _state(self, step: int, engine, extra_state: dict | None) -> dict:
         t, topo = self.cfg.train, self.topo
+        backend = getattr(engine, "backend", "megatron")
+        engine_state = {"backend": backend}
+        if backend == "deepspeed":
+            engine_state.update(zero_stage=engine.zero_stage, deepspeed_tags=engine.checkpoint_tags)
         return {
+            **engine_state,
             "step": step,
             "consumed_samples": step * t.global_batch_size,
             "global_batch_size": t.global_batch_size,

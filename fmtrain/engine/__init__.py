@@ -96,4 +96,8 @@ def build_engine(cfg: Config, topo: Topology, family: ModelFamily) -> Engine:
         from fmtrain.engine.megatron import MegatronEngine
 
         return MegatronEngine(cfg, topo, family)
+    if cfg.engine.backend == "deepspeed":
+        from fmtrain.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, topo, family)
     raise ValueError(f"engine.backend={cfg.engine.backend!r} is not available")

@@ -46,6 +46,7 @@ from fmtrain.engine.parts import (
     megatron_config_of,
     sharded_state_dict,
 )
+from fmtrain.engine.steps import gradients_only_for, nan_loss, primary_spec, reduce_reports
 from fmtrain.models.registry import ForwardStep, ModelFamily, PartSpec, Progress
 from fmtrain.parallel import Topology
 
@@ -104,12 +105,7 @@ class MegatronEngine:
         self.num_microbatches = num_microbatches(cfg, topo.dp)
         self.forward_backward = get_forward_backward_func()
         specs = family.parts(cfg)
-        names = [spec.name for spec in specs]
-        if len(set(names)) != len(names) or not any(spec.trainable for spec in specs):
-            raise ValueError(f"model.family={cfg.model.family}: parts {names} need unique names and a trainable one")
-        primary = next(spec.name for spec in specs if spec.trainable)
-        if next(spec for spec in specs if spec.trainable).active_from_step:
-            raise ValueError(f"model.family={cfg.model.family}: the primary part {primary!r} must train from step 0")
+        primary = primary_spec(cfg, specs).name
         self.parts: dict[str, Part] = {
             spec.name: self._build_part(spec, prefix="" if spec.name == primary else f"{spec.name}.") for spec in specs
         }
@@ -218,24 +214,15 @@ class MegatronEngine:
         finally:
             self._offload(part)
 
-    @contextlib.contextmanager
     def _gradients_only_for(self, stepping: Part):
         """While ``stepping`` steps, no other part's parameter takes a gradient."""
-        others = [
+        return gradients_only_for(
             param
             for part in self.trainable_parts
             if part is not stepping
             for chunk in part.chunks
             for param in chunk.parameters()
-            if param.requires_grad
-        ]
-        for param in others:
-            param.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for param in others:
-                param.requires_grad_(True)
+        )
 
     # ------------------------------------------------------------------ steps
 
@@ -268,32 +255,16 @@ class MegatronEngine:
         )
 
     def _reduce_reports(self, part: Part, reports: list[dict], forward_only: bool) -> dict[str, tuple[float, float]]:
-        """Sum each reported [sum, count] pair over microbatches and over the whole job; a name
-        whose count is 0 everywhere (a term not computed this step) is left out.
-
-        Reports exist on the last pipeline stage only, once per tensor-parallel rank; the
-        tensor-parallel rank 0 copies are summed over all ranks so every rank gets the result.
-        """
-        # The set of names is the part's loss function's and never changes (a term it does not
-        # compute is reported with count 0): every rank learns it from the last stage once per
-        # mode, not with an object broadcast (a host sync) every step.
-        if forward_only not in part.report_names:
-            holder = [sorted(reports[0]) if reports else []]
-            dist.broadcast_object_list(holder, src=dist.get_world_size() - 1)
-            part.report_names[forward_only] = holder[0]
-        names = part.report_names[forward_only]
-        totals = torch.zeros(len(names), 2, dtype=torch.float64, device=self.topo.device)
-        # A plain module runs (unpipelined) on every rank: each TP group's rank 0 reports.
-        if (self.topo.is_last_stage or not part.megatron) and self.topo.tp_rank == 0:
-            for report in reports:
-                for i, name in enumerate(names):
-                    totals[i] += report[name].to(totals)
-        dist.all_reduce(totals)
-        return {
-            name: (float(totals[i, 0]), float(totals[i, 1]))
-            for i, name in enumerate(names)
-            if name == "loss" or totals[i, 1] != 0
-        }
+        """Reports exist on the last pipeline stage only, once per tensor-parallel rank (a plain
+        module runs unpipelined on every rank): each TP group's rank 0 copy on the last stage
+        is summed over all ranks, so every rank gets the result."""
+        return reduce_reports(
+            part.report_names,
+            reports,
+            forward_only=forward_only,
+            holds_reports=(self.topo.is_last_stage or not part.megatron) and self.topo.tp_rank == 0,
+            device=self.topo.device,
+        )
 
     def train_step(
         self,
@@ -343,7 +314,7 @@ class MegatronEngine:
             group["weight_decay"] = part.train.weight_decay * group.get("wd_mult", 1.0)
         if part.spec.prepare_microbatches is not None:
             microbatches = part.spec.prepare_microbatches(self, microbatches)
-        forward_step = _nan_loss(part.forward_step) if poison_loss else part.forward_step
+        forward_step = nan_loss(part.forward_step) if poison_loss else part.forward_step
         reports = self._run(part, microbatches, forward_step, forward_only=False)
         sums = self._reduce_reports(part, reports, forward_only=False)
         loss_sum, tokens = sums.pop("loss")
@@ -648,25 +619,6 @@ def _keep_step_out_of_tensor_state(opt) -> None:
 
     if not opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
         opt._set_main_param_and_optimizer_states = set_states
-
-
-def _nan_loss(forward_step):
-    """``forward_step`` whose loss (and reported loss) is multiplied by NaN: fault injection."""
-
-    def poisoned_forward_step(data_iterator, model):
-        output, loss_func = forward_step(data_iterator, model)
-
-        def poisoned_loss_func(*args, **kwargs):
-            loss, *rest = loss_func(*args, **kwargs)
-            if rest and isinstance(rest[-1], dict) and "loss" in rest[-1]:
-                report = rest[-1]["loss"].clone()
-                report[0] = report[0] * math.nan
-                rest[-1] = {**rest[-1], "loss": report}
-            return (loss * math.nan, *rest)
-
-        return output, poisoned_loss_func
-
-    return poisoned_forward_step
 
 
 __all__ = ["MegatronEngine", "Part", "resolve_params_dtype"]

@@ -411,7 +411,12 @@ def export_to_hf(
             )
         conv = variants[variant]
     s = conv.shapes_from_config(cfg)
-    reader = DistCheckpointReader(ckpt)
+    if state.get("backend") == "deepspeed":
+        from fmtrain.checkpoint.backends import DeepSpeedCheckpointReader
+
+        reader = DeepSpeedCheckpointReader(ckpt)
+    else:
+        reader = DistCheckpointReader(ckpt)
 
     # The plan: fmtrain tensors in the release's order, and the release tensors each one becomes.
     order = conv.export_order(s, present=lambda key: key in reader)

@@ -137,6 +137,15 @@ def validate(cfg: Config) -> None:
             f"data.video_frames={d.video_frames} must be 1 + a multiple of the temporal compression "
             f"{m.temporal_compression} (17 for the release), so every latent frame is whole"
         )
+    e = cfg.engine
+    if e.backend == "deepspeed" and e.zero_stage == 3 and cfg.objective.gan_weight > 0:
+        # The adaptive GAN weight differentiates the decoder's last layer inside the loss, after
+        # its forward, when ZeRO-3 has already released that parameter's gathered copy.
+        raise ConfigError(
+            f"objective.gan_weight={cfg.objective.gan_weight} with engine.zero_stage=3: the adaptive GAN weight "
+            "needs the decoder's last-layer weight after its forward, which ZeRO-3 has partitioned again; use "
+            "engine.zero_stage=2 (or objective.gan_weight=0)"
+        )
 
 
 SETTINGS = FamilySettings(model=VideoVAEModelConfig, objectives=("vae",), parallel=frozenset(), validate=validate)

@@ -75,14 +75,16 @@ class CausalConvFlat(nn.Conv3d):
 
 
 def group_norm(x: torch.Tensor, norm: nn.GroupNorm, per_frame: bool, silu: bool = False) -> torch.Tensor:
-    """GroupNorm of [B, C, T, H, W], over each frame on its own (v2) or over the whole clip (v1)."""
+    """GroupNorm of [B, C, T, H, W], over each frame on its own (v2) or over the whole clip (v1).
+
+    Through the norm's own forward: ZeRO-3 gathers a module's parameters for its forward only."""
     if per_frame:
         b, c, t, h, w = x.shape
         frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
-        out = F.group_norm(frames, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        out = norm(frames)
         out = out.reshape(b, t, c, h, w).permute(0, 2, 1, 3, 4)
     else:
-        out = F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        out = norm(x)
     return F.silu(out) if silu else out
 
 

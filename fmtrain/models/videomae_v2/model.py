@@ -77,8 +77,10 @@ def parallel_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """A megatron Column/RowParallelLinear applied to ``x``. Without tensor parallelism it is a
     plain ``F.linear`` (one addmm with the bias fused in, as torch's own ``nn.Linear``), which is
     the same math as megatron's path (a matmul, a separate bias add, and its gradient
-    accumulation function); with TP the megatron layer does the communication."""
-    if layer.tp_group.size() == 1 and not layer.sequence_parallel:
+    accumulation function); with TP the megatron layer does the communication. Under DeepSpeed
+    ZeRO-3 (a ``ds_id`` on the weight) the layer's own forward runs: ZeRO-3 gathers a module's
+    parameters for its forward only."""
+    if layer.tp_group.size() == 1 and not layer.sequence_parallel and not hasattr(layer.weight, "ds_id"):
         return F.linear(x, layer.weight, layer.bias)
     return layer(x)[0]
 

@@ -1,0 +1,199 @@
+"""Worker for tests/test_deepspeed.py: the same steps on the megatron backend and on DeepSpeed
+ZeRO stages, in one process group, from the same seed and batches.
+
+``python -m torch.distributed.run --nproc_per_node N tests/deepspeed_worker.py OUT.json RECIPE
+STEPS BACKENDS [overrides]`` where BACKENDS is a comma list of ``megatron`` / ``zero1`` /
+``zero2`` / ``zero3`` / ``zero3+offload``; writes ``{backend: {"loss": [...], "grad_norm": [...],
+"state_bytes": N}}`` (rank 0) where state_bytes sums the parameter, gradient and optimizer-state
+tensors rank 0 holds after the last step."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+_DATA = {}
+
+
+def batches_for(family_name: str, cfg, engine, step: int, dp_rank: int) -> list[dict]:
+    """This rank's microbatches of ``step`` (a pure function of the step and rank): random tokens
+    for Yi, the family's own (synthetic) data pipeline otherwise."""
+    if family_name != "yi":
+        from fmtrain.models.registry import get_family
+
+        if family_name not in _DATA:
+            _DATA[family_name] = get_family(family_name).prepare_data(cfg, engine.topo, Path(cfg.run.dir)).train
+        return _DATA[family_name].microbatches(step, dp_rank)
+    if family_name == "yi":
+        m, t = cfg.model, cfg.train
+        g = torch.Generator().manual_seed(1000 * step + dp_rank)
+        out = []
+        for _ in range(engine.num_microbatches):
+            tokens = torch.randint(0, m.vocab_size, (t.micro_batch_size, m.seq_length + 1), generator=g)
+            mask = (torch.rand(t.micro_batch_size, m.seq_length, generator=g) > 0.2).float()
+            out.append({"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask})
+        return out
+    raise ValueError(family_name)
+
+
+def state_bytes(engine) -> int:
+    """Bytes of parameters, gradients and optimizer state this rank holds for the trainable parts."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t):
+        nonlocal total
+        if torch.is_tensor(t) and t.numel() and id(t.untyped_storage()) not in seen:
+            seen.add(id(t.untyped_storage()))
+            total += t.untyped_storage().nbytes()
+
+    for part in engine.trainable_parts:
+        if getattr(part, "ds", None) is not None:
+            opt = part.ds.optimizer
+            for p in part.module.parameters():
+                add(p.data)
+                add(getattr(p, "ds_tensor", None))
+                add(p.grad)
+            for name in (
+                "single_partition_of_fp32_groups",
+                "fp32_partitioned_groups_flat",
+                "averaged_gradients",
+                "ipg_buffer",
+                "grads_in_partition",
+                "__param_id_to_grad_partition",
+            ):
+                value = getattr(opt, name, None)
+                for t in value.values() if isinstance(value, dict) else value or []:
+                    add(t)
+                    add(getattr(t, "grad", None))
+            for state in opt.optimizer.state.values():
+                for t in state.values():
+                    add(t)
+        else:
+            for chunk in part.chunks:
+                for p in chunk.parameters():
+                    add(p.data)
+                for buffer in chunk.buffers:
+                    add(buffer.param_data)
+                    add(buffer.grad_data)
+            for opt in getattr(part.optimizer, "chained_optimizers", [part.optimizer]):
+                for group in opt.optimizer.param_groups:
+                    for p in group["params"]:
+                        add(p.data)
+                for state in opt.optimizer.state.values():
+                    for t in state.values():
+                        add(t)
+    return total
+
+
+def main() -> None:
+    from fmtrain import parallel
+    from fmtrain.config import load_config
+    from fmtrain.engine import build_engine
+    from fmtrain.models.registry import get_family
+    from fmtrain.train.schedules import lr_at
+
+    out, recipe, steps, backends, *overrides = sys.argv[1:]
+    results = {}
+    topo = None
+    for backend in backends.split(","):
+        extra = ["engine.backend=megatron"]
+        if backend.startswith("zero"):
+            stage, _, offload = backend.removeprefix("zero").partition("+")
+            extra = ["engine.backend=deepspeed", f"engine.zero_stage={stage}"]
+            extra += [f"engine.offload={offload}"] if offload else []
+        cfg = load_config(recipe, overrides + extra)
+        topo = topo or parallel.initialize(cfg)
+        family = get_family(cfg.model.family)
+        engine = build_engine(cfg, topo, family)
+        losses, norms = [], []
+        for step in range(int(steps)):
+            result = engine.train_step(
+                batches_for(cfg.model.family, cfg, engine, step, topo.dp_rank), lr_at(step, cfg.train), step=step
+            )
+            losses.append(result.loss)
+            norms.append(result.grad_norm)
+        results[backend] = {"loss": losses, "grad_norm": norms, "state_bytes": state_bytes(engine)}
+        del engine
+    if topo.rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+
+
+def checkpoints_main() -> None:
+    """``... deepspeed_worker.py checkpoints OUT.json DIR [overrides]``: checkpoints moving between
+    backends, in one process group: {name: losses of steps 4-6}."""
+    from fmtrain import checkpoint, parallel
+    from fmtrain.config import load_config
+    from fmtrain.engine import build_engine
+    from fmtrain.models.registry import get_family
+    from fmtrain.train.schedules import lr_at
+
+    _, out, work, *overrides = sys.argv[1:]
+    work = Path(work)
+    backends = {
+        "megatron": ["engine.backend=megatron"],
+        "zero1": ["engine.backend=deepspeed", "engine.zero_stage=1"],
+        "zero2": ["engine.backend=deepspeed", "engine.zero_stage=2"],
+        "zero3": ["engine.backend=deepspeed", "engine.zero_stage=3"],
+    }
+    topo = None
+
+    def engine_for(backend):
+        nonlocal topo
+        cfg = load_config(
+            REPO / "recipes" / "yi" / "tiny.yaml", overrides + backends[backend] + [f"run.dir={work / backend}"]
+        )
+        topo = topo or parallel.initialize(cfg)
+        return cfg, build_engine(cfg, topo, get_family(cfg.model.family))
+
+    def run(cfg, engine, steps):
+        return [
+            engine.train_step(batches_for("yi", cfg, engine, s, topo.dp_rank), lr_at(s, cfg.train), step=s).loss
+            for s in steps
+        ]
+
+    results = {}
+    # Uninterrupted references.
+    for backend in ("megatron", "zero3"):
+        cfg, engine = engine_for(backend)
+        results[f"{backend} uninterrupted"] = run(cfg, engine, range(6))[3:]
+    # Three steps on one backend, saved; three more after loading on another.
+    for first, second in (
+        ("zero3", "zero3"),
+        ("zero3", "zero1"),
+        ("megatron", "zero2"),
+        ("zero2", "megatron"),
+        ("zero3", "megatron"),
+    ):
+        cfg, engine = engine_for(first)
+        run(cfg, engine, range(3))
+        saved = checkpoint.save(cfg, work / f"{first}-{second}", 3, engine, topo)
+        cfg, engine = engine_for(second)
+        checkpoint.load(saved, engine, cfg)
+        if (first, second) == ("zero3", "megatron"):  # the same weights in megatron's format, to export
+            checkpoint.save(cfg, work / "zero3-as-megatron", 3, engine, topo)
+        results[f"{first} -> {second}"] = run(cfg, engine, range(3, 6))
+    # megatron -> deepspeed -> megatron, two steps each.
+    cfg, engine = engine_for("megatron")
+    run(cfg, engine, range(2))
+    saved = checkpoint.save(cfg, work / "m-d-m-1", 2, engine, topo)
+    cfg, engine = engine_for("zero3")
+    checkpoint.load(saved, engine, cfg)
+    losses = run(cfg, engine, range(2, 4))
+    saved = checkpoint.save(cfg, work / "m-d-m-2", 4, engine, topo)
+    cfg, engine = engine_for("megatron")
+    checkpoint.load(saved, engine, cfg)
+    results["megatron -> zero3 -> megatron"] = (losses + run(cfg, engine, range(4, 6)))[1:]
+    if topo.rank == 0:
+        Path(out).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    checkpoints_main() if sys.argv[1] == "checkpoints" else main()
