@@ -43,56 +43,6 @@ def batches_for(family_name: str, cfg, engine, step: int, dp_rank: int) -> list[
     raise ValueError(family_name)
 
 
-def state_bytes(engine) -> int:
-    """Bytes of parameters, gradients and optimizer state this rank holds for the trainable parts."""
-    seen: set[int] = set()
-    total = 0
-
-    def add(t):
-        nonlocal total
-        if torch.is_tensor(t) and t.numel() and id(t.untyped_storage()) not in seen:
-            seen.add(id(t.untyped_storage()))
-            total += t.untyped_storage().nbytes()
-
-    for part in engine.trainable_parts:
-        if getattr(part, "ds", None) is not None:
-            opt = part.ds.optimizer
-            for p in part.module.parameters():
-                add(p.data)
-                add(getattr(p, "ds_tensor", None))
-                add(p.grad)
-            for name in (
-                "single_partition_of_fp32_groups",
-                "fp32_partitioned_groups_flat",
-                "averaged_gradients",
-                "ipg_buffer",
-                "grads_in_partition",
-                "__param_id_to_grad_partition",
-            ):
-                value = getattr(opt, name, None)
-                for t in value.values() if isinstance(value, dict) else value or []:
-                    add(t)
-                    add(getattr(t, "grad", None))
-            for state in opt.optimizer.state.values():
-                for t in state.values():
-                    add(t)
-        else:
-            for chunk in part.chunks:
-                for p in chunk.parameters():
-                    add(p.data)
-                for buffer in chunk.buffers:
-                    add(buffer.param_data)
-                    add(buffer.grad_data)
-            for opt in getattr(part.optimizer, "chained_optimizers", [part.optimizer]):
-                for group in opt.optimizer.param_groups:
-                    for p in group["params"]:
-                        add(p.data)
-                for state in opt.optimizer.state.values():
-                    for t in state.values():
-                        add(t)
-    return total
-
-
 def main() -> None:
     from fmtrain import parallel
     from fmtrain.config import load_config
@@ -120,7 +70,7 @@ def main() -> None:
             )
             losses.append(result.loss)
             norms.append(result.grad_norm)
-        results[backend] = {"loss": losses, "grad_norm": norms, "state_bytes": state_bytes(engine)}
+        results[backend] = {"loss": losses, "grad_norm": norms, "state_bytes": engine.model_state_bytes()}
         del engine
     if topo.rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))

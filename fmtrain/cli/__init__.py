@@ -101,6 +101,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     )
     from fmtrain.models.workload import family_workload, layout_of, peak_memory
 
+    if cfg.engine.backend == "deepspeed":
+        _print_zero_memory(cfg, params, dp)
     workload = family_workload(cfg, True)
     if workload is not None:
         gib = 2**30
@@ -118,6 +120,23 @@ def cmd_info(args: argparse.Namespace) -> int:
     estimate = family.memory_estimate(cfg, dp, num_microbatches(cfg, dp))
     print("memory/GPU    " + estimate.format().replace("\n", "\n              "))
     return 0
+
+
+def _print_zero_memory(cfg, params: int, dp: int) -> None:
+    """The deepspeed backend's model state per GPU (ZeRO's 2 + 2 + 12 bytes per parameter split)."""
+    from fmtrain.models.sizes import state_bytes_per_param, zero_state_bytes_per_param
+
+    e, gib = cfg.engine, 2**30
+    bf16 = cfg.train.precision != "fp32"
+    z = zero_state_bytes_per_param(e.zero_stage, dp, bf16, e.offload)
+    host = f" | host (offload) {params * z.host / gib:.2f} GiB" if z.host else ""
+    print(
+        f"ZeRO-{e.zero_stage}/GPU    weights {params * z.params / gib:.2f} GiB + "
+        f"grads {params * z.grads / gib:.2f} GiB "
+        f"+ optimizer {params * z.optimizer / gib:.2f} GiB = {params * z.device / gib:.2f} GiB "
+        f"({z.device:.2f} B/param at DP={dp}){host}; the megatron backend's distributed optimizer: "
+        f"{params * state_bytes_per_param(bf16, True, dp) / gib:.2f} GiB (model state only; activations come on top)"
+    )
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

@@ -37,7 +37,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from fmtrain.config import Config, ConfigError, TrainConfig, num_microbatches
 from fmtrain.engine import StepResult
 from fmtrain.engine.parts import build_part_chunks, family_module, initialize_part, megatron_config_of
-from fmtrain.engine.steps import gradients_only_for, nan_loss, primary_spec, reduce_reports
+from fmtrain.engine.steps import StorageBytes, gradients_only_for, nan_loss, primary_spec, reduce_reports
 from fmtrain.models.registry import ForwardStep, ModelFamily, PartSpec, Progress
 from fmtrain.parallel import Topology
 
@@ -609,6 +609,27 @@ class DeepSpeedEngine:
             "optimizer+params": ", optimizer state and parameters offloaded to CPU",
         }[self.cfg.engine.offload]
         return f"DeepSpeed ZeRO-{self.zero_stage}{offload}; optimizer torch AdamW"
+
+    def model_state_bytes(self) -> int:
+        """Bytes of weights, gradients and optimizer state (ZeRO's fp32 partitions, Adam moments)
+        this rank holds for its trainable parts, summed over the tensors themselves (host-resident
+        offloaded state included)."""
+        held = StorageBytes()
+        for part in self.trainable_parts:
+            opt = part.ds.optimizer
+            for param in part.module.parameters():
+                held.add(param.data)
+                held.add(getattr(param, "ds_tensor", None))
+                held.add(param.grad)
+            for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "averaged_gradients"):
+                value = getattr(opt, name, None)
+                for tensor in value.values() if isinstance(value, dict) else value or []:
+                    held.add(tensor)
+                    held.add(getattr(tensor, "grad", None))
+            for state in opt.optimizer.state.values():
+                for value in state.values():
+                    held.add(value)
+        return held.total
 
     def num_parameters(self) -> int:
         """Parameters of the trainable parts (the whole model's: ZeRO-3 partitions them)."""

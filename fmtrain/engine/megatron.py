@@ -46,7 +46,7 @@ from fmtrain.engine.parts import (
     megatron_config_of,
     sharded_state_dict,
 )
-from fmtrain.engine.steps import gradients_only_for, nan_loss, primary_spec, reduce_reports
+from fmtrain.engine.steps import StorageBytes, gradients_only_for, nan_loss, primary_spec, reduce_reports
 from fmtrain.models.registry import ForwardStep, ModelFamily, PartSpec, Progress
 from fmtrain.parallel import Topology
 
@@ -483,6 +483,27 @@ class MegatronEngine:
         ]
         kernels = sorted({part.adam_kernel for part in self.trainable_parts})
         return f"optimizer {', '.join(kernels)}; fused kernels: {', '.join(fused) or 'none'}"
+
+    def model_state_bytes(self) -> int:
+        """Bytes of weights, gradient buffers and optimizer state (main weights, Adam moments) this
+        rank holds for its trainable parts, summed over the tensors themselves."""
+        held = StorageBytes()
+        for part in self.trainable_parts:
+            for chunk in part.chunks:
+                for param in chunk.parameters():
+                    held.add(param.data)
+                for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+                    held.add(buffer.param_data)
+                    held.add(buffer.grad_data)
+            for opt in _inner_optimizers(part.optimizer):
+                inner = getattr(opt, "optimizer", None)
+                for group in getattr(inner, "param_groups", []):
+                    for param in group["params"]:
+                        held.add(param.data)
+                for state in getattr(inner, "state", {}).values():
+                    for value in state.values():
+                        held.add(value)
+        return held.total
 
     def num_parameters(self) -> int:
         """Parameters of the trainable parts held by this rank."""

@@ -96,3 +96,20 @@ def nan_loss(forward_step):
         return output, poisoned_loss_func
 
     return poisoned_forward_step
+
+
+class StorageBytes:
+    """Bytes of distinct tensor storages (views of one buffer count once)."""
+
+    def __init__(self):
+        self._seen: set[int] = set()
+        self.total = 0
+
+    def add(self, tensor) -> None:
+        if not torch.is_tensor(tensor) or tensor.numel() == 0:
+            return
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() in self._seen:
+            return
+        self._seen.add(storage.data_ptr())
+        self.total += storage.nbytes()

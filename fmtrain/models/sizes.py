@@ -100,6 +100,39 @@ def state_bytes_per_param(bf16: bool, distributed_optimizer: bool, dp: int) -> f
     return 8 + 8 / dp if distributed_optimizer else 16.0
 
 
+@dataclass(frozen=True)
+class ZeroStateBytes:
+    """Model-state bytes per parameter on one GPU and in host memory under DeepSpeed ZeRO."""
+
+    params: float
+    grads: float
+    optimizer: float
+    host: float
+    """What offload keeps in host memory instead (per parameter, per rank)."""
+
+    @property
+    def device(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def zero_state_bytes_per_param(stage: int, dp: int, bf16: bool, offload: str = "none") -> ZeroStateBytes:
+    """Rajbhandari et al. 2020 (ZeRO), section 5: with mixed precision and Adam, 2 bytes of 16-bit
+    weights, 2 of 16-bit gradients and K = 12 of fp32 master weights, momentum and variance per
+    parameter; stage 1 shards the K bytes over the d data-parallel ranks, stage 2 also the
+    gradients, stage 3 also the weights (16/d in all). fp32 training on this backend: 4 + 4 and
+    K = 12 (DeepSpeed keeps its own fp32 copy beside the module's fp32 weights). Offload moves the
+    sharded optimizer state (ZeRO-Offload), and at stage 3 also the sharded weights, to the host."""
+    p, g, k = (2.0, 2.0, 12.0) if bf16 else (4.0, 4.0, 12.0)
+    shard = {1: (p, g, k / dp), 2: (p, g / dp, k / dp), 3: (p / dp, g / dp, k / dp)}[stage]
+    params, grads, optimizer = shard
+    host = 0.0
+    if offload in ("optimizer", "optimizer+params"):
+        host, optimizer = host + optimizer, 0.0
+    if offload == "optimizer+params":
+        host, params = host + params, 0.0
+    return ZeroStateBytes(params=params, grads=grads, optimizer=optimizer, host=host)
+
+
 def activation_bytes_per_layer(
     seq_len: int,
     micro_batch_size: int,
