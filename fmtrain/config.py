@@ -815,10 +815,12 @@ def _check_engine(cfg: Config) -> None:
                 "cannot run ZeRO-2/3 and fmtrain's pipeline and context parallelism are megatron's; use "
                 f"engine.backend=megatron, or parallel.{key}=1"
             )
-    if p.tp > 1:
+    if p.sequence_parallel:
+        # megatron's finalize_model_grads all-reduces the norms' gradients of a sequence-parallel
+        # layout; DeepSpeed's gradient path does not.
         raise ConfigError(
-            f"engine.backend=deepspeed with parallel.tp={p.tp}: tensor parallelism on this backend is not "
-            "built yet; use parallel.tp=1 (ZeRO shards over all ranks) or engine.backend=megatron"
+            "engine.backend=deepspeed with parallel.sequence_parallel=true: sequence parallelism needs megatron's "
+            "gradient reduction of the norms; use parallel.sequence_parallel=false or engine.backend=megatron"
         )
     if e.offload == "optimizer+params" and e.zero_stage != 3:
         raise ConfigError(

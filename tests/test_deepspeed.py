@@ -51,9 +51,9 @@ def torchrun(nproc: int, *args: str, timeout: int = 900) -> None:
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
-def parity(tmp_path: Path, recipe: Path, steps: int, backends: str, overrides: list[str]) -> dict:
+def parity(tmp_path: Path, recipe: Path, steps: int, backends: str, overrides: list[str], nproc: int = 2) -> dict:
     out = tmp_path / "parity.json"
-    torchrun(2, str(out), str(recipe), str(steps), backends, *overrides, f"run.dir={tmp_path / 'run'}")
+    torchrun(nproc, str(out), str(recipe), str(steps), backends, *overrides, f"run.dir={tmp_path / 'run'}")
     return json.loads(out.read_text())
 
 
@@ -80,6 +80,15 @@ def test_zero_stages_give_the_megatron_backends_losses_and_gradient_norms(tmp_pa
         z = zero_state_bytes_per_param(stage, 2, bf16=False)
         held = results[f"zero{stage}"]["state_bytes"]
         assert held == pytest.approx(params * (z.params + z.optimizer), rel=5e-3), stage
+
+
+def test_zero2_with_tensor_parallelism_matches_megatron_tp2_dp2(tmp_path):
+    """World 4 as TP=2 x DP=2: ZeRO-2 partitions over the data-parallel group and counts each
+    tensor-parallel shard once in the gradient norm (megatron's groups as DeepSpeed's ``mpu``)."""
+    results = parity(tmp_path, YI, 6, "megatron,zero2", [*SMALL_YI, "parallel.tp=2"], nproc=4)
+    for key in ("loss", "grad_norm"):
+        for step, (a, b) in enumerate(zip(results["zero2"][key], results["megatron"][key]), 1):
+            assert abs(a - b) <= 1e-5, (key, step, a, b)
 
 
 def test_dit_and_vae_at_zero3_match_the_megatron_backend(tmp_path):
@@ -219,6 +228,19 @@ def test_layouts_and_deepspeed_json_the_backend_refuses(tmp_path):
         "engine.backend=deepspeed", "engine.zero_stage=2", "engine.offload=optimizer+params"
     )
     assert "is a deepspeed setting, but engine.backend=megatron" in refused("engine.zero_stage=2")
+    assert "parallel.sequence_parallel=true" in refused(
+        "engine.backend=deepspeed", "parallel.tp=2", "parallel.sequence_parallel=true"
+    )
+    load_config(YI, [*SMALL_YI, "engine.backend=deepspeed", "parallel.tp=2"])  # TP without SP is supported
+
+    from fmtrain.checkpoint import CheckpointError
+    from fmtrain.checkpoint.across_backends import _refuse_tensor_parallel_deepspeed
+
+    with pytest.raises(CheckpointError, match=r"written by the deepspeed backend at TP=2"):
+        _refuse_tensor_parallel_deepspeed(tmp_path, "deepspeed", {"tp": 2, "dp": 2}, 1)
+    with pytest.raises(CheckpointError, match=r"a deepspeed-backend run at TP=2"):
+        _refuse_tensor_parallel_deepspeed(tmp_path, "megatron", {"tp": 1}, 2)
+    _refuse_tensor_parallel_deepspeed(tmp_path, "megatron", {"tp": 2}, 1)  # megatron reshards into TP=1
     assert "engine.deepspeed_config=/nonexistent.json: no such file" in refused(
         "engine.backend=deepspeed", "engine.deepspeed_config=/nonexistent.json"
     )

@@ -43,10 +43,12 @@ def load_across(path: Path, state: dict, engine, log: Callable[[str], None] = la
     written_by = saved_backend(state)
     running = getattr(engine, "backend", "megatron")
     model_only = is_model_only(state)
+    saved_layout = state.get("layout", {})
     if running == "deepspeed":
         same = (
             written_by == "deepspeed"
-            and state.get("layout", {}).get("dp") == engine.topo.dp
+            and saved_layout.get("dp") == engine.topo.dp
+            and saved_layout.get("tp", 1) == engine.topo.tp
             and state.get("zero_stage") == engine.zero_stage
         )
         if same:
@@ -55,6 +57,7 @@ def load_across(path: Path, state: dict, engine, log: Callable[[str], None] = la
             except Exception as exc:
                 raise CheckpointError(f"cannot load checkpoint {path}: {type(exc).__name__}: {exc}") from exc
             return
+        _refuse_tensor_parallel_deepspeed(path, written_by, saved_layout, engine.topo.tp)
         states = _full_states_for_deepspeed(path, state, engine, written_by, model_only)
         try:
             engine.load_full_state(states)
@@ -73,6 +76,7 @@ def load_across(path: Path, state: dict, engine, log: Callable[[str], None] = la
             )
         return
     # A megatron engine and a deepspeed-backend checkpoint.
+    _refuse_tensor_parallel_deepspeed(path, written_by, saved_layout, 1)
     states = {
         part.name: backends.read_deepspeed(_deepspeed_tag_dir(path, part.name, part is engine.primary))
         for part in engine.trainable_parts
@@ -98,6 +102,18 @@ def load_across(path: Path, state: dict, engine, log: Callable[[str], None] = la
     )
 
 
+def _refuse_tensor_parallel_deepspeed(path: Path, written_by: str, saved_layout: dict, running_tp: int) -> None:
+    """The unsharded-state bridge reads and writes one model-parallel rank's DeepSpeed files: a
+    deepspeed run at TP > 1 resumes only at its own TP, DP and ZeRO stage (DeepSpeed's own load)."""
+    saved_tp = saved_layout.get("tp", 1)
+    if (written_by == "deepspeed" and saved_tp > 1) or running_tp > 1:
+        raise CheckpointError(
+            f"checkpoint {path} (written by the {written_by} backend at TP={saved_tp}): a deepspeed-backend run "
+            f"at TP={running_tp} loads only a deepspeed checkpoint of its own TP, DP and ZeRO stage, and a "
+            "deepspeed checkpoint at TP > 1 loads only that way; resume with the layout it was written with"
+        )
+
+
 def _full_states_for_deepspeed(path: Path, state: dict, engine, written_by: str, model_only: bool) -> dict:
     if written_by == "deepspeed":
         return {
@@ -121,8 +137,10 @@ def _full_states_for_deepspeed(path: Path, state: dict, engine, written_by: str,
 def load_deepspeed_weights(path: Path, chunks: list[torch.nn.Module]) -> None:
     """The primary part's weights of deepspeed-backend checkpoint ``path`` into ``chunks`` (any
     megatron layout's chunks of that part, or a plain module)."""
+    from fmtrain.checkpoint import read_state
     from fmtrain.engine.parts import load_chunks, sharded_state_dict
 
+    _refuse_tensor_parallel_deepspeed(path, "deepspeed", read_state(path).get("layout", {}), 1)
     full = backends.read_deepspeed(_deepspeed_tag_dir(path, "", True), with_optimizer=False)
     model, _ = backends.fill_sharded(sharded_state_dict(chunks), None, full, f"checkpoint {path}")
     load_chunks(chunks, model)

@@ -209,8 +209,15 @@ class DeepSpeedCheckpointReader:
     def __init__(self, path: Path):
         import json
 
+        from fmtrain.checkpoint import read_state
         from fmtrain.engine.deepspeed import CHECKPOINT_TAG
 
+        tp = read_state(Path(path)).get("layout", {}).get("tp", 1)
+        if tp > 1:
+            raise CheckpointError(
+                f"{path}: a deepspeed-backend checkpoint written at TP={tp} cannot be exported directly; load it "
+                "into a deepspeed run at its own layout and save with the megatron backend, or train at TP=1"
+            )
         tag_dir = Path(path) / CHECKPOINT_TAG
         keys_file = tag_dir / KEYS_FILE
         try:

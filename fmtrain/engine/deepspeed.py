@@ -223,6 +223,46 @@ def safe_load(path, map_location=None):
 # ----------------------------------------------------------------------------- the engine
 
 
+class MegatronGroups:
+    """megatron-core's process groups in the shape DeepSpeed's ``mpu`` argument expects: ZeRO
+    partitions over the data-parallel group, and the gradient norm counts a tensor-parallel shard
+    on every tensor-parallel rank and a replicated parameter once (Megatron-DeepSpeed passes its
+    ``mpu`` the same way)."""
+
+    def __init__(self):
+        from megatron.core import parallel_state
+
+        self._ps = parallel_state
+
+    def get_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_src_rank()
+
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return dist.get_process_group_ranks(self._ps.get_data_parallel_group())
+
+
 def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """megatron's default groups: biases and one-dimensional tensors (norms) are not decayed."""
     decay, no_decay = [], []
@@ -361,7 +401,13 @@ class DeepSpeedEngine:
         )
         # bf16: megatron's wrapper casts float inputs to bf16 and the last stage's output back.
         model = Float16Module(config, module) if bf16 else module
-        part.ds, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=False)
+        part.ds, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config=ds_config,
+            dist_init_required=False,
+            mpu=MegatronGroups() if self.topo.tp > 1 else None,
+        )
         part.ds.checkpoint_engine.load = safe_load
         return part
 
@@ -447,6 +493,11 @@ class DeepSpeedEngine:
 
     # ------------------------------------------------------------------ steps
 
+    def _data_parallel_group(self):
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
     def _others(self, stepping: DeepSpeedPart):
         return (p for part in self.trainable_parts if part is not stepping for p in part.module.parameters())
 
@@ -505,12 +556,16 @@ class DeepSpeedEngine:
             if i == len(microbatches) - 1:
                 # megatron's per-token convention: gradient = sum over the global batch / its count.
                 total = count.clone()
-                dist.all_reduce(total)
+                dist.all_reduce(total, group=self._data_parallel_group())
                 ds.optimizer.loss_scale = max(float(total), 1.0) / self.topo.dp
             ds.step()
         ds.optimizer.loss_scale = 1.0
         sums = reduce_reports(
-            part.report_names, reports, forward_only=False, holds_reports=True, device=self.topo.device
+            part.report_names,
+            reports,
+            forward_only=False,
+            holds_reports=self.topo.tp_rank == 0,
+            device=self.topo.device,
         )
         loss_sum, tokens = sums.pop("loss")
         loss = loss_sum / max(tokens, 1.0)
@@ -538,7 +593,7 @@ class DeepSpeedEngine:
             reports.append(loss_fn(output)[-1])
         part.runner.train()
         sums = reduce_reports(
-            part.report_names, reports, forward_only=True, holds_reports=True, device=self.topo.device
+            part.report_names, reports, forward_only=True, holds_reports=self.topo.tp_rank == 0, device=self.topo.device
         )
         return {name: s / max(n, 1.0) for name, (s, n) in sums.items()}
 
