@@ -229,7 +229,8 @@ class TrainConfig:
 class DataConfig:
     corpus: str = "builtin:shakespeare"
     """In-memory dataset (used when data.shards is empty): for text a .txt or .jsonl file, or
-    builtin:shakespeare (shipped with fmtrain); for a DiT synthetic:latents."""
+    builtin:shakespeare (shipped with fmtrain); for a DiT synthetic:latents; for in-context
+    tasks (LaVin-DiT) synthetic:tasks."""
     tokenizer: str = ""
     """SentencePiece model; empty trains one of model.vocab_size into RUN_DIR/tokenizer/ on the
     corpus (or, when streaming, on the .txt of data.shards)."""
@@ -283,11 +284,38 @@ class DataConfig:
     """DiT without data.shards (data.corpus=synthetic:latents): the latent [T, H, W] shapes of
     the generated dataset, one bucket per shape, e.g. [[2, 8, 8], [2, 8, 4]]."""
     synthetic_samples: int = 512
-    """DiT synthetic dataset: samples per shape."""
+    """DiT synthetic dataset: samples per shape; synthetic:tasks: latent items (1/8 of them, at
+    least one, held out as validation queries)."""
     synthetic_classes: int = 8
     """DiT synthetic dataset: prototype latents (each with its own text embedding)."""
+    task_pairs: int = 2
+    """In-context tasks (LaVin-DiT): (input, output) example pairs before the query in each
+    sample. A stored sample with more uses its first task_pairs; one with fewer is skipped and
+    counted as bad."""
+    task_size: int = 256
+    """In-context pixel task shards: every image or clip frame is brought to task_size x
+    task_size (see task_fit)."""
+    task_fit: str = "resize"
+    """In-context pixel task shards: resize (bicubic, antialiased, straight to the square, aspect
+    not kept, as LaVin-DiT's inference.py prepares its prompts) | center_crop (shorter side to
+    task_size, aspect kept, then the centre square)."""
+    task_frames: int = 0
+    """In-context pixel task clips: frames per item, the first task_frames of each clip (a clip
+    with fewer is skipped); 0: as stored (the sample's .json frames). An image is one frame."""
+    task_latent_size: int = 8
+    """data.corpus=synthetic:tasks: side h = w of the generated latent items [C, 1, h, w]."""
+    synthetic_tasks: list[str] = field(default_factory=lambda: ["flip_h", "flip_v"])
+    """data.corpus=synthetic:tasks: the latent-space tasks samples are drawn from, any of
+    flip_h, flip_v, negate, transpose (SYNTHETIC_LATENT_TASKS)."""
 
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"video_crop": ("center", "random", "multiscale")}
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
+        "video_crop": ("center", "random", "multiscale"),
+        "task_fit": ("resize", "center_crop"),
+    }
+
+
+SYNTHETIC_LATENT_TASKS = ("flip_h", "flip_v", "negate", "transpose")
+"""The tasks ``data.synthetic_tasks`` may name (fmtrain.data.tasks applies them to latents)."""
 
 
 @dataclass
@@ -884,9 +912,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         ("video_clips", d.video_clips, 1),
         ("synthetic_samples", d.synthetic_samples, 1),
         ("synthetic_classes", d.synthetic_classes, 1),
+        ("task_pairs", d.task_pairs, 1),
+        ("task_size", d.task_size, 1),
+        ("task_frames", d.task_frames, 0),
+        ("task_latent_size", d.task_latent_size, 1),
     ):
         if value < low:
             raise ConfigError(f"data.{name}={value} must be at least {low}")
+    _check_synthetic_tasks(d.synthetic_tasks)
     latent_shapes(cfg)  # the shapes are well-formed
     if not 0.0 <= d.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
@@ -925,6 +958,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
                 f"({micro_batches} = global_batch_size / (micro_batch_size x dp)) to be a multiple of "
                 f"parallel.pp={p.pp}"
             )
+
+
+def _check_synthetic_tasks(tasks: list[str]) -> None:
+    if not tasks:
+        raise ConfigError(f"data.synthetic_tasks is empty: list at least one of {', '.join(SYNTHETIC_LATENT_TASKS)}")
+    for i, task in enumerate(tasks):
+        if task not in SYNTHETIC_LATENT_TASKS:
+            raise ConfigError(
+                f"data.synthetic_tasks[{i}]={task!r} is not one of {', '.join(SYNTHETIC_LATENT_TASKS)}"
+                + _nearest(task, SYNTHETIC_LATENT_TASKS, 0.6)
+            )
+        if task in tasks[:i]:
+            raise ConfigError(f"data.synthetic_tasks: {task!r} is listed twice")
 
 
 def config_warnings(cfg: Config) -> list[str]:

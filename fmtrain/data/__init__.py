@@ -7,7 +7,8 @@
 - ``text``: corpora, SentencePiece tokenizers, packed windows, the in-memory sampler, the text
   stream pipeline and text shards; ``hf_tokenizer``: the tokenizer files transformers reads;
 - ``video``: PyAV clips and video shards; ``latents``: DiT latent shards, shape buckets and
-  synthetic latents;
+  synthetic latents; ``tasks``: in-context task shards (pixels and latents) and synthetic
+  latent tasks for LaVin-DiT;
 - ``commands``: ``fmtrain data`` / ``fmtrain tokenizer``.
 
 Nothing is imported here, so a light user (the launcher's input check) pays only for what it

@@ -4,6 +4,9 @@
     fmtrain data shard preference FILE.jsonl --out DIR [--chat-template chatml|FILE] [--shard-size 64MB] [--max-count N]
     fmtrain data shard video VIDEOS... --out DIR [--captions FILE] [--latents DIR] [--text-embs DIR]
     fmtrain data shard latents NPZ_FILES|DIRS... --out DIR [--channels C] [--caption-dim D] [--clip-dim D2]
+    fmtrain data shard tasks --manifest FILE.jsonl --out DIR [--shard-size 64MB] [--max-count N]
+    fmtrain data shard tasks --from SHARDS|FILES|DIRS... --synthetic flip_h,colorize,... --pairs K --size S
+        [--frames F] [--fit center_crop|resize] [--samples N] [--seed S] [--max-sources N] --out DIR
     fmtrain data synth-latents OUT_DIR --shapes 2x8x8,3x8x6 --samples N --classes K --channels C
         --caption-dim D --caption-tokens L [--clip-dim D2 --clip-tokens L2] [--seed S] [--valid-fraction F]
         [--preference]
@@ -125,6 +128,47 @@ def cmd_shard_latents(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_shard_tasks(args: argparse.Namespace) -> int:
+    from fmtrain.data.tasks import write_manifest_task_shards, write_synthetic_task_shards
+
+    common = dict(shard_size=parse_size(args.shard_size), max_count=args.max_count)
+    if bool(args.manifest) == bool(args.sources):
+        raise ValueError("give either --manifest FILE or --from SOURCES (with --synthetic TASKS)")
+    if args.manifest:
+        if args.synthetic:
+            raise ValueError("--synthetic derives tasks from --from sources; a --manifest names its own tasks")
+        index = write_manifest_task_shards(args.manifest, args.out, **common)
+    else:
+        missing = [
+            flag
+            for flag, value in (("--synthetic", args.synthetic), ("--pairs", args.pairs), ("--size", args.size))
+            if not value
+        ]
+        if missing:
+            raise ValueError(f"--from needs {', '.join(missing)}")
+        index = write_synthetic_task_shards(
+            args.sources,
+            args.out,
+            tasks=[t.strip() for t in args.synthetic.split(",") if t.strip()],
+            pairs=args.pairs,
+            size=args.size,
+            frames=args.frames,
+            samples=args.samples,
+            seed=args.seed,
+            fit=args.fit,
+            max_sources=args.max_sources,
+            **common,
+        )
+    tasks = ", ".join(f"{task} {count}" for task, count in sorted(index["tasks"].items()))
+    skipped = index["skipped"]
+    print(
+        f"wrote {index['samples']} task samples ({tasks}) in {len(index['shards'])} shards to {args.out} "
+        f"({len(skipped)} inputs skipped{': see the warnings' if skipped else ''}; "
+        f"index: {Path(args.out) / 'index.json'})"
+    )
+    return 0
+
+
 def cmd_synth_latents(args: argparse.Namespace) -> int:
     from fmtrain.data.latents import parse_latent_shapes, write_synthetic_latent_shards
 
@@ -236,7 +280,7 @@ def register_data(sub):
     ``data`` subcommands (``fmtrain.cli`` adds ``data encode``, which needs the models)."""
     data = sub.add_parser("data", help="write and index WebDataset shards")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    shard = dsub.add_parser("shard", help="write text, video or latent shards (with index.json)")
+    shard = dsub.add_parser("shard", help="write text, preference, video, latent or task shards (with index.json)")
     ssub = shard.add_subparsers(dest="shard_kind", required=True)
 
     def sizes(p):
@@ -283,6 +327,41 @@ def register_data(sub):
     latents.add_argument("--caption-dim", type=int, default=0, help="check the text_emb width (0: any)")
     latents.add_argument("--clip-dim", type=int, default=0, help="require clip_emb of this width (0: optional)")
     latents.set_defaults(func=_guarded(cmd_shard_latents))
+
+    tasks = ssub.add_parser(
+        "tasks",
+        help="in-context task instances (LaVin-DiT): a JSONL manifest of your files, or synthetic tasks "
+        "derived from video shards, videos or images -> pixel task shards",
+    )
+    tasks.add_argument(
+        "--manifest", default=None, help='JSONL: {"task", "pairs": [[in, out], ...], "query", "target"} per line'
+    )
+    tasks.add_argument(
+        "--from",
+        dest="sources",
+        nargs="+",
+        default=None,
+        help="source items for --synthetic: shard specs (video shards), video / image files or folders of them",
+    )
+    tasks.add_argument(
+        "--synthetic",
+        default=None,
+        help="tasks, comma separated: colorize, flip_h, flip_v, deblur, edges, frame_prediction",
+    )
+    tasks.add_argument("--pairs", type=int, default=0, help="example pairs per sample (besides the query)")
+    tasks.add_argument("--size", type=int, default=0, help="item side in pixels (square)")
+    tasks.add_argument("--frames", type=int, default=1, help="frames per item: 1 = images (PNG), more = clips (mp4)")
+    tasks.add_argument(
+        "--fit",
+        default="center_crop",
+        choices=("center_crop", "resize"),
+        help="center_crop (shorter side to --size, centre square; default) or resize (straight to the square)",
+    )
+    tasks.add_argument("--samples", type=int, default=0, help="task samples to write (0: one per source item)")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--max-sources", type=int, default=1024, help="source items held in memory (default 1024)")
+    sizes(tasks)
+    tasks.set_defaults(func=_guarded(cmd_shard_tasks))
 
     synth = dsub.add_parser("synth-latents", help="write shards of the synthetic latent dataset (DiT tests, demos)")
     synth.add_argument("out_dir", help="writes OUT_DIR/train (and OUT_DIR/valid with --valid-fraction)")

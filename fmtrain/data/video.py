@@ -203,10 +203,10 @@ def _resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
     return max(size, round(width * size / height)), size
 
 
-def decode_frames(data: bytes, indices: Sequence[int], size: int) -> tuple[dict[int, np.ndarray], int]:
-    """Decode the frames at ``indices`` (sorted or not), resized to shorter side ``size``, as
-    ``{index: uint8 (H, W, 3)}``; decoding stops after the last one. Also returns how many
-    frames were decoded (fewer than asked when the video is shorter)."""
+def decode_frames(data: bytes, indices: Sequence[int], size: int | None) -> tuple[dict[int, np.ndarray], int]:
+    """Decode the frames at ``indices`` (sorted or not), resized to shorter side ``size`` (None:
+    as stored), as ``{index: uint8 (H, W, 3)}``; decoding stops after the last one. Also returns
+    how many frames were decoded (fewer than asked when the video is shorter)."""
     import av
 
     wanted = set(indices)
@@ -222,7 +222,11 @@ def decode_frames(data: bytes, indices: Sequence[int], size: int) -> tuple[dict[
                 decoded = i + 1
                 if i in wanted:
                     if shape is None:
-                        shape = _resized_shape(frame.width, frame.height, size)
+                        shape = (
+                            (frame.width, frame.height)
+                            if size is None
+                            else _resized_shape(frame.width, frame.height, size)
+                        )
                     out[i] = frame.to_ndarray(format="rgb24", width=shape[0], height=shape[1])
                 if i >= last:
                     break
