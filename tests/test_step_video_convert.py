@@ -269,8 +269,8 @@ def test_patch_layouts_match_the_release_math():
     """pos_embed: fmtrain's Linear on (c, p, q) features == the release's Conv2d with the
     reshaped weight; proj_out: after the row permutation, the release's unpatchify
     (``n h w p q c -> n c h p w q``) of its output equals fmtrain's. Patch 2, so both matter."""
+    from fmtrain.models.dit import patchify, unpatchify
     from fmtrain.models.step_video import convert as sv
-    from fmtrain.models.step_video.model import patchify, unpatchify
 
     cfg = _tiny_cfg("model.patch_size=2", "data.synthetic_latent_shapes=[[2,8,8]]")
     s = sv.shapes_from_config(cfg)

@@ -117,6 +117,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         )
         print("              other layouts for these GPUs: fmtrain plan RECIPE --gpus N (docs/planner.md)")
         return 0
+    if family.memory_estimate is None:
+        print(f"memory/GPU    no estimate: model.family={cfg.model.family} defines no workload or memory estimate")
+        return 0
     estimate = family.memory_estimate(cfg, dp, num_microbatches(cfg, dp))
     print("memory/GPU    " + estimate.format().replace("\n", "\n              "))
     return 0

@@ -6,7 +6,7 @@ from generators seeded by the sample's ``sample_seed`` (:mod:`fmtrain.objectives
 so any layout, and a resumed run, draws the same numbers. The last stage returns per-sample
 error sums; the loss is their weighted sum over the global element count (the exact batch mean).
 Under pipeline parallelism every microbatch of a step is padded to the step's longest
-(``prepare_pipeline_step``), since megatron's schedules send one tensor shape per step.
+(``fmtrain.models.dit.prepare_pipeline_step``), since megatron's schedules send one tensor shape per step.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 from megatron.core.utils import get_attr_wrapped_model
 
 from fmtrain.config import Config
+from fmtrain.models import dit
 from fmtrain.models.registry import ModelFamily, PartSpec, RunData, with_frozen_reference
 from fmtrain.models.step_video import convert
 from fmtrain.models.step_video.model import (
@@ -27,66 +28,35 @@ from fmtrain.models.step_video.model import (
     StepVideoDiT,
     build_chunk,
     init_rule,
-    local_video_tokens,
     transformer_config,
 )
 from fmtrain.models.step_video.sizes import param_count, training_flops, workload
 from fmtrain.objectives import dpo, video_dpo
 from fmtrain.objectives import flow_matching as fm
 
-# Salts of the per-sample generators (independent draws from one sample seed).
-_SALT_TIME, _SALT_NOISE, _SALT_DROP = 1, 2, 3
-
-
-def latent_grid(latent_shape, patch_size: int) -> tuple[int, int, int]:
-    _, _, t, h, w = latent_shape
-    return int(t), int(h) // patch_size, int(w) // patch_size
-
 
 def make_inputs(
     cfg: Config, batch: dict, device, *, training: bool, need_x_t: bool, need_target: bool
 ) -> tuple[DiTInputs, torch.Tensor]:
     """The flow-matching draw of one microbatch: (inputs, per-sample loss weights)."""
-    f = cfg.objective
     latent = batch["latent"].to(device, non_blocking=True)
-    seeds = batch["sample_seed"]
-    t = fm.sample_timesteps(
-        fm.seeded_generators(seeds, device, _SALT_TIME),
-        mode=f.timestep_sampling,
-        logit_mean=f.logit_mean,
-        logit_std=f.logit_std,
-        shift=f.shift,
-        device=device,
+    draw = dit.flow_draw(
+        cfg.objective, latent, batch["sample_seed"], training=training, need_x_t=need_x_t, need_target=need_target
     )
-    x_t = target = None
-    if need_x_t or need_target:
-        noise = fm.per_sample_noise(
-            fm.seeded_generators(seeds, device, _SALT_NOISE), tuple(latent.shape[1:]), device=device
-        )
-        x_t = fm.interpolate(noise, latent, t) if need_x_t else None
-        target = fm.velocity_target(noise, latent) if need_target else None
-    drop = None
-    if training and f.text_drop_prob > 0:
-        drop = fm.drop_condition(fm.seeded_generators(seeds, device, _SALT_DROP), f.text_drop_prob, device=device)
     clip = batch.get("clip_emb")
     inputs = DiTInputs(
-        grid=latent_grid(latent.shape, cfg.model.patch_size),
-        t=t,
+        grid=dit.latent_grid(latent.shape, cfg.model.patch_size),
+        t=draw.t,
         text_emb=batch["text_emb"].to(device),
         text_mask=batch["text_mask"].to(device).bool(),
         clip_emb=clip.to(device) if clip is not None else None,
         clip_mask=batch["clip_mask"].to(device).bool() if clip is not None else None,
-        x_t=x_t,
-        target=target,
-        drop_text=drop,
+        x_t=draw.x_t,
+        target=draw.target,
+        drop_text=draw.drop,
         pipeline_rows=batch.get("pipeline_rows"),
     )
-    return inputs, fm.get_weighting(f.loss_weighting)(t)
-
-
-def _loss(weights: torch.Tensor, l1_weight: float, output: torch.Tensor):
-    loss_sum, count, reports = fm.loss_from_error_sums(output, weights, l1_weight)
-    return loss_sum, count.to(torch.int), reports
+    return inputs, draw.weights
 
 
 def make_forward_step(cfg: Config, parts=None, progress=None):
@@ -105,30 +75,18 @@ def make_forward_step(cfg: Config, parts=None, progress=None):
             need_target=last and not batch.get("predict_only", False),
         )
         output = model(inputs=inputs)
-        return output, functools.partial(_loss, weights, cfg.objective.l1_weight)
+        return output, functools.partial(dit.flow_loss, weights, cfg.objective.l1_weight)
 
     return forward_step
 
 
-def pipeline_rows(cfg: Config, microbatches: list[dict]) -> int:
-    """Rows per TP and CP rank of the tensor passed between stages: the step's longest microbatch."""
+def stage_rows(cfg: Config, batch: dict) -> int:
+    """Rows per TP and CP rank of the tensor a pipeline stage sends for ``batch``: its video
+    tokens, the text context and the conditioning rows."""
     m, p = cfg.model, cfg.parallel
-    ctx = m.caption_tokens + m.clip_tokens
-    longest = 0
-    for batch in microbatches:
-        grid = latent_grid(batch["latent"].shape, m.patch_size)
-        tokens = local_video_tokens(grid, cp=p.cp, tp=p.tp if p.sequence_parallel else 1)
-        longest = max(longest, tokens + ctx + MODULATION_ROWS)
-    return longest
-
-
-def prepare_pipeline_step(cfg: Config, microbatches: list[dict]) -> tuple[list[dict], int]:
-    """(microbatches annotated with ``pipeline_rows``, the seq_length megatron's schedules expect:
-    they divide it by CP, and by TP under sequence parallelism)."""
-    p = cfg.parallel
-    rows = pipeline_rows(cfg, microbatches)
-    annotated = [{**batch, "pipeline_rows": rows} for batch in microbatches]
-    return annotated, rows * p.cp * (p.tp if p.sequence_parallel else 1)
+    grid = dit.latent_grid(batch["latent"].shape, m.patch_size)
+    tokens = dit.local_video_tokens(grid, cp=p.cp, tp=p.tp if p.sequence_parallel else 1)
+    return tokens + m.caption_tokens + m.clip_tokens + MODULATION_ROWS
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -344,7 +302,7 @@ FAMILY = ModelFamily(
     ),
     units_per_sample=lambda cfg: cfg.model.seq_length * cfg.objective.ROWS_PER_SAMPLE,
     throughput_unit="tokens",
-    prepare_step=prepare_pipeline_step,
+    prepare_step=functools.partial(dit.prepare_pipeline_step, rows_of=stage_rows),
     converter=convert,
     sample=sample,
     eval_videos=eval_videos,

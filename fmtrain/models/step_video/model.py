@@ -56,6 +56,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from fmtrain.config import Config
 from fmtrain.models.adaln import AdaLNSingle, modulate
 from fmtrain.models.attention import UlyssesAttention
+from fmtrain.models.dit import local_video_tokens, pack_stage_output, patchify, unpack_stage_input, unpatchify
 from fmtrain.models.init import InitRule
 from fmtrain.models.layers import HeadRMSNorm, sharded_state_dict_with_global_blocks
 from fmtrain.models.megatron_config import shared_transformer_kwargs
@@ -315,33 +316,6 @@ class _CaptionProjection(torch.nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
 
 
-def local_video_tokens(grid: tuple[int, int, int], *, cp: int, tp: int) -> int:
-    """Tokens of a latent grid per context-parallel rank, per tensor-parallel rank when tp > 1
-    (sequence parallelism); ValueError naming the grid when they do not split evenly."""
-    tokens = grid[0] * grid[1] * grid[2]
-    if tokens % (cp * tp):
-        names = " x ".join(
-            name for name, size in (("parallel.cp", cp), ("parallel.tp (sequence parallelism)", tp)) if size > 1
-        )
-        raise ValueError(f"latent grid {tuple(grid)} has {tokens} tokens, not divisible by {names} = {cp * tp}")
-    return tokens // (cp * tp)
-
-
-def patchify(latent: torch.Tensor, p: int) -> torch.Tensor:
-    """[b, C, T, H, W] -> [b, T*(H/p)*(W/p), C*p*p] (tokens frame-major, features (c, p, q))."""
-    b, c, t, h, w = latent.shape
-    x = latent.reshape(b, c, t, h // p, p, w // p, p)
-    return x.permute(0, 2, 3, 5, 1, 4, 6).reshape(b, t * (h // p) * (w // p), c * p * p)
-
-
-def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], channels: int, p: int) -> torch.Tensor:
-    """Inverse of :func:`patchify`: [b, S, C*p*p] -> [b, C, T, H, W]."""
-    t, hp, wp = grid
-    b = tokens.shape[0]
-    x = tokens.reshape(b, t, hp, wp, channels, p, p)
-    return x.permute(0, 4, 1, 2, 5, 3, 6).reshape(b, channels, t, hp * p, wp * p)
-
-
 class StepVideoDiT(MegatronModule):
     """One pipeline chunk of the DiT: embedders on the first stage, the final layer on the last."""
 
@@ -440,13 +414,10 @@ class StepVideoDiT(MegatronModule):
             if self.sequence_parallel:
                 x = tensor_parallel.scatter_to_sequence_parallel_region(x)
         else:
-            packed = self.input_tensor  # [rows, b, h] from the previous stage
             key_mask = self._key_mask(inputs)
-            n_ctx = key_mask.shape[1]
-            x = packed[:n_local]
-            context = packed[n_local : n_local + n_ctx]
-            modulation = packed[n_local + n_ctx : n_local + n_ctx + 6]
-            embedded = packed[n_local + n_ctx + 6 : n_local + n_ctx + MODULATION_ROWS]
+            x, context, modulation, embedded = unpack_stage_input(
+                self.input_tensor, (n_local, key_mask.shape[1], MODULATION_ROWS - 1, 1)
+            )
         # Under SP each rank modulates a slice of the tokens: sum the modulation's gradient over TP.
         block_modulation = (
             tensor_parallel.copy_to_tensor_model_parallel_region(modulation) if self.sequence_parallel else modulation
@@ -461,11 +432,7 @@ class StepVideoDiT(MegatronModule):
             else:
                 x = block(x, context, key_mask, block_modulation, cos, sin)
         if not self.post_process:
-            packed = torch.cat([x, context, modulation, embedded], dim=0)
-            if inputs.pipeline_rows is not None and packed.shape[0] < inputs.pipeline_rows:
-                pad = packed.new_zeros(inputs.pipeline_rows - packed.shape[0], *packed.shape[1:])
-                packed = torch.cat([packed, pad], dim=0)
-            return packed
+            return pack_stage_output([x, context, modulation, embedded], inputs.pipeline_rows)
         return self._final(x, embedded, inputs)
 
     def _final(self, x: torch.Tensor, embedded: torch.Tensor, inputs: DiTInputs) -> torch.Tensor:

@@ -1,0 +1,189 @@
+"""The LaVin-DiT family's registry entry: the J-DiT trained with flow matching on in-context
+task samples.
+
+A microbatch (:mod:`fmtrain.data.tasks`) holds, per sample, the latents of K example
+(input, output) pairs and the query concatenated along time (``context`` [b, C, T_cond, H, W]),
+and the latent of the query's output (``target``). Flow matching noises the target only; the
+context stays clean (the release's ``training_losses`` noises ``x1``, the target, and passes the
+condition through). t, the noise and the classifier-free-guidance drop come from generators
+seeded by each sample's ``sample_seed`` (:func:`fmtrain.models.dit.flow_draw`), so any layout
+and a resumed run draw the same numbers. A dropped sample's condition is the null condition:
+the example pairs zeroed, the query kept (the release samples its unconditional branch from zero
+latents plus the query). The loss is MSE + ``objective.l1_weight`` x L1 of the velocity (the
+release: 0.1), summed per sample and divided by the global element count.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+
+import torch
+from megatron.core.utils import get_attr_wrapped_model
+
+from fmtrain.config import Config
+from fmtrain.models import dit
+from fmtrain.models.lavin_dit import convert
+from fmtrain.models.lavin_dit.model import CONDITIONING_ROWS, JointInputs, build_chunk, init_rule, transformer_config
+from fmtrain.models.lavin_dit.sizes import param_count, training_flops
+from fmtrain.models.registry import ModelFamily, PartSpec, RunData
+from fmtrain.objectives import flow_matching as fm
+
+
+def null_condition(condition: torch.Tensor, query_frames: int, drop: torch.Tensor) -> torch.Tensor:
+    """``condition`` [b, C, T_cond, H, W] with the example pairs (every frame before the query's
+    last ``query_frames``) zeroed where ``drop`` [b]: the unconditional input of classifier-free
+    guidance, the same length as the conditional one."""
+    keep = torch.ones_like(condition[:1, :1, :, :1, :1])
+    keep[:, :, : condition.shape[2] - query_frames] = 0
+    mask = torch.where(drop.view(-1, 1, 1, 1, 1), keep, torch.ones_like(keep))
+    return condition * mask
+
+
+def make_inputs(
+    cfg: Config, batch: dict, device, *, training: bool, first: bool, need_target: bool
+) -> tuple[JointInputs, torch.Tensor]:
+    """The flow-matching draw of one microbatch on its target latents: (inputs, loss weights)."""
+    p = cfg.model.patch_size
+    target = batch["target"].to(device, non_blocking=True)
+    draw = dit.flow_draw(
+        cfg.objective, target, batch["sample_seed"], training=training, need_x_t=first, need_target=need_target
+    )
+    condition = None
+    if first:
+        condition = batch["context"].to(device, non_blocking=True)
+        if draw.drop is not None and bool(draw.drop.any()):
+            condition = null_condition(condition, int(batch["item_frames"]), draw.drop)
+    inputs = JointInputs(
+        cond_grid=dit.latent_grid(batch["context"].shape, p),
+        target_grid=dit.latent_grid(target.shape, p),
+        t=draw.t,
+        condition=condition,
+        x_t=draw.x_t,
+        target=draw.target,
+        pipeline_rows=batch.get("pipeline_rows"),
+    )
+    return inputs, draw.weights
+
+
+def make_forward_step(cfg: Config, parts=None, progress=None):
+    def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+        batch = next(data_iterator)
+        device = next(model.parameters()).device
+        first = get_attr_wrapped_model(model, "pre_process")
+        last = get_attr_wrapped_model(model, "post_process")
+        # "predict_only" microbatches return the velocity prediction instead of error sums.
+        inputs, weights = make_inputs(
+            cfg,
+            batch,
+            device,
+            training=model.training,
+            first=first,
+            need_target=last and not batch.get("predict_only", False),
+        )
+        output = model(inputs=inputs)
+        return output, functools.partial(dit.flow_loss, weights, cfg.objective.l1_weight)
+
+    return forward_step
+
+
+def stage_rows(cfg: Config, batch: dict) -> int:
+    """Rows per TP rank of the tensor a pipeline stage sends for ``batch``: both streams' tokens
+    (this rank's share under sequence parallelism) and the two conditioning rows."""
+    m, p = cfg.model, cfg.parallel
+    tp = p.tp if p.sequence_parallel else 1
+    rows = CONDITIONING_ROWS
+    for name in ("context", "target"):
+        grid = dit.latent_grid(batch[name].shape, m.patch_size)
+        rows += dit.local_video_tokens(grid, cp=1, tp=tp, what=f"{name} latent grid")
+    return rows
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+@torch.no_grad()
+def sample_latents(
+    model,
+    cfg: Config,
+    context: torch.Tensor,
+    *,
+    query_frames: int,
+    target_frames: int,
+    num: int,
+    seed: int,
+    steps: int,
+    shift: float,
+    guidance_scale: float,
+    device,
+) -> torch.Tensor:
+    """Generate ``num`` target latents [num, C, target_frames, H, W] for one condition ``context``
+    [C, T_cond, H, W] (example pairs + query latents) by Euler integration of the predicted
+    velocity from noise (t=0) to data (t=1), with classifier-free guidance against
+    :func:`null_condition`. The noise comes from one generator seeded by ``seed``."""
+    m = cfg.model
+    _, _, height, width = context.shape
+    if height % m.patch_size or width % m.patch_size:
+        raise ValueError(f"latent size {height}x{width} is not divisible by model.patch_size={m.patch_size}")
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x0 = torch.randn((num, m.in_channels, target_frames, height, width), generator=generator, device=device)
+    condition = context.to(device).unsqueeze(0).expand(num, *context.shape)
+    unconditional = null_condition(condition, query_frames, torch.ones(num, dtype=torch.bool, device=device))
+    grids = dict(
+        cond_grid=dit.latent_grid(condition.shape, m.patch_size),
+        target_grid=dit.latent_grid(x0.shape, m.patch_size),
+    )
+
+    def velocity(x, t):
+        return model(inputs=JointInputs(t=t, condition=condition, x_t=x, **grids))
+
+    def uncond_velocity(x, t):
+        return model(inputs=JointInputs(t=t, condition=unconditional, x_t=x, **grids))
+
+    return fm.euler_sample(
+        velocity, x0, steps=steps, shift=shift, uncond_velocity=uncond_velocity, guidance_scale=guidance_scale
+    )
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def prepare_data(cfg: Config, topo, run_dir) -> RunData:
+    """In-context task samples: streamed task shards (latents, or pixels encoded on the fly), or
+    the in-memory synthetic latent tasks."""
+    from fmtrain.data.tasks import prepare_task_data
+
+    train, valid = prepare_task_data(cfg, topo, run_dir)
+    return RunData(train=train, valid=valid)
+
+
+def target_tokens(cfg: Config) -> int:
+    """The target stream's share of ``model.seq_length`` (both streams): 1 of the 2K + 2 items of
+    a sample with K example pairs."""
+    return cfg.model.seq_length // (2 * cfg.data.task_pairs + 2)
+
+
+def parts(cfg: Config) -> list[PartSpec]:
+    return [
+        PartSpec(
+            name="model",
+            build=build_chunk,
+            init_rule=init_rule,
+            megatron_config=transformer_config,
+            forward_step=make_forward_step,
+        )
+    ]
+
+
+FAMILY = ModelFamily(
+    name="lavin_dit",
+    parts=parts,
+    prepare_data=prepare_data,
+    param_count=param_count,
+    flops_per_sample=lambda cfg: training_flops(cfg, cfg.model.seq_length, target_tokens(cfg)),
+    units_per_sample=lambda cfg: cfg.model.seq_length,
+    throughput_unit="tokens",
+    prepare_step=functools.partial(dit.prepare_pipeline_step, rows_of=stage_rows),
+    converter=convert,
+)

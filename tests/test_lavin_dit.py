@@ -1,0 +1,219 @@
+"""LaVin-DiT's J-DiT on the shared engine: the release's math, layouts, sizes and interop.
+
+The single-process reference for the forward is ``PlainJDiT`` (tools/bench_lavin_dit.py), the
+J-DiT written in plain PyTorch from the paper and the official repository's block code, loading
+fmtrain's weights as they are. Layouts run as real torchrun processes on gloo
+(tests/lavin_worker.py), the single-rank run being the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, free_port
+
+RECIPE = REPO / "recipes" / "lavin_dit" / "tiny.yaml"
+WORKER_ARGS = ["train.global_batch_size=8", "train.micro_batch_size=2"]
+
+
+def _worker(tmp_path, tp: int = 1, pp: int = 1, dp: int = 1, sp: bool = False) -> dict:
+    out = tmp_path / f"lavin_tp{tp}_pp{pp}_dp{dp}_sp{int(sp)}.pt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(tp * pp * dp),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "lavin_worker.py"),
+        str(out),
+        str(RECIPE),
+        f"parallel.tp={tp}",
+        f"parallel.pp={pp}",
+        f"parallel.sequence_parallel={str(sp).lower()}",
+        f"run.dir={tmp_path / 'run'}",
+        *WORKER_ARGS,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _worker(tmp_path_factory.mktemp("lavin_reference"))
+
+
+def test_parameter_count_formula_matches_the_module(reference):
+    from fmtrain.config import load_config
+    from fmtrain.models.lavin_dit.sizes import param_count
+
+    assert reference["num_parameters"] == param_count(load_config(RECIPE))
+
+
+@pytest.mark.parametrize(
+    "tp,pp,dp,sp",
+    [(2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (2, 1, 1, True)],
+    ids=["tp2", "pp2", "dp2", "tp2-sp"],
+)
+def test_layout_matches_single_rank(reference, tmp_path, tp, pp, dp, sp):
+    """Five training steps (and a forward of two microbatches with 1 and 2 example pairs, which
+    the pipeline pads to one shape) give the single rank's numbers within 1e-5."""
+    other = _worker(tmp_path, tp, pp, dp, sp)
+    for got, ref in zip(other["predictions"], reference["predictions"], strict=True):
+        assert got.shape == ref.shape
+        assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    assert torch.allclose(other["losses"], reference["losses"], rtol=1e-5, atol=0)
+    assert torch.allclose(other["grad_norms"], reference["grad_norms"], rtol=1e-5, atol=0)
+
+
+def test_forward_and_gradients_match_the_plain_pytorch_j_dit(single_rank):
+    """fmtrain's megatron J-DiT against the plain-PyTorch one on the same weights: velocity on a
+    non-square grid with 5 condition frames and 2 target frames, and the weight gradients of a
+    loss through it (names and layouts of every tensor included)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from bench_lavin_dit import PlainJDiT
+
+    from fmtrain import parallel
+    from fmtrain.config import WHOLE_MODEL_LAYOUT, load_config
+    from fmtrain.engine.parts import build_for_inference
+    from fmtrain.models.init import InitRule, initialize_layout_invariant
+    from fmtrain.models.lavin_dit.model import JointInputs
+    from fmtrain.models.registry import get_family
+
+    cfg = load_config(RECIPE, WHOLE_MODEL_LAYOUT)
+    parallel.initialize(cfg)
+    ours = build_for_inference(cfg, get_family("lavin_dit").primary(cfg), torch.device("cpu"))
+    initialize_layout_invariant(
+        [ours], 3, lambda key: InitRule("ones") if key.endswith("embedder.1.weight") else InitRule("normal", 0.08)
+    )
+    m = cfg.model
+    plain = PlainJDiT(
+        layers=m.num_layers,
+        hidden=m.hidden_size,
+        heads=m.num_attention_heads,
+        kv_heads=m.num_query_groups,
+        ffn=m.ffn_hidden_size,
+        in_channels=m.in_channels,
+        patch=m.patch_size,
+    )
+    plain.load_fmtrain_state(ours.state_dict())
+    g = torch.Generator().manual_seed(0)
+    condition = torch.randn(2, m.in_channels, 5, 8, 12, generator=g)
+    x_t = torch.randn(2, m.in_channels, 2, 8, 12, generator=g)
+    t = torch.rand(2, generator=g)
+    mine = ours(inputs=JointInputs(cond_grid=(5, 4, 6), target_grid=(2, 4, 6), t=t, condition=condition, x_t=x_t))
+    theirs = plain(condition, x_t, t)
+    assert mine.shape == theirs.shape == (2, m.in_channels, 2, 8, 12)
+    assert float(theirs.std()) > 0.1  # dense weights: the prediction is not the zero-initialised one
+    assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-5)
+
+    weights = torch.randn(theirs.shape, generator=g)
+    (mine * weights).sum().backward()
+    (theirs * weights).sum().backward()
+    plain_grads = {name.replace("norm_weight", "norm.weight"): p.grad for name, p in plain.named_parameters()}
+    for name, param in ours.named_parameters():
+        # The last block's condition-stream output feeds nothing: no gradient (or a zero one).
+        theirs_grad = plain_grads[name] if plain_grads[name] is not None else torch.zeros_like(param)
+        mine_grad = param.grad if param.grad is not None else torch.zeros_like(param)
+        if not theirs_grad.any():
+            assert name.startswith(f"blocks.{m.num_layers - 1}.") and ".cond_" in name, name
+        assert torch.allclose(mine_grad, theirs_grad, atol=1e-5, rtol=1e-4), name
+
+
+def _release_state(cfg, seed: int = 0) -> dict:
+    from fmtrain.models.lavin_dit.sizes import tensor_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g).to(torch.bfloat16) for name, shape in tensor_shapes(cfg).items()}
+
+
+def test_release_weights_round_trip_at_tp2(tmp_path, capsys):
+    """A lavin_dit.safetensors with the release's names and shapes (built here, bf16 as released,
+    with the config.json export writes) -> a TP=2 fmtrain checkpoint -> the release layout
+    again: bit-exact. A tensor of the wrong shape is refused naming it and both shapes."""
+    from safetensors.torch import load_file, save_file
+
+    from fmtrain.cli import main as fmtrain_main
+    from fmtrain.config import load_config
+    from fmtrain.models.lavin_dit import convert
+
+    cfg = load_config(RECIPE)
+    release = tmp_path / "release"
+    release.mkdir()
+    state = _release_state(cfg)
+    save_file(state, release / "lavin_dit.safetensors")
+    (release / "config.json").write_text(json.dumps(convert.hf_config_from_fmtrain(cfg)))
+    ckpt = tmp_path / "ckpt"
+    args = [
+        "convert",
+        "from-hf",
+        str(release),
+        str(ckpt),
+        "--nproc",
+        "2",
+        "parallel.tp=2",
+        "data.corpus=synthetic:tasks",
+    ]
+    assert subprocess.run([sys.executable, "-m", "fmtrain.cli", *args], cwd=REPO).returncode == 0
+    exported = tmp_path / "exported"
+    assert fmtrain_main(["convert", "to-hf", str(ckpt), str(exported)]) == 0
+    back = load_file(exported / "lavin_dit.safetensors")
+    assert back.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(back[name], tensor), name
+    assert json.loads((exported / "config.json").read_text())["num_heads"] == cfg.model.num_attention_heads
+
+    bad = dict(state)
+    bad["blocks.1.joint_attn.x_k.weight"] = torch.zeros(8, cfg.model.hidden_size, dtype=torch.bfloat16)
+    save_file(bad, release / "lavin_dit.safetensors")
+    assert fmtrain_main(["convert", "from-hf", str(release), str(tmp_path / "bad"), "data.corpus=synthetic:tasks"]) != 0
+    assert (
+        "tensor blocks.1.joint_attn.x_k.weight has shape (8, 96), the model expects (48, 96)" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def test_release_without_config_json_reads_as_the_3_4b_model(tmp_path):
+    """The release ships lavin_dit.safetensors alone: its architecture comes from the tensor
+    shapes and the released head count (a meta-tensor header is enough to check)."""
+    from fmtrain.config import load_config
+    from fmtrain.models.lavin_dit import convert
+
+    cfg = load_config(None, ["model.family=lavin_dit", "model.size=3.4B"])
+    config, source = convert.release_config(_HeaderOnly(tmp_path, convert.shapes_from_config(cfg)))
+    assert "tensor shapes" in source
+    made = load_config(None, convert.model_overrides(config, None))
+    for field in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        assert getattr(made.model, field) == getattr(cfg.model, field), field
+
+
+class _HeaderOnly:
+    """What the converter reads of a release file: names and shapes (no data)."""
+
+    def __init__(self, path, shapes):
+        self.path, self._shapes = path, shapes
+
+    @property
+    def names(self):
+        return frozenset(self._shapes)
+
+    def info(self, name):
+        return self._shapes[name], torch.bfloat16
+
+
+def test_3_4b_recipe_prints_the_released_size(capsys):
+    from fmtrain.cli import main as fmtrain_main
+
+    assert fmtrain_main(["info", str(REPO / "recipes" / "lavin_dit" / "3b.yaml"), "--gpus", "64"]) == 0
+    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("parameters"))
+    # Counted from the official LaVinDiT_3B_2 module (lib/model/dit.py): 3,398,976,064.
+    assert int(line.split()[1].replace(",", "")) == 3_398_976_064
