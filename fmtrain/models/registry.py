@@ -173,6 +173,23 @@ class Converter(Protocol):
     def write_export_extras(self, ckpt_dir: Path, out_dir: Path, cfg: Config, log: Callable[[str], None]) -> str: ...
 
 
+class LatentCodec(Protocol):
+    """A VAE family's pixels <-> the latents a DiT trains on, for code that uses a trained VAE
+    (a DiT family, ``fmtrain sample --vae``, ``eval.sample_vae``): chunked and tiled as the
+    VAE's model section says, normalised as the family defines (:class:`fmtrain.models.vae_codec.LatentCodec`)."""
+
+    def encode(
+        self, cfg: Config, vae: torch.nn.Module, pixels: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """pixels [B, C, T, H, W] in [-1, 1] -> latents [B, z, T', H', W']: the posterior mean, or a
+        sample drawn with ``generator``."""
+        ...
+
+    def decode(self, cfg: Config, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, z, T', H', W'] -> pixels [B, C, T, H, W] in about [-1, 1]."""
+        ...
+
+
 class Sampler(Protocol):
     def __call__(
         self,
@@ -231,6 +248,10 @@ class ModelFamily:
     memory_estimate: Callable[[Config, int, int | None], MemoryEstimate] | None = None
     """Families without a ``workload``: (cfg, dp, microbatches per step) -> the estimated peak
     memory of the busiest GPU, for ``fmtrain info``."""
+
+    latent_codec: LatentCodec | None = None
+    """VAE families: pixels <-> DiT latents with a loaded module of this family
+    (:func:`fmtrain.checkpoint.pretrained.latent_encoder` / ``latent_decoder`` load one)."""
 
     def primary(self, cfg: Config) -> PartSpec:
         return next(part for part in self.parts(cfg) if part.trainable)
@@ -291,6 +312,7 @@ __all__ = [
     "BuildModule",
     "Converter",
     "ForwardStep",
+    "LatentCodec",
     "MakeForwardStep",
     "MakeMegatronConfig",
     "ModelFamily",

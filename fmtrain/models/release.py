@@ -88,8 +88,35 @@ def check_tensor_names(ckpt, expected: dict[str, tuple[int, ...]]) -> None:
             raise HFCheckpointError(f"{ckpt.path}: tensor {name} has shape {found}, the model expects {shape}")
 
 
+class SameNameTensors:
+    """The tensor mapping of a release whose tensor names and shapes are fmtrain's checkpoint keys
+    (the VAEs, whose modules carry the official names): one to one, whole tensors, in the order of
+    the model's state dict. ``what`` names the format in messages."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def piece_reader(self, ckpt, shapes: dict[str, tuple[int, ...]]):
+        def piece(key: str, index: tuple[int, ...], offset: tuple[int, ...], shape: tuple[int, ...]):
+            if index or key not in shapes:
+                raise HFCheckpointError(f"fmtrain tensor {key} has no {self.what} counterpart")
+            return ckpt.read_slice(key, tuple(slice(o, o + n) for o, n in zip(offset, shape)))
+
+        return piece
+
+    def export_order(self, shapes: dict[str, tuple[int, ...]], present) -> list[tuple[str, tuple]]:
+        return [(name, ()) for name in shapes]
+
+    def hf_shapes(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+        return dict(shapes)
+
+    def hf_tensors_from_megatron(self, key: str, index: tuple[int, ...], t, shapes) -> dict:
+        return {key: t}
+
+
 __all__ = [
     "HFCheckpointError",
+    "SameNameTensors",
     "check_architecture",
     "check_tensor_names",
     "overrides_as_args",

@@ -8,13 +8,13 @@ Defaults are the released v2 model's (official repository stepfun-ai/Step-Video-
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
 
-from fmtrain.config import Config, ConfigError, FamilySettings, ModelConfig
+from fmtrain.config import Config, ConfigError, FamilySettings
+from fmtrain.models.vae_config import VAEModelConfig, check_at_least_one, check_codec_options, validate
 
 
 @dataclass
-class VideoVAEModelConfig(ModelConfig):
+class VideoVAEModelConfig(VAEModelConfig):
     """``model.*`` of the Video-VAE (the encoder, the decoder and, with ``objective.gan_weight``,
     the discriminator)."""
 
@@ -23,7 +23,6 @@ class VideoVAEModelConfig(ModelConfig):
     per-frame GroupNorm); 1: 8x8 spatial, 4x temporal."""
     z_channels: int = 64
     """Latent channels (the release: 64 for v2, 16 for v1)."""
-    in_channels: int = 3
     encoder_channels: int = 32
     encoder_channel_mult: list[int] = field(default_factory=lambda: [4, 8, 16, 16])
     decoder_channels: int = 128
@@ -42,14 +41,6 @@ class VideoVAEModelConfig(ModelConfig):
     for any resolution; 0: no tiling."""
     tile_overlap: int = 64
     """Pixels two neighbouring tiles share (a multiple of the spatial compression)."""
-    init_gain: float = 1.0
-    """Conv and linear weights are drawn N(0, (gain / sqrt(fan_in))^2) (layout-invariant)."""
-    recompute: str = "none"
-    """Activation checkpointing of every ResNet and attention block: none | full."""
-    discriminator_channels: int = 64
-    discriminator_layers: int = 3
-
-    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"recompute": ("none", "full")}
 
     @property
     def spatial_compression(self) -> int:
@@ -60,19 +51,10 @@ class VideoVAEModelConfig(ModelConfig):
         return 2 ** len(self.temporal_down_levels) * (2 if self.version == 2 else 1)
 
     def check(self, cfg: Config) -> None:
+        super().check(cfg)
         if self.version not in (1, 2):
             raise ConfigError(f"model.version={self.version} must be 1 or 2")
-        for name in (
-            "z_channels",
-            "in_channels",
-            "encoder_channels",
-            "decoder_channels",
-            "num_res_blocks",
-            "discriminator_channels",
-            "discriminator_layers",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name}={getattr(self, name)} must be at least 1")
+        check_at_least_one(self, ("z_channels", "encoder_channels", "decoder_channels", "num_res_blocks"))
         widths = [("encoder", self.encoder_channels * m) for m in self.encoder_channel_mult]
         widths += [("decoder", self.decoder_channels * m) for m in self.decoder_channel_mult]
         for where, width in widths:
@@ -111,41 +93,7 @@ class VideoVAEModelConfig(ModelConfig):
                 f"model.temporal_up_levels={self.temporal_up_levels} must name as many of the "
                 f"levels 1..{last} as model.temporal_down_levels has"
             )
-        s = self.spatial_compression
-        for name in ("tile_size", "tile_overlap"):
-            if getattr(self, name) < 0 or getattr(self, name) % s:
-                raise ConfigError(
-                    f"model.{name}={getattr(self, name)} must be a non-negative multiple of the spatial compression {s}"
-                )
-        if self.tile_size and self.tile_overlap >= self.tile_size:
-            raise ConfigError(f"model.tile_overlap={self.tile_overlap} must be below model.tile_size={self.tile_size}")
-        if self.chunk_frames < 0 or (self.chunk_frames and (self.chunk_frames - 1) % self.temporal_compression):
-            raise ConfigError(
-                f"model.chunk_frames={self.chunk_frames} must be 1 + a multiple of the temporal "
-                f"compression {self.temporal_compression} (the release: 17), or 0"
-            )
-
-
-def validate(cfg: Config) -> None:
-    m, d = cfg.model, cfg.data
-    if d.video_size % m.spatial_compression:
-        raise ConfigError(
-            f"data.video_size={d.video_size} is not a multiple of the spatial compression {m.spatial_compression}"
-        )
-    if (d.video_frames - 1) % m.temporal_compression:
-        raise ConfigError(
-            f"data.video_frames={d.video_frames} must be 1 + a multiple of the temporal compression "
-            f"{m.temporal_compression} (17 for the release), so every latent frame is whole"
-        )
-    e = cfg.engine
-    if e.backend == "deepspeed" and e.zero_stage == 3 and cfg.objective.gan_weight > 0:
-        # The adaptive GAN weight differentiates the decoder's last layer inside the loss, after
-        # its forward, when ZeRO-3 has already released that parameter's gathered copy.
-        raise ConfigError(
-            f"objective.gan_weight={cfg.objective.gan_weight} with engine.zero_stage=3: the adaptive GAN weight "
-            "needs the decoder's last-layer weight after its forward, which ZeRO-3 has partitioned again; use "
-            "engine.zero_stage=2 (or objective.gan_weight=0)"
-        )
+        check_codec_options(self, release_chunk="17")
 
 
 SETTINGS = FamilySettings(model=VideoVAEModelConfig, objectives=("vae",), parallel=frozenset(), validate=validate)

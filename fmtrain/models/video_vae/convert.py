@@ -23,13 +23,21 @@ from typing import Any
 import torch
 
 from fmtrain.config import Config, ConfigError
-from fmtrain.models.release import HFCheckpointError, check_architecture, check_tensor_names, overrides_as_args
+from fmtrain.models.release import (
+    HFCheckpointError,
+    SameNameTensors,
+    check_architecture,
+    check_tensor_names,
+    overrides_as_args,
+)
 
 FORMAT = "Step-Video-T2V release (vae/)"
 WEIGHTS_SUBDIR = "vae"
 WEIGHTS_PREFIX = "vae_v2"
 DTYPE_PROBE = "encoder.conv_in.conv.weight"
 CLASS_NAME = "AutoencoderKL"
+LEVEL_PROBE = "encoder.down.0.block.0.conv1.conv.weight"
+"""A tensor of this layout only (LaVin-DiT's ST-VAE has ``encoder.conv_in.conv.weight`` too)."""
 FILES = {2: "vae_v2.safetensors", 1: "vae.safetensors"}
 
 
@@ -54,8 +62,8 @@ def release_config(ckpt) -> tuple[dict, str]:
     """The architecture of a release file, read off its tensor headers (``ckpt``: the file,
     opened by the caller)."""
     names = ckpt.names
-    if DTYPE_PROBE not in names:
-        raise HFCheckpointError(f"{ckpt.path}: no {DTYPE_PROBE}: not a Step-Video VAE")
+    if DTYPE_PROBE not in names or LEVEL_PROBE not in names:
+        raise HFCheckpointError(f"{ckpt.path}: no {LEVEL_PROBE}: not a Step-Video VAE")
     shape = lambda name: tuple(ckpt.info(name)[0])  # noqa: E731
     v2 = "encoder.conv_patchify.conv.conv.weight" in names
     levels = sorted({int(m.group(1)) for n in names if (m := re.match(r"encoder\.down\.(\d+)\.", n))})
@@ -135,25 +143,11 @@ def check_hf_names(ckpt, shapes: dict[str, tuple[int, ...]]) -> None:
     check_tensor_names(ckpt, shapes)
 
 
-def piece_reader(ckpt, shapes) -> Callable[[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], torch.Tensor]:
-    def piece(key: str, index: tuple[int, ...], offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
-        if index or key not in shapes:
-            raise HFCheckpointError(f"fmtrain tensor {key} has no Step-Video VAE counterpart")
-        return ckpt.read_slice(key, tuple(slice(o, o + n) for o, n in zip(offset, shape)))
-
-    return piece
-
-
-def export_order(shapes: dict[str, tuple[int, ...]], present: Callable[[str], bool]) -> list[tuple[str, tuple]]:
-    return [(name, ()) for name in shapes]
-
-
-def hf_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    return dict(shapes)
-
-
-def hf_tensors_from_megatron(key: str, index: tuple[int, ...], t: torch.Tensor, shapes) -> dict[str, torch.Tensor]:
-    return {key: t}
+_MAPPING = SameNameTensors("Step-Video VAE")
+piece_reader = _MAPPING.piece_reader
+export_order = _MAPPING.export_order
+hf_shapes = _MAPPING.hf_shapes
+hf_tensors_from_megatron = _MAPPING.hf_tensors_from_megatron
 
 
 def write_export_extras(ckpt_dir: Path, out_dir: Path, cfg: Config, log: Callable[[str], None]) -> str:

@@ -35,11 +35,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-LOGVAR_RANGE = (-30.0, 20.0)
-"""The release's clamp of the posterior's log-variance."""
-NORM_GROUPS = 32
+from fmtrain.models.vae_modules import LOGVAR_RANGE, NORM_GROUPS, LatentVAE, PatchDiscriminator3D, per_frame, run_block
 
 
 def _triple(value) -> tuple[int, int, int]:
@@ -86,13 +83,6 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm, per_frame: bool, silu: bool 
     else:
         out = norm(x)
     return F.silu(out) if silu else out
-
-
-def per_frame(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Apply a 2D module to every frame of [B, C, T, H, W]."""
-    b, c, t, h, w = x.shape
-    out = module(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
-    return out.reshape(b, t, *out.shape[1:]).permute(0, 2, 1, 3, 4)
 
 
 class ResnetBlock(nn.Module):
@@ -269,12 +259,6 @@ class _Mid(nn.Module):
         self.block_2 = ResnetBlock(channels, channels, per_frame_norm)
 
 
-def _run(module: nn.Module, x: torch.Tensor, recompute: bool) -> torch.Tensor:
-    if recompute and torch.is_grad_enabled():
-        return checkpoint(module, x, use_reentrant=False)
-    return module(x)
-
-
 class VideoEncoder(nn.Module):
     def __init__(
         self,
@@ -318,12 +302,12 @@ class VideoEncoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
-                h = _run(block, h, self.recompute)
+                h = run_block(block, self.recompute, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = _run(self.mid.block_1, h, self.recompute)
-        h = _run(self.mid.attn_1, h, self.recompute)
-        h = _run(self.mid.block_2, h, self.recompute)
+        h = run_block(self.mid.block_1, self.recompute, h)
+        h = run_block(self.mid.attn_1, self.recompute, h)
+        h = run_block(self.mid.block_2, self.recompute, h)
         h = group_norm(h, self.norm_out, self.version == 2, silu=True)
         if self.version == 2:
             h = self.conv_patchify(h) + unshuffle_average(h, self.patch_channels, 2)
@@ -379,20 +363,21 @@ class VideoDecoder(nn.Module):
         if self.version == 2:
             h = h + duplicate_shuffle(z, self.patch_channels, 1)
             h = self.conv_unpatchify(h) + duplicate_shuffle(h, self.block_in, 2)
-        h = _run(self.mid.block_1, h, self.recompute)
-        h = _run(self.mid.attn_1, h, self.recompute)
-        h = _run(self.mid.block_2, h, self.recompute)
+        h = run_block(self.mid.block_1, self.recompute, h)
+        h = run_block(self.mid.attn_1, self.recompute, h)
+        h = run_block(self.mid.block_2, self.recompute, h)
         for level in reversed(self.up):
             for block in level.block:
-                h = _run(block, h, self.recompute)
+                h = run_block(block, self.recompute, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         h = self.conv_out(group_norm(h, self.norm_out, self.version == 2, silu=True))
         return h[:, :, self.leading_frames :]
 
 
-class VideoVAE(nn.Module):
-    """``encoder`` + ``decoder``; the posterior and the chunked / tiled paths are in :mod:`.codec`."""
+class VideoVAE(LatentVAE):
+    """``encoder`` + ``decoder``; the posterior and the forward are :class:`~fmtrain.models.vae_modules.LatentVAE`'s,
+    the chunked / tiled paths :mod:`fmtrain.models.vae_codec`."""
 
     def __init__(
         self,
@@ -432,51 +417,8 @@ class VideoVAE(nn.Module):
         temporal_down = 2 ** len(temporal_down_levels) * (2 if version == 2 else 1)
         self.spatial_compression, self.temporal_compression = spatial_down, temporal_down
 
-    def set_recompute(self, on: bool) -> None:
-        """Activation checkpointing of every ResNet and attention block (training at large sizes)."""
-        self.encoder.recompute = self.decoder.recompute = on
-
-    def moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, log-variance) of the posterior of pixels [B, 3, T, H, W], each [B, z, T', H', W']."""
-        mean, logvar = self.encoder(x).chunk(2, dim=1)
-        return mean, logvar.clamp(*LOGVAR_RANGE)
-
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """(reconstruction, mean, log-variance): decode the posterior sample ``mean + std * noise``
-        (the mean when ``noise`` is None)."""
-        mean, logvar = self.moments(x)
-        z = mean if noise is None else mean + torch.exp(0.5 * logvar) * noise
-        return self.decoder(z), mean, logvar
-
-
-class PatchDiscriminator3D(nn.Module):
-    """A 3D PatchGAN (Isola et al. 2017, "Image-to-Image Translation with Conditional Adversarial
-    Networks", extended to video as Open-Sora's VAE discriminator is): stride-2 spatial convs with
-    GroupNorm (BatchNorm is unstable at the small per-GPU batches video training runs at) and
-    LeakyReLU, time kernel 3 with 'same' padding so a single image is a clip of one frame; one logit
-    per patch."""
-
-    def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
-        super().__init__()
-        mods: list[nn.Module] = [
-            nn.Conv3d(in_channels, channels, (3, 4, 4), stride=(1, 2, 2), padding=(1, 1, 1)),
-            nn.LeakyReLU(0.2),
-        ]
-        width = channels
-        for n in range(1, layers + 1):
-            out = channels * min(2**n, 8)
-            stride = (1, 2, 2) if n < layers else (1, 1, 1)
-            mods += [
-                nn.Conv3d(width, out, (3, 4, 4), stride=stride, padding=(1, 1, 1), bias=False),
-                nn.GroupNorm(NORM_GROUPS if out % NORM_GROUPS == 0 else 1, out),
-                nn.LeakyReLU(0.2),
-            ]
-            width = out
-        mods.append(nn.Conv3d(width, 1, (3, 4, 4), stride=1, padding=(1, 1, 1)))
-        self.main = nn.Sequential(*mods)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x)
+    def last_layer(self) -> nn.Parameter:
+        return self.decoder.conv_out.weight
 
 
 __all__ = [
