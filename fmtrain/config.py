@@ -432,7 +432,7 @@ class FamilySettings:
     """Rules across sections that only this family has (raise ConfigError)."""
 
 
-BUILTIN_FAMILIES = ("yi", "step_video", "video_vae", "videomae_v2", "lavin_dit")
+BUILTIN_FAMILIES = ("yi", "step_video", "video_vae", "videomae_v2", "lavin_dit", "st_vae")
 """The model families shipped with fmtrain (packages under ``fmtrain.models``); the first is
 the default ``model.family``."""
 BUILTIN_OBJECTIVES = ("lm", "flow_matching", "vae", "mae", "dpo", "video_dpo")

@@ -67,21 +67,29 @@ def converter(family: str):
 
 
 def detect_family(path: Path, *, allow_pickle: bool = False) -> str:
-    """The built-in family whose converter recognises the ``config.json`` of ``path``; the
-    default family when none does (its config translation then names what it refuses)."""
-    from fmtrain.checkpoint.hf.io import HFCheckpointError
+    """The built-in family whose converter recognises the ``config.json`` of ``path`` (or, for a
+    release without one, its tensors); the default family when none does (its config
+    translation then names what it refuses). When none does and a converter found only pickled
+    weights it was not allowed to read, that refusal is raised: it is what to act on."""
+    from fmtrain.checkpoint.hf.io import HFCheckpointError, PickleRefusedError
     from fmtrain.models.registry import get_family
 
+    refused = None
     for family in BUILTIN_FAMILIES:
         conv = get_family(family).converter
         if conv is None:
             continue
         try:
             config_json, _ = release_config(Path(path), conv, allow_pickle=allow_pickle)
+        except PickleRefusedError as exc:
+            refused = refused or exc
+            continue
         except (ConfigError, HFCheckpointError):
             continue
         if isinstance(config_json, dict) and conv.recognizes(config_json):
             return family
+    if refused is not None:
+        raise refused
     return BUILTIN_FAMILIES[0]
 
 
@@ -116,15 +124,18 @@ def refuse_existing(out: Path, overwrite: bool) -> None:
 # ---------------------------------------------------------------------- import
 
 
-def from_hf_config(hf_dir: Path, recipe: str | None, overrides: list[str], *, allow_pickle: bool = False) -> Config:
+def from_hf_config(
+    hf_dir: Path, recipe: str | None, overrides: list[str], *, allow_pickle: bool = False, family: str | None = None
+) -> Config:
     """The run config for converting ``hf_dir``: the recipe's, or one made from config.json
-    (the family recognised from it); either way every architecture field must match the
-    checkpoint (the error names it)."""
+    (the family recognised from it, or ``family``'s reading of it: a directory may hold the
+    releases of several families, LaVin-DiT's DiT and VAE); either way every architecture field
+    must match the checkpoint (the error names it)."""
     from fmtrain.checkpoint.hf.io import HFCheckpoint
 
     family_args: list[str] = []
     if recipe is None:
-        family_conv = converter(detect_family(hf_dir, allow_pickle=allow_pickle))
+        family_conv = converter(family or detect_family(hf_dir, allow_pickle=allow_pickle))
         where = weights_dir(hf_dir, family_conv)
         config_json, _ = release_config(hf_dir, family_conv, allow_pickle=allow_pickle)  # a clear error when none
         with HFCheckpoint(where, allow_pickle=allow_pickle) as ckpt:
@@ -148,7 +159,12 @@ def build_chunks(cfg: Config, params_dtype: torch.dtype, device: torch.device) -
     spec = get_family(cfg.model.family).primary(cfg)
     config = megatron_config_of(cfg, spec, params_dtype=params_dtype, use_cpu=device.type == "cpu")
     config.perform_initialization = False
-    return build_part_chunks(cfg, spec, config, device)
+    chunks = build_part_chunks(cfg, spec, config, device)
+    if spec.megatron_config is None:
+        # A plain torch module is built in fp32 whatever params_dtype says (megatron's modules
+        # take it from the config): cast it, so a bf16 release is stored as bf16, as read.
+        chunks = [chunk.to(params_dtype) for chunk in chunks]
+    return chunks
 
 
 def load_hf_weights(

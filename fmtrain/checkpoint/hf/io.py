@@ -61,6 +61,10 @@ def _element_size(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+class PickleRefusedError(HFCheckpointError):
+    """Pickled weights found where the caller did not allow reading pickles."""
+
+
 _WRAPPER_KEYS = ("model", "module", "state_dict")
 _NAME_PREFIXES = ("_orig_mod.", "module.")
 
@@ -141,8 +145,8 @@ class HFCheckpoint:
 
     def _refuse_pickle(self, where: Path) -> None:
         if not self.allow_pickle:
-            raise HFCheckpointError(
-                f"{where}: this checkpoint is stored as pickled PyTorch files (.bin). fmtrain reads "
+            raise PickleRefusedError(
+                f"{where}: this checkpoint is stored as pickled PyTorch files (.bin, .pt, .pth). fmtrain reads "
                 "safetensors by default; convert it to safetensors, or pass allow_pickle=True to "
                 "read it with torch.load(weights_only=True) if you trust its source."
             )
@@ -460,6 +464,7 @@ class StreamingShardWriter:
 __all__ = [
     "HFCheckpoint",
     "HFCheckpointError",
+    "PickleRefusedError",
     "save_hf_checkpoint",
     "plan_shards",
     "shard_file_names",
