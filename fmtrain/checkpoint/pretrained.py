@@ -1,11 +1,16 @@
 """A trained model for inference from an fmtrain checkpoint or a release directory.
 
 Used where fmtrain runs a finished model rather than training one: ``fmtrain data encode`` (the
-Video-VAE that turns clips into latents) and ``fmtrain sample --vae`` (latents back to pixels).
-An fmtrain checkpoint (or run directory) brings its resolved config, so no recipe is needed; a
-release directory (``vae/vae_v2.safetensors`` of Step-Video-T2V, a Hugging Face directory) gives
-its architecture through the family's converter, as ``fmtrain convert from-hf`` reads it. Either
-way the whole model is built on one device, whatever layout wrote it.
+VAE that turns clips into latents), ``fmtrain sample --vae`` and ``eval.sample_vae`` (latents back
+to pixels), a DiT family encoding its inputs. An fmtrain checkpoint (or run directory) brings its
+resolved config, so no recipe is needed; a release directory (``vae/vae_v2.safetensors`` of
+Step-Video-T2V, a directory with LaVin-DiT's ``stvae.safetensors``, a Hugging Face directory)
+gives its architecture through the family's converter, as ``fmtrain convert from-hf`` reads it.
+Either way the whole model is built on one device, whatever layout wrote it.
+
+A VAE family's ``latent_codec`` (:class:`fmtrain.models.registry.LatentCodec`) turns pixels into
+the latents a DiT trains on and back: :func:`latent_encoder` / :func:`latent_decoder` load the
+VAE and return it as a function, whichever VAE family ``latent_vae_config`` was asked for.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def pretrained_config(source: str | Path, family: str, overrides: list[str] | No
     """The config of the model in ``source`` (its saved config, or the release's architecture),
     laid out whole on every rank; refuses a source of another family, naming both."""
     from fmtrain.checkpoint import resolve_checkpoint
-    from fmtrain.checkpoint.hf.convert import detect_family, from_hf_config
+    from fmtrain.checkpoint.hf.convert import from_hf_config
 
     source = Path(source)
     extra = [*WHOLE_MODEL_LAYOUT, *(overrides or [])]
@@ -41,15 +46,28 @@ def pretrained_config(source: str | Path, family: str, overrides: list[str] | No
         cfg = config_from_dict(saved, extra)
     elif source.is_dir() or source.is_file():
         folder = source.parent if source.is_file() else source
-        found = detect_family(folder)
-        if found != family:
-            raise ConfigError(f"{source}: expected a {family} release, found what looks like {found}")
-        cfg = from_hf_config(folder, None, extra)
+        _check_release(source, folder, family)
+        cfg = from_hf_config(folder, None, extra, family=family)
     else:
         raise FileNotFoundError(f"{source}: no such checkpoint, run directory or release")
     if cfg.model.family != family:
         raise ConfigError(f"{source} holds a model.family={cfg.model.family!r} model, expected {family!r}")
     return cfg
+
+
+def _check_release(source: Path, folder: Path, family: str) -> None:
+    """Refuse ``folder`` unless ``family``'s converter recognises it, with the converter's own reason
+    (a pickle refused, a tensor missing) or what the folder looks like."""
+    from fmtrain.checkpoint.hf.convert import converter, detect_family, release_config
+    from fmtrain.checkpoint.hf.io import HFCheckpointError
+
+    conv = converter(family)
+    try:
+        config_json, _ = release_config(folder, conv)
+    except (ConfigError, HFCheckpointError) as exc:
+        raise ConfigError(f"{source}: not a {family} release: {exc}") from None
+    if not conv.recognizes(config_json):
+        raise ConfigError(f"{source}: expected a {family} release, found what looks like {detect_family(folder)}")
 
 
 def load_pretrained(cfg: Config, source: str | Path, device: torch.device) -> torch.nn.Module:
@@ -72,10 +90,12 @@ def load_pretrained(cfg: Config, source: str | Path, device: torch.device) -> to
     return module.eval()
 
 
-def latent_vae_config(source: str | Path, in_channels: int, what: str) -> Config:
-    """The config of the Video-VAE in ``source`` that is to decode a DiT's latents of
-    ``in_channels`` channels; refused (naming ``what``, the setting that gave it) otherwise."""
-    vae_cfg = pretrained_config(source, "video_vae")
+def latent_vae_config(source: str | Path, in_channels: int, what: str, family: str = "video_vae") -> Config:
+    """The config of the VAE of ``family`` (``video_vae``, ``st_vae``) in ``source`` that is to
+    encode or decode a DiT's latents of ``in_channels`` channels; refused (naming ``what``, the
+    setting that gave it) otherwise."""
+    vae_cfg = pretrained_config(source, family)
+    latent_codec(vae_cfg)
     if vae_cfg.model.z_channels != in_channels:
         raise ConfigError(
             f"{what} {source} has {vae_cfg.model.z_channels} latent channels, the DiT's model.in_channels={in_channels}"
@@ -83,23 +103,51 @@ def latent_vae_config(source: str | Path, in_channels: int, what: str) -> Config
     return vae_cfg
 
 
-def latent_decoder(vae_cfg: Config, source: str | Path, device: torch.device):
-    """latents [B, C, T', H', W'] -> pixels [B, 3, T, H, W] in about [-1, 1] by the VAE of
-    ``source``, decoded chunk-wise and tiled as its config says."""
-    from fmtrain.models.video_vae import codec
+def latent_codec(vae_cfg: Config):
+    """The :class:`fmtrain.models.registry.LatentCodec` of ``vae_cfg``'s family."""
+    from fmtrain.config import BUILTIN_FAMILIES
+    from fmtrain.models.registry import get_family
 
+    codec = get_family(vae_cfg.model.family).latent_codec
+    if codec is None:
+        vaes = [name for name in BUILTIN_FAMILIES if get_family(name).latent_codec is not None]
+        raise ConfigError(f"model.family={vae_cfg.model.family!r} is not a VAE family; these are: {', '.join(vaes)}")
+    return codec
+
+
+def latent_encoder(vae_cfg: Config, source: str | Path, device: torch.device):
+    """``encode(pixels, generator=None)``: pixels [B, C, T, H, W] in [-1, 1] -> latents
+    [B, C', T', H', W'] as the DiT sees them (the posterior mean, or a sample drawn with
+    ``generator``; normalised as the family defines) by the VAE of ``source``, chunked and tiled as
+    its config says."""
+    codec = latent_codec(vae_cfg)
     vae = load_pretrained(vae_cfg, source, device)
-    dtype, options = next(vae.parameters()).dtype, codec.options(vae_cfg.model)
+    dtype = next(vae.parameters()).dtype
+
+    def encode(pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return codec.encode(vae_cfg, vae, pixels.to(device, dtype), generator=generator)
+
+    return encode
+
+
+def latent_decoder(vae_cfg: Config, source: str | Path, device: torch.device):
+    """latents [B, C, T', H', W'] (as the DiT sees them) -> pixels [B, 3, T, H, W] in about [-1, 1]
+    by the VAE of ``source``, decoded chunk-wise and tiled as its config says."""
+    codec = latent_codec(vae_cfg)
+    vae = load_pretrained(vae_cfg, source, device)
+    dtype = next(vae.parameters()).dtype
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        return codec.decode(vae, latents.to(device, dtype), **options)
+        return codec.decode(vae_cfg, vae, latents.to(device, dtype))
 
     return decode
 
 
 __all__ = [
     "is_fmtrain_checkpoint",
+    "latent_codec",
     "latent_decoder",
+    "latent_encoder",
     "latent_vae_config",
     "load_pretrained",
     "pretrained_config",
