@@ -1,7 +1,8 @@
 """LaVin-DiT's ST-VAE family: the released architecture (tensor names and shapes, parameter count),
 compression shapes, causality across chunks, the codec's normalisation and the release's chunk
 spans, the release file round trip with its refusals, continued training from released weights,
-and a few training steps of the tiny recipe."""
+a few training steps of the tiny recipe, and the codec a DiT loads through
+fmtrain.checkpoint.pretrained."""
 
 from __future__ import annotations
 
@@ -249,3 +250,35 @@ def test_continued_training_from_released_weights_and_the_tiny_recipe_learns(tmp
     losses = [read_metrics(learn)[step]["loss"] for step in range(1, 9)]
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_a_dit_gets_the_st_vae_codec_of_a_release(tmp_path, single_rank):
+    """fmtrain.checkpoint.pretrained loads an ST-VAE release (stvae.safetensors) for a DiT: its
+    encode / decode are the codec's with those weights; wrong latent channels, the wrong family and
+    a pickle-only release are refused, naming why."""
+    from fmtrain import parallel
+    from fmtrain.checkpoint.pretrained import latent_decoder, latent_encoder, latent_vae_config
+
+    tiny = load_config(TINY)
+    tensors = _release(tiny, seed=6)
+    release = tmp_path / "release"
+    release.mkdir()
+    save_file(tensors, str(release / "stvae.safetensors"))
+    vae_cfg = latent_vae_config(release, 16, "--vae", family="st_vae")
+    assert vae_cfg.model.block_channels == [32, 32, 64, 64] and vae_cfg.model.latent_scale == 1.08936170213
+    device = parallel.initialize(vae_cfg).device
+    encode, decode = latent_encoder(vae_cfg, release, device), latent_decoder(vae_cfg, release, device)
+    vae = build_vae(tiny).eval()
+    vae.load_state_dict(tensors)
+    x = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    z = encode(x)
+    assert torch.equal(z, codec.encode(vae_cfg, vae, x)) and torch.equal(decode(z), codec.decode(vae_cfg, vae, z))
+    with pytest.raises(ConfigError, match="has 16 latent channels, the DiT's model.in_channels=8"):
+        latent_vae_config(release, 8, "--vae", family="st_vae")
+    with pytest.raises(ConfigError, match="not a video_vae release"):
+        latent_vae_config(release, 16, "--vae")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save({"state_dict": tensors}, pickled / "stvae.pt")
+    with pytest.raises(ConfigError, match="not a st_vae release: .*stvae.pt: this checkpoint is stored as pickled"):
+        latent_vae_config(pickled, 16, "--vae", family="st_vae")
