@@ -4,13 +4,17 @@ ZeRO stages, in one process group, from the same seed and batches.
 ``python -m torch.distributed.run --nproc_per_node N tests/deepspeed_worker.py OUT.json RECIPE
 STEPS BACKENDS [overrides]`` where BACKENDS is a comma list of ``megatron`` / ``zero1`` /
 ``zero2`` / ``zero3`` / ``zero3+offload``; writes ``{backend: {"loss": [...], "grad_norm": [...],
-"state_bytes": N}}`` (rank 0) where state_bytes sums the parameter, gradient and optimizer-state
-tensors rank 0 holds after the last step."""
+"state_bytes": N, "build_peak_elements": N, "largest_param": N}}`` (rank 0) where state_bytes sums
+the parameter, gradient and optimizer-state tensors rank 0 holds after the last step,
+build_peak_elements is the most parameter elements rank 0 held whole at once while the engine
+was built (:func:`whole_parameters`), and largest_param the largest parameter's element count."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -20,6 +24,39 @@ sys.path.insert(0, str(REPO))
 
 
 _DATA = {}
+
+
+@contextlib.contextmanager
+def whole_parameters(peak: list[int]):
+    """Track in ``peak[0]`` the most parameter elements this rank holds whole at once: sampled as
+    each parameter is registered on a module (construction) and as DeepSpeed gathers parameters
+    (ZeRO-3 initialisation). A partitioned ZeRO-3 parameter's data is empty between gathers."""
+    import deepspeed
+
+    params = weakref.WeakValueDictionary()
+
+    def sample():
+        peak[0] = max(peak[0], sum(p.data.numel() for p in params.values()))
+
+    def registered(module, name, param):
+        if param is not None:
+            params[id(param)] = param
+            sample()
+
+    gather_enter = deepspeed.zero.GatheredParameters.__enter__
+
+    def gathered(self):
+        out = gather_enter(self)
+        sample()
+        return out
+
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(registered)
+    deepspeed.zero.GatheredParameters.__enter__ = gathered
+    try:
+        yield
+    finally:
+        hook.remove()
+        deepspeed.zero.GatheredParameters.__enter__ = gather_enter
 
 
 def batches_for(family_name: str, cfg, engine, step: int, dp_rank: int) -> list[dict]:
@@ -62,7 +99,11 @@ def main() -> None:
         cfg = load_config(recipe, overrides + extra)
         topo = topo or parallel.initialize(cfg)
         family = get_family(cfg.model.family)
-        engine = build_engine(cfg, topo, family)
+        peak = [0]
+        with whole_parameters(peak):
+            engine = build_engine(cfg, topo, family)
+        params = [p for chunk in engine.unwrapped_chunks() for p in chunk.parameters()]
+        largest = max(getattr(p, "ds_numel", p.numel()) for p in params)
         losses, norms = [], []
         for step in range(int(steps)):
             result = engine.train_step(
@@ -70,7 +111,13 @@ def main() -> None:
             )
             losses.append(result.loss)
             norms.append(result.grad_norm)
-        results[backend] = {"loss": losses, "grad_norm": norms, "state_bytes": engine.model_state_bytes()}
+        results[backend] = {
+            "loss": losses,
+            "grad_norm": norms,
+            "state_bytes": engine.model_state_bytes(),
+            "build_peak_elements": peak[0],
+            "largest_param": largest,
+        }
         del engine
     if topo.rank == 0:
         Path(out).write_text(json.dumps(results, indent=1))

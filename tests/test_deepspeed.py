@@ -1,7 +1,8 @@
 """The deepspeed engine backend (ZeRO stages 1-3) against the megatron backend, with real ranks on gloo.
 
 Parity: the same weights, batches and optimizer give the same losses and gradient norms on both
-backends (Yi at ZeRO-1/2/3, the Step-Video DiT and the video VAE at ZeRO-3). Checkpoints: exact
+backends (Yi at ZeRO-1/2/3, the Step-Video DiT and the video VAE at ZeRO-3). Memory: ZeRO-3 builds
+a part without any rank holding it whole. Checkpoints: exact
 resume of a deepspeed run after SIGKILL, resume at another data-parallel size and ZeRO stage,
 checkpoints that move between backends (weights and Adam state), and the release export of a
 deepspeed-backend checkpoint. Bad input: layouts and DeepSpeed JSON the backend refuses.
@@ -57,10 +58,16 @@ def parity(tmp_path: Path, recipe: Path, steps: int, backends: str, overrides: l
     return json.loads(out.read_text())
 
 
-def test_zero_stages_give_the_megatron_backends_losses_and_gradient_norms(tmp_path):
+@pytest.fixture(scope="module")
+def yi_stages(tmp_path_factory) -> dict:
+    """Yi tiny at DP=2 for 6 steps on the megatron backend and ZeRO-1, -2 and -3 (one 2-rank run)."""
+    return parity(tmp_path_factory.mktemp("yi-stages"), YI, 6, "megatron,zero1,zero2,zero3", SMALL_YI)
+
+
+def test_zero_stages_give_the_megatron_backends_losses_and_gradient_norms(yi_stages):
     """Yi tiny at DP=2 (two microbatches per rank, 20% of the tokens masked, weight decay on
     matrices only, clipping): ZeRO-1, -2 and -3 against megatron's DDP + distributed optimizer."""
-    results = parity(tmp_path, YI, 6, "megatron,zero1,zero2,zero3", SMALL_YI)
+    results = yi_stages
     reference = results["megatron"]
     for stage in ("zero1", "zero2", "zero3"):
         for key in ("loss", "grad_norm"):
@@ -80,6 +87,21 @@ def test_zero_stages_give_the_megatron_backends_losses_and_gradient_norms(tmp_pa
         z = zero_state_bytes_per_param(stage, 2, bf16=False)
         held = results[f"zero{stage}"]["state_bytes"]
         assert held == pytest.approx(params * (z.params + z.optimizer), rel=5e-3), stage
+
+
+def test_zero3_never_holds_the_whole_model_while_building_it(yi_stages):
+    """ZeRO-3 constructs a part under ``deepspeed.zero.Init`` and draws its weights one gathered
+    parameter at a time (the same weights: the parity above): while the engine is built, rank 0
+    never holds more than the largest parameter (the embedding) whole. The other stages and the
+    megatron backend build the whole model on every rank."""
+    from fmtrain.config import load_config
+    from fmtrain.models.registry import get_family
+
+    params = get_family("yi").param_count(load_config(YI, SMALL_YI))
+    zero3 = yi_stages["zero3"]
+    assert zero3["build_peak_elements"] <= zero3["largest_param"] < params / 2, zero3
+    for backend in ("megatron", "zero1", "zero2"):
+        assert yi_stages[backend]["build_peak_elements"] == params, backend
 
 
 def test_zero2_with_tensor_parallelism_matches_megatron_tp2_dp2(tmp_path):

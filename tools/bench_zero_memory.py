@@ -10,7 +10,10 @@ CPU, bf16 on a GPU) on random tokens for STEPS steps through fmtrain's engine, a
   state: summed over the tensors themselves, ``Engine.model_state_bytes``), against the ZeRO
   paper's split that ``fmtrain info`` prints;
 - the process's peak RSS (host memory: on CPU everything lives there; on a GPU the peak CUDA
-  allocation is reported as well);
+  allocation is reported as well), and its peak RSS up to the end of the engine's build;
+- the most parameter bytes rank 0 held whole at once during the build ("whole params"; ZeRO-3
+  builds under ``deepspeed.zero.Init``: one parameter at a time), sampled as each parameter is
+  registered and as DeepSpeed gathers one;
 - the median step time after the first step.
 
 Ratios are against the megatron backend. Results go to stdout and OUT (``--out``, JSON).
@@ -19,6 +22,7 @@ Ratios are against the megatron backend. Results go to stdout and OUT (``--out``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,6 +55,40 @@ BACKENDS = {
 }
 
 
+@contextlib.contextmanager
+def whole_parameters(peak: list[int]):
+    """The most parameter bytes held whole at once, in ``peak[0]``: sampled as a module registers a
+    parameter and as DeepSpeed gathers parameters (a partitioned ZeRO-3 parameter's data is empty
+    between gathers)."""
+    import deepspeed
+    import torch
+
+    params = weakref.WeakValueDictionary()
+
+    def sample():
+        peak[0] = max(peak[0], sum(p.data.numel() * p.element_size() for p in params.values()))
+
+    def registered(module, name, param):
+        if param is not None:
+            params[id(param)] = param
+            sample()
+
+    gather_enter = deepspeed.zero.GatheredParameters.__enter__
+
+    def gathered(self):
+        out = gather_enter(self)
+        sample()
+        return out
+
+    hook = torch.nn.modules.module.register_module_parameter_registration_hook(registered)
+    deepspeed.zero.GatheredParameters.__enter__ = gathered
+    try:
+        yield
+    finally:
+        hook.remove()
+        deepspeed.zero.GatheredParameters.__enter__ = gather_enter
+
+
 def child(backend: str, steps: int, out: Path, run_dir: str) -> None:
     """One backend's run (every rank; rank 0 writes OUT)."""
     sys.path.insert(0, str(REPO))
@@ -66,7 +105,10 @@ def child(backend: str, steps: int, out: Path, run_dir: str) -> None:
     cfg = load_config(REPO / "recipes" / "yi" / "tiny.yaml", overrides)
     topo = parallel.initialize(cfg)
     family = get_family("yi")
-    engine = build_engine(cfg, topo, family)
+    whole = [0]
+    with whole_parameters(whole):
+        engine = build_engine(cfg, topo, family)
+    build_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     m, t = cfg.model, cfg.train
     g = torch.Generator().manual_seed(topo.dp_rank)
     times = []
@@ -88,6 +130,8 @@ def child(backend: str, steps: int, out: Path, run_dir: str) -> None:
             "dp": topo.dp,
             "state_bytes": engine.model_state_bytes(),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "build_peak_rss_bytes": build_rss,
+            "build_whole_param_bytes": whole[0],
             "step_s": statistics.median(times[1:]) if len(times) > 1 else times[0],
             "device": topo.device.type,
         }
@@ -132,7 +176,7 @@ def main() -> None:
     print(f"Yi {next(iter(results.values()))['params'] / 1e6:.0f}M parameters, DP={args.nproc}, {args.steps} steps")
     print(
         f"{'backend':<14} {'state MiB':>10} {'formula MiB':>12} {'ratio':>7} {'peak RSS MiB':>13} {'ratio':>7} "
-        f"{'step s':>8} {'ratio':>7}"
+        f"{'build RSS MiB':>14} {'whole params MiB':>17} {'step s':>8} {'ratio':>7}"
     )
     for name, r in results.items():
         bf16 = r["device"] == "cuda"
@@ -149,7 +193,8 @@ def main() -> None:
 
         print(
             f"{name:<14} {r['state_bytes'] / mib:>10.1f} {formula / mib:>12.1f} {ratio('state_bytes'):>7} "
-            f"{r['peak_rss_bytes'] / mib:>13.1f} {ratio('peak_rss_bytes'):>7} {r['step_s']:>8.3f} {ratio('step_s'):>7}"
+            f"{r['peak_rss_bytes'] / mib:>13.1f} {ratio('peak_rss_bytes'):>7} {r['build_peak_rss_bytes'] / mib:>14.1f} "
+            f"{r['build_whole_param_bytes'] / mib:>17.1f} {r['step_s']:>8.3f} {ratio('step_s'):>7}"
         )
         r["formula_state_bytes"] = formula
     if args.out:

@@ -1,10 +1,13 @@
 """The DeepSpeed engine: ZeRO stages 1-3 over the data-parallel ranks, optional CPU offload.
 
-Every part of a run is built exactly as on the megatron backend (the family's megatron-core or
-plain modules, weights drawn layout-invariantly from the run seed), then each trainable part
-gets its own ``deepspeed.initialize`` with a torch AdamW over megatron's parameter groups
-(norms and biases not decayed), so the two backends run the same optimizer on the same
-weights; frozen parts stay plain modules on the device.
+Every part of a run is built as on the megatron backend (the family's megatron-core or plain
+modules, weights drawn layout-invariantly from the run seed), then each trainable part gets its
+own ``deepspeed.initialize`` with a torch AdamW over megatron's parameter groups (norms and
+biases not decayed), so the two backends run the same optimizer on the same weights; frozen
+parts stay plain modules on the device. At ZeRO-3 a trainable part is constructed under
+``deepspeed.zero.Init`` (each submodule's parameters partitioned over the data-parallel ranks as
+the submodule is constructed) and its weights are drawn one gathered parameter at a time
+(:class:`ZeroPartitioned`): no rank holds the whole part, from its construction on.
 
 One optimizer step of a part, as megatron's no-pipelining schedule does it: for each
 microbatch, the family's forward step and ``loss_fn`` give a loss *sum* and its count; DeepSpeed
@@ -23,6 +26,7 @@ run directory; ``engine.deepspeed_config=FILE`` merges a user's JSON over it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -171,7 +175,7 @@ release exporters read a deepspeed-backend checkpoint as they read megatron's.""
 
 def tensor_keys(module: torch.nn.Module) -> dict[str, dict]:
     """``{parameter name: {"key": megatron checkpoint key, "index": [layer index...]}}`` of a whole
-    (TP = PP = 1) module with its full parameters."""
+    (TP = PP = 1) module with its full parameters, or their shapes (:meth:`ZeroPartitioned.shapes`)."""
     out = {}
     for name, obj in module.sharded_state_dict().items():
         if isinstance(obj, ShardedTensorFactory):
@@ -269,7 +273,9 @@ def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if param.dim() == 1 or name.endswith(".bias") else decay).append(param)
+        # A ZeRO-3 parameter's data is an empty 1-d placeholder: its shape is ds_shape.
+        dims = len(getattr(param, "ds_shape", param.shape))
+        (no_decay if dims == 1 or name.endswith(".bias") else decay).append(param)
     groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -299,6 +305,51 @@ def _materialize_optimizer_state(zero_optimizer) -> None:
     link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)  # ZeRO-1/2
     if link is not None:
         link()
+
+
+class ZeroPartitioned:
+    """ZeRO-3 parameters, built under ``deepspeed.zero.Init``, as the layout-invariant initialiser
+    and :func:`tensor_keys` need them (:class:`fmtrain.models.init.PartitionedParameters`).
+
+    Outside a forward such a parameter's ``data`` is an empty placeholder (its 1/dp slice is
+    ``ds_tensor``), so megatron's ``sharded_state_dict()`` cannot describe it: :meth:`shapes` gives
+    each parameter a stand-in of its full shape backed by a single element. :meth:`gathered` is
+    DeepSpeed's ``GatheredParameters`` with a modifier rank (DeepSpeed docs: "Gathering
+    Parameters"): what is written into the whole parameter goes back into every rank's partition.
+    """
+
+    def __init__(self):
+        # By storage address: a tensor that still shares a stand-in's storage after shapes() is a
+        # view a state dict took of the stand-in, not the parameter, and writing it would be lost.
+        # Kept alive so that no other tensor reuses an address.
+        self._stand_ins: dict[int, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def shapes(self, module: torch.nn.Module):
+        params = [p for p in module.parameters() if hasattr(p, "ds_id")]
+        placeholders = [p.data for p in params]
+        try:
+            for param in params:
+                one = torch.empty(1, dtype=param.dtype, device=param.device)
+                self._stand_ins[one.untyped_storage().data_ptr()] = one
+                param.data = one.expand(param.ds_shape)
+            yield
+        finally:
+            for param, placeholder in zip(params, placeholders):
+                param.data = placeholder
+
+    def gathered(self, tensor: torch.Tensor):
+        import deepspeed
+
+        if hasattr(tensor, "ds_id"):
+            # Every rank draws the same values; rank 0's are the ones re-partitioned.
+            return deepspeed.zero.GatheredParameters([tensor], modifier_rank=0)
+        if tensor.untyped_storage().data_ptr() in self._stand_ins:
+            raise ValueError(
+                "a sharded state dict entry is a view of a ZeRO-3 parameter rather than the parameter: "
+                "it cannot be gathered to be initialised"
+            )
+        return contextlib.nullcontext()
 
 
 @dataclass
@@ -374,22 +425,27 @@ class DeepSpeedEngine:
         cfg = self.cfg
         bf16 = self.params_dtype == torch.bfloat16
         config = megatron_config_of(cfg, spec, params_dtype=self.params_dtype, use_cpu=self.topo.device.type == "cpu")
-        (module,) = build_part_chunks(cfg, spec, config, self.topo.device)
-        initialize_part(cfg, spec, [module])
         train = spec.optimizer(cfg) if spec.optimizer is not None else cfg.train
-        part = DeepSpeedPart(spec=spec, module=module, train=train)
         if not spec.trainable:
+            (module,) = build_part_chunks(cfg, spec, config, self.topo.device)
+            initialize_part(cfg, spec, [module])
             module.requires_grad_(False)
             module.eval()
             if spec.offload:
                 module.to("cpu")
-            return part
-        # Before ZeRO-3 partitions the parameters: their megatron checkpoint keys, for exporters.
-        self.tensor_keys[spec.name] = tensor_keys(module)
+            return DeepSpeedPart(spec=spec, module=module, train=train)
         ds_config = deepspeed_config(cfg, train, self.topo.dp, bf16)
         if cfg.engine.deepspeed_config:
             ds_config = merge_user_config(ds_config, cfg.engine.deepspeed_config)
         self.ds_configs[spec.name] = ds_config
+        partitioned = ZeroPartitioned() if self.zero_stage == 3 else None
+        with self._zero_init(deepspeed, ds_config) if partitioned else contextlib.nullcontext():
+            (module,) = build_part_chunks(cfg, spec, config, self.topo.device)
+        initialize_part(cfg, spec, [module], partitioned)
+        part = DeepSpeedPart(spec=spec, module=module, train=train)
+        # The parameters' megatron checkpoint keys, for exporters.
+        with partitioned.shapes(module) if partitioned else contextlib.nullcontext():
+            self.tensor_keys[spec.name] = tensor_keys(module)
         groups = _param_groups(module, train.weight_decay)
         optimizer = torch.optim.AdamW(
             groups,
@@ -410,6 +466,40 @@ class DeepSpeedEngine:
         )
         part.ds.checkpoint_engine.load = safe_load
         return part
+
+    @contextlib.contextmanager
+    def _zero_init(self, deepspeed, ds_config: dict):
+        """Construct a trainable part's modules under ``deepspeed.zero.Init`` (DeepSpeed docs:
+        "Constructing Massive Models"): each submodule's parameters are partitioned over
+        megatron's data-parallel group as soon as that submodule is constructed, into the
+        part's ZeRO-3 configuration (offloaded parameters straight to the host)."""
+        from megatron.core import parallel_state
+
+        zero_init = deepspeed.zero.Init(
+            data_parallel_group=parallel_state.get_data_parallel_group(),
+            config_dict_or_path=copy.deepcopy(ds_config),
+            mpu=MegatronGroups() if self.topo.tp > 1 else None,
+            # DeepSpeed's default overrides create every floating-point tensor of the constructors
+            # in the ZeRO dtype, buffers and intermediates included (megatron computes rotary
+            # frequencies in fp32; DeepSpeed issue #4932): none here, as on the megatron backend.
+            tensor_overrides=[],
+        )
+        cast = None
+        if self.params_dtype != torch.float32:
+            # What megatron's Float16Module would do to a plain module's fp32 parameters once they
+            # are whole, done before they are partitioned (a partition keeps its dtype). The
+            # constructors' values are overwritten by the initialiser.
+            def cast_parameter(module, name, param):
+                if param is not None and param.is_floating_point() and param.dtype != self.params_dtype:
+                    param.data = param.data.to(self.params_dtype)
+
+            cast = torch.nn.modules.module.register_module_parameter_registration_hook(cast_parameter)
+        try:
+            with zero_init:
+                yield
+        finally:
+            if cast is not None:
+                cast.remove()
 
     # ------------------------------------------------------------------ parts
 

@@ -22,7 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from fmtrain.config import Config
-from fmtrain.models.init import initialize_layout_invariant
+from fmtrain.models.init import PartitionedParameters, initialize_layout_invariant
 from fmtrain.models.registry import PartSpec
 
 
@@ -112,9 +112,12 @@ def build_part_chunks(
     return [chunk.to(device) for chunk in chunks]
 
 
-def initialize_part(cfg: Config, spec: PartSpec, chunks: list[MegatronModule]) -> int:
-    """Draw the part's weights from the run seed, the same whatever the layout."""
-    return initialize_layout_invariant(chunks, cfg.run.seed, spec.init_rule(cfg))
+def initialize_part(
+    cfg: Config, spec: PartSpec, chunks: list[MegatronModule], partitioned: PartitionedParameters | None = None
+) -> int:
+    """Draw the part's weights from the run seed, the same whatever the layout (``partitioned``:
+    the engine's partitioned parameters, see :func:`initialize_layout_invariant`)."""
+    return initialize_layout_invariant(chunks, cfg.run.seed, spec.init_rule(cfg), partitioned)
 
 
 def family_module(chunk: torch.nn.Module) -> torch.nn.Module:

@@ -9,14 +9,23 @@ checkpoint whatever the (TP, PP, VPP) layout.
 
 Cost: one full layer-tensor is generated at a time on the rank's device (for Yi-34B the
 largest is the embedding, 64000 x 7168).
+
+Partitioned parameters (DeepSpeed ZeRO-3 builds a model under ``deepspeed.zero.Init``: each
+rank holds a flat 1/dp slice of every parameter, not its shape) are initialised through a
+:class:`PartitionedParameters` the engine gives: the state dict is described while every
+parameter shows its full shape without storage, and each tensor is written while its one
+parameter is gathered, so a rank never holds more than that parameter whole.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import zlib
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
@@ -42,45 +51,81 @@ def _stable_seed(seed: int, key: str, index: tuple[int, ...]) -> int:
     return (seed * 1_000_003 + zlib.crc32(text)) % (2**63 - 1)
 
 
-def _sharded_tensors(state: dict) -> Iterable[ShardedTensor]:
+class PartitionedParameters(Protocol):
+    """How an engine that partitions parameters over the data-parallel ranks lets the
+    initialiser see them whole."""
+
+    def shapes(self, module: torch.nn.Module) -> AbstractContextManager:
+        """For the duration, every partitioned parameter of ``module`` has its full shape and holds
+        no data (what ``sharded_state_dict()`` needs: keys, shapes, offsets)."""
+        ...
+
+    def gathered(self, tensor: torch.Tensor) -> AbstractContextManager:
+        """For the duration, ``tensor`` (a parameter, or a buffer) holds its full value; what is
+        written into it is kept (collective over the data-parallel ranks)."""
+        ...
+
+
+def _entries(state: dict) -> Iterable[ShardedTensor | ShardedTensorFactory]:
+    """The state dict's tensors, factories not yet built (building one views its data)."""
     for value in state.values():
         if isinstance(value, dict):
-            yield from _sharded_tensors(value)
-        elif isinstance(value, ShardedTensor):
+            yield from _entries(value)
+        elif isinstance(value, (ShardedTensor, ShardedTensorFactory)):
             yield value
-        elif isinstance(value, ShardedTensorFactory):
-            built = value.build()
-            yield from (built if isinstance(built, list) else _sharded_tensors(built))
+
+
+def _sharded_tensors(entry: ShardedTensor | ShardedTensorFactory) -> Iterable[ShardedTensor]:
+    if isinstance(entry, ShardedTensorFactory):
+        built = entry.build()
+        for value in built if isinstance(built, list) else _entries(built):
+            yield from _sharded_tensors(value)
+    elif isinstance(entry, ShardedTensor):
+        yield entry
 
 
 @torch.no_grad()
-def initialize_layout_invariant(model_chunks: list[torch.nn.Module], seed: int, rule: InitRuleFn) -> int:
-    """Overwrite every parameter of ``model_chunks`` from its full-tensor draw; returns the count."""
-    seen: set[int] = set()
+def initialize_layout_invariant(
+    model_chunks: list[torch.nn.Module],
+    seed: int,
+    rule: InitRuleFn,
+    partitioned: PartitionedParameters | None = None,
+) -> int:
+    """Overwrite every parameter of ``model_chunks`` from its full-tensor draw; returns the count.
+    ``partitioned``: the chunks' parameters are partitioned by the engine (ZeRO-3), which gathers
+    them one at a time (collective)."""
     count = 0
     for chunk in model_chunks:
-        for sh in _sharded_tensors(chunk.sharded_state_dict()):
-            if sh.flattened_range is not None:
-                raise ValueError(f"{sh.key}: flattened shards are not expected in a model state dict")
-            init = rule(sh.key)
-            if init.kind == "ones":
-                sh.data.fill_(1.0)
-            elif init.kind == "zeros":
-                sh.data.zero_()
-            elif init.kind == "normal":
-                _fill_normal_slice(sh, seed, init.std)
-            elif init.kind == "fan_in":
-                fan_in = math.prod(sh.global_shape[sh.prepend_axis_num + 1 :]) or 1
-                _fill_normal_slice(sh, seed, init.std / math.sqrt(fan_in))
-            elif init.kind == "xavier_uniform":
-                full = sh.global_shape[sh.prepend_axis_num :]
-                bound = init.std * math.sqrt(6.0 / (math.prod(full[1:]) + full[0]))
-                _fill_slice(sh, seed, lambda t, gen, a=bound: t.uniform_(-a, a, generator=gen))
-            else:
-                raise ValueError(f"{sh.key}: unknown init kind {init.kind!r}")
-            seen.add(id(sh.data))
-            count += 1
+        with partitioned.shapes(chunk) if partitioned else contextlib.nullcontext():
+            state = chunk.sharded_state_dict()
+        for entry in _entries(state):
+            # A factory's tensors are views of its parameter: built while the parameter is whole.
+            with partitioned.gathered(entry.data) if partitioned else contextlib.nullcontext():
+                for sh in _sharded_tensors(entry):
+                    _initialize(sh, seed, rule)
+                    count += 1
     return count
+
+
+def _initialize(sh: ShardedTensor, seed: int, rule: InitRuleFn) -> None:
+    if sh.flattened_range is not None:
+        raise ValueError(f"{sh.key}: flattened shards are not expected in a model state dict")
+    init = rule(sh.key)
+    if init.kind == "ones":
+        sh.data.fill_(1.0)
+    elif init.kind == "zeros":
+        sh.data.zero_()
+    elif init.kind == "normal":
+        _fill_normal_slice(sh, seed, init.std)
+    elif init.kind == "fan_in":
+        fan_in = math.prod(sh.global_shape[sh.prepend_axis_num + 1 :]) or 1
+        _fill_normal_slice(sh, seed, init.std / math.sqrt(fan_in))
+    elif init.kind == "xavier_uniform":
+        full = sh.global_shape[sh.prepend_axis_num :]
+        bound = init.std * math.sqrt(6.0 / (math.prod(full[1:]) + full[0]))
+        _fill_slice(sh, seed, lambda t, gen, a=bound: t.uniform_(-a, a, generator=gen))
+    else:
+        raise ValueError(f"{sh.key}: unknown init kind {init.kind!r}")
 
 
 def _fill_normal_slice(sh: ShardedTensor, seed: int, std: float) -> None:
@@ -99,6 +144,11 @@ def _fill_slice(sh: ShardedTensor, seed: int, draw: Callable[[torch.Tensor, torc
     lead = tuple(sh.global_offset[:prepend])
     gen = torch.Generator(device=sh.data.device)
     gen.manual_seed(_stable_seed(seed, sh.key, lead))
+    if own_shape == full_shape and sh.data.dtype == torch.float32 and sh.data.is_contiguous():
+        # The whole tensor is this rank's, in the draw's dtype and layout: the same values drawn in
+        # place, without a second full-size tensor (a ZeRO-3 parameter is whole only while gathered).
+        draw(sh.data, gen)
+        return
     full = torch.empty(full_shape, dtype=torch.float32, device=sh.data.device)
     draw(full, gen)
     piece = full[tuple(slice(o, o + n) for o, n in zip(own_offset, own_shape))]
