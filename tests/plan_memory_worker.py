@@ -1,15 +1,15 @@
 """Worker for tests/test_plan.py: the bytes each rank holds, measured, for several layouts.
 
 ``python -m torch.distributed.run --nproc_per_node 4 tests/plan_memory_worker.py OUT FAMILY LAYOUTS``
-runs, in one process group, one training step of ``FAMILY`` (yi | step_video, tiny shapes,
-fp32) for each layout of LAYOUTS (``tp,pp,vpp,recompute[,sp];...``; DP is the rest of the world)
-and records per rank:
+runs, in one process group, one training step of ``FAMILY`` (yi | step_video | lavin_dit, tiny
+shapes, fp32 or with ``bf16`` bf16) for each layout of LAYOUTS
+(``tp,pp,vpp,recompute[,sp][,bf16];...``; DP is the rest of the world) and records per rank:
 
 - ``activation_bytes``: the peak over the step of the distinct storages autograd keeps for
   backward (saved-tensor hooks; each storage counted from the first tensor saved on it until
-  the last such tensor is freed; parameters excluded): the activations of every microbatch in
-  flight under the pipeline schedule, the loss's buffers, and a recomputed layer during its
-  backward;
+  autograd releases the last value saved on it; parameters excluded): the activations of
+  every microbatch in flight under the pipeline schedule, the loss's buffers, and a recomputed
+  layer during its backward;
 - ``state_bytes``: parameters, gradient buffers and optimizer state the rank holds (the
   DDP buffers and every tensor of the optimizer's state, summed);
 - ``comm_bytes``: by group (tp, cp, pp, dp, other), the bytes the rank handed to
@@ -44,9 +44,14 @@ SHAPES = {
         "model.seq_length=512",
     ],
     "step_video": ["model.num_layers=4", "model.seq_length=512", "data.synthetic_latent_shapes=[[2,16,16]]"],
+    # 2 example pairs of 12x12 latents: (2 x 2 + query + target) x 6 x 6 = 216 tokens, 36 of them
+    # the target's
+    "lavin_dit": ["model.num_layers=4", "model.seq_length=216", "data.task_latent_size=12"],
 }
-RECIPES = {"yi": "yi/tiny.yaml", "step_video": "step_video/dit_tiny.yaml"}
+RECIPES = {"yi": "yi/tiny.yaml", "step_video": "step_video/dit_tiny.yaml", "lavin_dit": "lavin_dit/tiny.yaml"}
 MICROBATCHES = 4
+MICRO_BATCH_SIZE = {"lavin_dit": 2}
+"""Samples per microbatch (default 1); the J-DiT's recipes train several per microbatch."""
 
 
 class CollectiveBytes:
@@ -129,6 +134,10 @@ class LiveSavedBytes:
                 self.live += storage.nbytes()
                 self.peak = max(self.peak, self.live)
             self.refs[key] += 1
+            # autograd keeps what pack returns: a detached alias lives exactly as long as the
+            # saved value (the tensor itself may outlive it, and an op's own output handed back
+            # would hold its node in a reference cycle)
+            tensor = tensor.detach()
             weakref.finalize(tensor, self._release, key)
         return tensor
 
@@ -145,6 +154,15 @@ def microbatch(cfg, index: int) -> dict:
     if m.family == "yi":
         tokens = torch.randint(0, m.vocab_size, (1, m.seq_length + 1), generator=g)
         return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": torch.ones(1, m.seq_length)}
+    if m.family == "lavin_dit":
+        b, pairs, size = cfg.train.micro_batch_size, cfg.data.task_pairs, cfg.data.task_latent_size
+        return {
+            "context": torch.randn(b, m.in_channels, 2 * pairs + 1, size, size, generator=g),
+            "target": torch.randn(b, m.in_channels, 1, size, size, generator=g),
+            "item_frames": 1,
+            "pairs": pairs,
+            "sample_seed": torch.arange(b) + b * index,
+        }
     t, h, w = cfg.data.synthetic_latent_shapes[0]
     return {
         "latent": torch.randn(1, m.in_channels, t, h, w, generator=g),
@@ -176,7 +194,7 @@ def state_bytes(engine) -> int:
     return total
 
 
-def measure(family: str, tp: int, pp: int, vpp: int, recompute: str, sp: bool, world: int) -> dict:
+def measure(family: str, tp: int, pp: int, vpp: int, recompute: str, sp: bool, world: int, bf16: bool = False) -> dict:
     from megatron.core import parallel_state
 
     from fmtrain import parallel
@@ -185,15 +203,16 @@ def measure(family: str, tp: int, pp: int, vpp: int, recompute: str, sp: bool, w
     from fmtrain.models.registry import get_family
 
     dp = world // (tp * pp)
+    mbs = MICRO_BATCH_SIZE.get(family, 1)
     overrides = SHAPES[family] + [
         f"parallel.tp={tp}",
         f"parallel.pp={pp}",
         f"parallel.vpp={vpp}",
         f"parallel.sequence_parallel={str(sp).lower()}",
         f"model.recompute={recompute}",
-        f"train.global_batch_size={MICROBATCHES * dp}",
-        "train.micro_batch_size=1",
-        "train.precision=fp32",
+        f"train.global_batch_size={MICROBATCHES * dp * mbs}",
+        f"train.micro_batch_size={mbs}",
+        f"train.precision={'bf16' if bf16 else 'fp32'}",
     ]
     cfg = load_config(REPO / "recipes" / RECIPES[family], overrides)
     topo = parallel.initialize(cfg)
@@ -225,9 +244,9 @@ def main() -> None:
     for layout in layouts.split(";"):
         fields = layout.split(",")
         tp, pp, vpp = (int(x) for x in fields[:3])
-        recompute, sp = fields[3], len(fields) > 4 and fields[4] == "sp"
+        recompute, sp, bf16 = fields[3], "sp" in fields[4:], "bf16" in fields[4:]
         world = int(__import__("os").environ["WORLD_SIZE"])
-        mine = measure(family, tp, pp, vpp, recompute, sp, world)
+        mine = measure(family, tp, pp, vpp, recompute, sp, world, bf16)
         gathered = [None] * world if dist.get_rank() == 0 else None
         dist.gather_object(mine, gathered, dst=0)
         results[layout] = gathered

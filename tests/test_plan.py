@@ -22,12 +22,12 @@ from fmtrain.plan.hardware import DEVICES, GIB
 from fmtrain.plan.search import plan
 
 sys.path.insert(0, os.path.dirname(__file__))
-from plan_memory_worker import MICROBATCHES, RECIPES, REPO, SHAPES  # noqa: E402
+from plan_memory_worker import MICRO_BATCH_SIZE, MICROBATCHES, RECIPES, REPO, SHAPES  # noqa: E402
 
 # ----------------------------------------------------------------------------- measured here
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 1)]
-RECOMPUTES = {"yi": ("none", "selective"), "step_video": ("none", "full")}
+RECOMPUTES = {"yi": ("none", "selective"), "step_video": ("none", "full"), "lavin_dit": ("none", "full")}
 # Measured worst cases above 5%: Yi's selective recompute under TP2 + SP keeps one q-sized
 # tensor per token less than counted (with one key/value group per TP rank megatron's query
 # reshape is a view of the fused qkv output, so the checkpointed q, k, v share that storage;
@@ -36,8 +36,10 @@ RECOMPUTES = {"yi": ("none", "selective"), "step_video": ("none", "full")}
 LOOSER = {("yi", "2,1,1,selective,sp"): 0.07, ("yi", "2,2,1,selective,sp"): 0.07, ("step_video", "2,2,1,full,sp"): 0.07}
 
 
-# Yi at world 8 so that (2, 2, 1) has DP = 2 for the communication check; the DiT at world 4.
-WORLD = {"yi": 8, "step_video": 4}
+# Yi at world 8 so that (2, 2, 1) has DP = 2 for the communication check; the DiTs at world 4
+# (DP = 2 at every layout but (2, 2, 1)).
+WORLD = {"yi": 8, "step_video": 4, "lavin_dit": 4}
+COMMUNICATION = ("yi", "lavin_dit")
 
 
 def _measure(tmp_path, family: str) -> dict:
@@ -48,6 +50,10 @@ def _measure(tmp_path, family: str) -> dict:
     ]
     if family == "yi":
         layouts.append("2,2,1,none")  # TP without SP: all-reduces instead of gathers and scatters
+        layouts.append("2,2,1,full,sp")  # full recompute repeats the forward's collectives
+    if family == "lavin_dit":
+        # bf16: the J-DiT's norms, q/k norms and loss keep fp32 copies the fp32 runs cannot tell
+        layouts.append("2,2,1,none,sp,bf16")
     layouts = ";".join(layouts)
     out = tmp_path / f"{family}.pt"
     cmd = [
@@ -70,24 +76,25 @@ def _measure(tmp_path, family: str) -> dict:
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("family", ["yi", "step_video"])
+@pytest.mark.parametrize("family", ["yi", "step_video", "lavin_dit"])
 def test_planner_memory_and_communication_match_measured_bytes_per_rank(tmp_path, family):
     """Every rank of every layout: the planner's activation bytes (peak of what autograd holds
     over a 4-microbatch 1F1B step) and model-state bytes (parameters, gradient buffers,
-    optimizer state) against the counts of the real run, fp32 on gloo, within 5%; for Yi also
-    the bytes each rank hands to the TP, PP and DP groups' collectives in the step (wrapped
-    torch.distributed calls; TP = PP = DP = 2 among the layouts), within 5%."""
+    optimizer state) against the counts of the real run, fp32 on gloo (one J-DiT layout in
+    bf16), within 5%; for Yi and LaVin-DiT also the bytes each rank hands to the TP, PP and DP
+    groups' collectives in the step (wrapped torch.distributed calls; TP = PP = DP = 2 among
+    the layouts), within 5%."""
     measured = _measure(tmp_path, family)
     errors = []
     for key, ranks in measured.items():
         fields = key.split(",")
         tp, pp, vpp = (int(x) for x in fields[:3])
-        recompute, sp = fields[3], len(fields) > 4
+        recompute, sp, bf16 = fields[3], "sp" in fields[4:], "bf16" in fields[4:]
         cfg = load_config(REPO / "recipes" / RECIPES[family], SHAPES[family] + [f"model.recompute={recompute}"])
         workload = import_family_part(family, "sizes", "workload")(cfg, False)  # CPU: unfused kernels
-        dp = ranks[0]["dp"]
-        settings = Settings(global_batch=MICROBATCHES * dp, device=DEVICES["h100"], bf16=False)
-        layout = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, recompute=recompute, sequence_parallel=sp)
+        dp, mbs = ranks[0]["dp"], MICRO_BATCH_SIZE.get(family, 1)
+        settings = Settings(global_batch=MICROBATCHES * dp * mbs, device=DEVICES["h100"], bf16=bf16)
+        layout = Layout(tp=tp, pp=pp, vpp=vpp, dp=dp, mbs=mbs, recompute=recompute, sequence_parallel=sp)
         tolerance = LOOSER.get((family, key), 0.05)
         for rank in ranks:
             predicted = stage_memory(workload, layout, settings, rank["pp_rank"])
@@ -95,7 +102,7 @@ def test_planner_memory_and_communication_match_measured_bytes_per_rank(tmp_path
                 ratio = value / rank[f"{what}_bytes"]
                 if abs(ratio - 1) > tolerance:
                     errors.append(f"{key} pp_rank {rank['pp_rank']}: {what} {ratio:.3f}x measured")
-            if family != "yi":
+            if family not in COMMUNICATION:
                 continue
             volume = communication_bytes(workload, layout, settings, rank["pp_rank"])
             for group, size in (("tp", tp), ("pp", pp), ("dp", dp)):
@@ -185,6 +192,23 @@ def test_plan_json_ranks_fitting_layouts_fastest_first(capsys):
         assert entry["fits"] and entry["memory_gib"] <= DEVICES["h100"].memory_bytes / GIB
         assert 0 < entry["mfu"] < 1 and entry["tflops_per_gpu"] == pytest.approx(entry["mfu"] * 989.4, rel=1e-3)
         assert {"vpp", "mbs", "recompute", "compute_s", "bubble_s", "dp_comm_s", "tokens_per_s_per_gpu"} <= set(entry)
+
+
+def test_plan_and_info_cover_the_lavin_dit(capsys):
+    """The J-DiT's 3.4B recipe: ranked layouts (none or full recompute: the family refuses
+    selective), and fmtrain info prints the planner's memory for the recipe's layout."""
+    recipe = str(REPO / "recipes/lavin_dit/3b.yaml")
+    assert fmtrain_main(["plan", recipe, "--gpus", "64", "--json", "--top", "50"]) == 0
+    layouts = json.loads(capsys.readouterr().out)["layouts"]
+    assert layouts and [e["step_time_s"] for e in layouts] == sorted(e["step_time_s"] for e in layouts)
+    assert {e["recompute"] for e in layouts} == {"none", "full"}
+    assert fmtrain_main(["info", recipe, "--gpus", "64"]) == 0
+    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("memory/GPU"))
+    cfg = load_config(recipe, [])
+    w = import_family_part("lavin_dit", "sizes", "workload")(cfg, True)
+    layout = Layout(dp=64, mbs=cfg.train.micro_batch_size, recompute=cfg.model.recompute)
+    expected = peak_memory(w, layout, Settings(global_batch=cfg.train.global_batch_size, device=DEVICES["h100"]))
+    assert f"activations {expected.activation_bytes / GIB:.2f} GiB" in line
 
 
 def test_plan_layout_fixes_fields_and_refuses_typos(capsys):

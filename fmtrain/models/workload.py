@@ -27,7 +27,10 @@ class Matmul:
 
     ``split``: ``column`` (outputs divided over TP), ``row`` (inputs divided; an all-reduce or
     reduce-scatter follows), or ``none`` (replicated on every TP rank). ``rows``: ``tokens``
-    (the sample's tokens) or ``context`` (the sample's context tokens, e.g. the DiT's text).
+    (the sample's tokens), ``context`` (the sample's context tokens, e.g. the DiT's text) or
+    ``sample`` (one row per sample, e.g. a modulation computed from the timestep embedding).
+    ``share``: the fraction of those rows that go through it (a layer only one token stream
+    reads).
     """
 
     name: str
@@ -35,21 +38,25 @@ class Matmul:
     outputs: int
     split: str = "column"
     rows: str = "tokens"
+    share: float = 1.0
 
     def __post_init__(self):
-        if self.split not in ("column", "row", "none") or self.rows not in ("tokens", "context"):
+        if self.split not in ("column", "row", "none") or self.rows not in ("tokens", "context", "sample"):
             raise ValueError(f"Matmul {self.name}: split={self.split!r}, rows={self.rows!r}")
 
 
 @dataclass(frozen=True)
 class AttentionCore:
     """softmax(Q K^T) V over ``heads`` query heads (divided over TP) of ``head_dim``; keys from
-    the tokens themselves (``keys="tokens"``, ``causal`` or not) or from the context."""
+    the tokens themselves (``keys="tokens"``, ``causal`` or not) or from the context.
+    ``queries``: the fraction of the tokens that query (all of them but for a block whose other
+    outputs feed nothing)."""
 
     heads: int
     head_dim: int
     causal: bool = False
     keys: str = "tokens"
+    queries: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -58,20 +65,28 @@ class SavedValues:
 
     ``whole``: in the activation dtype, held whole on every TP rank (norm inputs and outputs,
     residual-stream tensors; sequence parallelism divides them over TP); ``split``: in the
-    activation dtype, divided over TP (per-head and MLP tensors); ``fp32_whole`` /
-    ``fp32_split``: fp32 statistics (norm reciprocals, softmax log-sum-exp) likewise.
+    activation dtype, divided over TP (per-head and MLP tensors); ``gathered``: in the
+    activation dtype, whole on every TP rank even under sequence parallelism (a sequence-parallel
+    input gathered once and kept for several column-parallel layers, the work of replicated
+    layers); ``fp32_whole`` / ``fp32_split`` / ``fp32_gathered``: fp32 values (norm
+    reciprocals, softmax log-sum-exp, inputs a layer upcasts before keeping them) likewise.
     """
 
     whole: float = 0.0
     split: float = 0.0
     fp32_whole: float = 0.0
     fp32_split: float = 0.0
+    gathered: float = 0.0
+    fp32_gathered: float = 0.0
 
     def bytes_per_token(self, act_bytes: int, tp: int, sequence_parallel: bool) -> float:
         whole_div = tp if sequence_parallel else 1
-        return (self.whole * act_bytes + self.fp32_whole * 4) / whole_div + (
-            self.split * act_bytes + self.fp32_split * 4
-        ) / tp
+        return (
+            (self.whole * act_bytes + self.fp32_whole * 4) / whole_div
+            + (self.split * act_bytes + self.fp32_split * 4) / tp
+            + self.gathered * act_bytes
+            + self.fp32_gathered * 4
+        )
 
 
 @dataclass(frozen=True)
@@ -90,9 +105,11 @@ class Block:
     """Weights tensor parallelism divides (the matmuls' weights)."""
     whole_params: int
     """Weights every TP rank holds (norms, biases of row-parallel layers, modulation tables)."""
-    tp_reductions: int
+    tp_reductions: float
     """All-reduces of a ``[tokens, hidden]`` activation per forward (each a reduce-scatter plus
-    an all-gather under sequence parallelism); the backward has as many."""
+    an all-gather under sequence parallelism); the backward has as many. An average over the
+    tokens where streams differ: a stream whose column-parallel layers feed no row-parallel one
+    counts half (only its input's gradient is reduced)."""
     elementwise_whole: float
     """Values per token the forward's non-matmul kernels on whole tensors read and write (norms,
     residual adds, modulation; divided over TP only under sequence parallelism): memory-bound
@@ -101,6 +118,15 @@ class Block:
     """The same for tensors divided over TP (RoPE, the MLP's activation)."""
     saved_context: SavedValues = field(default_factory=SavedValues)
     """Kept per context token (keys and values of a cross-attention over the context)."""
+    tp_regather: bool = True
+    """Under sequence parallelism the column-parallel layers all-gather their input again in
+    backward for the weight gradient (megatron's linears: five collectives per reduction);
+    False: the gathered input is kept (``saved.gathered``), four collectives per reduction."""
+    tp_streams: int = 1
+    """Token streams whose TP collectives are issued separately (each costs its latency)."""
+    tp_stat_values: float = 0.0
+    """fp32 values per token all-reduced over TP in forward, as many in backward (the sum of
+    squares of a norm over a TP-split width), one call per value and stream."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +157,23 @@ class Workload:
     last_saved: SavedValues = field(default_factory=SavedValues)
     """Kept per token by the last stage outside the blocks until the loss's backward (final
     norm, the output layer's input, the loss's fp32 softmax)."""
+    first_saved: SavedValues = field(default_factory=SavedValues)
+    """Kept per token by the first stage outside the blocks (embedders), for each microbatch in
+    flight on the first model chunk."""
+    last_block: Block | None = None
+    """The model's final block where it does less than the others (the last of ``layers``, on
+    the last pipeline stage's last chunk); None: like the others."""
+    tables_fp32_per_token: float = 0.0
+    """Like ``tables_per_token``, kept in fp32 whatever the activation dtype."""
+    stage_rows: int = 0
+    """Rows per sample a pipeline stage sends beside the tokens (conditioning vectors), whole
+    under sequence parallelism."""
+    first_sp_scatter: float = 0.0
+    """Share of the tokens replicated first-stage layers scatter to the sequence-parallel ranks
+    (the backward all-gathers their gradient)."""
+    last_sp_gather: float = 0.0
+    """Share of the tokens the last stage all-gathers from the sequence-parallel ranks for a
+    replicated head."""
     context_tokens: int = 0
     rows_per_sample: int = 1
     """Sequences one sample trains (DPO: the chosen and the rejected one)."""
@@ -333,13 +376,27 @@ def microbatches(layout: Layout, global_batch: int) -> int:
     return max(1, global_batch // layout.dp // layout.mbs)
 
 
+def first_chunk_microbatches(pp: int, vpp: int, num_microbatches: int) -> int:
+    """Microbatches whose first-chunk activations pipeline rank 0 holds at its peak under 1F1B.
+
+    Non-interleaved: its ``pp`` warm-up forwards. Interleaved: megatron runs forwards in groups
+    of ``pp`` microbatches per chunk and backwards from the last chunk down, so the first chunk
+    has two groups in flight (one step after the warm-up) before its first backward."""
+    return min(pp if vpp == 1 else 2 * pp, num_microbatches)
+
+
+def _block_params(b: Block, tp: int) -> int:
+    return b.split_params // tp + b.whole_params
+
+
 def stage_params(w: Workload, lay: Layout, rank: int) -> int:
-    b = w.block
-    params = (w.layers // lay.pp) * (b.split_params // lay.tp + b.whole_params)
+    params = (w.layers // lay.pp) * _block_params(w.block, lay.tp)
     if rank == 0:
         params += w.first_params_split // lay.tp + w.first_params_whole
     if rank == lay.pp - 1:
         params += w.last_params_split // lay.tp + w.last_params_whole
+        if w.last_block is not None:
+            params += _block_params(w.last_block, lay.tp) - _block_params(w.block, lay.tp)
         if w.tied_embeddings and lay.pp > 1:
             params += w.first_params_split // lay.tp  # megatron keeps a copy of the tied embedding
     return params
@@ -372,19 +429,33 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
     in_flight = in_flight_layer_microbatches(rank, w.layers, lay.pp, lay.vpp, m)
     full_block = _block_bytes(w.block, _saved_for(w.block, "none"), w, lay, act_bytes)
     tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
-    tables = w.tables_per_token * w.tokens / lay.cp * act_bytes
-    last = 0.0
+    tables = (w.tables_per_token * act_bytes + w.tables_fp32_per_token * 4) * w.tokens / lay.cp
+    last = first = 0.0
     if rank == lay.pp - 1:
         last = w.last_saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel) * tokens
+    if rank == 0:
+        first = w.first_saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel) * tokens
+        first *= first_chunk_microbatches(lay.pp, lay.vpp, m)
+    # the model's last block is in the last stage's peak once: 1F1B runs a microbatch's last
+    # chunk forward straight into its backward. Interleaved over more than one group of
+    # microbatches, that stage also peaks holding only earlier chunks' microbatches.
+    end = w.last_block if rank == lay.pp - 1 and (lay.vpp == 1 or m <= lay.pp) else None
     if lay.recompute == "full":
         inputs = _block_bytes(w.block, w.block.saved_input, w, lay, act_bytes)
         # the forward's end (every block input and the loss) or one block's backward (its
         # recomputed activations in place of its input; the loss's buffers are freed by then)
-        activations = max(in_flight * inputs + last, (in_flight - 1) * inputs + full_block) + tables
+        backward = (in_flight - 1) * inputs + full_block
+        if end is not None:
+            end_block = _block_bytes(end, _saved_for(end, "none"), w, lay, act_bytes)
+            backward = (in_flight - 1) * inputs + end_block
+            if in_flight >= 2:  # then the block before it
+                backward = max(backward, (in_flight - 2) * inputs + full_block)
+        activations = max(in_flight * inputs + last, backward) + tables + first
     else:
-        activations = (
-            in_flight * _block_bytes(w.block, _saved_for(w.block, lay.recompute), w, lay, act_bytes) + last + tables
-        )
+        per_block = _block_bytes(w.block, _saved_for(w.block, lay.recompute), w, lay, act_bytes)
+        activations = in_flight * per_block + last + tables + first
+        if end is not None:
+            activations += _block_bytes(end, _saved_for(end, lay.recompute), w, lay, act_bytes) - per_block
     return StageMemory(params, state, activations, workspace_bytes=full_block)
 
 
@@ -408,6 +479,7 @@ __all__ = [
     "Workload",
     "dense_transformer",
     "family_workload",
+    "first_chunk_microbatches",
     "layout_of",
     "microbatches",
     "peak_memory",

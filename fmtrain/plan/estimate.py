@@ -38,12 +38,14 @@ The FLOP counts come from the workload; MFU and TFLOP/s/GPU divide the family's 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from fmtrain.models import workload as memory
 from fmtrain.models.workload import (
     ALLOWANCE_BYTES,
     ALLOWANCE_FRACTION,
+    Block,
     Layout,
     Matmul,
     StageMemory,
@@ -136,6 +138,7 @@ class Prediction:
 
 
 def _matmul_time(mm: Matmul, rows: float, lay: Layout, s: Settings) -> float:
+    rows *= mm.share
     n, k = mm.outputs, mm.inputs
     if mm.split == "column":
         n /= lay.tp
@@ -147,16 +150,20 @@ def _matmul_time(mm: Matmul, rows: float, lay: Layout, s: Settings) -> float:
     return flops / (s.device.peak_flops * e.gemm) + traffic / (s.device.hbm_bytes_per_s * e.hbm)
 
 
-def _layer_times(w: Workload, lay: Layout, s: Settings) -> tuple[float, float, float]:
-    """(forward, backward, attention forward) seconds of one block for one microbatch."""
-    b, e, dev = w.block, s.efficiency, s.device
-    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
-    context = lay.mbs * w.context_tokens
-    gemm = sum(_matmul_time(mm, tokens if mm.rows == "tokens" else context, lay, s) for mm in b.matmuls)
+def _layer_times(w: Workload, b: Block, lay: Layout, s: Settings) -> tuple[float, float, float]:
+    """(forward, backward, attention forward) seconds of block ``b`` for one microbatch."""
+    e, dev = s.efficiency, s.device
+    rows = {
+        "tokens": lay.mbs * w.rows_per_sample * w.tokens / lay.cp,
+        "context": lay.mbs * w.context_tokens,
+        "sample": lay.mbs * w.rows_per_sample,
+    }
+    tokens = rows["tokens"]
+    gemm = sum(_matmul_time(mm, rows[mm.rows], lay, s) for mm in b.matmuls)
     attention = 0.0
     for core in b.attention:
         keys = w.tokens if core.keys == "tokens" else w.context_tokens
-        flops = 4 * tokens * keys * (core.heads / lay.tp) * core.head_dim
+        flops = 4 * tokens * core.queries * keys * (core.heads / lay.tp) * core.head_dim
         if core.causal and core.keys == "tokens":
             flops /= 2
         attention += flops / (dev.peak_flops * e.attention)
@@ -199,6 +206,33 @@ def _half_collective_time(nbytes: float, ranks: int, stride: int, s: Settings) -
     return (ranks - 1) / ranks * nbytes / _bandwidth(ranks, stride, s) + s.efficiency.latency_s
 
 
+def _tp_passes(b: Block, lay: Layout) -> tuple[int, int]:
+    """(TP collectives per ``[tokens, hidden]`` reduction, passes over the block's fp32
+    statistics) per microbatch: forward and backward, and full recompute's second forward."""
+    if lay.sequence_parallel:  # forward: all-gather + reduce-scatter
+        per_reduction, forward = (5 if b.tp_regather else 4), 2
+    else:  # forward: one all-reduce
+        per_reduction, forward = 2, 1
+    if lay.recompute == "full":
+        return per_reduction + forward, 3
+    return per_reduction, 2
+
+
+def _tp_block_time(b: Block, tokens: float, activation: float, lay: Layout, s: Settings) -> float:
+    """Seconds of block ``b``'s TP collectives for one microbatch (none hidden)."""
+    if lay.tp == 1:
+        return 0.0
+    per_reduction, stat_passes = _tp_passes(b, lay)
+    one = (_half_collective_time if lay.sequence_parallel else _all_reduce_time)(activation, lay.tp, 1, s)
+    # a collective per stream: the same bytes, each call's latency again
+    calls = per_reduction * math.ceil(b.tp_reductions) * (b.tp_streams - 1)
+    seconds = per_reduction * b.tp_reductions * one + calls * s.efficiency.latency_s
+    if b.tp_stat_values:
+        stats = _all_reduce_time(tokens * b.tp_stat_values * 4, lay.tp, 1, s)
+        seconds += stat_passes * (stats + (math.ceil(b.tp_stat_values) * b.tp_streams - 1) * s.efficiency.latency_s)
+    return seconds
+
+
 @dataclass(frozen=True)
 class Communication:
     """Bytes one rank hands to the collectives of each group in one step: the tensor of an
@@ -217,14 +251,18 @@ def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Com
     TP, per block and microbatch: each of the block's ``tp_reductions`` row-parallel outputs is
     all-reduced in forward and its paired column-parallel input gradient in backward; under
     sequence parallelism the forward is an all-gather plus a reduce-scatter, the backward a
-    reduce-scatter, an all-gather of the gradient and the all-gather that rebuilds the
-    column-parallel input for its weight gradient (megatron keeps the input sharded). The
-    embedding's output is reduced on the first stage; the output layer's input is gathered
-    (SP) or its gradient reduced on the last, and the vocab-parallel cross entropy reduces three
-    fp32 values per token. CP: Ulysses' all-to-alls of q, k, v and the output, in both
-    directions. PP: each microbatch's activation sent forward and its gradient backward across
-    each boundary. DP: the distributed optimizer's gradient reduce-scatter and parameter
-    all-gather (or one all-reduce) over DP x CP.
+    reduce-scatter, an all-gather of the gradient and (``Block.tp_regather``) the all-gather
+    that rebuilds the column-parallel input for its weight gradient (megatron keeps the input
+    sharded); plus the fp32 statistics of ``Block.tp_stat_values``; full recompute runs the
+    forward's collectives again. The model's last block counts its own
+    (``Workload.last_block``). The embedding's output is reduced on the first stage; the output
+    layer's input is gathered (SP) or its gradient reduced on the last, and the vocab-parallel
+    cross entropy reduces three fp32 values per token; replicated layers outside the blocks
+    scatter (first stage) or gather (last) their tokens under SP. CP: Ulysses' all-to-alls of
+    q, k, v and the output, in both directions. PP: each microbatch's activation (and
+    ``Workload.stage_rows``) sent forward and its gradient backward across each boundary. DP:
+    the distributed optimizer's gradient reduce-scatter and parameter all-gather
+    (or one all-reduce) over DP x CP.
     """
     b = w.block
     m = memory.microbatches(lay, s.global_batch)
@@ -233,13 +271,22 @@ def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Com
     activation = tokens * w.hidden * s.act_bytes
     tp = 0.0
     if lay.tp > 1:
-        per_pair = 5 if lay.sequence_parallel else 2
-        tp = layers * b.tp_reductions * per_pair * activation
+
+        def block_bytes(block: Block) -> float:
+            per_reduction, stat_passes = _tp_passes(block, lay)
+            return block.tp_reductions * per_reduction * activation + stat_passes * block.tp_stat_values * tokens * 4
+
+        tp = layers * block_bytes(b)
+        if rank == lay.pp - 1 and w.last_block is not None:
+            tp += block_bytes(w.last_block) - block_bytes(b)
         if rank == 0 and w.first_params_split:
             # the vocab-parallel embedding's reduction (SP: reduce-scatter, gathered in backward)
             tp += (2 if lay.sequence_parallel else 1) * activation
         if rank == lay.pp - 1 and w.last_params_split:
             tp += (3 if lay.sequence_parallel else 1) * activation + 3 * tokens * 4
+        if lay.sequence_parallel:
+            tp += (w.first_sp_scatter if rank == 0 else 0.0) * activation
+            tp += (w.last_sp_gather if rank == lay.pp - 1 else 0.0) * activation
         tp *= m
     cp = 0.0
     if lay.cp > 1:
@@ -248,7 +295,7 @@ def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Com
         cp = m * layers * 2 * tokens * widths / lay.tp * s.act_bytes
     pp = 0.0
     if lay.pp > 1:
-        sent = activation / (lay.tp if lay.sequence_parallel else 1)
+        sent = _stage_send_bytes(w, lay, s)
         forward_sends = m * lay.vpp - (m if rank == lay.pp - 1 else 0)
         backward_sends = m * lay.vpp - (m if rank == 0 else 0)
         pp = (forward_sends + backward_sends) * sent
@@ -259,25 +306,46 @@ def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Com
     return Communication(tp=tp, cp=cp, pp=pp, dp=dp)
 
 
+def _stage_send_bytes(w: Workload, lay: Layout, s: Settings) -> float:
+    """Bytes of the tensor one microbatch sends across a pipeline boundary (each direction)."""
+    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp / (lay.tp if lay.sequence_parallel else 1)
+    return (tokens + lay.mbs * w.rows_per_sample * w.stage_rows) * w.hidden * s.act_bytes
+
+
 def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
     b, e, dev = w.block, s.efficiency, s.device
     m = memory.microbatches(lay, s.global_batch)
     layers = w.layers // lay.pp
     tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
-    forward, backward, attention_fwd = _layer_times(w, lay, s)
-    recompute = {"none": 0.0, "selective": attention_fwd, "full": forward}[lay.recompute]
+    activation = tokens * w.hidden * s.act_bytes
+
+    def block_times(block: Block) -> tuple[float, float, float, float]:
+        """(forward, backward, recompute, TP collectives) seconds of one block."""
+        forward, backward, attention_fwd = _layer_times(w, block, lay, s)
+        recompute = {"none": 0.0, "selective": attention_fwd, "full": forward}[lay.recompute]
+        return forward, backward, recompute, _tp_block_time(block, tokens, activation, lay, s)
+
+    forward, backward, recompute, tp_layer = block_times(b)
     layer = forward + backward + recompute
     # the output layer and the loss on the last stage (the embedding lookup is negligible)
     head = sum(3 * _matmul_time(mm, tokens, lay, s) for mm in w.head_matmuls)
-    head += 3 * sum(mm.outputs / lay.tp for mm in w.head_matmuls) * tokens * 4 * 2 / (dev.hbm_bytes_per_s * e.hbm)
-    compute_mb = layers * layer + head
-
-    activation = tokens * w.hidden * s.act_bytes
-    if lay.sequence_parallel:  # five reduce-scatters / all-gathers per pair (communication_bytes)
-        tp_layer = 5 * b.tp_reductions * _half_collective_time(activation, lay.tp, 1, s)
-    else:
-        tp_layer = 2 * b.tp_reductions * _all_reduce_time(activation, lay.tp, 1, s)
-    tp_mb = layers * tp_layer * (1 - s.overlap_tp)
+    logits = sum(mm.outputs * mm.share / lay.tp for mm in w.head_matmuls)
+    head += 3 * logits * tokens * 4 * 2 / (dev.hbm_bytes_per_s * e.hbm)
+    # the slowest stage: the last one (the head), unless the model's last block there does
+    # less than the first stage's
+    compute_mb, tp_mb = layers * layer + head, layers * tp_layer
+    if lay.sequence_parallel:
+        tp_mb += w.last_sp_gather * _half_collective_time(activation, lay.tp, 1, s)
+    if w.last_block is not None:
+        end_forward, end_backward, end_recompute, end_tp = block_times(w.last_block)
+        compute_mb += end_forward + end_backward + end_recompute - layer
+        tp_mb += end_tp - tp_layer
+        first_compute, first_tp = layers * layer, layers * tp_layer
+        if lay.sequence_parallel:
+            first_tp += w.first_sp_scatter * _half_collective_time(activation, lay.tp, 1, s)
+        if lay.pp > 1 and first_compute + first_tp * (1 - s.overlap_tp) > compute_mb + tp_mb * (1 - s.overlap_tp):
+            compute_mb, tp_mb = first_compute, first_tp
+    tp_mb *= 1 - s.overlap_tp
     cp_mb = 0.0
     if lay.cp > 1:
         q_kv_out = sum(2 * core.heads * core.head_dim for core in b.attention if core.keys == "tokens")
@@ -289,7 +357,7 @@ def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
     bubble = (lay.pp - 1) / lay.vpp * per_mb
     pp_comm = 0.0
     if lay.pp > 1:
-        sent = activation / (lay.tp if lay.sequence_parallel else 1)
+        sent = _stage_send_bytes(w, lay, s)
         # megatron's rank order is tp-cp-dp-pp: neighbouring stages are tp*cp*dp ranks apart
         one = sent / _bandwidth(2, lay.tp * lay.cp * lay.dp, s) + e.latency_s
         pp_comm = 2 * m * lay.vpp * one * (0.2 if s.overlap_pp else 1.0)

@@ -25,7 +25,7 @@ from fmtrain.config import Config
 from fmtrain.models import dit
 from fmtrain.models.lavin_dit import convert
 from fmtrain.models.lavin_dit.model import CONDITIONING_ROWS, JointInputs, build_chunk, init_rule, transformer_config
-from fmtrain.models.lavin_dit.sizes import param_count, training_flops
+from fmtrain.models.lavin_dit.sizes import param_count, training_flops, workload
 from fmtrain.models.registry import ModelFamily, PartSpec, RunData
 from fmtrain.objectives import flow_matching as fm
 
@@ -186,4 +186,5 @@ FAMILY = ModelFamily(
     throughput_unit="tokens",
     prepare_step=functools.partial(dit.prepare_pipeline_step, rows_of=stage_rows),
     converter=convert,
+    workload=workload,
 )
