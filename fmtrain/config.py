@@ -288,6 +288,10 @@ class DataConfig:
     least one, held out as validation queries)."""
     synthetic_classes: int = 8
     """DiT synthetic dataset: prototype latents (each with its own text embedding)."""
+    vae: str = ""
+    """A VAE (an fmtrain checkpoint of a VAE family, or a release) that turns pixel data into the
+    latents the model trains on, on the fly on every rank (LaVin-DiT's pixel task shards through
+    the ST-VAE); empty: the data holds latents (``fmtrain data encode`` makes them once)."""
     task_pairs: int = 2
     """In-context tasks (LaVin-DiT): (input, output) example pairs before the query in each
     sample. A stored sample with more uses its first task_pairs; one with fewer is skipped and
@@ -306,7 +310,7 @@ class DataConfig:
     """data.corpus=synthetic:tasks: side h = w of the generated latent items [C, 1, h, w]."""
     synthetic_tasks: list[str] = field(default_factory=lambda: ["flip_h", "flip_v"])
     """data.corpus=synthetic:tasks: the latent-space tasks samples are drawn from, any of
-    flip_h, flip_v, negate, transpose (SYNTHETIC_LATENT_TASKS)."""
+    flip_h, flip_v, negate, transpose, channel_roll (SYNTHETIC_LATENT_TASKS)."""
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "video_crop": ("center", "random", "multiscale"),
@@ -314,7 +318,7 @@ class DataConfig:
     }
 
 
-SYNTHETIC_LATENT_TASKS = ("flip_h", "flip_v", "negate", "transpose")
+SYNTHETIC_LATENT_TASKS = ("flip_h", "flip_v", "negate", "transpose", "channel_roll")
 """The tasks ``data.synthetic_tasks`` may name (fmtrain.data.tasks applies them to latents)."""
 
 
@@ -920,6 +924,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         if value < low:
             raise ConfigError(f"data.{name}={value} must be at least {low}")
     _check_synthetic_tasks(d.synthetic_tasks)
+    if d.vae and not Path(d.vae).exists():
+        raise ConfigError(f"data.vae={d.vae}: no such checkpoint, run directory or release")
     latent_shapes(cfg)  # the shapes are well-formed
     if not 0.0 <= d.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")

@@ -1,26 +1,38 @@
-"""``fmtrain data encode``: video + caption shards -> the latent shards a DiT trains on.
+"""``fmtrain data encode``: shards of pixels -> the latent shards a DiT trains on.
 
-Per video sample of the input shards (``fmtrain data shard video --captions``):
+Two kinds of input, told apart by the shards' ``index.json``:
+
+*Video + caption shards* (``fmtrain data shard video --captions``; the Step-Video DiT), per sample:
 
 - one clip of ``frames`` frames ``stride`` apart, resized to shorter side ``size`` and centre
   cropped, pixels in [-1, 1] (the clip's start is drawn from the sample's own seed, as the
   training stream draws it; a video shorter than the clip repeats its last frame, as there);
-- its latent by the Video-VAE (an fmtrain ``video_vae`` checkpoint or the released
-  ``vae/vae_v2.safetensors``), in causal chunks of the VAE's ``chunk_frames`` with its spatial
-  tiling: a posterior sample, as the release's ``AutoencoderKL.encode`` returns (noise from the
-  sample's seed, so a re-run writes the same latents), or the posterior mean;
+- its latent by the VAE;
 - the caption's embeddings by text encoders given as Hugging Face directories, loaded with
   transformers (``AutoModel``): the last hidden states, truncated to ``llm_tokens`` /
   ``clip_tokens``, with masks. The LLM slot takes a decoder LLM (or an fmtrain Yi checkpoint,
   exported once to a Hugging Face directory under OUT/.encode), the CLIP slot any encoder.
 
+*In-context task shards* (``fmtrain data shard tasks``; LaVin-DiT), per sample: every example
+input and output, the query and the target (images, or clips of ``frames`` frames; 0 keeps the
+stored length) brought to ``size`` x ``size`` as :class:`fmtrain.data.tasks.PixelTaskPipeline`
+does for training, each encoded by the VAE on its own (as LaVin-DiT's ``inference.py`` encodes
+each image), then the context latents [in_1, out_1, ..., query] concatenated along time; all the
+pairs a sample holds are kept (training takes the first ``data.task_pairs``).
+
+The VAE is any VAE family's (the Step-Video Video-VAE, LaVin-DiT's ST-VAE): an fmtrain checkpoint
+or a release, its family read from the checkpoint's config or recognised from the release; the
+latents are what the DiT sees (the family's normalisation applied), in causal chunks and spatial
+tiles as its config says, a posterior sample (noise from the sample's seed, so a re-run writes
+the same latents; the releases' encoders sample) or the posterior mean.
+
 Every rank (``--nproc N``, or one task of torchrun / srun) encodes the input shards
 ``rank, rank + N, ...`` on its own, each into one output shard named after its position, written
 under a temporary name and renamed when whole, then marked done in ``OUT/.encode/``; a restarted
-job skips the shards marked done. A video that cannot be decoded or a caption that is missing or
-not UTF-8 is skipped and counted, naming the shard and key. When all shards are done, rank 0
-writes ``OUT/index.json`` (kind ``latent``, the skipped samples, the encode settings, the time
-spent per stage).
+job skips the shards marked done. A sample that cannot be decoded (or a caption that is missing
+or not UTF-8) is skipped and counted, naming the shard and key. When all shards are done, rank 0
+writes ``OUT/index.json`` (kind ``latent`` or ``task_latents``, the skipped samples, the encode
+settings, the time spent per stage).
 """
 
 from __future__ import annotations
@@ -38,9 +50,10 @@ from fmtrain.data.shards import INDEX_NAME, BadDataError, Shard, progress_bar, r
 
 STATE_DIR = ".encode"
 SETTINGS_FILE = "encode.json"
-_SALT_POSTERIOR = 0x5A7E
 STAGES = ("read_decode", "vae", "text", "write")
 """Where a rank's time goes, reported per stage."""
+VIDEO_KIND, TASK_KIND = "video", "tasks"
+"""The index kinds of the two inputs (``fmtrain data shard video`` / ``shard tasks``)."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,8 @@ class EncodeSettings:
     """What decides the output; a restarted job must match the one that started."""
 
     shards: str
+    kind: str
+    """What the input shards hold: video (+ captions) or tasks."""
     vae: str
     llm_encoder: str
     clip_encoder: str
@@ -131,15 +146,13 @@ def _done_file(out: Path, position: int) -> Path:
     return out / STATE_DIR / f"{_shard_name(position)}.json"
 
 
-class ShardEncoder:
-    """One rank's models; ``encode_shard`` turns one input shard into one output shard."""
+class VideoCaptionSamples:
+    """A video + caption sample -> its latent shard sample (latent, caption embeddings)."""
 
-    def __init__(self, settings: EncodeSettings, vae, vae_cfg, llm: TextEncoder, clip: TextEncoder | None, device):
+    def __init__(self, settings: EncodeSettings, encode, llm: TextEncoder, clip: TextEncoder | None, seconds: dict):
         from fmtrain.data.video import VideoPipeline
-        from fmtrain.models.video_vae import codec
 
-        self.settings, self.vae, self.llm, self.clip, self.device = settings, vae, llm, clip, device
-        self.codec_options = codec.options(vae_cfg.model)
+        self.settings, self.encode, self.llm, self.clip, self.seconds = settings, encode, llm, clip, seconds
         self.pipeline = VideoPipeline(
             frames=settings.frames,
             stride=settings.stride,
@@ -149,32 +162,100 @@ class ShardEncoder:
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
         )
+
+    def __call__(self, sample: dict, ctx, key: str) -> tuple[dict, str]:
+        from fmtrain.data.latents import latent_shard_sample, shape_name
+        from fmtrain.data.stream import BadSample
+
+        clock = time.perf_counter()
+        if "txt" not in sample:
+            raise BadSample("no caption (.txt)")
+        try:
+            caption = sample["txt"].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadSample(f"unreadable caption: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if not caption.strip():
+            raise BadSample("empty caption")
+        (clip,) = self.pipeline.units(sample, ctx)
+        clock = _tick(self.seconds, "read_decode", clock)
+        (latent,) = self.encode(clip["video"][None], clip["sample_seed"])
+        clock = _tick(self.seconds, "vae", clock)
+        record = {"latent": latent, "text_emb": self.llm(caption).astype(latent.dtype), "caption": caption}
+        if self.clip is not None:
+            record["clip_emb"] = self.clip(caption).astype(latent.dtype)
+        _tick(self.seconds, "text", clock)
+        return latent_shard_sample(record, key), shape_name(latent.shape[1:])
+
+
+class TaskSamples:
+    """An in-context task sample -> its latent task sample: each item encoded on its own, the
+    context latents (example pairs, then the query) concatenated along time."""
+
+    def __init__(self, settings: EncodeSettings, encode, seconds: dict):
+        self.settings, self.encode, self.seconds = settings, encode, seconds
+
+    def __call__(self, sample: dict, ctx, key: str) -> tuple[dict, str]:
+        from fmtrain.data.latents import shape_name
+        from fmtrain.data.stream import BadSample
+        from fmtrain.data.tasks import PixelTaskPipeline, encode_task_pixels, latent_task_sample
+
+        clock = time.perf_counter()
+        try:
+            pairs = int(json.loads(sample["json"])["pairs"])
+        except (KeyError, ValueError, TypeError):
+            raise BadSample("no readable .json with the sample's pair count") from None
+        s = self.settings
+        pipeline = PixelTaskPipeline(pairs=max(pairs, 1), size=s.size, frames=s.frames)
+        (item,) = pipeline.units(sample, ctx)  # validates the sample (BadSample naming what is wrong)
+        clock = _tick(self.seconds, "read_decode", clock)
+        context, target = encode_task_pixels(
+            item["context"], item["target"], lambda items: self.encode(items, item["sample_seed"])
+        )
+        _tick(self.seconds, "vae", clock)
+        raw = latent_task_sample(
+            key, context=context, target=target, task=item["task"], pairs=pairs, item_frames=target.shape[1]
+        )
+        return raw, shape_name(context.shape)
+
+
+def _tick(seconds: dict, stage: str, since: float) -> float:
+    now = time.perf_counter()
+    seconds[stage] += now - since
+    return now
+
+
+class ShardEncoder:
+    """One rank's models; ``encode_shard`` turns one input shard into one output shard."""
+
+    def __init__(self, settings: EncodeSettings, vae_encode, text_encoders: tuple | None, device):
+        self.settings, self.device = settings, device
         self.dtype = np.float16 if settings.dtype == "float16" else np.float32
         self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.vae_encode = vae_encode
+        if settings.kind == TASK_KIND:
+            self.samples = TaskSamples(settings, self._latents, self.seconds)
+        else:
+            self.samples = VideoCaptionSamples(settings, self._latents, *text_encoders, self.seconds)
 
-    def _latent(self, clip: torch.Tensor, seed: int) -> np.ndarray:
-        from fmtrain.models.video_vae import codec
+    def _latents(self, pixels: torch.Tensor, seed: int) -> np.ndarray:
+        """[B, 3, T, H, W] pixels -> [B, C, T', H', W'] latents as stored."""
+        from fmtrain.models.vae_codec import posterior_generator
 
-        x = clip[None].to(self.device, next(self.vae.parameters()).dtype)
-        generator = None
-        if self.settings.posterior == "sample":
-            generator = torch.Generator(device=self.device).manual_seed((seed ^ _SALT_POSTERIOR) % 2**63)
-        z = codec.encode(self.vae, x, generator=generator, **self.codec_options)
-        return z[0].float().cpu().numpy().astype(self.dtype)
+        generator = posterior_generator(seed, self.device) if self.settings.posterior == "sample" else None
+        z = self.vae_encode(pixels, generator=generator)
+        return z.float().cpu().numpy().astype(self.dtype)
 
     def encode_shard(self, shard: Shard, position: int, out: Path, bar) -> dict:
         """Write OUT/latent-POSITION.tar from ``shard`` (atomically) and mark it done; returns the
         shard's record (samples, skipped samples with reasons, latent shapes, seconds)."""
         import webdataset as wds
 
-        from fmtrain.data.latents import latent_shard_sample, shape_name
         from fmtrain.data.stream import BadSample, SampleContext
 
         s = self.settings
         name = f"{_shard_name(position)}.tar"
         tmp = out / f".{name}.partial.{os.getpid()}"
         skipped, shapes, written = [], {}, 0
-        clock = time.perf_counter()
         with open(tmp, "wb") as stream:
             writer = wds.TarWriter(stream, encoder=False, mtime=0.0)
             for index, sample in read_shard(shard, warn=lambda m: skipped.append({"key": None, "reason": m})):
@@ -184,35 +265,15 @@ class ShardEncoder:
                 key = sample.get("__key__", f"position-{index}")
                 ctx = SampleContext(seed=s.seed, epoch=0, stream=0, index=index, shard=shard.url, key=key)
                 try:
-                    if "txt" not in sample:
-                        raise BadSample("no caption (.txt)")
-                    try:
-                        caption = sample["txt"].decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise BadSample(f"unreadable caption: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-                    if not caption.strip():
-                        raise BadSample("empty caption")
-                    (clip,) = self.pipeline.units(sample, ctx)
+                    raw, shape = self.samples(sample, ctx, key)
                 except BadSample as exc:
-                    self.seconds["read_decode"] += time.perf_counter() - clock
                     skipped.append({"key": key, "reason": str(exc)})
-                    clock = time.perf_counter()
                     continue
-                now = time.perf_counter()
-                self.seconds["read_decode"] += now - clock
-                latent = self._latent(clip["video"], clip["sample_seed"])
-                clock, now = now, time.perf_counter()
-                self.seconds["vae"] += now - clock
-                record = {"latent": latent, "text_emb": self.llm(caption).astype(self.dtype), "caption": caption}
-                if self.clip is not None:
-                    record["clip_emb"] = self.clip(caption).astype(self.dtype)
-                clock, now = now, time.perf_counter()
-                self.seconds["text"] += now - clock
-                writer.write(latent_shard_sample(record, key))
-                shapes[shape_name(latent.shape[1:])] = shapes.get(shape_name(latent.shape[1:]), 0) + 1
-                written += 1
                 clock = time.perf_counter()
-                self.seconds["write"] += clock - now
+                writer.write(raw)
+                shapes[shape] = shapes.get(shape, 0) + 1
+                written += 1
+                _tick(self.seconds, "write", clock)
             writer.close()
             stream.flush()
             os.fsync(stream.fileno())
@@ -248,10 +309,16 @@ def write_index(out: Path, positions: int, settings: EncodeSettings, seconds: di
     for r in records:
         for shape, count in r["shapes"].items():
             shapes[shape] = shapes.get(shape, 0) + count
-    fields = ["json", "latent.npy", "text_emb.npy", "txt"] + (["clip_emb.npy"] if settings.clip_encoder else [])
+    if settings.kind == TASK_KIND:
+        from fmtrain.data.tasks import LATENT_TASK_KIND
+
+        kind, fields = LATENT_TASK_KIND, ["context.npy", "json", "target.npy", "task.txt"]
+    else:
+        kind = "latent"
+        fields = ["json", "latent.npy", "text_emb.npy", "txt"] + (["clip_emb.npy"] if settings.clip_encoder else [])
     index = {
         "format": INDEX_FORMAT,
-        "kind": "latent",
+        "kind": kind,
         "fields": sorted(fields),
         "samples": sum(s["samples"] for s in shards),
         "shards": shards,
@@ -269,11 +336,11 @@ def encode_shards(settings: EncodeSettings, out: str | Path, *, progress: bool =
     import torch.distributed as dist
 
     from fmtrain import parallel
-    from fmtrain.checkpoint.pretrained import load_pretrained, pretrained_config
+    from fmtrain.checkpoint.pretrained import latent_encoder, pretrained_config, vae_family_of
 
     out = Path(out)
     shards = resolve_shards(settings.shards)
-    vae_cfg = pretrained_config(settings.vae, "video_vae")
+    vae_cfg = pretrained_config(settings.vae, vae_family_of(settings.vae))
     topo = parallel.initialize(vae_cfg)
     try:
         if topo.is_writer:
@@ -284,20 +351,23 @@ def encode_shards(settings: EncodeSettings, out: str | Path, *, progress: bool =
         check_settings(out, settings)
         mine = [p for p in range(topo.rank, len(shards), topo.world_size) if not _done_file(out, p).is_file()]
         done_before = len(range(topo.rank, len(shards), topo.world_size)) - len(mine)
-        llm_dir = llm_encoder_dir(Path(settings.llm_encoder), out, topo.rank)  # every rank: it may hold a barrier
+        if settings.kind == VIDEO_KIND:  # every rank: it may hold a barrier
+            llm_dir = llm_encoder_dir(Path(settings.llm_encoder), out, topo.rank)
         if mine:
-            vae = load_pretrained(vae_cfg, settings.vae, topo.device)
-            llm = TextEncoder(llm_dir, settings.llm_tokens, topo.device, "--llm-encoder")
-            clip = None
-            if settings.clip_encoder:
-                clip = TextEncoder(settings.clip_encoder, settings.clip_tokens, topo.device, "--clip-encoder")
-            worker = ShardEncoder(settings, vae, vae_cfg, llm, clip, topo.device)
+            text = None
+            if settings.kind == VIDEO_KIND:
+                llm = TextEncoder(llm_dir, settings.llm_tokens, topo.device, "--llm-encoder")
+                clip = None
+                if settings.clip_encoder:
+                    clip = TextEncoder(settings.clip_encoder, settings.clip_tokens, topo.device, "--clip-encoder")
+                text = (llm, clip)
+            worker = ShardEncoder(settings, latent_encoder(vae_cfg, settings.vae, topo.device), text, topo.device)
         started = time.perf_counter()
         total = sum(shards[p].samples for p in mine)
         bar = progress_bar(
             f"rank {topo.rank}: encoding {len(mine)} shards",
             total=total,
-            unit="videos",
+            unit="videos" if settings.kind == VIDEO_KIND else "tasks",
             enabled=progress and topo.is_writer,
         )
         encoded = skipped = 0
@@ -308,10 +378,10 @@ def encode_shards(settings: EncodeSettings, out: str | Path, *, progress: bool =
         bar.close()
         seconds = worker.seconds if mine else dict.fromkeys(STAGES, 0.0)
         elapsed = time.perf_counter() - started
-        rate = f", {encoded / elapsed:.2f} clips/s" if encoded and elapsed > 0 else ""
+        rate = f", {encoded / elapsed:.2f} samples/s" if encoded and elapsed > 0 else ""
         split = " ".join(f"{k} {v:.1f}s" for k, v in seconds.items())
         print(
-            f"fmtrain data encode: rank {topo.rank}: {encoded} clips from {len(mine)} shards in {elapsed:.1f}s{rate} "
+            f"fmtrain data encode: rank {topo.rank}: {encoded} samples from {len(mine)} shards in {elapsed:.1f}s{rate} "
             f"({split}); {skipped} skipped; {done_before} shards already done",
             flush=True,
         )
@@ -321,4 +391,12 @@ def encode_shards(settings: EncodeSettings, out: str | Path, *, progress: bool =
         parallel.destroy()
 
 
-__all__ = ["EncodeSettings", "ShardEncoder", "TextEncoder", "encode_shards", "write_index"]
+__all__ = [
+    "EncodeSettings",
+    "ShardEncoder",
+    "TaskSamples",
+    "TextEncoder",
+    "VideoCaptionSamples",
+    "encode_shards",
+    "write_index",
+]

@@ -217,3 +217,80 @@ def test_3_4b_recipe_prints_the_released_size(capsys):
     line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("parameters"))
     # Counted from the official LaVinDiT_3B_2 module (lib/model/dit.py): 3,398,976,064.
     assert int(line.split()[1].replace(",", "")) == 3_398_976_064
+
+
+def test_images_to_tasks_to_latents_to_training_to_a_sampled_picture(tmp_path):
+    """The whole path on CPU: image files -> synthetic task shards (`data shard tasks`) -> ST-VAE
+    latents (`data encode`, an ST-VAE release of the tiny architecture) -> J-DiT training on the
+    latent shards and, on the fly through `data.vae`, on the pixel shards -> `fmtrain sample` from a
+    task folder and a query image -> a PNG of the query's size. A task folder with an unpaired
+    example is refused naming it."""
+    import numpy as np
+    from conftest import read_metrics, run_fmtrain
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from fmtrain.cli import main as fmtrain_main
+    from fmtrain.config import load_config
+    from fmtrain.data.video import moving_shapes
+    from fmtrain.models.st_vae import convert as st_convert
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        frames, _ = moving_shapes(i, frames=1, width=40, height=32)
+        Image.fromarray(frames[0]).save(images / f"img{i}.png")
+    tasks = tmp_path / "tasks"
+    args = ["data", "shard", "tasks", "--from", str(images), "--synthetic", "colorize,flip_h", "--pairs", "2"]
+    assert fmtrain_main([*args, "--size", "32", "--samples", "8", "--out", str(tasks)]) == 0
+
+    vae_recipe = REPO / "recipes" / "lavin_dit" / "st_vae_tiny.yaml"
+    release = tmp_path / "st_vae"
+    release.mkdir()
+    g = torch.Generator().manual_seed(4)
+    shapes = st_convert.shapes_from_config(load_config(vae_recipe))
+    save_file(
+        {name: torch.randn(shape, generator=g) * 0.05 for name, shape in shapes.items()}, release / "stvae.safetensors"
+    )
+
+    latents = tmp_path / "latents"
+    assert (
+        fmtrain_main(["data", "encode", str(tasks), "--vae", str(release), "--size", "32", "--out", str(latents)]) == 0
+    )
+    index = json.loads((latents / "index.json").read_text())
+    assert index["kind"] == "task_latents" and index["samples"] == 8 and not index["skipped"]
+    assert set(index["shapes"]) == {"16x5x4x4"}  # (2 pairs x 2 + query) images of 32x32 -> 4x4 latents
+
+    common = [
+        "model.in_channels=16",
+        "train.max_steps=2",
+        "train.global_batch_size=4",
+        "train.micro_batch_size=2",
+        "eval.interval=0",
+        "logging.tensorboard=false",
+        "logging.peak_tflops=1.0",
+    ]
+    run = tmp_path / "run"
+    run_fmtrain([*common, f"data.shards={latents}", f"run.dir={run}"], recipe=RECIPE)
+    pixels_run = tmp_path / "pixels_run"
+    run_fmtrain([*common, f"data.shards={tasks}", f"data.vae={release}", f"run.dir={pixels_run}"], recipe=RECIPE)
+    for directory in (run, pixels_run):
+        losses = [m["loss"] for m in read_metrics(directory).values()]
+        assert len(losses) == 2 and all(np.isfinite(losses))
+
+    task_dir = tmp_path / "task_dir"
+    task_dir.mkdir()
+    for i in range(2):
+        image = Image.open(images / f"img{i}.png")
+        image.save(task_dir / f"ex{i}_input.png")
+        image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(task_dir / f"ex{i}_target.png")
+    out = tmp_path / "sample.png"
+    sample = ["sample", str(RECIPE), "model.in_channels=16", "data.task_size=32", "--ckpt", str(run)]
+    sample += ["--task-dir", str(task_dir), "--query", str(images / "img5.png"), "--vae", str(release)]
+    assert fmtrain_main([*sample, "--out", str(out), "--steps", "2"]) == 0
+    assert Image.open(out).size == (32, 32)
+    assert np.load(out.with_suffix(".npy")).shape == (1, 16, 1, 4, 4)
+
+    (task_dir / "ex9_input.png").write_bytes((images / "img0.png").read_bytes())
+    with pytest.raises(ValueError, match="'ex9' has an _input without a _target"):
+        fmtrain_main([*sample, "--out", str(out)])

@@ -277,7 +277,7 @@ def run_encode(args) -> dict:
         if proc.returncode != 0:
             raise SystemExit(proc.stdout[-3000:] + proc.stderr[-3000:])
         index = json.loads((tmp / "latents" / "index.json").read_text())
-    lines = [line for line in proc.stdout.splitlines() if "rank" in line and "clips from" in line]
+    lines = [line for line in proc.stdout.splitlines() if "rank" in line and "samples from" in line]
     print(f"fmtrain data encode: {index['samples']} clips of {args.frames}x{args.size}x{args.size}, {args.nproc} ranks")
     for line in lines:
         print("  " + line.removeprefix("fmtrain data encode: "))

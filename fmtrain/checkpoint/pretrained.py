@@ -55,6 +55,32 @@ def pretrained_config(source: str | Path, family: str, overrides: list[str] | No
     return cfg
 
 
+def vae_family_of(source: str | Path) -> str:
+    """The VAE family of ``source``: an fmtrain checkpoint's saved ``model.family``, or the family
+    whose converter recognises the release; refused unless it is a VAE family (naming them)."""
+    from fmtrain.checkpoint import resolve_checkpoint
+    from fmtrain.checkpoint.hf.convert import detect_family
+
+    source = Path(source)
+    if is_fmtrain_checkpoint(source):
+        family = str((read_state(resolve_checkpoint(source)).get("config") or {}).get("model", {}).get("family", ""))
+    elif source.exists():
+        family = detect_family(source.parent if source.is_file() else source)
+    else:
+        raise FileNotFoundError(f"{source}: no such checkpoint, run directory or release")
+    if family not in vae_families():
+        raise ConfigError(f"{source} holds a {family or 'unknown'} model, not a VAE ({', '.join(vae_families())})")
+    return family
+
+
+def vae_families() -> list[str]:
+    """The built-in families with a latent codec (the VAEs a DiT's latents come from)."""
+    from fmtrain.config import BUILTIN_FAMILIES
+    from fmtrain.models.registry import get_family
+
+    return [name for name in BUILTIN_FAMILIES if get_family(name).latent_codec is not None]
+
+
 def _check_release(source: Path, folder: Path, family: str) -> None:
     """Refuse ``folder`` unless ``family``'s converter recognises it, with the converter's own reason
     (a pickle refused, a tensor missing) or what the folder looks like."""
@@ -105,13 +131,13 @@ def latent_vae_config(source: str | Path, in_channels: int, what: str, family: s
 
 def latent_codec(vae_cfg: Config):
     """The :class:`fmtrain.models.registry.LatentCodec` of ``vae_cfg``'s family."""
-    from fmtrain.config import BUILTIN_FAMILIES
     from fmtrain.models.registry import get_family
 
     codec = get_family(vae_cfg.model.family).latent_codec
     if codec is None:
-        vaes = [name for name in BUILTIN_FAMILIES if get_family(name).latent_codec is not None]
-        raise ConfigError(f"model.family={vae_cfg.model.family!r} is not a VAE family; these are: {', '.join(vaes)}")
+        raise ConfigError(
+            f"model.family={vae_cfg.model.family!r} is not a VAE family; these are: {', '.join(vae_families())}"
+        )
     return codec
 
 
@@ -144,6 +170,7 @@ def latent_decoder(vae_cfg: Config, source: str | Path, device: torch.device):
 
 
 __all__ = [
+    "vae_family_of",
     "is_fmtrain_checkpoint",
     "latent_codec",
     "latent_decoder",

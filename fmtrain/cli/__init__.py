@@ -6,13 +6,14 @@
     fmtrain plan RECIPE --gpus N [--gpu h100]       layouts ranked by predicted step time that fit
     fmtrain demo                                    the tiny Yi model on the embedded corpus
     fmtrain data shard text|video ... / data index   WebDataset shards + index.json (fmtrain.data.commands)
-    fmtrain data encode SHARDS --vae SRC --llm-encoder DIR --out DIR   video shards -> DiT latent shards
+    fmtrain data encode SHARDS --vae SRC [--llm-encoder DIR] --out DIR   video / task shards -> DiT latent shards
     fmtrain tokenizer train|encode ...              SentencePiece with Yi's special ids
     fmtrain launch slurm|local RECIPE ...           sbatch script / local run; requeued after a save
     fmtrain convert from-hf HF_DIR OUT [k=v ...]    Hugging Face / release -> fmtrain checkpoint (any layout)
     fmtrain convert to-hf CKPT_DIR OUT [--dtype]    fmtrain checkpoint (any layout) -> Hugging Face / release
     fmtrain sample RECIPE --ckpt DIR --prompt-emb F --out F   DiT latents by the Euler sampler (CFG)
-        [--vae SRC --out F.mp4]                     ... decoded to video by the Video-VAE
+        [--vae SRC --out F.mp4|F.png]               ... decoded by the family's VAE (fmtrain.cli.sample)
+        [--task-dir DIR --query FILE]               ... LaVin-DiT: in-context example pairs + a query
 
 Configuration errors are reported before any process starts.
 """
@@ -24,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from fmtrain.config import WHOLE_MODEL_LAYOUT, ConfigError, data_parallel_size, load_config, num_microbatches, validate
+from fmtrain.config import ConfigError, data_parallel_size, load_config, num_microbatches, validate
 from fmtrain.launch import check_inputs
 from fmtrain.launch.local import free_port, launch_local, under_launcher
 
@@ -142,105 +143,6 @@ def _print_zero_memory(cfg, params: int, dp: int) -> None:
     )
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    # One process holds the whole model: any checkpoint layout is resharded on load.
-    sampler = [
-        f"objective.{key}={value}"
-        for key, value in (
-            ("sample_steps", args.steps),
-            ("sample_shift", args.shift),
-            ("guidance_scale", args.guidance),
-        )
-        if value is not None
-    ]
-    cfg = load_config(args.recipe, [*args.overrides, *WHOLE_MODEL_LAYOUT, *sampler])
-    validate(cfg, 1)
-    from fmtrain.config import latent_shapes, parse_latent_shape
-    from fmtrain.models.registry import get_family
-
-    family = get_family(cfg.model.family)
-    if family.sample is None:
-        raise ConfigError(
-            f"model.family={cfg.model.family!r} has no sampler (fmtrain sample is for generative families)"
-        )
-    shape = parse_latent_shape(args.shape, "--shape") if args.shape else latent_shapes(cfg)[0]
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
-    import numpy as np
-
-    from fmtrain import parallel
-    from fmtrain.checkpoint import load_model_weights
-    from fmtrain.engine.parts import build_for_inference, family_module
-
-    if bool(args.prompt) == bool(args.prompt_emb):
-        raise ConfigError("give a prompt: either --prompt TEXT (with --llm-encoder) or --prompt-emb FILE.npz")
-    if args.prompt and not args.llm_encoder:
-        raise ConfigError("--prompt needs --llm-encoder DIR (and --clip-encoder DIR with a CLIP slot), as data encode")
-    decode = vae_cfg = None
-    if args.vae:
-        from fmtrain.checkpoint.pretrained import latent_vae_config
-
-        if Path(args.out).suffix != ".mp4":
-            raise ConfigError(f"--vae decodes to video: --out {args.out} must end in .mp4")
-        vae_cfg = latent_vae_config(args.vae, cfg.model.in_channels, "--vae")
-    topo = parallel.initialize(cfg)
-    try:
-        model = build_for_inference(cfg, family.primary(cfg), topo.device)  # the run seed's weights...
-        if args.ckpt:
-            load_model_weights(args.ckpt, model, cfg)  # ...or a checkpoint's, from any layout
-        if args.vae:
-            from fmtrain.checkpoint.pretrained import latent_decoder
-
-            decode = latent_decoder(vae_cfg, args.vae, topo.device)
-        prompt_file = args.prompt_emb or embed_prompt(args, cfg, topo.device)
-        latents = family.sample(
-            cfg,
-            family_module(model),
-            prompt_file=prompt_file,
-            shape=shape,
-            num=args.num,
-            seed=args.seed,
-            device=topo.device,
-        )
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.save(out.with_suffix(".npy"), latents.cpu().numpy(), allow_pickle=False)
-        o = cfg.objective
-        print(
-            f"fmtrain sample: {tuple(latents.shape)} latents ({o.sample_steps} Euler steps, shift "
-            f"{o.sample_shift}, guidance {o.guidance_scale}, seed {args.seed}) -> {out.with_suffix('.npy')}; "
-            f"mean {latents.mean():.4f} std {latents.std():.4f}"
-        )
-        if decode is not None:
-            from fmtrain.data.video import encode_mp4, to_uint8_frames
-
-            for path, z in zip(video_paths(out, args.num), latents):
-                frames = to_uint8_frames(decode(z[None])[0])
-                path.write_bytes(encode_mp4(frames, fps=args.fps))
-                print(f"fmtrain sample: {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} -> {path}")
-    finally:  # also after an error: the caller's process (a test, a notebook) may go on
-        parallel.destroy()
-    return 0
-
-
-def embed_prompt(args: argparse.Namespace, cfg, device) -> str:
-    """``--prompt`` through the text encoders ``fmtrain data encode`` used; saved as OUT.prompt.npz."""
-    import numpy as np
-
-    from fmtrain.encode import TextEncoder
-
-    m = cfg.model
-    arrays = {"text_emb": TextEncoder(args.llm_encoder, m.caption_tokens, device, "--llm-encoder")(args.prompt)}
-    if args.clip_encoder:
-        arrays["clip_emb"] = TextEncoder(args.clip_encoder, m.clip_tokens, device, "--clip-encoder")(args.prompt)
-    path = Path(args.out).with_suffix(".prompt.npz")
-    np.savez(path, **arrays)
-    return str(path)
-
-
-def video_paths(out: Path, num: int) -> list[Path]:
-    return [out] if num == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(num)]
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
     recipe = DEMO_RECIPE
     overrides = [f"run.dir={args.run_dir}", *args.overrides]
@@ -306,31 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="section.key=value")
     train.set_defaults(func=cmd_train)
 
-    smp = sub.add_parser("sample", help="generate latents with a DiT checkpoint (Euler sampler, CFG)")
-    smp.add_argument("recipe")
-    smp.add_argument("overrides", nargs="*")
-    smp.add_argument("--ckpt", default="", help="checkpoint or run directory (latest); empty: initial weights")
-    smp.add_argument(
-        "--prompt-emb", default="", help=".npz with text_emb [L, caption_dim] (+ text_mask, clip_emb, clip_mask)"
-    )
-    smp.add_argument("--prompt", default="", help="prompt text, embedded by --llm-encoder (and --clip-encoder)")
-    smp.add_argument("--llm-encoder", default="", help="Hugging Face LLM directory for --prompt")
-    smp.add_argument("--clip-encoder", default="", help="Hugging Face text encoder for --prompt (the CLIP slot)")
-    smp.add_argument(
-        "--out",
-        required=True,
-        help="output .npy: [num, C, T, H, W] float32 latents; with --vae an .mp4 (OUT-i.mp4 for --num > 1), "
-        "the latents beside it as .npy",
-    )
-    smp.add_argument("--vae", default="", help="video_vae checkpoint / run dir or the release (vae/): decode to mp4")
-    smp.add_argument("--fps", type=float, default=25.0, help="frame rate of the mp4 (default 25)")
-    smp.add_argument("--shape", default="", help="latent T x H x W (default: the first data.synthetic_latent_shapes)")
-    smp.add_argument("--num", type=int, default=1, help="samples for the prompt")
-    smp.add_argument("--seed", type=int, default=0)
-    smp.add_argument("--steps", type=int, default=None, help="Euler steps (default objective.sample_steps)")
-    smp.add_argument("--shift", type=float, default=None, help="time shift (default objective.sample_shift)")
-    smp.add_argument("--guidance", type=float, default=None, help="CFG scale (default objective.guidance_scale)")
-    smp.set_defaults(func=cmd_sample)
+    from fmtrain.cli.sample import register_sample
+
+    register_sample(sub)
     info = sub.add_parser("info", help="parameters, FLOPs and memory per GPU of a recipe")
     info.add_argument("recipe")
     info.add_argument("overrides", nargs="*")

@@ -1,8 +1,12 @@
-"""``fmtrain data encode``: video + caption shards -> latent shards for the DiT (:mod:`fmtrain.encode`).
+"""``fmtrain data encode``: pixel shards -> latent shards for a DiT (:mod:`fmtrain.encode`).
 
-    fmtrain data encode SHARDS --vae CKPT_OR_RELEASE --llm-encoder DIR [--clip-encoder DIR]
+    fmtrain data encode VIDEO_SHARDS --vae CKPT_OR_RELEASE --llm-encoder DIR [--clip-encoder DIR]
         --frames N --size S --out DIR [--nproc N] [--stride K] [--llm-tokens L] [--clip-tokens L2]
         [--posterior sample|mean] [--dtype float32|float16] [--seed S]
+    fmtrain data encode TASK_SHARDS --vae CKPT_OR_RELEASE --size S --out DIR [--frames N] [--nproc N]
+        [--posterior sample|mean] [--dtype float32|float16] [--seed S]
+
+The input's kind (video + captions, or in-context tasks) is its index.json's.
 
 Under torchrun or srun each task is one rank; ``--nproc N`` starts N local ranks itself.
 """
@@ -17,18 +21,38 @@ from pathlib import Path
 from fmtrain.config import ConfigError
 
 
+def input_kind(shards: str) -> str:
+    """``video`` or ``tasks``: what the shards' index.json says they hold."""
+    from fmtrain.data.shards import INDEX_NAME, BadDataError, is_local, local_path
+    from fmtrain.encode import TASK_KIND, VIDEO_KIND
+
+    path = local_path(shards) if is_local(shards) else None
+    index = path / INDEX_NAME if path is not None and path.is_dir() else path
+    if index is None or index.suffix != ".json" or not index.is_file():
+        return VIDEO_KIND  # a shard pattern: video shards, as before tasks existed
+    import json
+
+    kind = json.loads(index.read_text()).get("kind")
+    if kind not in (VIDEO_KIND, TASK_KIND):
+        raise BadDataError(f"{shards}: index.json kind {kind!r}; data encode reads {VIDEO_KIND} or {TASK_KIND} shards")
+    return kind
+
+
 def settings_of(args: argparse.Namespace):
-    from fmtrain.encode import EncodeSettings
+    from fmtrain.encode import VIDEO_KIND, EncodeSettings
 
     def where(path: str) -> str:
         return str(Path(path).resolve()) if path else ""
 
+    kind = input_kind(args.shards)
+    frames = args.frames if args.frames is not None else (17 if kind == VIDEO_KIND else 0)
     return EncodeSettings(
         shards=args.shards,
+        kind=kind,
         vae=where(args.vae),
         llm_encoder=where(args.llm_encoder),
         clip_encoder=where(args.clip_encoder),
-        frames=args.frames,
+        frames=frames,
         stride=args.stride,
         size=args.size,
         llm_tokens=args.llm_tokens,
@@ -42,20 +66,29 @@ def settings_of(args: argparse.Namespace):
 def check_args(args: argparse.Namespace) -> None:
     """What can be checked before any process starts: inputs exist, numbers are positive."""
     from fmtrain.data.shards import check_shard_spec
+    from fmtrain.encode import VIDEO_KIND
 
     check_shard_spec(args.shards)
     for flag, path in (("--vae", args.vae), ("--llm-encoder", args.llm_encoder), ("--clip-encoder", args.clip_encoder)):
         if path and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path}: no such file or directory")
-    for flag in ("frames", "stride", "size", "llm_tokens", "clip_tokens"):
+    for flag in ("stride", "size", "llm_tokens", "clip_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}={getattr(args, flag)} must be at least 1")
+    kind = input_kind(args.shards)
+    if args.frames is not None and args.frames < (1 if kind == VIDEO_KIND else 0):
+        raise ValueError(f"--frames={args.frames} must be at least {1 if kind == VIDEO_KIND else 0}")
+    if kind == VIDEO_KIND and not args.llm_encoder:
+        raise ValueError(f"{args.shards} holds videos with captions: --llm-encoder DIR embeds the captions")
+    if kind != VIDEO_KIND and (args.llm_encoder or args.clip_encoder):
+        raise ValueError(f"{args.shards} holds in-context tasks, which have no captions: drop the text encoders")
 
 
 def rank_argv(args: argparse.Namespace) -> list[str]:
     """The command line each launched rank runs (paths resolved, everything but --nproc)."""
     s = settings_of(args)
-    argv = ["data", "encode", s.shards, "--vae", s.vae, "--llm-encoder", s.llm_encoder, "--out", args.out]
+    argv = ["data", "encode", s.shards, "--vae", s.vae, "--out", args.out]
+    argv += ["--llm-encoder", s.llm_encoder] if s.llm_encoder else []
     argv += ["--clip-encoder", s.clip_encoder] if s.clip_encoder else []
     for flag in ("frames", "stride", "size", "llm_tokens", "clip_tokens", "posterior", "dtype", "seed"):
         argv += [f"--{flag.replace('_', '-')}", str(getattr(s, flag))]
@@ -91,16 +124,28 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def register_encode(data_commands) -> None:
     enc = data_commands.add_parser(
-        "encode", help="video + caption shards -> latent + text-embedding shards for the DiT (Video-VAE, text encoders)"
+        "encode",
+        help="pixel shards -> latent shards for a DiT: video + captions (a VAE, text encoders) or in-context tasks",
     )
-    enc.add_argument("shards", help="video shards: directory, index.json or pattern (fmtrain data shard video)")
-    enc.add_argument("--vae", required=True, help="fmtrain video_vae checkpoint or run dir, or the release (vae/)")
-    enc.add_argument("--llm-encoder", required=True, help="Hugging Face LLM directory (or an fmtrain Yi checkpoint)")
+    enc.add_argument(
+        "shards", help="video or task shards: directory, index.json or pattern (fmtrain data shard video / tasks)"
+    )
+    enc.add_argument(
+        "--vae", required=True, help="a VAE family's fmtrain checkpoint or run dir, or a release (vae/, stvae.pt)"
+    )
+    enc.add_argument("--llm-encoder", default="", help="video shards: Hugging Face LLM directory (or a Yi checkpoint)")
     enc.add_argument("--clip-encoder", default="", help="Hugging Face text-encoder directory (the CLIP slot)")
     enc.add_argument("--out", required=True, help="output directory (latent shards + index.json)")
-    enc.add_argument("--frames", type=int, default=17, help="frames per clip (default 17: 3 latent frames)")
+    enc.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="frames per clip (videos: default 17, 3 Video-VAE latent frames; tasks: default 0, as stored)",
+    )
     enc.add_argument("--stride", type=int, default=1, help="frame step within a clip (default 1)")
-    enc.add_argument("--size", type=int, default=256, help="clip side: shorter side resized, centre crop")
+    enc.add_argument(
+        "--size", type=int, default=256, help="videos: shorter side resized, centre crop; tasks: resized to S x S"
+    )
     enc.add_argument("--llm-tokens", type=int, default=320, help="caption tokens for the LLM slot (default 320)")
     enc.add_argument("--clip-tokens", type=int, default=77, help="caption tokens for the CLIP slot (default 77)")
     enc.add_argument(

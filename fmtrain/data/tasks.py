@@ -59,7 +59,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -967,12 +967,109 @@ def collate_latent_tasks(items: Sequence[dict]) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- a prompt for sampling
+
+
+def task_dir_pairs(task_dir: str | Path) -> list[tuple[Path, Path]]:
+    """The example pairs of a task folder as LaVin-DiT's ``inference.py`` reads its templates:
+    ``NAME_input.EXT`` beside ``NAME_target.EXT`` (images or clips), sorted by NAME; ValueError
+    naming the folder when a pair is incomplete or there is none."""
+    folder = Path(task_dir)
+    if not folder.is_dir():
+        raise ValueError(f"task folder {folder}: no such directory")
+    inputs, targets = {}, {}
+    for path in sorted(folder.iterdir()):
+        stem, _, role = path.stem.rpartition("_")
+        if _media_kind(path) is not None and role in ("input", "target") and stem:
+            (inputs if role == "input" else targets)[stem] = path
+    unpaired = sorted(set(inputs) ^ set(targets))
+    if unpaired:
+        raise ValueError(f"task folder {folder}: {unpaired[0]!r} has an _input without a _target or the reverse")
+    if not inputs:
+        raise ValueError(f"task folder {folder}: no NAME_input.EXT / NAME_target.EXT pairs")
+    return [(inputs[name], targets[name]) for name in sorted(inputs)]
+
+
+def prompt_pixels(
+    pairs: Sequence[tuple[Path, Path]], query: str | Path, *, size: int, fit: str = "resize", frames: int = 0
+) -> torch.Tensor:
+    """A sampling prompt's pixels: the example pairs' inputs and outputs, then the query, each
+    brought to ``size`` x ``size`` as training brings them (``frames`` of each clip; 0: all,
+    which must agree): [2K+1, 3, F, size, size] in [-1, 1]. ValueError naming a file that cannot be
+    read or whose shape differs."""
+    paths = [p for pair in pairs for p in pair] + [Path(query)]
+    items = []
+    for path in paths:
+        kind = _media_kind(path)
+        try:
+            data = path.read_bytes()
+            if kind == "image":
+                decoded = read_image(data)
+            elif kind == "video":
+                wanted = range(frames) if frames else range(probe_video(data)["frames"])
+                got, _ = decode_frames(data, wanted, None)
+                decoded = np.stack([got[i] for i in wanted])
+            else:
+                raise ValueError("not an image or a clip")
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: cannot read it ({exc})") from None
+        items.append((path, fit_frames(decoded, size, fit).div_(127.5).sub_(1.0)))
+    first_path, first = items[0]
+    for path, item in items[1:]:
+        if item.shape != first.shape:
+            raise ValueError(
+                f"{path} gives {tuple(item.shape)}, {first_path} {tuple(first.shape)}: a prompt's items share one "
+                "frame count"
+            )
+    return torch.stack([item for _, item in items])
+
+
+# --------------------------------------------------------------------------- pixels -> latents
+
+
+def encode_task_pixels(context: torch.Tensor, target: torch.Tensor, encode: Callable):
+    """One sample's pixels (``context`` [2K+1, 3, F, S, S]: in_1, out_1, ..., query; ``target``
+    [3, F, S, S]) -> its latents (context [C, (2K+1) f, h, w] concatenated along time, target
+    [C, f, h, w]). ``encode(items)`` maps [N, 3, F, S, S] to [N, C, f, h, w] (torch or numpy): every
+    item is encoded on its own, as LaVin-DiT's ``inference.py`` encodes each image."""
+    latents = encode(torch.cat([context, target[None]]))
+    pieces = list(latents[:-1])
+    joined = np.concatenate(pieces, axis=1) if isinstance(latents, np.ndarray) else torch.cat(pieces, dim=1)
+    return joined, latents[-1]
+
+
+def latents_from_pixel_tasks(batch: dict, encode_sample: Callable) -> dict:
+    """A pixel microbatch -> the latent microbatch of the same samples (a latent one is returned as
+    it is). ``encode_sample(items, sample_seed)`` encodes one sample's items, so each sample's
+    posterior noise comes from its own seed whatever microbatch it is in."""
+    if "context_pixels" not in batch:
+        return batch
+    pairs = (batch["context_pixels"].shape[1] - 1) // 2
+    encoded = [
+        encode_task_pixels(context, target, lambda items, seed=int(seed): encode_sample(items, seed))
+        for context, target, seed in zip(batch["context_pixels"], batch["target_pixels"], batch["sample_seed"])
+    ]
+    contexts = torch.stack([torch.as_tensor(c, dtype=torch.float32) for c, _ in encoded])
+    targets = torch.stack([torch.as_tensor(t, dtype=torch.float32) for _, t in encoded])
+    return {
+        "context": contexts,
+        "target": targets,
+        "item_frames": targets.shape[2],
+        "pairs": pairs,
+        "sample_seed": batch["sample_seed"],
+        "task": batch["task"],
+        "key": batch["key"],
+    }
+
+
 # --------------------------------------------------------------------------- synthetic latent tasks
 
 
 def apply_latent_task(task: str, x: np.ndarray) -> np.ndarray:
     """One of :data:`fmtrain.config.SYNTHETIC_LATENT_TASKS` on a latent [C, T, h, w]: flip_h
-    (mirror w), flip_v (mirror h), negate, transpose (swap h and w; needs h = w)."""
+    (mirror w), flip_v (mirror h), negate, transpose (swap h and w; needs h = w), channel_roll
+    (channel c takes channel c - 1's values). negate and channel_roll act on each position alone,
+    the other three move values across positions."""
     if task == "flip_h":
         return np.ascontiguousarray(x[..., ::-1])
     if task == "flip_v":
@@ -983,6 +1080,8 @@ def apply_latent_task(task: str, x: np.ndarray) -> np.ndarray:
         if x.shape[-1] != x.shape[-2]:
             raise ValueError(f"transpose needs square latents, got {x.shape[-2]}x{x.shape[-1]}")
         return np.ascontiguousarray(np.swapaxes(x, -1, -2))
+    if task == "channel_roll":
+        return np.ascontiguousarray(np.roll(x, 1, axis=0))
     raise ValueError(f"unknown latent task {task!r} (known: {', '.join(SYNTHETIC_LATENT_TASKS)})")
 
 
@@ -1267,4 +1366,8 @@ __all__ = [
     "shards_kind",
     "task_pipeline",
     "prepare_task_data",
+    "prompt_pixels",
+    "task_dir_pairs",
+    "encode_task_pixels",
+    "latents_from_pixel_tasks",
 ]

@@ -129,6 +129,10 @@ class RunData:
     """Validation batches (same interface), or None."""
     files: dict[str, Path] = field(default_factory=dict)
     """Files every checkpoint of the run carries, by name (the tokenizer: ``tokenizer.model``)."""
+    pixels_to_latents: Callable[[dict, Callable[[Any, int], Any]], dict] | None = None
+    """Families whose data may hold pixels the model sees as latents: ``(microbatch,
+    encode(pixels, sample_seed) -> latents) -> the latent microbatch`` (a latent microbatch is
+    returned as it is). The trainer applies it with the VAE of ``data.vae``."""
 
 
 class PrepareData(Protocol):
@@ -197,12 +201,14 @@ class Sampler(Protocol):
         model: torch.nn.Module,
         *,
         prompt_file: str,
-        shape: tuple[int, int, int],
+        shape: tuple[int, int, int] | None,
         num: int,
         seed: int,
         device: Any,
     ) -> torch.Tensor:
-        """Generate with a built, loaded model (``fmtrain sample``)."""
+        """Generate with a built, loaded model (``fmtrain sample``): ``prompt_file`` is the condition
+        (an .npz the family reads), ``shape`` the latent (T, H, W) asked for or None (the family's
+        default)."""
         ...
 
 
@@ -248,6 +254,11 @@ class ModelFamily:
     memory_estimate: Callable[[Config, int, int | None], MemoryEstimate] | None = None
     """Families without a ``workload``: (cfg, dp, microbatches per step) -> the estimated peak
     memory of the busiest GPU, for ``fmtrain info``."""
+
+    latent_vae: str = ""
+    """Latent families (the DiTs): the VAE family whose latents the model trains on and samples
+    (``video_vae``, ``st_vae``); ``fmtrain sample --vae``, ``eval.sample_vae`` and ``data.vae``
+    read that family's checkpoints."""
 
     latent_codec: LatentCodec | None = None
     """VAE families: pixels <-> DiT latents with a loaded module of this family

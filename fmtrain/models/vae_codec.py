@@ -39,6 +39,8 @@ from fmtrain.models.vae_modules import LOGVAR_RANGE, LatentVAE
 SEAM_KEEP = 0.6
 """Share a seam frame keeps of itself when blended with its neighbour across the seam (``blend``)."""
 SEAMS = ("blend", "shared")
+POSTERIOR_SALT = 0x5A7E
+"""Separates a sample's posterior noise from the other draws made from its seed."""
 
 
 def options(model_cfg) -> dict:
@@ -243,8 +245,15 @@ class LatentCodec:
         return decode(vae, self.denormalise(cfg, latents), seam=self.seam, **options(cfg.model))
 
 
+def posterior_generator(seed: int, device) -> torch.Generator:
+    """The generator of the posterior noise when a sample's latents are drawn (``fmtrain data
+    encode`` and encoding on the fly use it alike, so both give a sample the same latents)."""
+    return torch.Generator(device=device).manual_seed((int(seed) ^ POSTERIOR_SALT) % 2**63)
+
+
 __all__ = [
     "LatentCodec",
+    "posterior_generator",
     "SEAMS",
     "blend_seams",
     "decode",

@@ -54,26 +54,48 @@ def _broadcast_float(value: float, topo: parallel.Topology) -> float:
     return float(holder.item())
 
 
-def evaluate(engine, valid, cfg: Config, topo: parallel.Topology) -> tuple[dict[str, float], dict]:
+def evaluate(engine, valid, cfg: Config, topo: parallel.Topology, to_latents) -> tuple[dict[str, float], dict]:
     """Every reported validation mean (``loss``, and what the family reports besides: PSNR, ...),
     averaged over the first ``eval.steps`` global batches; and this rank's first microbatch."""
     totals: dict[str, float] = {}
     first = None
     for i in range(cfg.eval.steps):
-        microbatches = valid.microbatches(i, topo.dp_rank)
+        microbatches = to_latents(valid.microbatches(i, topo.dp_rank))
         first = first if first is not None else microbatches[0]
         for name, value in engine.eval_step(microbatches).items():
             totals[name] = totals.get(name, 0.0) + value
     return {name: total / max(cfg.eval.steps, 1) for name, total in totals.items()}, first
 
 
-def eval_decoder(cfg: Config, device: torch.device):
+def latents_on_the_fly(cfg: Config, data, family_name: str, device: torch.device):
+    """microbatches -> microbatches: with ``data.vae``, the family's ``pixels_to_latents`` through that
+    VAE (every rank encodes its own microbatches; each sample's posterior noise from its seed, as
+    ``fmtrain data encode`` draws it); without, the identity."""
+    if not cfg.data.vae:
+        return lambda microbatches: microbatches
+    if data.pixels_to_latents is None:
+        raise ConfigError(f"data.vae={cfg.data.vae}: model.family={family_name} reads no pixel data to encode")
+    from fmtrain.checkpoint.pretrained import latent_encoder, latent_vae_config, vae_family_of
+    from fmtrain.models.vae_codec import posterior_generator
+
+    vae_cfg = latent_vae_config(cfg.data.vae, cfg.model.in_channels, "data.vae", vae_family_of(cfg.data.vae))
+    encode = latent_encoder(vae_cfg, cfg.data.vae, device)
+
+    def encode_sample(pixels: torch.Tensor, seed: int) -> torch.Tensor:
+        return encode(pixels, generator=posterior_generator(seed, device)).float()
+
+    return lambda microbatches: [data.pixels_to_latents(batch, encode_sample) for batch in microbatches]
+
+
+def eval_decoder(cfg: Config, family, device: torch.device):
     """``eval.sample_vae`` as latents -> pixels, or None."""
     if not cfg.eval.sample_vae:
         return None
     from fmtrain.checkpoint.pretrained import latent_decoder, latent_vae_config
 
-    vae_cfg = latent_vae_config(cfg.eval.sample_vae, cfg.model.in_channels, "eval.sample_vae")
+    if not family.latent_vae:
+        raise ConfigError(f"eval.sample_vae: model.family={family.name} does not generate VAE latents")
+    vae_cfg = latent_vae_config(cfg.eval.sample_vae, cfg.model.in_channels, "eval.sample_vae", family.latent_vae)
     return latent_decoder(vae_cfg, cfg.eval.sample_vae, device)
 
 
@@ -125,6 +147,7 @@ def _train(cfg: Config) -> dict:
         raise ConfigError(f"eval.sample_vae: model.family={cfg.model.family} draws no videos at validation")
     data = family.prepare_data(cfg, topo, run_dir)
     train_batches, valid_batches = data.train, data.valid
+    to_latents = latents_on_the_fly(cfg, data, family.name, topo.device)
     engine = build_engine(cfg, topo, family)
     log0(
         topo,
@@ -190,7 +213,7 @@ def _train(cfg: Config) -> dict:
         # The pictures run the whole primary module on rank 0.
         log0(topo, f"eval.videos: no validation pictures at TP={topo.tp} PP={topo.pp} (they need TP = PP = 1)")
         pictures = False
-    decode = eval_decoder(cfg, topo.device) if pictures and topo.is_writer else None
+    decode = eval_decoder(cfg, family, topo.device) if pictures and topo.is_writer else None
     started = time.perf_counter()
     metrics: dict = {}
     try:
@@ -198,7 +221,7 @@ def _train(cfg: Config) -> dict:
             done = step + 1
             lrs = {part.name: lr_at(step, part.train) for part in engine.trainable_parts}
             lr = lrs[engine.primary.name]
-            microbatches = train_batches.microbatches(step, topo.dp_rank)
+            microbatches = to_latents(train_batches.microbatches(step, topo.dp_rank))
             timer.start()
             result = engine.train_step(microbatches, lrs, step=step, poison_loss=injected.poison_loss(done))
             skips.count(done, result.update_applied)
@@ -218,7 +241,7 @@ def _train(cfg: Config) -> dict:
                     log0(topo, note)
             metrics.update({f"{name}/lr": rate for name, rate in lrs.items() if f"{name}/loss" in result.extra})
             if valid_batches is not None and (done % cfg.eval.interval == 0 or done == t.max_steps):
-                values, first = evaluate(engine, valid_batches, cfg, topo)
+                values, first = evaluate(engine, valid_batches, cfg, topo, to_latents)
                 metrics.update({f"val_{name}": value for name, value in values.items()})
                 if pictures and topo.is_writer and first is not None:
                     log_eval_videos(family, engine, first, cfg, logger, done, decode)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from megatron.core.utils import get_attr_wrapped_model
@@ -146,16 +147,76 @@ def sample_latents(
     )
 
 
+def load_context(path: str, cfg: Config) -> tuple[torch.Tensor, int]:
+    """A sampling condition from an ``.npz`` (what ``fmtrain sample --task-dir`` writes):
+    ``context`` [C, T_cond, H, W] latents of the example pairs and the query, and ``item_frames``
+    (latent frames per item; default 1). Read without pickle."""
+    import numpy as np
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"context file {file} does not exist")
+    try:
+        data = dict(np.load(file, allow_pickle=False))
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"context file {file}: not a readable .npz ({exc})") from None
+    if "context" not in data:
+        raise ValueError(f"context file {file}: no 'context' array (has: {', '.join(sorted(data)) or 'none'})")
+    context = torch.from_numpy(np.asarray(data["context"], dtype=np.float32))
+    frames = int(data.get("item_frames", 1))
+    m = cfg.model
+    if context.dim() != 4 or context.shape[0] != m.in_channels or context.shape[1] % frames:
+        raise ValueError(
+            f"context file {file}: 'context' has shape {tuple(context.shape)}, expected [{m.in_channels}, T, H, W] "
+            f"with T a multiple of item_frames={frames}"
+        )
+    return context, frames
+
+
+def sample(
+    cfg: Config, model, *, prompt_file: str, shape: tuple[int, int, int] | None, num: int, seed: int, device
+) -> torch.Tensor:
+    """``fmtrain sample``: target latents for one condition file with a built, loaded J-DiT and
+    the objective.* sampler settings (the release's: 20 Euler steps, CFG 1.5). ``shape`` (T, H, W)
+    defaults to the query's (the context's last ``item_frames`` frames); H and W must be the
+    context's, as the joint grid shares them."""
+    context, frames = load_context(prompt_file, cfg)
+    target = shape or (frames, *context.shape[2:])
+    if tuple(target[1:]) != tuple(context.shape[2:]):
+        raise ValueError(f"--shape {target}: the target's H x W must be the context's {tuple(context.shape[2:])}")
+    f = cfg.objective
+    return sample_latents(
+        model,
+        cfg,
+        context,
+        query_frames=frames,
+        target_frames=target[0],
+        num=num,
+        seed=seed,
+        steps=f.sample_steps,
+        shift=f.sample_shift,
+        guidance_scale=f.guidance_scale,
+        device=device,
+    )
+
+
 # ----------------------------------------------------------------------------- registry
 
 
 def prepare_data(cfg: Config, topo, run_dir) -> RunData:
     """In-context task samples: streamed task shards (latents, or pixels encoded on the fly), or
     the in-memory synthetic latent tasks."""
-    from fmtrain.data.tasks import prepare_task_data
+    from fmtrain.config import ConfigError
+    from fmtrain.data.tasks import PIXEL_TASK_KIND, latents_from_pixel_tasks, prepare_task_data, shards_kind
 
+    d = cfg.data
+    if d.shards and not d.vae and shards_kind(d.shards) == PIXEL_TASK_KIND:
+        raise ConfigError(
+            f"data.shards={d.shards!r} hold pixel tasks: set data.vae to the ST-VAE (an st_vae checkpoint or the "
+            "release) that encodes them on the fly, or encode them once with fmtrain data encode"
+        )
     train, valid = prepare_task_data(cfg, topo, run_dir)
-    return RunData(train=train, valid=valid)
+    return RunData(train=train, valid=valid, pixels_to_latents=latents_from_pixel_tasks)
 
 
 def target_tokens(cfg: Config) -> int:
@@ -186,5 +247,7 @@ FAMILY = ModelFamily(
     throughput_unit="tokens",
     prepare_step=functools.partial(dit.prepare_pipeline_step, rows_of=stage_rows),
     converter=convert,
+    latent_vae="st_vae",
+    sample=sample,
     workload=workload,
 )

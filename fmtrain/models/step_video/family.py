@@ -194,16 +194,26 @@ def load_prompt_embedding(path: str, cfg: Config) -> dict:
 
 
 def sample(
-    cfg: Config, model: StepVideoDiT, *, prompt_file: str, shape: tuple[int, int, int], num: int, seed: int, device
+    cfg: Config,
+    model: StepVideoDiT,
+    *,
+    prompt_file: str,
+    shape: tuple[int, int, int] | None,
+    num: int,
+    seed: int,
+    device,
 ) -> torch.Tensor:
     """``fmtrain sample``: latents for one prompt embedding file with a built, loaded DiT, with
-    the objective.* sampler settings (Euler steps, time shift, guidance)."""
+    the objective.* sampler settings (Euler steps, time shift, guidance); ``shape`` (T, H, W)
+    defaults to the first ``data.synthetic_latent_shapes``."""
+    from fmtrain.config import latent_shapes
+
     f = cfg.objective
     return sample_latents(
         model,
         cfg,
         load_prompt_embedding(prompt_file, cfg),
-        grid_shape=shape,
+        grid_shape=shape or latent_shapes(cfg)[0],
         num=num,
         seed=seed,
         steps=f.sample_steps,
@@ -304,6 +314,7 @@ FAMILY = ModelFamily(
     throughput_unit="tokens",
     prepare_step=functools.partial(dit.prepare_pipeline_step, rows_of=stage_rows),
     converter=convert,
+    latent_vae="video_vae",
     sample=sample,
     eval_videos=eval_videos,
     first_step_check=dpo.first_step_check,
