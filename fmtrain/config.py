@@ -310,7 +310,7 @@ class DataConfig:
     """data.corpus=synthetic:tasks: side h = w of the generated latent items [C, 1, h, w]."""
     synthetic_tasks: list[str] = field(default_factory=lambda: ["flip_h", "flip_v"])
     """data.corpus=synthetic:tasks: the latent-space tasks samples are drawn from, any of
-    flip_h, flip_v, negate, transpose, channel_roll (SYNTHETIC_LATENT_TASKS)."""
+    flip_h, flip_v, negate, transpose, channel_roll, raise, lower (SYNTHETIC_LATENT_TASKS)."""
 
     CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {
         "video_crop": ("center", "random", "multiscale"),
@@ -318,7 +318,7 @@ class DataConfig:
     }
 
 
-SYNTHETIC_LATENT_TASKS = ("flip_h", "flip_v", "negate", "transpose", "channel_roll")
+SYNTHETIC_LATENT_TASKS = ("flip_h", "flip_v", "negate", "transpose", "channel_roll", "raise", "lower")
 """The tasks ``data.synthetic_tasks`` may name (fmtrain.data.tasks applies them to latents)."""
 
 

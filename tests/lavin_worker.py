@@ -1,9 +1,11 @@
 """Worker for tests/test_lavin_dit.py: one LaVin-DiT J-DiT under a (TP, PP, SP, DP) layout.
 
-``python -m torch.distributed.run --nproc_per_node N tests/lavin_worker.py OUT RECIPE [overrides]``
-builds the engine with every weight drawn layout-invariantly from N(0, 0.05) (the release's
-zero-initialised modulation and output layers would make the first steps trivially equal),
-then
+``python -m torch.distributed.run --nproc_per_node N tests/lavin_worker.py OUT RECIPE LAYOUTS [overrides]``
+where LAYOUTS is a JSON list of override lists, one per layout of the same world size (each
+writes OUT with its index: OUT.0, OUT.1, ...; megatron's groups are rebuilt between them in the
+one process group, which saves a start-up per layout). For each, it builds the engine with every
+weight drawn layout-invariantly from N(0, 0.05) (the release's zero-initialised modulation and
+output layers would make the first steps trivially equal), then
 * runs the model forward-only on fixed inputs (two microbatches with different numbers of
   example pairs) and keeps the last stage's velocity prediction,
 * runs 5 training steps on fixed microbatches (each data-parallel rank its share of the step's
@@ -42,14 +44,11 @@ def dense_init_rule(cfg):
     return rule
 
 
-def main() -> None:
+def run_layout(cfg, out: str) -> None:
     from fmtrain import parallel
-    from fmtrain.config import load_config
     from fmtrain.engine.megatron import MegatronEngine
     from fmtrain.models.lavin_dit import family as lavin
 
-    out, recipe, *overrides = sys.argv[1:]
-    cfg = load_config(recipe, overrides)
     topo = parallel.initialize(cfg)
     lavin.init_rule = dense_init_rule  # what the family's parts() hands the initialiser
     engine = MegatronEngine(cfg, topo, lavin.FAMILY)
@@ -78,6 +77,20 @@ def main() -> None:
             out,
         )
     dist.barrier()
+
+
+def main() -> None:
+    import json
+
+    from megatron.core import parallel_state
+
+    from fmtrain import parallel
+    from fmtrain.config import load_config
+
+    out, recipe, layouts, *overrides = sys.argv[1:]
+    for i, layout in enumerate(json.loads(layouts)):
+        run_layout(load_config(recipe, [*overrides, *layout]), f"{out}.{i}")
+        parallel_state.destroy_model_parallel()  # the next layout's groups, in the same process group
     parallel.destroy()
 
 

@@ -342,7 +342,7 @@ def test_video_dpo_pairs_share_t_and_noise_and_the_loss_is_diffusion_dpos(single
     cfg = load_config(None, VIDEO_DIT + ["train.global_batch_size=4", "train.micro_batch_size=4"])
     batch = LatentPreferencePipeline.from_config(cfg).collate(video_pairs(0)[:4])
     assert batch["latent"].shape[0] == 8 and torch.equal(batch["sample_seed"][:4], batch["sample_seed"][4:])
-    inputs, _ = make_inputs(cfg, batch, torch.device("cpu"), training=False, need_x_t=True, need_target=True)
+    inputs, _ = make_inputs(cfg, batch, torch.device("cpu"), training=False, first=True, need_target=True)
     t = inputs.t.view(-1, 1, 1, 1, 1)
     noise = (inputs.x_t - t * batch["latent"]) / (1 - t)
     assert torch.equal(inputs.t[:4], inputs.t[4:])

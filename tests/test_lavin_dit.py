@@ -21,35 +21,35 @@ RECIPE = REPO / "recipes" / "lavin_dit" / "tiny.yaml"
 WORKER_ARGS = ["train.global_batch_size=8", "train.micro_batch_size=2"]
 
 
-def _worker(tmp_path, tp: int = 1, pp: int = 1, dp: int = 1, sp: bool = False) -> dict:
-    out = tmp_path / f"lavin_tp{tp}_pp{pp}_dp{dp}_sp{int(sp)}.pt"
+def _workers(tmp_path, nproc: int, layouts: list[list[str]]) -> list[dict]:
+    """One torchrun of ``nproc`` ranks running each layout (override list) in turn."""
+    out = tmp_path / f"lavin_{nproc}.pt"
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
-        str(tp * pp * dp),
+        str(nproc),
         "--master_port",
         str(free_port()),
         str(REPO / "tests" / "lavin_worker.py"),
         str(out),
         str(RECIPE),
-        f"parallel.tp={tp}",
-        f"parallel.pp={pp}",
-        f"parallel.sequence_parallel={str(sp).lower()}",
+        json.dumps(layouts),
         f"run.dir={tmp_path / 'run'}",
         *WORKER_ARGS,
     ]
     proc = subprocess.run(
-        cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONWARNINGS": "ignore"}
     )
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return torch.load(out, weights_only=True)
+    return [torch.load(f"{out}.{i}", weights_only=True) for i in range(len(layouts))]
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return _worker(tmp_path_factory.mktemp("lavin_reference"))
+    (single,) = _workers(tmp_path_factory.mktemp("lavin_reference"), 1, [[]])
+    return single
 
 
 def test_parameter_count_formula_matches_the_module(reference):
@@ -59,20 +59,24 @@ def test_parameter_count_formula_matches_the_module(reference):
     assert reference["num_parameters"] == param_count(load_config(RECIPE))
 
 
-@pytest.mark.parametrize(
-    "tp,pp,dp,sp",
-    [(2, 1, 1, False), (1, 2, 1, False), (1, 1, 2, False), (2, 1, 1, True)],
-    ids=["tp2", "pp2", "dp2", "tp2-sp"],
-)
-def test_layout_matches_single_rank(reference, tmp_path, tp, pp, dp, sp):
-    """Five training steps (and a forward of two microbatches with 1 and 2 example pairs, which
-    the pipeline pads to one shape) give the single rank's numbers within 1e-5."""
-    other = _worker(tmp_path, tp, pp, dp, sp)
-    for got, ref in zip(other["predictions"], reference["predictions"], strict=True):
-        assert got.shape == ref.shape
-        assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
-    assert torch.allclose(other["losses"], reference["losses"], rtol=1e-5, atol=0)
-    assert torch.allclose(other["grad_norms"], reference["grad_norms"], rtol=1e-5, atol=0)
+LAYOUTS = {
+    "tp2": ["parallel.tp=2"],
+    "pp2": ["parallel.pp=2"],
+    "dp2": [],
+    "tp2-sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+}
+
+
+def test_layouts_match_single_rank(reference, tmp_path):
+    """TP2, PP2, DP2 and TP2 with sequence parallelism (world 2, one torchrun): five training
+    steps (and a forward of two microbatches with 1 and 2 example pairs, which the pipeline pads
+    to one shape) give the single rank's numbers within 1e-5."""
+    for name, other in zip(LAYOUTS, _workers(tmp_path, 2, list(LAYOUTS.values())), strict=True):
+        for got, ref in zip(other["predictions"], reference["predictions"], strict=True):
+            assert got.shape == ref.shape, name
+            assert float((got - ref).abs().max()) <= 1e-5 * float(ref.abs().max()), name
+        assert torch.allclose(other["losses"], reference["losses"], rtol=1e-5, atol=0), name
+        assert torch.allclose(other["grad_norms"], reference["grad_norms"], rtol=1e-5, atol=0), name
 
 
 def test_forward_and_gradients_match_the_plain_pytorch_j_dit(single_rank):
@@ -294,3 +298,107 @@ def test_images_to_tasks_to_latents_to_training_to_a_sampled_picture(tmp_path):
     (task_dir / "ex9_input.png").write_bytes((images / "img0.png").read_bytes())
     with pytest.raises(ValueError, match="'ex9' has an _input without a _target"):
         fmtrain_main([*sample, "--out", str(out)])
+
+
+def test_sigkill_resume_is_exact(tmp_path):
+    """One rank on the synthetic tasks, a checkpoint every 3 steps: the run is SIGKILLed after step 5
+    and resumed from step 3; steps 4 and 5 repeat the killed run's numbers bit for bit."""
+    import signal
+
+    from conftest import Run, finish_ok, read_metrics
+
+    run_dir = tmp_path / "run"
+    args = [
+        f"run.dir={run_dir}",
+        "train.max_steps=6",
+        "train.global_batch_size=8",
+        "train.micro_batch_size=2",
+        "checkpoint.interval=3",
+        "train.log_interval=1",
+        "eval.interval=0",
+        "logging.tensorboard=false",
+        "logging.peak_tflops=1.0",
+    ]
+    killed = Run(args, 1, tmp_path, "killed", env={"FMTRAIN_TEST_HANG_AT_STEP": "5"}, recipe=RECIPE)
+    killed.wait_for_step(run_dir, 5)
+    before = read_metrics(run_dir)
+    killed.signal_group(signal.SIGKILL)
+    killed.finish()
+    out = finish_ok(Run(args, 1, tmp_path, "resumed", recipe=RECIPE))
+    assert "resumed from" in out and "at step 3" in out
+    after = read_metrics(run_dir)
+    for step in (4, 5):
+        assert after[step]["loss"] == before[step]["loss"], step
+        assert after[step]["grad_norm"] == before[step]["grad_norm"], step
+
+
+def test_the_tiny_recipe_learns_tasks_in_context(tmp_path, single_rank):
+    """The tiny recipe (two tasks on the same inputs, raise and lower, so only the example pairs
+    say which is meant) trained for its 400 steps; each held-out query is then sampled once with
+    examples of either task (the release's sampler: 20 Euler steps, CFG 1.5 against the null
+    condition), and the output must be closer in latent space to the right task's target than
+    to the other's for at least 80% of the samples."""
+    import numpy as np
+    from conftest import read_metrics, run_fmtrain
+
+    from fmtrain import parallel
+    from fmtrain.checkpoint import load_model_weights
+    from fmtrain.cli import main as fmtrain_main
+    from fmtrain.config import WHOLE_MODEL_LAYOUT, load_config
+    from fmtrain.data.tasks import SyntheticTasks, apply_latent_task
+    from fmtrain.engine.parts import build_for_inference, family_module
+    from fmtrain.models.lavin_dit.family import sample_latents
+    from fmtrain.models.registry import get_family
+
+    run_dir = tmp_path / "run"
+    args = [f"run.dir={run_dir}", "eval.interval=100", "logging.tensorboard=false", "logging.peak_tflops=1.0"]
+    run_fmtrain(args, recipe=RECIPE, timeout=900)
+    metrics = read_metrics(run_dir)
+    assert metrics[400]["val_loss"] < 0.5 * metrics[100]["val_loss"]
+
+    cfg = load_config(RECIPE, WHOLE_MODEL_LAYOUT)
+    tasks = SyntheticTasks.from_config(cfg)
+    first, second = cfg.data.synthetic_tasks
+    parallel.initialize(cfg)
+    model = build_for_inference(cfg, get_family("lavin_dit").primary(cfg), torch.device("cpu"))
+    load_model_weights(run_dir, model, cfg)
+    model = family_module(model)
+    rng = np.random.default_rng(0)
+    correct, samples = 0, 0
+    for i, query in enumerate(tasks.valid_queries[:16]):
+        examples = [
+            tasks.train_items[j] for j in rng.choice(len(tasks.train_items), cfg.data.task_pairs, replace=False)
+        ]
+        for task, other in ((first, second), (second, first)):
+            sample = tasks.sample(query, task, examples)
+            f = cfg.objective
+            out = sample_latents(
+                model,
+                cfg,
+                torch.from_numpy(sample["context"]),
+                query_frames=1,
+                target_frames=1,
+                num=1,
+                seed=i,
+                steps=f.sample_steps,
+                shift=f.sample_shift,
+                guidance_scale=f.guidance_scale,
+                device=torch.device("cpu"),
+            )[0].numpy()
+            right = np.mean((out - sample["target"]) ** 2)
+            wrong = np.mean((out - apply_latent_task(other, tasks.items[query])) ** 2)
+            correct += int(right < wrong)
+            samples += 1
+    parallel.destroy()
+    assert correct >= 0.8 * samples, f"{correct}/{samples} closer to the task their examples show"
+
+    # The same through the command line, from a context file: the sampler reads it and the CFG
+    # settings as recipes give them.
+    context = tmp_path / "context.npz"
+    np.savez(context, context=tasks.sample(tasks.valid_queries[0], first, examples)["context"], item_frames=1)
+    out = tmp_path / "prediction.npy"
+    assert (
+        fmtrain_main(["sample", str(RECIPE), "--ckpt", str(run_dir), "--prompt-emb", str(context), "--out", str(out)])
+        == 0
+    )
+    assert np.load(out).shape == (1, cfg.model.in_channels, 1, cfg.data.task_latent_size, cfg.data.task_latent_size)

@@ -47,9 +47,9 @@ from fmtrain.config import microbatches_per_rank, parse_latent_shape
 from fmtrain.data.shards import (
     BadDataError,
     IndexedShardWriter,
+    keyed_samples,
     npy_bytes,
     progress_bar,
-    safe_key,
 )
 from fmtrain.data.stream import BadSample, SampleContext, _int_seed, stream_loaders
 
@@ -563,13 +563,8 @@ def write_latent_shards(
         out_dir, kind="latent", shard_size=shard_size, max_count=max_count, meta=dict(meta or {})
     )
     shapes: dict[str, int] = {}
-    keys: set[str] = set()
     bar = progress_bar(f"sharding latents into {out_dir}", unit="samples", enabled=progress)
-    for i, sample in enumerate(samples):
-        key = safe_key(str(sample.get("key") or f"latent-{i:09d}"))
-        if key in keys:
-            key = f"{key}_{i}"
-        keys.add(key)
+    for key, sample in keyed_samples(samples, "latent"):
         writer.write(latent_shard_sample(sample, key))
         name = shape_name(np.shape(sample["latent"])[1:])
         shapes[name] = shapes.get(name, 0) + 1

@@ -32,7 +32,7 @@ import os
 import re
 import sys
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -338,6 +338,19 @@ def safe_key(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "sample"
 
 
+def keyed_samples(samples: Iterable[dict], prefix: str) -> Iterator[tuple[str, dict]]:
+    """(key, sample) for a writer: each sample's ``key`` made safe (:func:`safe_key`), or
+    ``PREFIX-NNNNNNNNN`` by position when it has none; a key seen before gets ``_POSITION``
+    appended, so no two samples of a shard set share one."""
+    seen: set[str] = set()
+    for i, sample in enumerate(samples):
+        key = safe_key(str(sample.get("key") or f"{prefix}-{i:09d}"))
+        if key in seen:
+            key = f"{key}_{i}"
+        seen.add(key)
+        yield key, sample
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``path`` so that a reader sees the old file or the whole new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
@@ -466,6 +479,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 __all__ = [
     "BadDataError",
     "Shard",
+    "keyed_samples",
     "progress_bar",
     "write_atomic",
     "npy_bytes",

@@ -74,6 +74,7 @@ from fmtrain.data.shards import (
     expand_shard_spec,
     is_local,
     iter_samples,
+    keyed_samples,
     local_path,
     npy_bytes,
     progress_bar,
@@ -870,13 +871,8 @@ def write_latent_task_shards(
     )
     tasks: dict[str, int] = {}
     shapes: dict[str, int] = {}
-    keys: set[str] = set()
     bar = progress_bar(f"sharding latent tasks into {out_dir}", unit="samples", enabled=progress)
-    for i, sample in enumerate(samples):
-        key = safe_key(str(sample.get("key") or f"task-{i:09d}"))
-        if key in keys:
-            key = f"{key}_{i}"
-        keys.add(key)
+    for key, sample in keyed_samples(samples, "task"):
         writer.write(
             latent_task_sample(
                 key,
@@ -1068,8 +1064,9 @@ def latents_from_pixel_tasks(batch: dict, encode_sample: Callable) -> dict:
 def apply_latent_task(task: str, x: np.ndarray) -> np.ndarray:
     """One of :data:`fmtrain.config.SYNTHETIC_LATENT_TASKS` on a latent [C, T, h, w]: flip_h
     (mirror w), flip_v (mirror h), negate, transpose (swap h and w; needs h = w), channel_roll
-    (channel c takes channel c - 1's values). negate and channel_roll act on each position alone,
-    the other three move values across positions."""
+    (channel c takes channel c - 1's values), raise / lower (every value + / - 1, a latent
+    "brighten" and "darken"). negate, channel_roll, raise and lower act on each position alone,
+    the flips and transpose move values across positions."""
     if task == "flip_h":
         return np.ascontiguousarray(x[..., ::-1])
     if task == "flip_v":
@@ -1082,6 +1079,8 @@ def apply_latent_task(task: str, x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(np.swapaxes(x, -1, -2))
     if task == "channel_roll":
         return np.ascontiguousarray(np.roll(x, 1, axis=0))
+    if task in ("raise", "lower"):
+        return x + (1.0 if task == "raise" else -1.0)
     raise ValueError(f"unknown latent task {task!r} (known: {', '.join(SYNTHETIC_LATENT_TASKS)})")
 
 

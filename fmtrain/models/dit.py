@@ -126,6 +126,37 @@ def flow_loss(weights: torch.Tensor, l1_weight: float, output: torch.Tensor):
     return loss_sum, count.to(torch.int), reports
 
 
+def flow_forward_step(make_inputs: Callable):
+    """A family's ``forward_step`` builder (:class:`fmtrain.models.registry.MakeForwardStep`) for
+    training a flow-matching DiT, in megatron's ``(output, loss_fn)`` contract.
+    ``make_inputs(cfg, batch, device, training=, first=, need_target=)`` gives the model's inputs
+    and per-sample loss weights; the last stage returns per-sample error sums, or the velocity
+    prediction for a ``predict_only`` microbatch."""
+    import functools
+
+    from megatron.core.utils import get_attr_wrapped_model
+
+    def make(cfg, parts=None, progress=None):
+        def forward_step(data_iterator, model: torch.nn.Module):
+            batch = next(data_iterator)
+            device = next(model.parameters()).device
+            first = get_attr_wrapped_model(model, "pre_process")
+            last = get_attr_wrapped_model(model, "post_process")
+            inputs, weights = make_inputs(
+                cfg,
+                batch,
+                device,
+                training=model.training,
+                first=first,
+                need_target=last and not batch.get("predict_only", False),
+            )
+            return model(inputs=inputs), functools.partial(flow_loss, weights, cfg.objective.l1_weight)
+
+        return forward_step
+
+    return make
+
+
 # ----------------------------------------------------------------------------- pipeline packing
 
 
@@ -166,6 +197,7 @@ __all__ = [
     "SALT_NOISE",
     "SALT_TIME",
     "flow_draw",
+    "flow_forward_step",
     "flow_loss",
     "latent_grid",
     "local_video_tokens",

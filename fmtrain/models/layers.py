@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 
 class RMSNorm(torch.nn.Module):
@@ -98,3 +102,47 @@ def sharded_state_dict_with_global_blocks(
         replace_prefix_for_sharding(block_state, local_prefix, f"{prefix}{blocks}.{layer_offset + local}.")
         state.update(block_state)
     return state
+
+
+class StageChunk(MegatronModule):
+    """A family's own module for one (virtual) pipeline stage, with what megatron's schedules,
+    DDP and checkpoints ask of it: the ``pre_process`` / ``post_process`` flags, the tensor the
+    schedule hands in from the previous stage (``input_tensor``), no tied embeddings, and, when
+    ``BLOCKS`` names the attribute holding this stage's blocks, checkpoint keys with each block
+    under its global index (``layer_offset`` + local index, ``num_stage_layers`` of them here)."""
+
+    BLOCKS: str | None = "blocks"
+
+    def __init__(self, config: TransformerConfig, *, pre_process: bool, post_process: bool, vp_stage: int | None):
+        super().__init__(config=config)
+        self.pre_process, self.post_process = pre_process, post_process
+        # megatron's gradient finalisation asks every pipeline chunk about tied embeddings.
+        self.share_embeddings_and_output_weights = False
+        self.input_tensor: torch.Tensor | None = None
+        self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+        self.num_stage_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.input_tensor = input_tensor
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        return sharded_state_dict_with_global_blocks(
+            self, prefix, sharded_offsets, metadata, blocks=self.BLOCKS, layer_offset=self.layer_offset
+        )
+
+
+def run_blocks(blocks, streams, *conditioning, recompute: bool):
+    """``streams`` (a tensor, or a tuple of them for a two-stream DiT) through each block, which
+    maps ``(*streams, *conditioning)`` to the new streams; with ``recompute`` every block's
+    activations are recomputed in backward (megatron's ``tensor_parallel.checkpoint``)."""
+    single = torch.is_tensor(streams)
+    state = (streams,) if single else tuple(streams)
+    for block in blocks:
+        if recompute:
+            out = tensor_parallel.checkpoint(block, False, *state, *conditioning)
+        else:
+            out = block(*state, *conditioning)
+        state = (out,) if single else tuple(out)
+    return state[0] if single else state

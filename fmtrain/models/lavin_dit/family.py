@@ -16,11 +16,9 @@ release: 0.1), summed per sample and divided by the global element count.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from megatron.core.utils import get_attr_wrapped_model
 
 from fmtrain.config import Config
 from fmtrain.models import dit
@@ -65,27 +63,6 @@ def make_inputs(
         pipeline_rows=batch.get("pipeline_rows"),
     )
     return inputs, draw.weights
-
-
-def make_forward_step(cfg: Config, parts=None, progress=None):
-    def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-        batch = next(data_iterator)
-        device = next(model.parameters()).device
-        first = get_attr_wrapped_model(model, "pre_process")
-        last = get_attr_wrapped_model(model, "post_process")
-        # "predict_only" microbatches return the velocity prediction instead of error sums.
-        inputs, weights = make_inputs(
-            cfg,
-            batch,
-            device,
-            training=model.training,
-            first=first,
-            need_target=last and not batch.get("predict_only", False),
-        )
-        output = model(inputs=inputs)
-        return output, functools.partial(dit.flow_loss, weights, cfg.objective.l1_weight)
-
-    return forward_step
 
 
 def stage_rows(cfg: Config, batch: dict) -> int:
@@ -232,7 +209,7 @@ def parts(cfg: Config) -> list[PartSpec]:
             build=build_chunk,
             init_rule=init_rule,
             megatron_config=transformer_config,
-            forward_step=make_forward_step,
+            forward_step=dit.flow_forward_step(make_inputs),
         )
     ]
 

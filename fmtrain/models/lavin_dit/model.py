@@ -49,17 +49,21 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from fmtrain.config import Config
 from fmtrain.models.adaln import timestep_sinusoid
-from fmtrain.models.dit import local_video_tokens, pack_stage_output, patchify, unpack_stage_input, unpatchify
+from fmtrain.models.dit import (
+    local_video_tokens,
+    pack_stage_output,
+    patchify,
+    unpack_stage_input,
+    unpatchify,
+)
 from fmtrain.models.init import InitRule
 from fmtrain.models.lavin_dit.sizes import TIMESTEP_FEATURES
-from fmtrain.models.layers import sharded_state_dict_with_global_blocks
+from fmtrain.models.layers import StageChunk, run_blocks
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.rope import apply_rope_3d, rope_3d_cos_sin
 from fmtrain.objectives import flow_matching as fm
@@ -321,18 +325,15 @@ def _patch_embedder(in_features: int, hidden: int, eps: float, dtype) -> torch.n
     )
 
 
-class LaVinDiT(MegatronModule):
+class LaVinDiT(StageChunk):
     """One pipeline chunk of the J-DiT: embedders on the first stage, the final layer on the last."""
 
     def __init__(
         self, cfg: Config, config: TransformerConfig, *, pre_process: bool, post_process: bool, vp_stage: int | None
     ):
-        super().__init__(config=config)
+        super().__init__(config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         m = cfg.model
         h, dtype = config.hidden_size, config.params_dtype
-        self.pre_process, self.post_process = pre_process, post_process
-        # megatron's gradient finalisation asks every pipeline chunk about tied embeddings.
-        self.share_embeddings_and_output_weights = False
         self.patch_size, self.in_channels = m.patch_size, m.in_channels
         self.axes = m.axes
         self.rope_theta = m.rotary_base
@@ -340,7 +341,6 @@ class LaVinDiT(MegatronModule):
         self.recompute = m.recompute == "full"
         self.sequence_parallel = config.sequence_parallel
         self.tp = config.tensor_model_parallel_size
-        self.input_tensor: torch.Tensor | None = None
         patch_features = m.in_channels * m.patch_size**2
         if pre_process:
             self.cond_embedder = _patch_embedder(patch_features, h, m.embed_norm_epsilon, dtype)
@@ -348,28 +348,14 @@ class LaVinDiT(MegatronModule):
             self.prompt_embed = torch.nn.Parameter(torch.zeros(1, h, dtype=dtype))
             self.answer_embed = torch.nn.Parameter(torch.zeros(1, h, dtype=dtype))
             self.t_embedder = TimestepMLP(h, dtype)
-        self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
-        count = get_num_layers_to_build(config, vp_stage=vp_stage)
         self.blocks = torch.nn.ModuleList(
             [
                 JointBlock(config, self.axes, self.eps, last=self.layer_offset + i == m.num_layers - 1)
-                for i in range(count)
+                for i in range(self.num_stage_layers)
             ]
         )
         if post_process:
             self.final_layer = FinalLayer(h, patch_features, self.eps, dtype)
-
-    def set_input_tensor(self, input_tensor) -> None:
-        if isinstance(input_tensor, (list, tuple)):
-            input_tensor = input_tensor[0]
-        self.input_tensor = input_tensor
-
-    # -- checkpoint keys: blocks under their global index, whatever the pipeline layout
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        return sharded_state_dict_with_global_blocks(
-            self, prefix, sharded_offsets, metadata, blocks="blocks", layer_offset=self.layer_offset
-        )
 
     # -- forward
 
@@ -399,11 +385,7 @@ class LaVinDiT(MegatronModule):
         tc, h, w = inputs.cond_grid
         joint_grid = (tc + inputs.target_grid[0], h, w)
         cos, sin = rope_3d_cos_sin(joint_grid, self.axes, self.rope_theta, x.device)
-        for block in self.blocks:
-            if self.recompute and self.training:
-                cond, x = tensor_parallel.checkpoint(block, False, cond, x, t_cond, t_x, cos, sin)
-            else:
-                cond, x = block(cond, x, t_cond, t_x, cos, sin)
+        cond, x = run_blocks(self.blocks, (cond, x), t_cond, t_x, cos, sin, recompute=self.recompute and self.training)
         if not self.post_process:
             return pack_stage_output([cond, x, t_cond, t_x], inputs.pipeline_rows)
         return self._final(x, t_x, inputs)

@@ -36,12 +36,13 @@ from fmtrain.objectives import flow_matching as fm
 
 
 def make_inputs(
-    cfg: Config, batch: dict, device, *, training: bool, need_x_t: bool, need_target: bool
+    cfg: Config, batch: dict, device, *, training: bool, first: bool, need_target: bool
 ) -> tuple[DiTInputs, torch.Tensor]:
-    """The flow-matching draw of one microbatch: (inputs, per-sample loss weights)."""
+    """The flow-matching draw of one microbatch (the noised latents for the ``first`` stage, the
+    velocity target when ``need_target``): (inputs, per-sample loss weights)."""
     latent = batch["latent"].to(device, non_blocking=True)
     draw = dit.flow_draw(
-        cfg.objective, latent, batch["sample_seed"], training=training, need_x_t=need_x_t, need_target=need_target
+        cfg.objective, latent, batch["sample_seed"], training=training, need_x_t=first, need_target=need_target
     )
     clip = batch.get("clip_emb")
     inputs = DiTInputs(
@@ -59,25 +60,8 @@ def make_inputs(
     return inputs, draw.weights
 
 
-def make_forward_step(cfg: Config, parts=None, progress=None):
-    def forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
-        batch = next(data_iterator)
-        device = next(model.parameters()).device
-        first = get_attr_wrapped_model(model, "pre_process")
-        last = get_attr_wrapped_model(model, "post_process")
-        # "predict_only" microbatches return the velocity prediction instead of error sums.
-        inputs, weights = make_inputs(
-            cfg,
-            batch,
-            device,
-            training=model.training,
-            need_x_t=first,
-            need_target=last and not batch.get("predict_only", False),
-        )
-        output = model(inputs=inputs)
-        return output, functools.partial(dit.flow_loss, weights, cfg.objective.l1_weight)
-
-    return forward_step
+make_forward_step = dit.flow_forward_step(make_inputs)
+"""The DiT's flow-matching training forward step (``PartSpec.forward_step``)."""
 
 
 def stage_rows(cfg: Config, batch: dict) -> int:
@@ -271,7 +255,7 @@ def make_video_dpo_forward_step(cfg: Config, parts=None, progress=None):
         device = next(model.parameters()).device
         first = get_attr_wrapped_model(model, "pre_process")
         last = get_attr_wrapped_model(model, "post_process")
-        inputs, _ = make_inputs(cfg, batch, device, training=False, need_x_t=first, need_target=last)
+        inputs, _ = make_inputs(cfg, batch, device, training=False, first=first, need_target=last)
         output = model(inputs=inputs)
         reference = batch.get("reference_errors")
         if reference is None:  # other stages never call the loss function

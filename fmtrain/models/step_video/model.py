@@ -49,16 +49,20 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from fmtrain.config import Config
 from fmtrain.models.adaln import AdaLNSingle, modulate
 from fmtrain.models.attention import UlyssesAttention
-from fmtrain.models.dit import local_video_tokens, pack_stage_output, patchify, unpack_stage_input, unpatchify
+from fmtrain.models.dit import (
+    local_video_tokens,
+    pack_stage_output,
+    patchify,
+    unpack_stage_input,
+    unpatchify,
+)
 from fmtrain.models.init import InitRule
-from fmtrain.models.layers import HeadRMSNorm, sharded_state_dict_with_global_blocks
+from fmtrain.models.layers import HeadRMSNorm, StageChunk, run_blocks
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.rope import apply_rope_3d, rope_3d_cos_sin
 from fmtrain.objectives import flow_matching as fm
@@ -316,18 +320,17 @@ class _CaptionProjection(torch.nn.Module):
         return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
 
 
-class StepVideoDiT(MegatronModule):
+class StepVideoDiT(StageChunk):
     """One pipeline chunk of the DiT: embedders on the first stage, the final layer on the last."""
+
+    BLOCKS = "transformer_blocks"
 
     def __init__(
         self, cfg: Config, config: TransformerConfig, *, pre_process: bool, post_process: bool, vp_stage: int | None
     ):
-        super().__init__(config=config)
+        super().__init__(config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         m = cfg.model
         h, dtype = config.hidden_size, config.params_dtype
-        self.pre_process, self.post_process = pre_process, post_process
-        # megatron's gradient finalisation asks every pipeline chunk about tied embeddings.
-        self.share_embeddings_and_output_weights = False
         self.patch_size, self.in_channels = m.patch_size, m.in_channels
         self.axes = tuple(m.rope_axes)
         self.rope_theta = m.rotary_base
@@ -335,7 +338,6 @@ class StepVideoDiT(MegatronModule):
         self.sequence_parallel = config.sequence_parallel
         self.tp = config.tensor_model_parallel_size
         self.cp = context_parallel.size()
-        self.input_tensor: torch.Tensor | None = None
         if pre_process:
             self.pos_embed = _PatchEmbed(m.in_channels * m.patch_size**2, h, dtype)
             self.adaln_single = AdaLNSingle(h, dtype=dtype)
@@ -344,26 +346,13 @@ class StepVideoDiT(MegatronModule):
             )
             self.caption_projection = _CaptionProjection(m.caption_dim, h, dtype)
             self.clip_projection = torch.nn.Linear(m.clip_dim, h, dtype=dtype) if m.clip_dim else None
-        self.layer_offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
         self.transformer_blocks = torch.nn.ModuleList(
-            [StepVideoBlock(config, self.axes) for _ in range(get_num_layers_to_build(config, vp_stage=vp_stage))]
+            [StepVideoBlock(config, self.axes) for _ in range(self.num_stage_layers)]
         )
         if post_process:
             self.norm_out = torch.nn.LayerNorm(h, eps=OUTER_NORM_EPS, elementwise_affine=False, dtype=dtype)
             self.scale_shift_table = torch.nn.Parameter(torch.zeros(2, h, dtype=dtype))
             self.proj_out = torch.nn.Linear(h, m.patch_size**2 * m.in_channels, dtype=dtype)
-
-    def set_input_tensor(self, input_tensor) -> None:
-        if isinstance(input_tensor, (list, tuple)):
-            input_tensor = input_tensor[0]
-        self.input_tensor = input_tensor
-
-    # -- checkpoint keys: blocks under their global index, whatever the pipeline layout
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        return sharded_state_dict_with_global_blocks(
-            self, prefix, sharded_offsets, metadata, blocks="transformer_blocks", layer_offset=self.layer_offset
-        )
 
     # -- forward
 
@@ -426,11 +415,16 @@ class StepVideoDiT(MegatronModule):
         cos, sin = (
             context_parallel.split(t, dim=0) for t in rope_3d_cos_sin(inputs.grid, self.axes, self.rope_theta, x.device)
         )
-        for block in self.transformer_blocks:
-            if self.recompute and self.training:
-                x = tensor_parallel.checkpoint(block, False, x, context, key_mask, block_modulation, cos, sin)
-            else:
-                x = block(x, context, key_mask, block_modulation, cos, sin)
+        x = run_blocks(
+            self.transformer_blocks,
+            x,
+            context,
+            key_mask,
+            block_modulation,
+            cos,
+            sin,
+            recompute=self.recompute and self.training,
+        )
         if not self.post_process:
             return pack_stage_output([x, context, modulation, embedded], inputs.pipeline_rows)
         return self._final(x, embedded, inputs)

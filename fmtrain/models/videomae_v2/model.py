@@ -42,7 +42,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from fmtrain.config import Config
 from fmtrain.models.init import InitRule
-from fmtrain.models.layers import sharded_state_dict_with_global_blocks
+from fmtrain.models.layers import StageChunk, run_blocks, sharded_state_dict_with_global_blocks
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.videomae_v2.config import token_grid
 from fmtrain.objectives import mae
@@ -177,12 +177,6 @@ class Block(MegatronModule):
         return x + self.mlp(self.norm2(x))
 
 
-def _run_blocks(blocks, x: torch.Tensor, recompute: bool) -> torch.Tensor:
-    for block in blocks:
-        x = tensor_parallel.checkpoint(block, False, x) if recompute else block(x)
-    return x
-
-
 def _gather_tokens(x: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
     # Every TP rank continues with the whole sequence, computing the same replicated values, so
     # the gather's backward is a split (not a reduce-scatter of identical gradients).
@@ -258,18 +252,16 @@ def decoder_config(cfg: Config, config: TransformerConfig) -> TransformerConfig:
     )
 
 
-class VideoMAE(MegatronModule):
+class VideoMAE(StageChunk):
     """One pipeline chunk: the encoder's share of blocks, and on the last stage the decoder."""
 
+    BLOCKS = None  # the encoder keys its own blocks globally
+
     def __init__(self, cfg: Config, config: TransformerConfig, *, pre_process: bool, post_process: bool, vp_stage):
-        super().__init__(config=config)
+        super().__init__(config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
         m = cfg.model
-        self.pre_process, self.post_process = pre_process, post_process
-        # megatron's gradient finalisation asks every pipeline chunk about tied embeddings.
-        self.share_embeddings_and_output_weights = False
         self.sequence_parallel = config.sequence_parallel
         self.recompute = m.recompute == "full"
-        self.input_tensor: torch.Tensor | None = None
         t, h, w = token_grid(cfg)
         tokens = t * h * w
         self.encoder = Encoder(cfg, config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
@@ -282,14 +274,6 @@ class VideoMAE(MegatronModule):
             self.decoder = Decoder(cfg, decoder_config(cfg, config))
             self.register_buffer("decoder_pos", sinusoid_table(tokens, m.decoder_hidden_size), persistent=False)
 
-    def set_input_tensor(self, input_tensor) -> None:
-        if isinstance(input_tensor, (list, tuple)):
-            input_tensor = input_tensor[0]
-        self.input_tensor = input_tensor
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        return sharded_state_dict_with_global_blocks(self, prefix, sharded_offsets, metadata)
-
     def forward(self, inputs: MAEInputs) -> torch.Tensor:
         if self.pre_process:
             x = self._embed_visible(inputs)  # [N_visible, b, h]
@@ -297,7 +281,7 @@ class VideoMAE(MegatronModule):
                 x = tensor_parallel.scatter_to_sequence_parallel_region(x)
         else:
             x = self.input_tensor
-        x = _run_blocks(self.encoder.blocks, x, self.recompute and self.training)
+        x = run_blocks(self.encoder.blocks, x, recompute=self.recompute and self.training)
         if not self.post_process:
             return x
         return self._decode(_gather_tokens(x, self.sequence_parallel), inputs)
@@ -322,7 +306,7 @@ class VideoMAE(MegatronModule):
         full = full.transpose(0, 1).contiguous()  # [N_visible + N_decoder, b, h_dec]
         if self.sequence_parallel:
             full = tensor_parallel.scatter_to_sequence_parallel_region(full)
-        full = _run_blocks(self.decoder.blocks, full, self.recompute and self.training)
+        full = run_blocks(self.decoder.blocks, full, recompute=self.recompute and self.training)
         full = _gather_tokens(full, self.sequence_parallel)
         prediction = self.decoder.head(self.decoder.norm(full[-n_out:])).transpose(0, 1)  # [b, N_decoder, D]
         if inputs.target is None:
