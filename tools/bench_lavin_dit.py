@@ -14,7 +14,7 @@ samples' seeds) and loss (MSE + 0.1 L1 on the target stream), torch's AdamW (fus
 fmtrain's hyperparameters and gradient clipping; the first-step losses must agree (checked).
 Steps alternate ABBA after warm-up; the median step time gives samples/s per side and the ratio.
 
-    .venv/bin/python tools/bench_lavin_dit.py --layers 4 --hidden 384 --heads 6 --kv-heads 2 \\
+    .venv/bin/python tools/bench_lavin_dit.py --layers 4 --hidden 384 --heads 8 --kv-heads 2 \\
         --pairs 2 --latent 16 --batch 4 --steps 6
 """
 
@@ -206,6 +206,7 @@ def bench_config(args):
         f"train.micro_batch_size={args.batch}",
         "train.precision=fp32",
         "train.lr=1e-4",
+        "train.min_lr=1e-5",
         "train.grad_clip=1.0",
         "train.weight_decay=0.0",
         "objective.l1_weight=0.1",
@@ -321,7 +322,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=384)
-    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--ffn", type=int, default=0, help="SwiGLU width (default: the release's 2/3 x 4h)")
     parser.add_argument("--pairs", type=int, default=2, help="in-context example pairs per sample")
