@@ -30,7 +30,13 @@ import torch
 from fmtrain.config import Config, ConfigError
 from fmtrain.models.lavin_dit.config import SIZES
 from fmtrain.models.lavin_dit.sizes import tensor_shapes
-from fmtrain.models.release import HFCheckpointError, check_architecture, check_tensor_names, overrides_as_args
+from fmtrain.models.release import (
+    HFCheckpointError,
+    SameNameTensors,
+    check_architecture,
+    check_tensor_names,
+    overrides_as_args,
+)
 
 FORMAT = "LaVin-DiT release (lavin_dit.safetensors)"
 WEIGHTS_SUBDIR = ""
@@ -169,27 +175,11 @@ def check_hf_names(ckpt, shapes: dict[str, tuple[int, ...]]) -> None:
     check_tensor_names(ckpt, shapes)
 
 
-def piece_reader(ckpt, shapes) -> Callable[[str, tuple[int, ...], tuple[int, ...], tuple[int, ...]], torch.Tensor]:
-    def piece(key: str, index: tuple[int, ...], offset: tuple[int, ...], shape: tuple[int, ...]) -> torch.Tensor:
-        if index or key not in shapes:
-            raise HFCheckpointError(f"fmtrain tensor {key} has no LaVin-DiT release counterpart")
-        return ckpt.read_slice(key, tuple(slice(o, o + n) for o, n in zip(offset, shape)))
-
-    return piece
-
-
-def export_order(shapes: dict[str, tuple[int, ...]], present: Callable[[str], bool]) -> list[tuple[str, tuple]]:
-    return [(name, ()) for name in shapes]
-
-
-def hf_shapes(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    return dict(shapes)
-
-
-def hf_tensors_from_megatron(key: str, index: tuple[int, ...], t: torch.Tensor, shapes) -> dict[str, torch.Tensor]:
-    if index or key not in shapes:
-        raise ValueError(f"no LaVin-DiT release mapping for fmtrain tensor {key!r} {index or ''}".rstrip())
-    return {key: t}
+_MAPPING = SameNameTensors("LaVin-DiT release")
+piece_reader = _MAPPING.piece_reader
+export_order = _MAPPING.export_order
+hf_shapes = _MAPPING.hf_shapes
+hf_tensors_from_megatron = _MAPPING.hf_tensors_from_megatron
 
 
 def write_export_extras(ckpt_dir: Path, out_dir: Path, cfg: Config, log: Callable[[str], None]) -> str:
