@@ -24,7 +24,7 @@ from fmtrain.config import Config
 from fmtrain.models import dit
 from fmtrain.models.lavin_dit import convert
 from fmtrain.models.lavin_dit.model import CONDITIONING_ROWS, JointInputs, build_chunk, init_rule, transformer_config
-from fmtrain.models.lavin_dit.sizes import param_count, training_flops, workload
+from fmtrain.models.lavin_dit.sizes import param_count, target_tokens, training_flops, workload
 from fmtrain.models.registry import ModelFamily, PartSpec, RunData
 from fmtrain.objectives import flow_matching as fm
 
@@ -194,12 +194,6 @@ def prepare_data(cfg: Config, topo, run_dir) -> RunData:
         )
     train, valid = prepare_task_data(cfg, topo, run_dir)
     return RunData(train=train, valid=valid, pixels_to_latents=latents_from_pixel_tasks)
-
-
-def target_tokens(cfg: Config) -> int:
-    """The target stream's share of ``model.seq_length`` (both streams): 1 of the 2K + 2 items of
-    a sample with K example pairs."""
-    return cfg.model.seq_length // (2 * cfg.data.task_pairs + 2)
 
 
 def parts(cfg: Config) -> list[PartSpec]:
