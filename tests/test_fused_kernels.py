@@ -1,4 +1,5 @@
-"""Which fused kernels a run gets, and that megatron's fused cross entropy computes the loss.
+"""Which fused kernels a run gets, that megatron's fused cross entropy computes the loss, and
+the fused weight-gradient accumulation and CPU multi-tensor kernels give unfused values.
 
 The end-to-end check (compiled SwiGLU at TP=2 + SP gives the reference run's losses and
 gradient norms; foreach and fused AdamW agree) is in tests/test_layout_equivalence.py.
@@ -116,3 +117,65 @@ def test_fused_cross_entropy_bf16_tensor_parallel(tmp_path):
     assert r["fused_grad"].dtype == torch.bfloat16
     torch.testing.assert_close(r["fused_grad"].float(), logits.grad, rtol=2**-7, atol=1e-6)
     torch.testing.assert_close(r["fused_grad"], r["plain_grad"], rtol=2**-7, atol=1e-6)
+
+
+def test_linear_accumulates_its_weight_gradient_into_main_grad():
+    """fmtrain.models.linear.linear under megatron DDP's conventions (``main_grad`` buffer view,
+    ``grad_added_to_main_grad``): two uses accumulate the weight gradient of F.linear into the
+    buffer and mark it so DDP's hook adds nothing; input and bias gradients are F.linear's."""
+    from fmtrain.models.linear import linear
+
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(6, 5))
+    bias = torch.nn.Parameter(torch.randn(6))
+    xs = [torch.randn(3, 4, 5, requires_grad=True) for _ in range(2)]
+    ref_w, ref_b = weight.detach().clone().requires_grad_(True), bias.detach().clone().requires_grad_(True)
+    ref_xs = [x.detach().clone().requires_grad_(True) for x in xs]
+    sum(F.linear(x, ref_w, ref_b).pow(2).sum() for x in ref_xs).backward()
+
+    buffer = torch.zeros(40)
+    weight.main_grad = buffer[:30].view(6, 5)
+    weight.grad_added_to_main_grad = False
+    sum(linear(x, weight, bias).pow(2).sum() for x in xs).backward()
+    assert weight.grad_added_to_main_grad
+    torch.testing.assert_close(weight.main_grad, ref_w.grad)
+    torch.testing.assert_close(bias.grad, ref_b.grad)
+    for x, ref in zip(xs, ref_xs):
+        torch.testing.assert_close(x.grad, ref.grad)
+    assert (buffer[30:] == 0).all()
+
+    # Without a main_grad (no DDP) or without autograd it is F.linear itself.
+    plain = torch.nn.Parameter(torch.randn(6, 5))
+    ref_plain = plain.detach().clone().requires_grad_(True)
+    x = xs[0].detach()
+    linear(x, plain).pow(2).sum().backward()
+    F.linear(x, ref_plain).pow(2).sum().backward()
+    torch.testing.assert_close(plain.grad, ref_plain.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(xs[0], weight, bias), F.linear(xs[0], weight, bias))
+
+
+def test_cpu_norm_and_scale_fallbacks_equal_megatrons():
+    """The CPU backend's foreach replacements for megatron's multi-tensor L2 norm and scale give
+    the values of megatron's own fallbacks (megatron.core.utils.local_multi_tensor_*)."""
+    from megatron.core import utils as mcore_utils
+
+    from fmtrain.parallel import cpu_backend
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(17, 3), torch.randn(1000), torch.randn(4)]
+    ours, _ = cpu_backend._foreach_l2_norm(0, None, [tensors], False)
+    flag = torch.zeros(1, dtype=torch.int)
+    theirs = torch.norm(torch.tensor([torch.norm(t) for t in tensors]))
+    assert ours.shape == (1,) and ours.dtype == torch.float32
+    torch.testing.assert_close(ours[0], theirs, rtol=0, atol=0)
+    in_place = [t.clone() for t in tensors]
+    reference = [t.clone() for t in tensors]
+    cpu_backend._foreach_scale(0, flag, [in_place, in_place], 0.37)
+    mcore_utils.local_multi_tensor_scale(0, flag, [reference, reference], 0.37)
+    for a, b in zip(in_place, reference):
+        assert torch.equal(a, b)
+    copies = [torch.empty_like(t) for t in tensors]
+    cpu_backend._foreach_scale(0, flag, [tensors, copies], 2.0)
+    for a, b in zip(copies, tensors):
+        assert torch.equal(a, 2.0 * b)

@@ -175,6 +175,55 @@ def test_running_cell_masks_follow_the_papers_pattern():
     assert torch.equal(decoder_mask(9, (4, 4, 4), 0.0, enc), ~enc)
 
 
+def _token_subsets(b: int, tokens: int, keep: int, seed: int) -> torch.Tensor:
+    """[b, keep] sorted token indices, a different subset per clip (as the masks give)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(tokens, generator=g)[:keep].sort().values for _ in range(b)])
+
+
+def test_visible_patch_embedding_equals_the_conv_on_every_token():
+    """The encoder embeds only its visible tubelets (one GEMM on the gathered tubelets); that is
+    the release's Conv3d over the whole clip followed by the visible tokens' selection, on a
+    grid with a different size along each axis."""
+    from fmtrain.models.videomae_v2.model import _PatchEmbed
+
+    torch.manual_seed(0)
+    embed = _PatchEmbed(3, 24, tubelet=2, patch=4, dtype=torch.float32)
+    video = torch.randn(3, 3, 6, 8, 20)  # grid (3, 2, 5): 30 tokens per clip
+    visible = _token_subsets(3, 30, 7, seed=1)  # [b, n]
+    every = embed(video)  # [b, 30, 24] through the Conv3d
+    expected = every[torch.arange(3)[:, None], visible].transpose(0, 1)  # [n, b, 24]
+    got = embed(video, visible.t().contiguous())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    (grad_conv,) = torch.autograd.grad((expected * expected).sum(), embed.proj.weight)
+    (grad_gemm,) = torch.autograd.grad((got * got).sum(), embed.proj.weight)
+    torch.testing.assert_close(grad_gemm, grad_conv, rtol=1e-5, atol=1e-5)
+    embed.proj.weight.ds_id = 0  # under ZeRO-3 the Conv3d runs (it gathers its own kernel)
+    torch.testing.assert_close(embed(video, visible.t()), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_reconstruction_target_of_some_tokens_is_the_release_formula(norm):
+    """engine_for_pretraining.py's target, written out (un-normalise, ``(t p0)(h p1)(w p2)`` tubelets
+    with features (p0, p1, p2, c), per-token normalisation over each channel), for every token
+    and for a subset of tokens per clip (what the decoder reconstructs)."""
+    from fmtrain.objectives.mae import reconstruction_target
+
+    torch.manual_seed(0)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    video = torch.randn(2, 3, 4, 8, 12)  # tubelet 2, patch 4: grid (2, 2, 3)
+    frames = video * std.view(1, 3, 1, 1, 1) + mean.view(1, 3, 1, 1, 1)
+    x = frames.reshape(2, 3, 2, 2, 2, 4, 3, 4).permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(2, 12, 32, 3)
+    if norm:
+        x = (x - x.mean(dim=-2, keepdim=True)) / (x.var(dim=-2, unbiased=True, keepdim=True).sqrt() + 1e-6)
+    expected = x.flatten(2)
+    torch.testing.assert_close(reconstruction_target(video, mean, std, 2, 4, norm), expected)
+    some = _token_subsets(2, 12, 5, seed=2)
+    torch.testing.assert_close(
+        reconstruction_target(video, mean, std, 2, 4, norm, some), expected[torch.arange(2)[:, None], some]
+    )
+
+
 def test_multiscale_crop_sizes_and_flip():
     import numpy as np
 

@@ -15,7 +15,13 @@ and what VideoMAE V2's decoder masking saves over V1.
     model and clips, ABBA; the paper reports the decoder's cost about halved.
 
     .venv/bin/python tools/bench_videomae.py compare --preset S --frames 16 --size 128 --batch 4
+    .venv/bin/python tools/bench_videomae.py compare --steps 4 --profile prof.txt --profile-steps 2
     .venv/bin/python tools/bench_videomae.py masking --preset S --frames 16 --size 128 --batch 4
+
+``compare`` also reports each side's median process CPU time per step and their ratio, which
+other processes on the same cores disturb less than wall time (least with ``--threads 1``);
+``--profile FILE`` writes torch.profiler tables (self CPU time by op) of each side after the
+timed steps.
 """
 
 from __future__ import annotations
@@ -119,7 +125,8 @@ def build_engine(cfg):
     return engine
 
 
-def abba(first, second, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+def abba(first, second, steps: int, warmup: int) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(wall, process CPU) seconds of each timed step of each side."""
     for _ in range(warmup):
         first()
         second()
@@ -127,9 +134,9 @@ def abba(first, second, steps: int, warmup: int) -> tuple[list[float], list[floa
     for i in range(steps):
         order = (first, second) if i % 2 == 0 else (second, first)
         for fn in order:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
-            (a if fn is first else b).append(time.perf_counter() - t0)
+            (a if fn is first else b).append((time.perf_counter() - t0, time.process_time() - c0))
     return a, b
 
 
@@ -180,7 +187,10 @@ def run_compare(args) -> dict:
         raise SystemExit(f"first-step losses differ: {losses}")
     ours, theirs = abba(fmtrain_step, transformers_step, args.steps, args.warmup)
     b = cfg.train.micro_batch_size
-    ours_s, theirs_s = statistics.median(ours), statistics.median(theirs)
+    ours_s, theirs_s = (statistics.median(wall for wall, _ in side) for side in (ours, theirs))
+    ours_cpu, theirs_cpu = (statistics.median(cpu for _, cpu in side) for side in (ours, theirs))
+    if args.profile:
+        profile_sides(args, {"fmtrain": fmtrain_step, "transformers": transformers_step})
     return {
         "mode": "compare",
         "preset": args.preset,
@@ -191,7 +201,30 @@ def run_compare(args) -> dict:
         "fmtrain_clips_per_s": b / ours_s,
         "transformers_clips_per_s": b / theirs_s,
         "ratio": theirs_s / ours_s,
+        # Process CPU time per step (all threads): less sensitive than wall time to other
+        # processes on the same cores, most of all with --threads 1.
+        "fmtrain_cpu_s": ours_cpu,
+        "transformers_cpu_s": theirs_cpu,
+        "cpu_ratio": theirs_cpu / ours_cpu,
     }
+
+
+def profile_sides(args, steps: dict) -> None:
+    """torch.profiler op tables (self CPU time) of each side, into one text file: totals over
+    ``--profile-steps`` steps per side, after one untimed step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with open(args.profile, "w") as f:
+        for name, step in steps.items():
+            step()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.profile_steps):
+                    step()
+            f.write(f"===== {name}: {args.profile_steps} training step(s)\n")
+            table = prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=args.profile_rows, max_name_column_width=60
+            )
+            f.write(table + "\n\n")
 
 
 def run_masking(args) -> dict:
@@ -241,13 +274,19 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=4, help="clips per step (one microbatch)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
     parser.add_argument("--json-out", default="")
+    parser.add_argument("--profile", default="", help="compare: write torch.profiler op tables of each side here")
+    parser.add_argument("--profile-steps", type=int, default=1)
+    parser.add_argument("--profile-rows", type=int, default=40)
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
         os.environ.setdefault(key, value)
     from fmtrain.launch.local import free_port
@@ -258,7 +297,9 @@ def main(argv=None) -> int:
     if args.mode == "compare":
         print(
             f"fmtrain {result['fmtrain_clips_per_s']:.2f} clips/s vs transformers "
-            f"{result['transformers_clips_per_s']:.2f} clips/s -> ratio {result['ratio']:.3f} (goal >= 1.0)"
+            f"{result['transformers_clips_per_s']:.2f} clips/s -> ratio {result['ratio']:.3f} (goal >= 1.0); "
+            f"CPU time per step {result['fmtrain_cpu_s']:.3f} s vs {result['transformers_cpu_s']:.3f} s "
+            f"-> {result['cpu_ratio']:.3f}"
         )
     else:
         print(

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import clip_grads as mcore_clip_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.pipeline_parallel.schedules import forward_backward_no_pipelining
 from megatron.core.transformer.module import Float16Module
@@ -320,39 +320,19 @@ class MegatronEngine:
         loss_sum, tokens = sums.pop("loss")
         loss = loss_sum / max(tokens, 1.0)
         # Skip the update on a non-finite loss or gradient: the optimizer is not stepped, so the
-        # weights and Adam's moments and step count stay exactly as they were. (bf16 and fp32
-        # have no grad scaler whose found-inf check would skip it, and megatron's clipping
-        # applies a NaN norm's update.) Every rank takes the same branch: both tests are global.
-        if math.isfinite(loss) and self._grads_finite(part):
-            update_applied, grad_norm, _ = part.optimizer.step()
+        # weights and Adam's moments and step count stay exactly as they were. Every rank takes
+        # the same branch: the loss is summed over the job and the norm is megatron's global one.
+        if math.isfinite(loss):
+            update_applied, grad_norm = _step_if_finite(part.optimizer)
         else:
             update_applied, grad_norm = False, math.nan
         return StepResult(
             loss=loss,
             tokens=int(tokens),
-            grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
-            update_applied=bool(update_applied),
+            grad_norm=grad_norm,
+            update_applied=update_applied,
             extra={name: s / max(n, 1.0) for name, (s, n) in sums.items()},
         )
-
-    def _grads_finite(self, part: Part) -> bool:
-        """Whether the part's gradient norm over the whole job is finite (one norm per buffer,
-        one all-reduce).
-
-        Each rank checks its full gradient buffers (after the data-parallel reduction): a
-        non-finite gradient on any rank makes the reduced gradient, and so the global norm,
-        non-finite, and a norm that overflows fp32 is non-finite too.
-        """
-        norms = [
-            buffer.grad_data.norm(p=2)
-            for chunk in part.chunks
-            for buffer in chunk.buffers + chunk.expert_parallel_buffers
-        ]
-        bad = torch.zeros(1, dtype=torch.float32, device=self.topo.device)
-        if norms:
-            bad += (~torch.isfinite(torch.stack(norms).float().sum())).float()
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0.0
 
     @torch.no_grad()
     def eval_step(self, microbatches: list[dict]) -> dict[str, float]:
@@ -522,6 +502,37 @@ def _install_schedule_hooks(c: TransformerConfig, chunks: list, ddp_config: Dist
         sync = [chunk.start_param_sync for chunk in chunks]
         c.param_sync_func = sync if many else sync[0]
     c.finalize_model_grads_func = finalize_model_grads
+
+
+def _step_if_finite(optimizer) -> tuple[bool, float]:
+    """megatron-core's ``ChainedOptimizer.step`` (prepare the main gradients, one global norm,
+    clip every inner optimizer by it, update) with the update skipped when that norm is not
+    finite. Returns (update applied, norm; NaN where skipped).
+
+    megatron's own step applies an update whatever the norm (bf16 and fp32 have no grad scaler
+    whose found-inf check would skip it; clipping by a NaN norm leaves the gradients as they
+    are). The norm is all-reduced over the optimizer's gradient-statistics group after the
+    data-parallel reduction, so a non-finite gradient on any rank, or a norm that overflows,
+    reaches every rank, and no second pass over the gradients is needed to find it.
+    """
+    if optimizer.prepare_grads():  # a grad scaler's found-inf (fp16)
+        return False, math.nan
+    grad_norm = float(optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return False, math.nan
+    for opt in _inner_optimizers(optimizer):
+        if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
+            continue
+        params = opt.get_parameters()
+        if params:
+            # Looked up at call time: the CPU backend wraps it (fmtrain.parallel.cpu_backend).
+            mcore_clip_grads.clip_grad_by_total_norm_fp32(
+                params,
+                max_norm=opt.config.clip_grad,
+                total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    return bool(optimizer.step_with_ready_grads()), grad_norm
 
 
 def _inner_optimizers(optimizer) -> list:

@@ -266,6 +266,29 @@ def _skip_on_one_rank(collective):
     return wrapper
 
 
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's fallback for apex's ``multi_tensor_l2norm`` (the norm of the tensors' norms),
+    with torch's foreach norm: the same per-tensor reductions in one call, without a Python
+    loop and a host sync per tensor."""
+    tensors = [t for tensor_list in tensor_lists for t in tensor_list]
+    if not tensors:
+        return _REAL_TORCH.zeros(1, dtype=_REAL_TORCH.float32), None
+    norms = _REAL_TORCH._foreach_norm(tensors, 2, dtype=_REAL_TORCH.float32)
+    return _REAL_TORCH.linalg.vector_norm(_REAL_TORCH.stack(norms)).reshape(1), None
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron's fallback for apex's ``multi_tensor_scale``: in place where source and
+    destination are the same tensors (gradient clipping), instead of a scaled temporary per
+    tensor copied back."""
+    sources, destinations = tensor_lists
+    if all(src is dst for src, dst in zip(sources, destinations)):
+        _REAL_TORCH._foreach_mul_(destinations, scale)
+        return
+    for src, dst in zip(sources, destinations):
+        dst.copy_(src * scale)
+
+
 def install() -> None:
     """Activate the CPU stand-ins (idempotent). Only for processes without CUDA."""
     global _INSTALLED
@@ -299,6 +322,13 @@ def install() -> None:
     optimizer.Float16OptimizerWithFloat16Params.__init__ = _with_cuda_type_strings(
         optimizer.Float16OptimizerWithFloat16Params.__init__
     )
+    # Only megatron's own fallbacks are replaced (apex / Transformer Engine kernels are kept).
+    from megatron.core import utils as mcore_utils
+
+    if clip_grads.l2_norm_impl is mcore_utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _foreach_l2_norm
+    if clip_grads.multi_tensor_scale_impl is mcore_utils.local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _foreach_scale
     wrapped_clip = _with_cuda_type_strings(clip_grads.clip_grad_by_total_norm_fp32)
     clip_grads.clip_grad_by_total_norm_fp32 = wrapped_clip
     optimizer.clip_grad_by_total_norm_fp32 = wrapped_clip

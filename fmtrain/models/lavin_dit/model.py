@@ -64,6 +64,7 @@ from fmtrain.models.dit import (
 from fmtrain.models.init import InitRule
 from fmtrain.models.lavin_dit.sizes import TIMESTEP_FEATURES
 from fmtrain.models.layers import StageChunk, run_blocks
+from fmtrain.models.linear import parallel_linear
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.rope import apply_rope_3d, rope_3d_cos_sin
 from fmtrain.objectives import flow_matching as fm
@@ -193,11 +194,18 @@ class JointAttention(MegatronModule):
         [S, b, groups_local, d]."""
         full = enter_tensor_parallel(x, self.sequence_parallel)
         s, b = full.shape[:2]
-        k = getattr(self, f"{stream}_knorm")(getattr(self, f"{stream}_k")(full)[0]).view(s, b, -1, self.head_dim)
-        v = getattr(self, f"{stream}_v")(full)[0].view(s, b, -1, self.head_dim)
+
+        def project(name: str) -> torch.Tensor:
+            return parallel_linear(getattr(self, f"{stream}_{name}"), full)
+
+        def heads(y: torch.Tensor) -> torch.Tensor:
+            return y.view(s, b, -1, self.head_dim)
+
+        k = heads(getattr(self, f"{stream}_knorm")(project("k")))
+        v = heads(project("v"))
         if not queries:
             return None, k, v
-        q = getattr(self, f"{stream}_qnorm")(getattr(self, f"{stream}_q")(full)[0]).view(s, b, -1, self.head_dim)
+        q = heads(getattr(self, f"{stream}_qnorm")(project("q")))
         return q, k, v
 
     def forward(
@@ -221,8 +229,8 @@ class JointAttention(MegatronModule):
         attended = F.scaled_dot_product_attention(q, k, v, enable_gqa=k.shape[1] != q.shape[1])
         attended = attended.permute(2, 0, 1, 3).flatten(2)  # [S_q, b, heads_local * d]
         if not cond_out:
-            return None, self.x_proj(attended)[0]
-        return self.cond_proj(attended[:n_cond])[0], self.x_proj(attended[n_cond:])[0]
+            return None, parallel_linear(self.x_proj, attended)
+        return parallel_linear(self.cond_proj, attended[:n_cond]), parallel_linear(self.x_proj, attended[n_cond:])
 
 
 class SwiGLU(MegatronModule):
@@ -238,8 +246,8 @@ class SwiGLU(MegatronModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full = enter_tensor_parallel(x, self.sequence_parallel)
-        out, _ = self.down_proj(F.silu(self.gate_proj(full)[0]) * self.up_proj(full)[0])
-        return out
+        hidden = F.silu(parallel_linear(self.gate_proj, full)) * parallel_linear(self.up_proj, full)
+        return parallel_linear(self.down_proj, hidden)
 
 
 def _modulation(hidden: int, chunks: int, dtype) -> torch.nn.Sequential:

@@ -37,11 +37,14 @@ def masks(cfg: Config, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return draw_masks(batch["sample_seed"], token_grid(cfg), o.mask_ratio, o.decoder_mask_ratio)
 
 
-def full_target(cfg: Config, video: torch.Tensor) -> torch.Tensor:
-    """[B, N, D]: every token's reconstruction target."""
+def full_target(cfg: Config, video: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, N, D]: every token's reconstruction target; with ``tokens`` ([B, n] indices), those
+    tokens' only: [B, n, D]."""
     m = cfg.model
     mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-    return objective.reconstruction_target(video, mean, std, m.tubelet_size, m.patch_size, cfg.objective.norm_target)
+    return objective.reconstruction_target(
+        video, mean, std, m.tubelet_size, m.patch_size, cfg.objective.norm_target, tokens
+    )
 
 
 def make_inputs(cfg: Config, batch: dict, device, *, first: bool, last: bool) -> tuple[MAEInputs, torch.Tensor]:
@@ -51,8 +54,7 @@ def make_inputs(cfg: Config, batch: dict, device, *, first: bool, last: bool) ->
     video = batch["video"].to(device, non_blocking=True) if first or last else None
     target = None
     if last and not batch.get("predict_only", False):
-        target = full_target(cfg, video)
-        target = target[~decoder].reshape(b, -1, target.shape[-1])
+        target = full_target(cfg, video, (~decoder).nonzero()[:, 1].view(b, -1))
     counted = encoder[~decoder].reshape(b, -1)
     return MAEInputs(encoder, decoder, video=video if first else None, target=target), counted
 

@@ -43,6 +43,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from fmtrain.config import Config
 from fmtrain.models.init import InitRule
 from fmtrain.models.layers import StageChunk, run_blocks, sharded_state_dict_with_global_blocks
+from fmtrain.models.linear import parallel_linear, runs_unsharded
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.videomae_v2.config import token_grid
 from fmtrain.objectives import mae
@@ -71,18 +72,6 @@ def sinusoid_table(positions: int, width: int) -> torch.Tensor:
     angle = pos / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / width)
     table = torch.where(j.long() % 2 == 0, torch.sin(angle), torch.cos(angle))
     return table.float()
-
-
-def parallel_linear(layer, x: torch.Tensor) -> torch.Tensor:
-    """A megatron Column/RowParallelLinear applied to ``x``. Without tensor parallelism it is a
-    plain ``F.linear`` (one addmm with the bias fused in, as torch's own ``nn.Linear``), which is
-    the same math as megatron's path (a matmul, a separate bias add, and its gradient
-    accumulation function); with TP the megatron layer does the communication. Under DeepSpeed
-    ZeRO-3 (a ``ds_id`` on the weight) the layer's own forward runs: ZeRO-3 gathers a module's
-    parameters for its forward only."""
-    if layer.tp_group.size() == 1 and not layer.sequence_parallel and not hasattr(layer.weight, "ds_id"):
-        return F.linear(x, layer.weight, layer.bias)
-    return layer(x)[0]
 
 
 def _mark_sequence_parallel(module: torch.nn.Module, config: TransformerConfig) -> None:
@@ -122,11 +111,20 @@ class Attention(MegatronModule):
             self, prefix, sharded_offsets, metadata, tensor_parallel_axes={"q_bias": 0, "v_bias": 0}
         )
 
+    def _qkv_bias(self) -> torch.Tensor:
+        """The release's ``cat(q_bias, zeros, v_bias)`` in the per-head qkv layout, for the GEMM:
+        no separate passes adding q's and v's biases (and none reducing their gradients)."""
+        q = self.q_bias.view(self.heads, 1, self.head_dim)
+        v = self.v_bias.view(self.heads, 1, self.head_dim)
+        return torch.cat((q, torch.zeros_like(q), v), dim=1).flatten()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = parallel_linear(self.qkv, x)  # [S, b, heads_local * 3 * d] (all tokens: SP gathers them)
+        fuse_bias = self.q_bias is not None and runs_unsharded(self.qkv)
+        # [S, b, heads_local * 3 * d] (all tokens: SP gathers them)
+        qkv = parallel_linear(self.qkv, x, self._qkv_bias() if fuse_bias else None)
         s, b = qkv.shape[:2]
         q, k, v = qkv.view(s, b, self.heads, 3, self.head_dim).unbind(3)
-        if self.q_bias is not None:
+        if self.q_bias is not None and not fuse_bias:
             q = q + self.q_bias.view(self.heads, self.head_dim)
             v = v + self.v_bias.view(self.heads, self.head_dim)
         # [S, b, n, d] -> [b, n, S, d]: views on CPU (SDPA reads strides); copies on GPU, where some
@@ -191,8 +189,25 @@ class _PatchEmbed(torch.nn.Module):
         kernel = (tubelet, patch, patch)
         self.proj = torch.nn.Conv3d(in_channels, hidden, kernel_size=kernel, stride=kernel, dtype=dtype)
 
-    def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.proj(video).flatten(2).transpose(1, 2)  # [B, N, hidden], tokens (t, h, w)
+    def forward(self, video: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, C, T, H, W] -> [B, N, hidden], tokens in (t, h, w) order; with ``tokens`` ([n, B]
+        indices of one token per sample per row), only those: [n, B, hidden].
+
+        The tubelets do not overlap, so the Conv3d is a GEMM over them, and the encoder's
+        visible tokens (10 % at the usual masking ratio) are embedded alone: their tubelets are
+        gathered with the kernel's (C, tubelet, patch, patch) layout and multiplied by it.
+        """
+        b, c = video.shape[:2]
+        sample = None if tokens is None else torch.arange(b, device=tokens.device).expand_as(tokens)
+        # DeepSpeed ZeRO-3 gathers the kernel only for the Conv3d's own forward.
+        if tokens is None or hasattr(self.proj.weight, "ds_id"):
+            every = self.proj(video).flatten(2).transpose(1, 2)
+            return every if tokens is None else every[sample, tokens]
+        kernel = self.proj.kernel_size
+        t, h, w = (size // k for size, k in zip(video.shape[2:], kernel))
+        tubelets = video.reshape(b, c, t, kernel[0], h, kernel[1], w, kernel[2]).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        picked = tubelets[sample, tokens // (h * w), tokens // w % h, tokens % w]  # [n, B, C, *kernel]
+        return F.linear(picked.flatten(2), self.proj.weight.flatten(1), self.proj.bias)
 
 
 class Encoder(MegatronModule):
@@ -288,10 +303,11 @@ class VideoMAE(StageChunk):
 
     def _embed_visible(self, inputs: MAEInputs) -> torch.Tensor:
         embed = self.encoder.patch_embed
-        x = embed(inputs.video.to(embed.proj.weight.dtype))
-        x = x + self.encoder_pos.to(x.dtype)
-        b, _, c = x.shape
-        return x[~inputs.encoder_mask].reshape(b, -1, c).transpose(0, 1).contiguous()
+        b = inputs.encoder_mask.shape[0]
+        # [N_visible, b]: each clip's visible token indices in (t, h, w) order (as many per clip)
+        visible = (~inputs.encoder_mask).nonzero()[:, 1].view(b, -1).t()
+        x = embed(inputs.video.to(embed.proj.weight.dtype), visible)
+        return x + self.encoder_pos.to(x.dtype)[visible]
 
     def _decode(self, x: torch.Tensor, inputs: MAEInputs) -> torch.Tensor:
         """Encoder output [N_visible, b, h] (whole) -> per-token errors [b, N_decoder], or the
