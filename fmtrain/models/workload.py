@@ -88,6 +88,47 @@ class SavedValues:
             + self.fp32_gathered * 4
         )
 
+    def __add__(self, other: SavedValues) -> SavedValues:
+        return SavedValues(
+            whole=self.whole + other.whole,
+            split=self.split + other.split,
+            fp32_whole=self.fp32_whole + other.fp32_whole,
+            fp32_split=self.fp32_split + other.fp32_split,
+            gathered=self.gathered + other.gathered,
+            fp32_gathered=self.fp32_gathered + other.fp32_gathered,
+        )
+
+
+@dataclass(frozen=True)
+class FusedQKV:
+    """The q, k and v a checkpointed core attention keeps under selective recompute, when they
+    come out of megatron's fused QKV projection as it splits them (``get_query_key_value_tensors``)
+    and reach the checkpoint before RoPE (fmtrain's SDPA core attention rotates inside it).
+
+    The projection's output is laid out per key/value group (the group's queries, its key, its
+    value); k and v are views of it, so the checkpoint keeps that whole output alive. The query
+    is reshaped from ``[groups, queries of a group]`` to ``[heads]``: with several groups of
+    several query heads on a TP rank that is a copy, kept beside the output; with one group per
+    rank, or one query head per group (multi-head attention: the shape does not change), it is
+    a view of the same storage and costs nothing more. With fewer groups than TP ranks megatron all-gathers the
+    projection's output over TP and slices this rank's group out of it: every rank keeps the
+    whole output, all tokens (the projection has already gathered the sequence; read from
+    megatron's code, not measured: fmtrain's Yi refuses fewer groups than TP ranks).
+    """
+
+    groups: int
+    """Key/value groups."""
+    query: int
+    """Query values per token (all heads)."""
+    key_value: int
+    """Key and value values per token (all groups)."""
+
+    def saved(self, tp: int) -> SavedValues:
+        if self.groups < tp:
+            return SavedValues(gathered=self.query + self.key_value)
+        copy = self.query if self.groups > tp and 2 * self.query > self.key_value else 0
+        return SavedValues(split=self.query + self.key_value + copy)
+
 
 @dataclass(frozen=True)
 class Block:
@@ -98,7 +139,8 @@ class Block:
     saved: SavedValues
     """Kept per token without recompute."""
     saved_selective: SavedValues | None
-    """Kept per token with ``model.recompute=selective`` (None: the family refuses it)."""
+    """Kept per token with ``model.recompute=selective`` (None: the family refuses it), besides
+    ``selective_qkv``."""
     saved_input: SavedValues
     """Kept per token with full recompute: the block's checkpointed input."""
     split_params: int
@@ -127,6 +169,19 @@ class Block:
     tp_stat_values: float = 0.0
     """fp32 values per token all-reduced over TP in forward, as many in backward (the sum of
     squares of a norm over a TP-split width), one call per value and stream."""
+    selective_qkv: FusedQKV | None = None
+    """What selective recompute's checkpoint of the core attention keeps of its q, k, v inputs
+    where that depends on TP (None: counted in ``saved_selective``)."""
+
+    def saved_for(self, recompute: str, tp: int) -> SavedValues:
+        """Kept per token without recompute or with selective recompute at tensor parallelism ``tp``."""
+        if recompute != "selective":
+            return self.saved
+        if self.saved_selective is None:
+            raise ValueError("selective recompute is not supported by this family")
+        if self.selective_qkv is None:
+            return self.saved_selective
+        return self.saved_selective + self.selective_qkv.saved(tp)
 
 
 @dataclass(frozen=True)
@@ -165,6 +220,12 @@ class Workload:
     the last pipeline stage's last chunk); None: like the others."""
     tables_fp32_per_token: float = 0.0
     """Like ``tables_per_token``, kept in fp32 whatever the activation dtype."""
+    first_input_view: bool = False
+    """Under sequence parallelism the first block's input is this rank's slice of the embedder's
+    output taken as a view (megatron's ``scatter_to_sequence_parallel_region`` copies nothing
+    when the slice is contiguous), so the first stage keeps the whole output's storage, all the
+    tokens on every TP rank, for each microbatch in flight on its first chunk, where the block
+    counts only its slice."""
     stage_rows: int = 0
     """Rows per sample a pipeline stage sends beside the tokens (conditioning vectors), whole
     under sequence parallelism."""
@@ -217,10 +278,14 @@ def dense_transformer(
     queries, keys and values after RoPE (split), the softmax log-sum-exp (one fp32 per head) and
     one fp32 reciprocal per norm; the MLP keeps 3 ffn (SwiGLU, fused: its two-wide input and the
     second layer's input) or 5 ffn (unfused: the gate's SiLU and the product besides), a GELU
-    MLP 2 ffn. Selective recompute drops the log-sum-exp (SDPA never stores the score matrix);
-    full recompute keeps the block input (h) per layer. ``score_matrix``: a core attention that
-    materialises the scores and the softmax (megatron's ``local`` backend) keeps 2 x heads x seq
-    values per token more, which selective recompute drops.
+    MLP 2 ffn. Selective recompute keeps, in place of what the core attention saves (rotated q
+    and k, the copy of v, SDPA's output, the log-sum-exp), its checkpointed inputs: the fused
+    QKV output, and a copy of the query where a TP rank holds several key/value groups
+    (:class:`FusedQKV`); the output projection's input stays. Full recompute keeps the block
+    input (h) per layer. ``score_matrix``: a core attention that materialises the scores and the
+    softmax (megatron's ``local`` backend) keeps 2 x heads x seq values per token more, which
+    selective recompute drops; that backend's checkpoint receives q and k after RoPE, so there
+    selective recompute keeps the count without recompute less the log-sum-exp (not measured).
     """
     kv_heads = kv_heads or heads
     head_dim = head_dim or hidden // heads
@@ -241,7 +306,12 @@ def dense_transformer(
         matmuls=matmuls,
         attention=(AttentionCore(heads, head_dim, causal=causal),),
         saved=saved,
-        saved_selective=SavedValues(whole=6 * hidden, split=split_saved, fp32_whole=2),
+        saved_selective=(
+            SavedValues(whole=6 * hidden, split=split_saved, fp32_whole=2)
+            if score_matrix
+            else SavedValues(whole=6 * hidden, split=q + mlp_saved, fp32_whole=2)
+        ),
+        selective_qkv=None if score_matrix else FusedQKV(kv_heads, q, 2 * kv),
         saved_input=SavedValues(whole=hidden),
         split_params=sum(m.inputs * m.outputs for m in matmuls),
         whole_params=2 * hidden,
@@ -409,14 +479,6 @@ def _block_bytes(b: Block, saved: SavedValues, w: Workload, lay: Layout, act_byt
     return per_token * tokens + context
 
 
-def _saved_for(b: Block, recompute: str):
-    if recompute == "selective":
-        if b.saved_selective is None:
-            raise ValueError("selective recompute is not supported by this family")
-        return b.saved_selective
-    return b.saved
-
-
 def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16: bool) -> StageMemory:
     """Bytes pipeline stage ``rank`` holds at its peak (any rank of the stage), with 16-bit
     (``bf16``) or fp32 activations and weights."""
@@ -427,7 +489,7 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
         state += params * act_bytes
     m = microbatches(lay, global_batch)
     in_flight = in_flight_layer_microbatches(rank, w.layers, lay.pp, lay.vpp, m)
-    full_block = _block_bytes(w.block, _saved_for(w.block, "none"), w, lay, act_bytes)
+    full_block = _block_bytes(w.block, w.block.saved_for("none", lay.tp), w, lay, act_bytes)
     tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
     tables = (w.tables_per_token * act_bytes + w.tables_fp32_per_token * 4) * w.tokens / lay.cp
     last = first = 0.0
@@ -435,6 +497,8 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
         last = w.last_saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel) * tokens
     if rank == 0:
         first = w.first_saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel) * tokens
+        if w.first_input_view and lay.sequence_parallel:
+            first += (1 - 1 / lay.tp) * w.hidden * act_bytes * tokens
         first *= first_chunk_microbatches(lay.pp, lay.vpp, m)
     # the model's last block is in the last stage's peak once: 1F1B runs a microbatch's last
     # chunk forward straight into its backward. Interleaved over more than one group of
@@ -446,16 +510,16 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
         # recomputed activations in place of its input; the loss's buffers are freed by then)
         backward = (in_flight - 1) * inputs + full_block
         if end is not None:
-            end_block = _block_bytes(end, _saved_for(end, "none"), w, lay, act_bytes)
+            end_block = _block_bytes(end, end.saved_for("none", lay.tp), w, lay, act_bytes)
             backward = (in_flight - 1) * inputs + end_block
             if in_flight >= 2:  # then the block before it
                 backward = max(backward, (in_flight - 2) * inputs + full_block)
         activations = max(in_flight * inputs + last, backward) + tables + first
     else:
-        per_block = _block_bytes(w.block, _saved_for(w.block, lay.recompute), w, lay, act_bytes)
+        per_block = _block_bytes(w.block, w.block.saved_for(lay.recompute, lay.tp), w, lay, act_bytes)
         activations = in_flight * per_block + last + tables + first
         if end is not None:
-            activations += _block_bytes(end, _saved_for(end, lay.recompute), w, lay, act_bytes) - per_block
+            activations += _block_bytes(end, end.saved_for(lay.recompute, lay.tp), w, lay, act_bytes) - per_block
     return StageMemory(params, state, activations, workspace_bytes=full_block)
 
 
@@ -472,6 +536,7 @@ __all__ = [
     "ALLOWANCE_FRACTION",
     "AttentionCore",
     "Block",
+    "FusedQKV",
     "Layout",
     "Matmul",
     "SavedValues",
