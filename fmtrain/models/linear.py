@@ -19,13 +19,17 @@ import torch.nn.functional as F
 class _LinearIntoMainGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x)
+        # The parameter itself, not a saved copy of it: saved-tensor hooks (activation offload,
+        # memory accounting) may unpack a saved weight as another tensor, without main_grad.
+        ctx.weight = weight
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
         grad_x = grad.matmul(weight) if ctx.needs_input_grad[0] else None
         grad_2d = grad.reshape(-1, grad.shape[-1])
         weight.main_grad.addmm_(grad_2d.t(), x.reshape(-1, x.shape[-1]))
