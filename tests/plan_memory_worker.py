@@ -1,8 +1,8 @@
 """Worker for tests/test_plan.py: the bytes each rank holds, measured, for several layouts.
 
 ``python -m torch.distributed.run --nproc_per_node 4 tests/plan_memory_worker.py OUT FAMILY LAYOUTS``
-runs, in one process group, one training step of ``FAMILY`` (yi | step_video | lavin_dit, tiny
-shapes, fp32 or with ``bf16`` bf16) for each layout of LAYOUTS
+runs, in one process group, one training step of ``FAMILY`` (yi | step_video | lavin_dit |
+videomae_v2, tiny shapes, fp32 or with ``bf16`` bf16) for each layout of LAYOUTS
 (``tp,pp,vpp,recompute[,sp][,bf16];...``; DP is the rest of the world) and records per rank:
 
 - ``activation_bytes``: the peak over the step of the distinct storages autograd keeps for
@@ -47,11 +47,21 @@ SHAPES = {
     # 2 example pairs of 12x12 latents: (2 x 2 + query + target) x 6 x 6 = 216 tokens, 36 of them
     # the target's
     "lavin_dit": ["model.num_layers=4", "model.seq_length=216", "data.task_latent_size=12"],
+    # 8 frames of 64x64 in 2x8x8 tubelets: 4 x 8 x 8 tokens, 16 per time slice visible to the
+    # encoder (mask ratio 0.75: 64 tokens), 32 per slice reconstructed (decoder mask ratio 0.5):
+    # the decoder sees 64 + 128 = 192 tokens
+    "videomae_v2": ["data.video_size=64"],
 }
-RECIPES = {"yi": "yi/tiny.yaml", "step_video": "step_video/dit_tiny.yaml", "lavin_dit": "lavin_dit/tiny.yaml"}
+RECIPES = {
+    "yi": "yi/tiny.yaml",
+    "step_video": "step_video/dit_tiny.yaml",
+    "lavin_dit": "lavin_dit/tiny.yaml",
+    "videomae_v2": "videomae_v2/tiny.yaml",
+}
 MICROBATCHES = 4
-MICRO_BATCH_SIZE = {"lavin_dit": 2}
-"""Samples per microbatch (default 1); the J-DiT's recipes train several per microbatch."""
+MICRO_BATCH_SIZE = {"lavin_dit": 2, "videomae_v2": 2}
+"""Samples per microbatch (default 1); the J-DiT's and VideoMAE's recipes train several per
+microbatch (VideoMAE's attention output is then copied into the projection's layout)."""
 
 
 class CollectiveBytes:
@@ -161,6 +171,12 @@ def microbatch(cfg, index: int) -> dict:
             "target": torch.randn(b, m.in_channels, 1, size, size, generator=g),
             "item_frames": 1,
             "pairs": pairs,
+            "sample_seed": torch.arange(b) + b * index,
+        }
+    if m.family == "videomae_v2":
+        b, d = cfg.train.micro_batch_size, cfg.data
+        return {
+            "video": torch.randn(b, m.in_channels, d.video_frames, d.video_size, d.video_size, generator=g),
             "sample_seed": torch.arange(b) + b * index,
         }
     t, h, w = cfg.data.synthetic_latent_shapes[0]

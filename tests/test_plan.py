@@ -5,6 +5,7 @@ weak-scaling throughput, and the command line."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,20 +28,27 @@ from plan_memory_worker import MICRO_BATCH_SIZE, MICROBATCHES, RECIPES, REPO, SH
 # ----------------------------------------------------------------------------- measured here
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 1)]
-RECOMPUTES = {"yi": ("none", "selective"), "step_video": ("none", "full"), "lavin_dit": ("none", "full")}
+FAMILY_LAYOUTS = {"videomae_v2": [(1, 1, 1), (2, 1, 1), (1, 2, 1), (2, 2, 1)]}
+"""Families that run no interleaved pipeline."""
+RECOMPUTES = {
+    "yi": ("none", "selective"),
+    "step_video": ("none", "full"),
+    "lavin_dit": ("none", "full"),
+    "videomae_v2": ("none", "full"),
+}
 
 
-# Yi at world 8 so that (2, 2, 1) has DP = 2 for the communication check; the DiTs at world 4
+# Yi at world 8 so that (2, 2, 1) has DP = 2 for the communication check; the others at world 4
 # (DP = 2 at every layout but (2, 2, 1)).
-WORLD = {"yi": 8, "step_video": 4, "lavin_dit": 4}
-COMMUNICATION = ("yi", "lavin_dit")
+WORLD = {"yi": 8, "step_video": 4, "lavin_dit": 4, "videomae_v2": 4}
+COMMUNICATION = ("yi", "lavin_dit", "videomae_v2")
 
 
 def _measure(tmp_path, family: str) -> dict:
     layouts = [
         f"{tp},{pp},{vpp},{recompute}" + (",sp" if tp > 1 else "")
         for recompute in RECOMPUTES[family]
-        for tp, pp, vpp in LAYOUTS
+        for tp, pp, vpp in FAMILY_LAYOUTS.get(family, LAYOUTS)
     ]
     if family == "yi":
         layouts.append("2,2,1,none")  # TP without SP: all-reduces instead of gathers and scatters
@@ -48,6 +56,10 @@ def _measure(tmp_path, family: str) -> dict:
     if family == "lavin_dit":
         # bf16: the J-DiT's norms, q/k norms and loss keep fp32 copies the fp32 runs cannot tell
         layouts.append("2,2,1,none,sp,bf16")
+    if family == "videomae_v2":
+        # TP without SP: the towers' tokens whole on every TP rank, all-reduces; bf16: the
+        # norms' statistics and the loss's prediction and target stay fp32
+        layouts += ["2,2,1,none", "2,2,1,none,sp,bf16"]
     layouts = ";".join(layouts)
     out = tmp_path / f"{family}.pt"
     cmd = [
@@ -70,14 +82,14 @@ def _measure(tmp_path, family: str) -> dict:
     return torch.load(out, weights_only=True)
 
 
-@pytest.mark.parametrize("family", ["yi", "step_video", "lavin_dit"])
+@pytest.mark.parametrize("family", ["yi", "step_video", "lavin_dit", "videomae_v2"])
 def test_planner_memory_and_communication_match_measured_bytes_per_rank(tmp_path, family):
     """Every rank of every layout: the planner's activation bytes (peak of what autograd holds
     over a 4-microbatch 1F1B step) and model-state bytes (parameters, gradient buffers,
-    optimizer state) against the counts of the real run, fp32 on gloo (one J-DiT layout in
-    bf16), within 5%; for Yi and LaVin-DiT also the bytes each rank hands to the TP, PP and DP
-    groups' collectives in the step (wrapped torch.distributed calls; TP = PP = DP = 2 among
-    the layouts), within 5%."""
+    optimizer state) against the counts of the real run, fp32 on gloo (one J-DiT and one
+    VideoMAE layout in bf16), within 5%; for Yi, LaVin-DiT and VideoMAE also the bytes each
+    rank hands to the TP, PP and DP groups' collectives in the step (wrapped torch.distributed
+    calls; TP = PP = DP = 2 among the layouts), within 5%."""
     measured = _measure(tmp_path, family)
     errors = []
     for key, ranks in measured.items():
@@ -202,6 +214,50 @@ def test_plan_and_info_cover_the_lavin_dit(capsys):
     layout = Layout(dp=64, mbs=cfg.train.micro_batch_size, recompute=cfg.model.recompute)
     expected = peak_memory(w, layout, Settings(global_batch=cfg.train.global_batch_size, device=DEVICES["h100"]))
     assert f"activations {expected.activation_bytes / GIB:.2f} GiB" in line
+
+
+def test_plan_and_info_cover_videomae(capsys):
+    """ViT-g/14: ranked layouts without interleaving (the family runs none) or selective
+    recompute (it refuses it), TP only where it divides the decoder's heads too; fmtrain info
+    prints the planner's memory for the recipe's layout."""
+    recipe = str(REPO / "recipes/videomae_v2/vit_g.yaml")
+    assert fmtrain_main(["plan", recipe, "--gpus", "64", "--json", "--top", "500"]) == 0
+    layouts = json.loads(capsys.readouterr().out)["layouts"]
+    assert layouts and [e["step_time_s"] for e in layouts] == sorted(e["step_time_s"] for e in layouts)
+    assert {e["recompute"] for e in layouts} == {"none", "full"} and {e["vpp"] for e in layouts} == {1}
+    assert {e["tp"] for e in layouts} == {1, 2, 4, 8}  # 16 encoder and 8 decoder heads
+    assert fmtrain_main(["info", recipe]) == 0
+    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("memory/GPU"))
+    cfg = load_config(recipe, [])
+    w = import_family_part("videomae_v2", "sizes", "workload")(cfg, True)
+    layout = Layout(dp=64, mbs=cfg.train.micro_batch_size, recompute=cfg.model.recompute)
+    expected = peak_memory(w, layout, Settings(global_batch=cfg.train.global_batch_size, device=DEVICES["h100"]))
+    assert f"activations {expected.activation_bytes / GIB:.2f} GiB" in line
+
+
+def test_videomae_workload_flops_are_the_family_count():
+    """The matmuls and attention cores the planner times for VideoMAE (encoder blocks over the
+    visible tokens, the decoder over visible + reconstructed ones, encoder_to_decoder and the
+    head) are the family's model FLOPs, less the patch embedding of the masked tokens: the
+    release embeds the whole clip, fmtrain the visible tokens only."""
+    from fmtrain.models.videomae_v2.config import token_grid
+    from fmtrain.models.videomae_v2.sizes import flops_per_sample
+
+    cfg = load_config(REPO / "recipes/videomae_v2/vit_g.yaml", [])
+    w = import_family_part("videomae_v2", "sizes", "workload")(cfg, True)
+
+    def blocks(layers, block, tokens):
+        matmuls = sum(2 * tokens * mm.inputs * mm.outputs for mm in block.matmuls)
+        cores = sum(4 * tokens * tokens * core.heads * core.head_dim for core in block.attention)
+        return layers * (matmuls + cores)
+
+    forward = blocks(w.layers, w.block, w.tokens) + blocks(w.last_tower.layers, w.last_tower.block, w.last_tower.tokens)
+    forward += sum(2 * w.tokens * mm.share * mm.inputs * mm.outputs for mm in w.head_matmuls)
+    m = cfg.model
+    pixels = m.in_channels * m.tubelet_size * m.patch_size**2
+    every_token = 2 * math.prod(token_grid(cfg)) * pixels * m.hidden_size
+    assert 3 * (forward + every_token) == pytest.approx(flops_per_sample(cfg), rel=1e-12)
+    assert w.model_flops_per_sample == flops_per_sample(cfg)
 
 
 def test_plan_layout_fixes_fields_and_refuses_typos(capsys):

@@ -48,7 +48,7 @@ def _workload(args: argparse.Namespace):
     if workload is None:
         raise ConfigError(
             f"model.family={cfg.model.family!r} has no planner description yet (ModelFamily.workload); "
-            "fmtrain plan covers the families that define one (yi, step_video, lavin_dit)"
+            "fmtrain plan covers the families that define one (yi, step_video, lavin_dit, videomae_v2)"
         )
     batch = args.global_batch or cfg.train.global_batch_size
     return workload, batch, cfg.train.precision != "fp32", args.recipe

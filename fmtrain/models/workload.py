@@ -1,7 +1,8 @@
 """What a model asks of a GPU per training sample, described for the layout planner (``fmtrain plan``).
 
 A :class:`Workload` is a stack of identical blocks plus what the first and last pipeline stages
-add. Each block lists its matrix multiplies (with how tensor parallelism splits them), its
+add (on the last, possibly a second stack at its own width: a :class:`Tower`, VideoMAE's
+decoder). Each block lists its matrix multiplies (with how tensor parallelism splits them), its
 attention cores, its tensor-parallel collectives, and the values autograd keeps for backward
 per token, split into what tensor parallelism divides and what every TP rank holds whole
 (sequence parallelism divides those too). Families build theirs from their config
@@ -172,16 +173,43 @@ class Block:
     selective_qkv: FusedQKV | None = None
     """What selective recompute's checkpoint of the core attention keeps of its q, k, v inputs
     where that depends on TP (None: counted in ``saved_selective``)."""
+    tp_saved: SavedValues = field(default_factory=SavedValues)
+    """Kept per token besides ``saved`` only at TP > 1, by a layer that runs differently once
+    its weight is split (VideoMAE's q and v biases: fused into the qkv GEMM unsharded, added
+    apart after the sharded one, which on CPU keeps new q and v beside the GEMM's output)."""
 
     def saved_for(self, recompute: str, tp: int) -> SavedValues:
         """Kept per token without recompute or with selective recompute at tensor parallelism ``tp``."""
+        extra = self.tp_saved if tp > 1 else SavedValues()
         if recompute != "selective":
-            return self.saved
+            return self.saved + extra
         if self.saved_selective is None:
             raise ValueError("selective recompute is not supported by this family")
-        if self.selective_qkv is None:
-            return self.saved_selective
-        return self.saved_selective + self.selective_qkv.saved(tp)
+        if self.selective_qkv is not None:
+            extra = extra + self.selective_qkv.saved(tp)
+        return self.saved_selective + extra
+
+
+@dataclass(frozen=True)
+class Tower:
+    """A second stack of blocks the last pipeline stage runs after the model's own on every
+    microbatch, at its own width and over its own tokens, never split over pipeline stages
+    (VideoMAE's decoder). 1F1B runs a microbatch's last-stage forward straight into its
+    backward, so that stage holds one microbatch's tower activations at a time."""
+
+    layers: int
+    hidden: int
+    tokens: int
+    """Tokens of one sample through the tower's blocks."""
+    block: Block
+    entry_saved: SavedValues = field(default_factory=SavedValues)
+    """Kept per token of the model's blocks (``Workload.tokens``) by the layers leading into the
+    tower (a final norm, the projection to the tower's width): alive through the tower's
+    backward, freed before the model's blocks' backward."""
+    input_view: bool = False
+    """Under sequence parallelism the tower's first block reads its slice of the tower's input
+    as a view (``scatter_to_sequence_parallel_region`` copies nothing), keeping the whole
+    input, all the tower's tokens, on every TP rank through the tower's backward."""
 
 
 @dataclass(frozen=True)
@@ -235,6 +263,11 @@ class Workload:
     last_sp_gather: float = 0.0
     """Share of the tokens the last stage all-gathers from the sequence-parallel ranks for a
     replicated head."""
+    last_tower: Tower | None = None
+    """A second stack of blocks on the last pipeline stage (VideoMAE's decoder); ``last_saved``
+    is then what the layers after it keep."""
+    virtual_pipeline: bool = True
+    """Whether the family runs interleaved pipeline chunks (``parallel.vpp``)."""
     context_tokens: int = 0
     rows_per_sample: int = 1
     """Sequences one sample trains (DPO: the chosen and the rejected one)."""
@@ -469,11 +502,17 @@ def stage_params(w: Workload, lay: Layout, rank: int) -> int:
             params += _block_params(w.last_block, lay.tp) - _block_params(w.block, lay.tp)
         if w.tied_embeddings and lay.pp > 1:
             params += w.first_params_split // lay.tp  # megatron keeps a copy of the tied embedding
+        if w.last_tower is not None:
+            params += w.last_tower.layers * _block_params(w.last_tower.block, lay.tp)
     return params
 
 
-def _block_bytes(b: Block, saved: SavedValues, w: Workload, lay: Layout, act_bytes: int) -> float:
-    tokens = lay.mbs * w.rows_per_sample * w.tokens / lay.cp
+def _block_bytes(
+    b: Block, saved: SavedValues, w: Workload, lay: Layout, act_bytes: int, sample_tokens: int | None = None
+) -> float:
+    """Bytes one microbatch keeps in block ``b`` (over ``sample_tokens`` tokens per sample; the
+    model's by default)."""
+    tokens = lay.mbs * w.rows_per_sample * (w.tokens if sample_tokens is None else sample_tokens) / lay.cp
     per_token = saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel)
     context = b.saved_context.bytes_per_token(act_bytes, lay.tp, False) * lay.mbs * w.context_tokens
     return per_token * tokens + context
@@ -504,6 +543,16 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
     # chunk forward straight into its backward. Interleaved over more than one group of
     # microbatches, that stage also peaks holding only earlier chunks' microbatches.
     end = w.last_block if rank == lay.pp - 1 and (lay.vpp == 1 or m <= lay.pp) else None
+    tower = w.last_tower if rank == lay.pp - 1 else None
+    workspace = full_block
+    if tower is not None:
+        t = tower.block
+        tower_full = _block_bytes(t, t.saved_for("none", lay.tp), w, lay, act_bytes, tower.tokens)
+        workspace = max(workspace, tower_full)
+        # what leads into the tower, alive through its backward
+        entry = tower.entry_saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel) * tokens
+        if tower.input_view and lay.sequence_parallel:
+            entry += (1 - 1 / lay.tp) * tower.hidden * act_bytes * lay.mbs * w.rows_per_sample * tower.tokens
     if lay.recompute == "full":
         inputs = _block_bytes(w.block, w.block.saved_input, w, lay, act_bytes)
         # the forward's end (every block input and the loss) or one block's backward (its
@@ -514,13 +563,24 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
             backward = (in_flight - 1) * inputs + end_block
             if in_flight >= 2:  # then the block before it
                 backward = max(backward, (in_flight - 2) * inputs + full_block)
-        activations = max(in_flight * inputs + last, backward) + tables + first
+        forward_end = in_flight * inputs + last
+        if tower is not None:
+            tower_inputs = _block_bytes(t, t.saved_input, w, lay, act_bytes, tower.tokens)
+            forward_end += tower.layers * tower_inputs + entry
+            # a tower block's backward: the model's block inputs, the tower's other inputs and
+            # what leads into it (the loss's buffers are freed by then)
+            tower_backward = in_flight * inputs + (tower.layers - 1) * tower_inputs + tower_full + entry
+            backward = max(backward, tower_backward)
+        activations = max(forward_end, backward) + tables + first
     else:
         per_block = _block_bytes(w.block, w.block.saved_for(lay.recompute, lay.tp), w, lay, act_bytes)
         activations = in_flight * per_block + last + tables + first
         if end is not None:
             activations += _block_bytes(end, end.saved_for(lay.recompute, lay.tp), w, lay, act_bytes) - per_block
-    return StageMemory(params, state, activations, workspace_bytes=full_block)
+        if tower is not None:
+            saved = t.saved_for(lay.recompute, lay.tp)
+            activations += tower.layers * _block_bytes(t, saved, w, lay, act_bytes, tower.tokens) + entry
+    return StageMemory(params, state, activations, workspace_bytes=workspace)
 
 
 def peak_memory(w: Workload, lay: Layout, *, global_batch: int, bf16: bool) -> StageMemory:
@@ -541,6 +601,7 @@ __all__ = [
     "Matmul",
     "SavedValues",
     "StageMemory",
+    "Tower",
     "Workload",
     "dense_transformer",
     "family_workload",

@@ -150,11 +150,15 @@ def _matmul_time(mm: Matmul, rows: float, lay: Layout, s: Settings) -> float:
     return flops / (s.device.peak_flops * e.gemm) + traffic / (s.device.hbm_bytes_per_s * e.hbm)
 
 
-def _layer_times(w: Workload, b: Block, lay: Layout, s: Settings) -> tuple[float, float, float]:
-    """(forward, backward, attention forward) seconds of block ``b`` for one microbatch."""
+def _layer_times(
+    w: Workload, b: Block, lay: Layout, s: Settings, sample_tokens: int | None = None
+) -> tuple[float, float, float]:
+    """(forward, backward, attention forward) seconds of block ``b`` for one microbatch (over
+    ``sample_tokens`` tokens per sample, attending to each other; the model's by default)."""
     e, dev = s.efficiency, s.device
+    sample_tokens = w.tokens if sample_tokens is None else sample_tokens
     rows = {
-        "tokens": lay.mbs * w.rows_per_sample * w.tokens / lay.cp,
+        "tokens": lay.mbs * w.rows_per_sample * sample_tokens / lay.cp,
         "context": lay.mbs * w.context_tokens,
         "sample": lay.mbs * w.rows_per_sample,
     }
@@ -162,7 +166,7 @@ def _layer_times(w: Workload, b: Block, lay: Layout, s: Settings) -> tuple[float
     gemm = sum(_matmul_time(mm, rows[mm.rows], lay, s) for mm in b.matmuls)
     attention = 0.0
     for core in b.attention:
-        keys = w.tokens if core.keys == "tokens" else w.context_tokens
+        keys = sample_tokens if core.keys == "tokens" else w.context_tokens
         flops = 4 * tokens * core.queries * keys * (core.heads / lay.tp) * core.head_dim
         if core.causal and core.keys == "tokens":
             flops /= 2
@@ -279,6 +283,13 @@ def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Com
         tp = layers * block_bytes(b)
         if rank == lay.pp - 1 and w.last_block is not None:
             tp += block_bytes(w.last_block) - block_bytes(b)
+        if rank == lay.pp - 1 and w.last_tower is not None:
+            t = w.last_tower
+            t_tokens = lay.mbs * w.rows_per_sample * t.tokens / lay.cp
+            per_reduction, stat_passes = _tp_passes(t.block, lay)
+            t_activation = t_tokens * t.hidden * s.act_bytes
+            t_block = t.block.tp_reductions * per_reduction * t_activation
+            tp += t.layers * (t_block + stat_passes * t.block.tp_stat_values * t_tokens * 4)
         if rank == 0 and w.first_params_split:
             # the vocab-parallel embedding's reduction (SP: reduce-scatter, gathered in backward)
             tp += (2 if lay.sequence_parallel else 1) * activation
@@ -334,6 +345,14 @@ def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
     # the slowest stage: the last one (the head), unless the model's last block there does
     # less than the first stage's
     compute_mb, tp_mb = layers * layer + head, layers * tp_layer
+    if w.last_tower is not None:  # a tower on the last stage, at its own width and tokens
+        t = w.last_tower
+        t_tokens = lay.mbs * w.rows_per_sample * t.tokens / lay.cp
+        t_forward, t_backward, t_attention = _layer_times(w, t.block, lay, s, t.tokens)
+        t_recompute = {"none": 0.0, "selective": t_attention, "full": t_forward}[lay.recompute]
+        t_tp = _tp_block_time(t.block, t_tokens, t_tokens * t.hidden * s.act_bytes, lay, s)
+        compute_mb += t.layers * (t_forward + t_backward + t_recompute)
+        tp_mb += t.layers * t_tp
     if lay.sequence_parallel:
         tp_mb += w.last_sp_gather * _half_collective_time(activation, lay.tp, 1, s)
     if w.last_block is not None:

@@ -58,6 +58,8 @@ def layouts(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> I
     for tp in _divisors(min(gpus, s.gpus_per_node)):
         if w.heads % tp or (w.kv_heads % tp and tp % w.kv_heads):
             continue
+        if w.last_tower is not None and any(core.heads % tp for core in w.last_tower.block.attention):
+            continue  # a tower's heads split over TP too
         for cp in _divisors(gpus // tp) if w.context_parallel else [1]:
             if cp > 1 and (w.tokens % cp or w.heads % (tp * cp)):
                 continue
@@ -67,7 +69,7 @@ def layouts(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> I
                 dp = gpus // (tp * cp * pp)
                 if s.global_batch % dp:
                     continue
-                for vpp in _divisors(w.layers // pp) if pp > 1 else [1]:
+                for vpp in _divisors(w.layers // pp) if pp > 1 and w.virtual_pipeline else [1]:
                     for mbs in MICRO_BATCHES:
                         per_replica = s.global_batch // dp
                         if per_replica % mbs:

@@ -8,8 +8,10 @@ The whole family, one file per concern:
 - :mod:`.model`: the ViT encoder and decoder of one pipeline stage;
 - :mod:`.convert`: fmtrain <-> transformers' ``VideoMAEForPreTraining`` / ``VideoMAEModel``
   and the official VideoMAE V2 ``.pth`` checkpoints;
-- :mod:`.family`: the registry entry (``FAMILY``): the forward step and loss, sizes, data and
-  the validation pictures.
+- :mod:`.sizes`: parameters, FLOPs and the planner's workload (``fmtrain plan`` / ``info``),
+  arithmetic on the config;
+- :mod:`.family`: the registry entry (``FAMILY``): the forward step and loss, data and the
+  validation pictures.
 
 This package imports nothing itself, so reading a config stays light.
 """

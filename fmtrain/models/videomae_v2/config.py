@@ -114,10 +114,21 @@ def token_grid(cfg: Config) -> tuple[int, int, int]:
     return d.video_frames // m.tubelet_size, d.video_size // m.patch_size, d.video_size // m.patch_size
 
 
+def encoder_visible_per_frame(tokens_per_frame: int, ratio: float) -> int:
+    """Tokens per time slice the tube mask (:mod:`.masking`) leaves visible."""
+    return tokens_per_frame - int(ratio * tokens_per_frame)
+
+
+def decoder_visible_per_frame(h: int, w: int, encoder_ratio: float, decoder_ratio: float) -> int:
+    """Positions per time slice the decoder gets a mask token for (:mod:`.masking`'s running
+    cells)."""
+    if decoder_ratio <= 0:
+        return int(encoder_ratio * h * w)
+    return (4 - int(4 * decoder_ratio)) * (h // 2) * (w // 2)
+
+
 def token_counts(cfg: Config) -> tuple[int, int]:
     """(tokens the encoder sees, tokens the decoder sees) per clip: the same for every clip."""
-    from fmtrain.models.videomae_v2.masking import decoder_visible_per_frame, encoder_visible_per_frame
-
     t, h, w = token_grid(cfg)
     o = cfg.objective
     encoder = t * encoder_visible_per_frame(h * w, o.mask_ratio)

@@ -19,16 +19,11 @@ from megatron.core.utils import get_attr_wrapped_model
 from fmtrain.config import Config
 from fmtrain.data.video import IMAGENET_MEAN, IMAGENET_STD  # the clips' normalisation (the release's)
 from fmtrain.models.registry import ModelFamily, PartSpec, RunData
-from fmtrain.models.sizes import (
-    MemoryEstimate,
-    activation_bytes_per_layer,
-    in_flight_layer_microbatches,
-    state_bytes_per_param,
-)
 from fmtrain.models.videomae_v2 import convert
 from fmtrain.models.videomae_v2.config import token_counts, token_grid
 from fmtrain.models.videomae_v2.masking import draw_masks
 from fmtrain.models.videomae_v2.model import MAEInputs, build_chunk, init_rule, transformer_config
+from fmtrain.models.videomae_v2.sizes import flops_per_sample, param_count, parameter_breakdown, workload
 from fmtrain.objectives import mae as objective
 
 
@@ -81,83 +76,6 @@ def make_forward_step(cfg: Config, parts=None, progress=None):
 def prepare_pipeline_step(cfg: Config, microbatches: list[dict]) -> tuple[list[dict], int]:
     """Every clip sends its visible tokens between stages: one shape for the whole run."""
     return microbatches, token_counts(cfg)[0]
-
-
-# ----------------------------------------------------------------------------- sizes
-
-
-def _block_params(h: int, ffn: int, qv_bias: bool) -> int:
-    """Linear weights 4h^2 + 2 h ffn; biases (q, v, proj, fc1, fc2) and two LayerNorms."""
-    return 4 * h * h + 2 * h * ffn + (2 * h if qv_bias else 0) + h + ffn + h + 4 * h
-
-
-def parameter_breakdown(cfg: Config) -> dict[str, int]:
-    """Exact parameter counts of the encoder and the decoder (with ``encoder_to_decoder`` and the
-    mask token); checked against the built module in tests."""
-    m = cfg.model
-    h, dh = m.hidden_size, m.decoder_hidden_size
-    pixels = m.in_channels * m.tubelet_size * m.patch_size**2
-    encoder = pixels * h + h + m.num_layers * _block_params(h, m.ffn_hidden_size, m.qv_bias) + 2 * h
-    decoder = h * dh + dh + m.decoder_num_layers * _block_params(dh, m.decoder_ffn_hidden_size, m.qv_bias)
-    decoder += 2 * dh + dh * pixels + pixels
-    return {"encoder": encoder, "decoder": decoder}
-
-
-def param_count(cfg: Config) -> int:
-    return sum(parameter_breakdown(cfg).values())
-
-
-def flops_per_sample(cfg: Config) -> float:
-    """Model FLOPs (forward + backward = 3x forward) of one clip: per block and token 2 x (4h^2 +
-    2 h ffn) for the linears and 2 x 2 S h for the (non-causal) attention over the S tokens the
-    tower sees; the patch embedding of every token, ``encoder_to_decoder`` and the head."""
-    m = cfg.model
-    t, hp, wp = token_grid(cfg)
-    encoder_tokens, decoder_tokens = token_counts(cfg)
-    pixels = m.in_channels * m.tubelet_size * m.patch_size**2
-
-    def tower(layers: int, h: int, ffn: int, s: int) -> float:
-        return layers * s * (2 * (4 * h * h + 2 * h * ffn) + 2 * 2 * s * h)
-
-    h, dh = m.hidden_size, m.decoder_hidden_size
-    forward = tower(m.num_layers, h, m.ffn_hidden_size, encoder_tokens)
-    forward += tower(m.decoder_num_layers, dh, m.decoder_ffn_hidden_size, decoder_tokens)
-    forward += 2 * t * hp * wp * pixels * h + 2 * encoder_tokens * h * dh
-    forward += 2 * (decoder_tokens - encoder_tokens) * dh * pixels
-    return 3.0 * forward
-
-
-def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -> MemoryEstimate:
-    """Peak memory of the busier of the first pipeline stage (most encoder microbatches in
-    flight under 1F1B) and the last (its encoder layers plus the whole decoder). Activations per
-    block: Korthikanti's count with flash attention (SDPA stores no score matrix), the tokens a
-    tower sees playing the sequence."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
-    bf16 = t.precision != "fp32"
-    encoder_tokens, decoder_tokens = token_counts(cfg)
-    breakdown = parameter_breakdown(cfg)
-
-    def layer_bytes(tokens: int, hidden: int, heads: int) -> float:
-        return activation_bytes_per_layer(
-            tokens, t.micro_batch_size, hidden, heads, p.tp, p.sequence_parallel, m.recompute, flash_attention=True
-        )
-
-    per_encoder_layer = layer_bytes(encoder_tokens, m.hidden_size, m.num_attention_heads)
-    decoder_act = m.decoder_num_layers * layer_bytes(
-        decoder_tokens, m.decoder_hidden_size, m.decoder_num_attention_heads
-    )
-    first = per_encoder_layer * in_flight_layer_microbatches(0, m.num_layers, p.pp, 1, num_microbatches)
-    last = per_encoder_layer * m.num_layers / p.pp + decoder_act
-    act = max(first, last) * (1 if bf16 else 2)
-    h = m.hidden_size
-    block = _block_params(h, m.ffn_hidden_size, m.qv_bias)
-    replicated = 6 * h  # the two LayerNorms and the row-parallel proj / fc2 biases
-    # An upper bound for PP > 1: a stage's share of encoder blocks (TP-split) plus the decoder (on
-    # the last stage) and the patch embedding and final norm (first / last stage).
-    params = m.num_layers // p.pp * ((block - replicated) // p.tp + replicated)
-    params += breakdown["decoder"] // p.tp + breakdown["encoder"] - m.num_layers * block
-    state = params * state_bytes_per_param(bf16, p.distributed_optimizer, dp)
-    return MemoryEstimate(params, state, act, state + act)
 
 
 # ----------------------------------------------------------------------------- data
@@ -257,7 +175,7 @@ FAMILY = ModelFamily(
     param_count=param_count,
     flops_per_sample=flops_per_sample,
     units_per_sample=lambda cfg: 1,
-    memory_estimate=memory_estimate,
+    workload=workload,
     throughput_unit="clips",
     prepare_step=prepare_pipeline_step,
     converter=convert.CONVERTER,

@@ -19,18 +19,10 @@ from __future__ import annotations
 
 import torch
 
+# the visible counts live with the config (arithmetic, no torch: the planner reads them)
+from fmtrain.models.videomae_v2.config import encoder_visible_per_frame
+
 _SALT_TUBE, _SALT_CELL = 21, 22
-
-
-def encoder_visible_per_frame(tokens_per_frame: int, ratio: float) -> int:
-    return tokens_per_frame - int(ratio * tokens_per_frame)
-
-
-def decoder_visible_per_frame(h: int, w: int, encoder_ratio: float, decoder_ratio: float) -> int:
-    """Positions per time slice the decoder gets a mask token for."""
-    if decoder_ratio <= 0:
-        return int(encoder_ratio * h * w)
-    return (4 - int(4 * decoder_ratio)) * (h // 2) * (w // 2)
 
 
 def _generator(seed: int, salt: int) -> torch.Generator:
