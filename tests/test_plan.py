@@ -283,6 +283,26 @@ def test_plan_layout_fixes_fields_and_refuses_typos(capsys):
     assert "h100" in capsys.readouterr().err
 
 
+def test_plan_offers_only_layouts_the_recipe_can_run(capsys):
+    """Yi-6B has 4 key/value heads: fmtrain's config refuses TP = 8 (megatron would repeat them),
+    so the plan never ranks it, and fixing it says why instead of "no layout fits"; the generic
+    description of the same model may use it."""
+    from fmtrain.config import ConfigError, load_config
+
+    recipe = str(REPO / "recipes/yi/6b.yaml")
+    with pytest.raises(ConfigError, match="num_query_groups=4 is not divisible by parallel.tp=8"):
+        load_config(recipe, ["parallel.tp=8"])
+    assert fmtrain_main(["plan", recipe, "--gpus", "64", "--json", "--top", "10000"]) == 0
+    layouts = json.loads(capsys.readouterr().out)["layouts"]
+    assert layouts and {entry["tp"] for entry in layouts} <= {1, 2, 4}
+    assert fmtrain_main(["plan", recipe, "--gpus", "64", "--layout", "tp=8"]) == 1
+    assert "no valid layout has tp=8" in capsys.readouterr().out
+    generic = "--arch gpt --layers 32 --hidden 4096 --heads 32 --kv-heads 4 --ffn 11008 --swiglu"
+    args = generic.split() + "--vocab 64000 --seq 4096 --global-batch 1024 --gpus 64 --json --layout tp=8".split()
+    assert fmtrain_main(["plan", *args]) == 0
+    assert json.loads(capsys.readouterr().out)["layouts"][0]["tp"] == 8
+
+
 def test_plan_generic_gpt_matches_the_recipe_it_describes(capsys):
     """--arch gpt with Yi-6B's dimensions ranks the same layouts as the Yi-6B recipe (FLOPs
     apart: the recipe counts its own)."""

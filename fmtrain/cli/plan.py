@@ -100,7 +100,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "a 2 GiB + 5% allowance for the CUDA context, NCCL and fragmentation"
     )
     if not top:
-        print("no layout fits: more GPUs, a smaller micro-batch or recompute, or a larger device")
+        print(
+            "no layout fits: more GPUs, a smaller micro-batch or recompute, or a larger device"
+            if considered
+            else f"no valid layout has {args.layout or 'these fields'} on {args.gpus} GPUs: TP must divide "
+            "the heads and key/value heads and stay within a node, PP the layers (VPP only where the family "
+            "interleaves), DP the global batch"
+        )
         return 1
     header = (
         f"{'tp':>3} {'pp':>3} {'vpp':>3} {'cp':>3} {'dp':>5} {'mbs':>3} {'recompute':>9} {'mem GiB':>8} "

@@ -48,15 +48,18 @@ def _divisors(n: int) -> list[int]:
 
 def layouts(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> Iterator[Layout]:
     """Every layout megatron can run: TP within a node dividing the heads (and the key/value
-    heads, or repeating them), PP dividing the layers, VPP dividing a stage's layers (at PP > 1,
-    with the microbatches a multiple of PP), CP dividing the tokens and the heads per TP rank
-    (families that support it), DP the rest; micro-batches dividing a replica's share of the
-    global batch. Sequence parallelism is on whenever TP > 1 (it only saves memory), the
-    distributed optimizer always, unless ``fixed`` says otherwise."""
+    heads; a generic --arch description may also repeat them), PP dividing the layers, VPP
+    dividing a stage's layers (at PP > 1, with the microbatches a multiple of PP), CP dividing
+    the tokens and the heads per TP rank (families that support it), DP the rest; micro-batches
+    dividing a replica's share of the global batch. Sequence parallelism is on whenever TP > 1
+    (it only saves memory), the distributed optimizer always, unless ``fixed`` says otherwise."""
     fixed = fixed or {}
     recomputes = [r for r in RECOMPUTE if r != "selective" or w.block.saved_selective is not None]
     for tp in _divisors(min(gpus, s.gpus_per_node)):
-        if w.heads % tp or (w.kv_heads % tp and tp % w.kv_heads):
+        # megatron runs fewer key/value heads than TP ranks by repeating them (a generic --arch
+        # description may use that); fmtrain's families refuse it when the config is validated.
+        repeats_kv_heads = w.family == "gpt" and tp % w.kv_heads == 0
+        if w.heads % tp or (w.kv_heads % tp and not repeats_kv_heads):
             continue
         if w.last_tower is not None and any(core.heads % tp for core in w.last_tower.block.attention):
             continue  # a tower's heads split over TP too
