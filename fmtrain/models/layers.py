@@ -133,6 +133,15 @@ class StageChunk(MegatronModule):
         )
 
 
+def scatter_to_sequence_parallel(x: torch.Tensor) -> torch.Tensor:
+    """This TP rank's slice of ``x`` [S, b, h] (all tokens) under sequence parallelism, as a
+    tensor of its own. megatron's ``scatter_to_sequence_parallel_region`` returns a view of the
+    slice, so a first block that keeps its input for backward would keep every token on every
+    TP rank alive, per microbatch in flight; megatron's own embedding clones it for the same
+    reason (``clone_scatter_output_in_embedding``)."""
+    return tensor_parallel.scatter_to_sequence_parallel_region(x).clone()
+
+
 def run_blocks(blocks, streams, *conditioning, recompute: bool):
     """``streams`` (a tensor, or a tuple of them for a two-stream DiT) through each block, which
     maps ``(*streams, *conditioning)`` to the new streams; with ``recompute`` every block's

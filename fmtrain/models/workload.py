@@ -206,10 +206,6 @@ class Tower:
     """Kept per token of the model's blocks (``Workload.tokens``) by the layers leading into the
     tower (a final norm, the projection to the tower's width): alive through the tower's
     backward, freed before the model's blocks' backward."""
-    input_view: bool = False
-    """Under sequence parallelism the tower's first block reads its slice of the tower's input
-    as a view (``scatter_to_sequence_parallel_region`` copies nothing), keeping the whole
-    input, all the tower's tokens, on every TP rank through the tower's backward."""
 
 
 @dataclass(frozen=True)
@@ -248,12 +244,6 @@ class Workload:
     the last pipeline stage's last chunk); None: like the others."""
     tables_fp32_per_token: float = 0.0
     """Like ``tables_per_token``, kept in fp32 whatever the activation dtype."""
-    first_input_view: bool = False
-    """Under sequence parallelism the first block's input is this rank's slice of the embedder's
-    output taken as a view (megatron's ``scatter_to_sequence_parallel_region`` copies nothing
-    when the slice is contiguous), so the first stage keeps the whole output's storage, all the
-    tokens on every TP rank, for each microbatch in flight on its first chunk, where the block
-    counts only its slice."""
     stage_rows: int = 0
     """Rows per sample a pipeline stage sends beside the tokens (conditioning vectors), whole
     under sequence parallelism."""
@@ -536,8 +526,6 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
         last = w.last_saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel) * tokens
     if rank == 0:
         first = w.first_saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel) * tokens
-        if w.first_input_view and lay.sequence_parallel:
-            first += (1 - 1 / lay.tp) * w.hidden * act_bytes * tokens
         first *= first_chunk_microbatches(lay.pp, lay.vpp, m)
     # the model's last block is in the last stage's peak once: 1F1B runs a microbatch's last
     # chunk forward straight into its backward. Interleaved over more than one group of
@@ -551,8 +539,6 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
         workspace = max(workspace, tower_full)
         # what leads into the tower, alive through its backward
         entry = tower.entry_saved.bytes_per_token(act_bytes, lay.tp, lay.sequence_parallel) * tokens
-        if tower.input_view and lay.sequence_parallel:
-            entry += (1 - 1 / lay.tp) * tower.hidden * act_bytes * lay.mbs * w.rows_per_sample * tower.tokens
     if lay.recompute == "full":
         inputs = _block_bytes(w.block, w.block.saved_input, w, lay, act_bytes)
         # the forward's end (every block input and the loss) or one block's backward (its

@@ -63,7 +63,7 @@ from fmtrain.models.dit import (
 )
 from fmtrain.models.init import InitRule
 from fmtrain.models.lavin_dit.sizes import TIMESTEP_FEATURES
-from fmtrain.models.layers import StageChunk, run_blocks
+from fmtrain.models.layers import StageChunk, run_blocks, scatter_to_sequence_parallel
 from fmtrain.models.linear import parallel_linear
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.rope import apply_rope_3d, rope_3d_cos_sin
@@ -386,8 +386,8 @@ class LaVinDiT(StageChunk):
         if self.pre_process:
             cond, x, t_cond, t_x = self._embed(inputs)
             if self.sequence_parallel:
-                cond = tensor_parallel.scatter_to_sequence_parallel_region(cond)
-                x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+                cond = scatter_to_sequence_parallel(cond)
+                x = scatter_to_sequence_parallel(x)
         else:
             cond, x, t_cond, t_x = unpack_stage_input(self.input_tensor, (n_cond, n_x, 1, 1))
         tc, h, w = inputs.cond_grid

@@ -62,7 +62,7 @@ from fmtrain.models.dit import (
     unpatchify,
 )
 from fmtrain.models.init import InitRule
-from fmtrain.models.layers import HeadRMSNorm, StageChunk, run_blocks
+from fmtrain.models.layers import HeadRMSNorm, StageChunk, run_blocks, scatter_to_sequence_parallel
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.rope import apply_rope_3d, rope_3d_cos_sin
 from fmtrain.objectives import flow_matching as fm
@@ -401,7 +401,7 @@ class StepVideoDiT(StageChunk):
         if self.pre_process:
             x, context, key_mask, modulation, embedded = self._embed(inputs)
             if self.sequence_parallel:
-                x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+                x = scatter_to_sequence_parallel(x)
         else:
             key_mask = self._key_mask(inputs)
             x, context, modulation, embedded = unpack_stage_input(

@@ -69,9 +69,7 @@ def workload(cfg: Config, on_gpu: bool) -> Workload:
     queries), 2 ffn (the MLP's GELU input and output) and five fp32 values per head (q/k-norm
     reciprocals, two softmax log-sum-exps). Per text token: the cross-attention's keys and
     values and their normed copies (5h split). Full recompute keeps each block's input. The
-    first stage keeps the patch embedding's input per video token, and under sequence
-    parallelism the whole embedded sequence each rank's first block reads a slice of
-    (``Workload.first_input_view``)."""
+    first stage keeps the patch embedding's input per video token."""
     k = _dims(cfg)
     h, d, ffn, heads = k["h"], k["d"], k["ffn"], cfg.model.num_attention_heads
     block = block_param_count(h, d, ffn)
@@ -111,7 +109,6 @@ def workload(cfg: Config, on_gpu: bool) -> Workload:
         head_matmuls=(Matmul("proj_out", h, k["patch"], "none"),),
         tables_per_token=2 * d,
         first_saved=SavedValues(gathered=k["patch"]),
-        first_input_view=True,
         # the final layer runs on the tokens gathered from the SP ranks: every rank keeps the
         # final norm's input and output, proj_out's input, the norm's fp32 statistics and the
         # fp32 error the loss squares, for all tokens

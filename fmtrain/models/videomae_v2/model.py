@@ -42,7 +42,12 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from fmtrain.config import Config
 from fmtrain.models.init import InitRule
-from fmtrain.models.layers import StageChunk, run_blocks, sharded_state_dict_with_global_blocks
+from fmtrain.models.layers import (
+    StageChunk,
+    run_blocks,
+    scatter_to_sequence_parallel,
+    sharded_state_dict_with_global_blocks,
+)
 from fmtrain.models.linear import parallel_linear, runs_unsharded
 from fmtrain.models.megatron_config import shared_transformer_kwargs
 from fmtrain.models.videomae_v2.config import token_grid
@@ -293,7 +298,7 @@ class VideoMAE(StageChunk):
         if self.pre_process:
             x = self._embed_visible(inputs)  # [N_visible, b, h]
             if self.sequence_parallel:
-                x = tensor_parallel.scatter_to_sequence_parallel_region(x)
+                x = scatter_to_sequence_parallel(x)
         else:
             x = self.input_tensor
         x = run_blocks(self.encoder.blocks, x, recompute=self.recompute and self.training)
@@ -321,7 +326,7 @@ class VideoMAE(StageChunk):
         full = torch.cat([x + visible_pos, self.mask_token.to(x.dtype) + decoder_pos], dim=1)
         full = full.transpose(0, 1).contiguous()  # [N_visible + N_decoder, b, h_dec]
         if self.sequence_parallel:
-            full = tensor_parallel.scatter_to_sequence_parallel_region(full)
+            full = scatter_to_sequence_parallel(full)
         full = run_blocks(self.decoder.blocks, full, recompute=self.recompute and self.training)
         full = _gather_tokens(full, self.sequence_parallel)
         prediction = self.decoder.head(self.decoder.norm(full[-n_out:])).transpose(0, 1)  # [b, N_decoder, D]

@@ -116,11 +116,9 @@ def workload(cfg: Config, on_gpu: bool) -> Workload:
 
     First stage, per visible token: the patch embedding's input (the tubelet's pixels, gathered
     from the clip for the visible tokens alone; the embedding is replicated, so whole on every
-    TP rank), and under SP the embedded sequence the first block reads its slice of as a view
-    (``Workload.first_input_view``). Last stage: between the towers, per visible token, the
+    TP rank). Last stage: between the towers, per visible token, the
     encoder's final norm's input (gathered from the SP ranks), statistics and output (2h + 2
-    fp32, whole on every rank); under SP the decoder's input, whose slice its first block reads
-    as a view (``Tower.input_view``). After the decoder, per reconstructed token: the decoder
+    fp32, whole on every rank). After the decoder, per reconstructed token: the decoder
     norm's input, a view into the whole [visible + reconstructed] output of the last decoder
     block (gathered under SP), its two fp32 statistics and output (the head's input), and the
     loss's fp32 prediction, target and loss weight, on every TP rank. The sinusoidal position
@@ -153,14 +151,12 @@ def workload(cfg: Config, on_gpu: bool) -> Workload:
             Matmul("decoder.head", dh, pixels, "none", share=out_share),
         ),
         first_saved=SavedValues(gathered=pixels),
-        first_input_view=True,
         last_tower=Tower(
             layers=m.decoder_num_layers,
             hidden=dh,
             tokens=decoder_tokens,
             block=decoder,
             entry_saved=SavedValues(gathered=2 * h, fp32_gathered=2),
-            input_view=True,
         ),
         last_saved=SavedValues(
             gathered=all_share * dh + out_share * dh, fp32_gathered=out_share * (2 + 2 * pixels + 1)
