@@ -199,6 +199,18 @@ def test_plan_json_ranks_fitting_layouts_fastest_first(capsys):
         assert {"vpp", "mbs", "recompute", "compute_s", "bubble_s", "dp_comm_s", "tokens_per_s_per_gpu"} <= set(entry)
 
 
+def _assert_info_prints_the_planners_activations(capsys, recipe: str, family: str, info_args: list[str]):
+    """``fmtrain info RECIPE`` prints the activations the planner's peak memory gives for the
+    recipe's micro-batch and recompute (data parallel, as both recipes run)."""
+    assert fmtrain_main(["info", recipe, *info_args]) == 0
+    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("memory/GPU"))
+    cfg = load_config(recipe, [])
+    w = import_family_part(family, "sizes", "workload")(cfg, True)
+    layout = Layout(dp=64, mbs=cfg.train.micro_batch_size, recompute=cfg.model.recompute)
+    expected = peak_memory(w, layout, Settings(global_batch=cfg.train.global_batch_size, device=DEVICES["h100"]))
+    assert f"activations {expected.activation_bytes / GIB:.2f} GiB" in line
+
+
 def test_plan_and_info_cover_the_lavin_dit(capsys):
     """The J-DiT's 3.4B recipe: ranked layouts (none or full recompute: the family refuses
     selective), and fmtrain info prints the planner's memory for the recipe's layout."""
@@ -207,13 +219,7 @@ def test_plan_and_info_cover_the_lavin_dit(capsys):
     layouts = json.loads(capsys.readouterr().out)["layouts"]
     assert layouts and [e["step_time_s"] for e in layouts] == sorted(e["step_time_s"] for e in layouts)
     assert {e["recompute"] for e in layouts} == {"none", "full"}
-    assert fmtrain_main(["info", recipe, "--gpus", "64"]) == 0
-    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("memory/GPU"))
-    cfg = load_config(recipe, [])
-    w = import_family_part("lavin_dit", "sizes", "workload")(cfg, True)
-    layout = Layout(dp=64, mbs=cfg.train.micro_batch_size, recompute=cfg.model.recompute)
-    expected = peak_memory(w, layout, Settings(global_batch=cfg.train.global_batch_size, device=DEVICES["h100"]))
-    assert f"activations {expected.activation_bytes / GIB:.2f} GiB" in line
+    _assert_info_prints_the_planners_activations(capsys, recipe, "lavin_dit", ["--gpus", "64"])
 
 
 def test_plan_and_info_cover_videomae(capsys):
@@ -226,13 +232,7 @@ def test_plan_and_info_cover_videomae(capsys):
     assert layouts and [e["step_time_s"] for e in layouts] == sorted(e["step_time_s"] for e in layouts)
     assert {e["recompute"] for e in layouts} == {"none", "full"} and {e["vpp"] for e in layouts} == {1}
     assert {e["tp"] for e in layouts} == {1, 2, 4, 8}  # 16 encoder and 8 decoder heads
-    assert fmtrain_main(["info", recipe]) == 0
-    line = next(text for text in capsys.readouterr().out.splitlines() if text.startswith("memory/GPU"))
-    cfg = load_config(recipe, [])
-    w = import_family_part("videomae_v2", "sizes", "workload")(cfg, True)
-    layout = Layout(dp=64, mbs=cfg.train.micro_batch_size, recompute=cfg.model.recompute)
-    expected = peak_memory(w, layout, Settings(global_batch=cfg.train.global_batch_size, device=DEVICES["h100"]))
-    assert f"activations {expected.activation_bytes / GIB:.2f} GiB" in line
+    _assert_info_prints_the_planners_activations(capsys, recipe, "videomae_v2", [])
 
 
 def test_videomae_workload_flops_are_the_family_count():

@@ -36,6 +36,18 @@ def unpatchify(tokens: torch.Tensor, grid: tuple[int, int, int], tubelet: int, p
     return x.reshape(b, c, t * tubelet, h * patch, w * patch)
 
 
+def gather_tubelets(
+    pixels: torch.Tensor, tokens: torch.Tensor, sample: torch.Tensor, tubelet: int, patch: int
+) -> torch.Tensor:
+    """The tubelet of token ``tokens[i]`` ((t, h, w) order) of clip ``sample[i]`` of ``pixels``
+    [B, C, T, H, W], for index tensors of one shape S: [*S, C, tubelet, patch, patch] (the
+    Conv3d kernel's layout), a new tensor."""
+    b, c, t, h, w = pixels.shape
+    t, h, w = t // tubelet, h // patch, w // patch
+    tubelets = pixels.reshape(b, c, t, tubelet, h, patch, w, patch).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    return tubelets[sample, tokens // (h * w), tokens // w % h, tokens % w]
+
+
 def reconstruction_target(
     pixels: torch.Tensor,
     mean: torch.Tensor,
@@ -49,15 +61,13 @@ def reconstruction_target(
     normalised with per-channel ``mean`` / ``std`` (shape [C]). ``tokens`` ([B, n] indices in
     (t, h, w) order) computes only those: [B, n, tubelet*patch*patch*C]."""
     b, c, t, h, w = pixels.shape
-    t, h, w = t // tubelet, h // patch, w // patch
     if tokens is None:
-        tokens = torch.arange(t * h * w, device=pixels.device).expand(b, -1)
+        tokens = torch.arange((t // tubelet) * (h // patch) * (w // patch), device=pixels.device).expand(b, -1)
     # Each token's tubelet gathered channel-major ([B, n, C, tubelet*patch*patch], a new tensor
     # updated in place), so the per-token statistics reduce contiguous memory; the features
     # are put in (p0, p1, p2, c) order last.
-    tubelets = pixels.reshape(b, c, t, tubelet, h, patch, w, patch).permute(0, 2, 4, 6, 1, 3, 5, 7)
     sample = torch.arange(b, device=tokens.device).view(b, 1).expand_as(tokens)
-    x = tubelets[sample, tokens // (h * w), tokens // w % h, tokens % w].flatten(3).float()
+    x = gather_tubelets(pixels, tokens, sample, tubelet, patch).flatten(3).float()
     x.mul_(std.view(c, 1).to(x.device)).add_(mean.view(c, 1).to(x.device))
     if norm:
         # Two passes (mean, then the norm of the centred values, which the output needs anyway):
@@ -74,4 +84,4 @@ def token_errors(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(-1)
 
 
-__all__ = ["CONFIG", "patchify", "reconstruction_target", "token_errors", "unpatchify"]
+__all__ = ["CONFIG", "gather_tubelets", "patchify", "reconstruction_target", "token_errors", "unpatchify"]

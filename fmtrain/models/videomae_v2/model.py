@@ -202,16 +202,14 @@ class _PatchEmbed(torch.nn.Module):
         visible tokens (10 % at the usual masking ratio) are embedded alone: their tubelets are
         gathered with the kernel's (C, tubelet, patch, patch) layout and multiplied by it.
         """
-        b, c = video.shape[:2]
+        b = video.shape[0]
         sample = None if tokens is None else torch.arange(b, device=tokens.device).expand_as(tokens)
         # DeepSpeed ZeRO-3 gathers the kernel only for the Conv3d's own forward.
         if tokens is None or hasattr(self.proj.weight, "ds_id"):
             every = self.proj(video).flatten(2).transpose(1, 2)
             return every if tokens is None else every[sample, tokens]
-        kernel = self.proj.kernel_size
-        t, h, w = (size // k for size, k in zip(video.shape[2:], kernel))
-        tubelets = video.reshape(b, c, t, kernel[0], h, kernel[1], w, kernel[2]).permute(0, 2, 4, 6, 1, 3, 5, 7)
-        picked = tubelets[sample, tokens // (h * w), tokens // w % h, tokens % w]  # [n, B, C, *kernel]
+        tubelet, patch, _ = self.proj.kernel_size
+        picked = mae.gather_tubelets(video, tokens, sample, tubelet, patch)  # [n, B, C, *kernel]
         return F.linear(picked.flatten(2), self.proj.weight.flatten(1), self.proj.bias)
 
 
