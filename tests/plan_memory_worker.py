@@ -3,7 +3,8 @@
 ``python -m torch.distributed.run --nproc_per_node 4 tests/plan_memory_worker.py OUT FAMILY LAYOUTS``
 runs, in one process group, one training step of ``FAMILY`` (yi | step_video | lavin_dit |
 videomae_v2, tiny shapes, fp32 or with ``bf16`` bf16) for each layout of LAYOUTS
-(``tp,pp,vpp,recompute[,sp][,bf16];...``; DP is the rest of the world) and records per rank:
+(``tp,pp,vpp,recompute[,sp][,bf16][,zeroN];...``; DP is the rest of the world; ``zeroN``: on the
+deepspeed backend at ZeRO stage N) and records per rank:
 
 - ``activation_bytes``: the peak over the step of the distinct storages autograd keeps for
   backward (saved-tensor hooks; each storage counted from the first tensor saved on it until
@@ -11,7 +12,8 @@ videomae_v2, tiny shapes, fp32 or with ``bf16`` bf16) for each layout of LAYOUTS
   every microbatch in flight under the pipeline schedule, the loss's buffers, and a recomputed
   layer during its backward;
 - ``state_bytes``: parameters, gradient buffers and optimizer state the rank holds (the
-  DDP buffers and every tensor of the optimizer's state, summed);
+  DDP buffers and every tensor of the optimizer's state, summed; on the deepspeed backend the
+  engine's count at its peak, sampled around each backward and at the optimizer step);
 - ``comm_bytes``: by group (tp, cp, pp, dp, other), the bytes the rank handed to
   torch.distributed during the step: the tensor of an all-reduce or a send, the whole tensor
   of a reduce-scatter (its input) or an all-gather (its output). torch.distributed's functions
@@ -67,16 +69,16 @@ microbatch (VideoMAE's attention output is then copied into the projection's lay
 class CollectiveBytes:
     """Bytes handed to torch.distributed per group while ``counting``."""
 
-    # name: (position of the tensor whose bytes count, position of the group argument)
+    # name: (position and keyword of the tensor whose bytes count, position of the group argument)
     WRAPPED = {
-        "all_reduce": (0, 2),
-        "reduce_scatter_tensor": (1, 3),
-        "_reduce_scatter_base": (1, 3),
-        "all_gather_into_tensor": (0, 2),
-        "_all_gather_base": (0, 2),
-        "all_to_all_single": (1, 4),
-        "isend": (0, 2),
-        "send": (0, 2),
+        "all_reduce": (0, "tensor", 2),
+        "reduce_scatter_tensor": (1, "input", 3),
+        "_reduce_scatter_base": (1, "input", 3),
+        "all_gather_into_tensor": (0, "output_tensor", 2),
+        "_all_gather_base": (0, "output_tensor", 2),
+        "all_to_all_single": (1, "input", 4),
+        "isend": (0, "tensor", 2),
+        "send": (0, "tensor", 2),
     }
 
     def __init__(self):
@@ -84,10 +86,12 @@ class CollectiveBytes:
 
         self.counting = False
         self.depth = 0
+        self.dp_ranks: list[int] | None = None
+        """Set on the deepspeed backend: DeepSpeed reduces over its own group of the DP ranks."""
         self.bytes: dict[str, int] = {}
-        for name, (tensor_at, group_at) in self.WRAPPED.items():
+        for name, (tensor_at, keyword, group_at) in self.WRAPPED.items():
             # both names: torch's P2POp checks its op against distributed_c10d.isend
-            wrapped = self._wrap(getattr(dist, name), tensor_at, group_at)
+            wrapped = self._wrap(getattr(dist, name), tensor_at, keyword, group_at)
             setattr(dist, name, wrapped)
             setattr(distributed_c10d, name, wrapped)
 
@@ -102,13 +106,15 @@ class CollectiveBytes:
         ):
             if group is not None and group == get():
                 return label
+        if self.dp_ranks is not None and dist.get_process_group_ranks(group or dist.group.WORLD) == self.dp_ranks:
+            return "dp"
         return "other"
 
-    def _wrap(self, function, tensor_at: int, group_at: int):
+    def _wrap(self, function, tensor_at: int, keyword: str, group_at: int):
         @functools.wraps(function)
         def wrapped(*args, **kwargs):
             if self.counting and self.depth == 0:
-                tensor = args[tensor_at]
+                tensor = kwargs[keyword] if keyword in kwargs else args[tensor_at]
                 group = kwargs.get("group", args[group_at] if len(args) > group_at else None)
                 label = self._label(group)
                 self.bytes[label] = self.bytes.get(label, 0) + tensor.numel() * tensor.element_size()
@@ -135,7 +141,8 @@ class LiveSavedBytes:
         self.peak = 0
 
     def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.numel() and tensor.data_ptr() not in self.exclude:
+        # a ZeRO-3 weight is a Parameter whose storage is gathered anew for each use
+        if tensor.numel() and tensor.data_ptr() not in self.exclude and not isinstance(tensor, torch.nn.Parameter):
             storage = tensor.untyped_storage()
             key = storage.data_ptr()
             if key not in self.refs:
@@ -210,7 +217,28 @@ def state_bytes(engine) -> int:
     return total
 
 
-def measure(family: str, tp: int, pp: int, vpp: int, recompute: str, sp: bool, world: int, bf16: bool = False) -> dict:
+def zero_state_peak(engine) -> list[int]:
+    """Samples of the deepspeed engine's model-state bytes (weights, gradients, ZeRO's fp32
+    partitions, Adam moments; ZeRO-3's gathered weights included) around each microbatch's
+    backward and at the optimizer step; the step's peak is their maximum."""
+    samples: list[int] = []
+    ds = engine.primary.ds
+    backward = ds.backward
+
+    def sampled_backward(*args, **kwargs):
+        samples.append(engine.model_state_bytes())
+        result = backward(*args, **kwargs)
+        samples.append(engine.model_state_bytes())
+        return result
+
+    ds.backward = sampled_backward
+    ds.optimizer.optimizer.register_step_pre_hook(lambda *_: samples.append(engine.model_state_bytes()))
+    return samples
+
+
+def measure(
+    family: str, tp: int, pp: int, vpp: int, recompute: str, sp: bool, world: int, bf16: bool = False, zero: int = 0
+) -> dict:
     from megatron.core import parallel_state
 
     from fmtrain import parallel
@@ -230,12 +258,26 @@ def measure(family: str, tp: int, pp: int, vpp: int, recompute: str, sp: bool, w
         f"train.micro_batch_size={mbs}",
         f"train.precision={'bf16' if bf16 else 'fp32'}",
     ]
+    if zero:
+        overrides += ["engine.backend=deepspeed", f"engine.zero_stage={zero}"]
     cfg = load_config(REPO / "recipes" / RECIPES[family], overrides)
     topo = parallel.initialize(cfg)
-    engine = MegatronEngine(cfg, topo, get_family(cfg.model.family))
-    params = {p.data_ptr() for chunk in engine.primary.chunks for p in chunk.parameters()}
+    if zero:
+        from fmtrain.engine.deepspeed import DeepSpeedEngine
+
+        engine = DeepSpeedEngine(cfg, topo, get_family(cfg.model.family))
+        params = {p.data_ptr() for p in engine.primary.module.parameters()}
+        state_samples = zero_state_peak(engine)
+    else:
+        engine = MegatronEngine(cfg, topo, get_family(cfg.model.family))
+        params = {p.data_ptr() for chunk in engine.primary.chunks for p in chunk.parameters()}
     counter = LiveSavedBytes(params)
     batches = [microbatch(cfg, topo.dp_rank * MICROBATCHES + i) for i in range(MICROBATCHES)]
+    if zero:
+        # DeepSpeed creates Adam's moments in its first step: measure the second
+        engine.train_step(batches, lr=1e-3)
+        state_samples.clear()
+        COLLECTIVES.dp_ranks = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
     COLLECTIVES.bytes = {}
     COLLECTIVES.counting = True
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
@@ -244,11 +286,12 @@ def measure(family: str, tp: int, pp: int, vpp: int, recompute: str, sp: bool, w
     result = {
         "comm_bytes": dict(COLLECTIVES.bytes),
         "activation_bytes": counter.peak,
-        "state_bytes": state_bytes(engine),
+        "state_bytes": max(state_samples) if zero else state_bytes(engine),
         "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
         "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
         "dp": dp,
     }
+    COLLECTIVES.dp_ranks = None
     del engine
     parallel_state.destroy_model_parallel()
     return result
@@ -261,8 +304,9 @@ def main() -> None:
         fields = layout.split(",")
         tp, pp, vpp = (int(x) for x in fields[:3])
         recompute, sp, bf16 = fields[3], "sp" in fields[4:], "bf16" in fields[4:]
+        zero = next((int(f[4:]) for f in fields[4:] if f.startswith("zero")), 0)
         world = int(__import__("os").environ["WORLD_SIZE"])
-        mine = measure(family, tp, pp, vpp, recompute, sp, world, bf16)
+        mine = measure(family, tp, pp, vpp, recompute, sp, world, bf16, zero)
         gathered = [None] * world if dist.get_rank() == 0 else None
         dist.gather_object(mine, gathered, dst=0)
         results[layout] = gathered

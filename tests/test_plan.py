@@ -60,14 +60,17 @@ def _measure(tmp_path, family: str) -> dict:
         # TP without SP: the towers' tokens whole on every TP rank, all-reduces; bf16: the
         # norms' statistics and the loss's prediction and target stay fp32
         layouts += ["2,2,1,none", "2,2,1,none,sp,bf16"]
-    layouts = ";".join(layouts)
+    return _run_worker(tmp_path, family, ";".join(layouts), WORLD[family])
+
+
+def _run_worker(tmp_path, family: str, layouts: str, world: int) -> dict:
     out = tmp_path / f"{family}.pt"
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node",
-        str(WORLD[family]),
+        str(world),
         "--master_port",
         str(free_port()),
         str(REPO / "tests" / "plan_memory_worker.py"),
@@ -116,6 +119,65 @@ def test_planner_memory_and_communication_match_measured_bytes_per_rank(tmp_path
                     if abs(ratio - 1) > 0.05:
                         errors.append(f"{key} pp_rank {rank['pp_rank']}: {group} bytes {ratio:.3f}x measured")
     assert not errors, "\n".join(errors)
+
+
+def test_planner_matches_the_deepspeed_zero_stages(tmp_path):
+    """The deepspeed backend, Yi at world 4: DP 4 at ZeRO-1, 2 and 3 and TP 2 x DP 2 at ZeRO-3
+    with selective recompute, fp32 on gloo, the step after DeepSpeed's first (which creates Adam's
+    moments). Every rank: activation bytes, model state at the step's peak (weights, gradients,
+    ZeRO's fp32 partitions and Adam moments, ZeRO-3's gathered weights) and the bytes handed to
+    the TP and DP collectives (ZeRO-1: one gradient all-reduce; ZeRO-2: one per microbatch;
+    ZeRO-3: a weight gather and a gradient reduce-scatter per microbatch; then the weights'
+    all-gather) against the planner, within 5%."""
+    layouts = "1,1,1,none,zero1;1,1,1,none,zero2;1,1,1,none,zero3;2,1,1,selective,zero3"
+    measured = _run_worker(tmp_path, "yi", layouts, 4)
+    errors = []
+    for key, ranks in measured.items():
+        fields = key.split(",")
+        tp, recompute, zero = int(fields[0]), fields[3], int(fields[4].removeprefix("zero"))
+        cfg = load_config(REPO / "recipes" / RECIPES["yi"], SHAPES["yi"] + [f"model.recompute={recompute}"])
+        workload = import_family_part("yi", "sizes", "workload")(cfg, False)
+        dp = ranks[0]["dp"]
+        settings = Settings(global_batch=MICROBATCHES * dp, device=DEVICES["h100"], bf16=False, backend="deepspeed")
+        layout = Layout(
+            tp=tp, dp=dp, recompute=recompute, sequence_parallel=False, distributed_optimizer=False, zero_stage=zero
+        )
+        predicted = stage_memory(workload, layout, settings, 0)
+        volume = communication_bytes(workload, layout, settings, 0)
+        for rank in ranks:
+            pairs = [
+                ("activation", predicted.activation_bytes, rank["activation_bytes"]),
+                ("state", predicted.state_bytes + predicted.gathered_bytes, rank["state_bytes"]),
+                ("dp bytes", volume.dp, rank["comm_bytes"]["dp"]),
+            ]
+            if tp > 1:
+                pairs.append(("tp bytes", volume.tp, rank["comm_bytes"]["tp"]))
+            for what, value, count in pairs:
+                if abs(value / count - 1) > 0.05:
+                    errors.append(f"{key}: {what} {value / count:.3f}x measured")
+    assert not errors, "\n".join(errors)
+
+
+def test_plan_deepspeed_backend_ranks_zero_stages(capsys):
+    """--backend deepspeed (or the recipe's engine.backend) plans the layouts that backend runs:
+    TP without SP, no PP or CP, a ZeRO stage; zero=N fixes the stage and is refused on megatron."""
+    recipe = str(REPO / "recipes/yi/34b.yaml")
+    args = ["plan", recipe, "--gpus", "32", "--backend", "deepspeed", "--json", "--top", "10000"]
+    assert fmtrain_main(args) == 0
+    layouts = json.loads(capsys.readouterr().out)["layouts"]
+    assert layouts and {e["zero_stage"] for e in layouts} <= {1, 2, 3}
+    assert all(e["pp"] == 1 and e["cp"] == 1 and not e["sequence_parallel"] for e in layouts)
+    assert 3 in {e["zero_stage"] for e in layouts}  # 34B in fp32 Adam state: only ZeRO-3 shards it all
+    assert fmtrain_main(args + ["--layout", "zero=2,tp=2"]) == 0
+    fixed = json.loads(capsys.readouterr().out)["layouts"]
+    assert all(e["zero_stage"] == 2 and e["tp"] == 2 for e in fixed)
+    assert fmtrain_main(["plan", recipe, "--gpus", "32", "--layout", "zero=2"]) == 2
+    assert "deepspeed backend" in capsys.readouterr().err
+    assert fmtrain_main(args[:6] + ["--layout", "zero=4"]) == 2
+    assert "1, 2 or 3" in capsys.readouterr().err
+    offload = ["plan", str(REPO / "recipes/yi/tiny.yaml"), "engine.backend=deepspeed", "engine.offload=optimizer"]
+    assert fmtrain_main(offload + ["parallel.sequence_parallel=false", "parallel.tp=1", "--gpus", "8"]) == 2
+    assert "does not model offloading" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- published numbers

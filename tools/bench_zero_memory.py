@@ -186,7 +186,9 @@ def main() -> None:
             stage = int(name[4])
             offload = "optimizer" if "offload" in name else "none"
             z = zero_state_bytes_per_param(stage, r["dp"], bf16, offload)
-            formula = r["params"] * (z.params + z.optimizer + z.host)  # after the step: gradients freed
+            # after the step: ZeRO-1/2 have freed the gradients, ZeRO-3 keeps its flat gradient partition
+            kept_grads = z.grads if stage == 3 else 0.0
+            formula = r["params"] * (z.params + kept_grads + z.optimizer + z.host)
 
         def ratio(key: str, r: dict = r) -> str:
             return f"{r[key] / base[key]:.3f}" if base else "-"

@@ -112,7 +112,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(
             f"memory/GPU    {memory.params / 1e6:,.1f}M params | weights+grads+optimizer "
             f"{memory.state_bytes / gib:.2f} GiB | activations {memory.activation_bytes / gib:.2f} GiB | "
-            f"backward workspace {memory.workspace_bytes / gib:.2f} GiB | allocated "
+            f"backward workspace {memory.workspace_bytes / gib:.2f} GiB | "
+            + (f"ZeRO-3 gathered weights {memory.gathered_bytes / gib:.2f} GiB | " if memory.gathered_bytes else "")
+            + "allocated "
             f"{memory.allocated_bytes / gib:.2f} GiB, {memory.total_bytes / gib:.2f} GiB with the "
             "2 GiB + 5% allowance (CUDA context, NCCL, fragmentation)"
         )

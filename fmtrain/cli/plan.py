@@ -38,7 +38,7 @@ def _workload(args: argparse.Namespace):
             # score matrix in full
             full = dense_transformer(**dims, causal=False)
             w = replace(w, model_flops_per_sample=full.model_flops_per_sample)
-        return w, args.global_batch, True, f"--arch {args.arch}"
+        return w, args.global_batch, True, f"--arch {args.arch}", args.backend or "megatron"
     if not args.recipe:
         raise ConfigError("fmtrain plan: give a RECIPE or --arch gpt with its dimensions")
     from fmtrain.models.workload import family_workload
@@ -51,7 +51,12 @@ def _workload(args: argparse.Namespace):
             "fmtrain plan covers the families that define one (yi, step_video, lavin_dit, videomae_v2)"
         )
     batch = args.global_batch or cfg.train.global_batch_size
-    return workload, batch, cfg.train.precision != "fp32", args.recipe
+    if cfg.engine.backend == "deepspeed" and cfg.engine.offload != "none":
+        raise ConfigError(
+            f"engine.offload={cfg.engine.offload}: the planner does not model offloading (host memory, PCIe "
+            "traffic); plan without it (engine.offload=none) to see the layouts that fit on the GPUs alone"
+        )
+    return workload, batch, cfg.train.precision != "fp32", args.recipe, args.backend or cfg.engine.backend
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -67,7 +72,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ConfigError(str(exc)) from None
     if args.gpus < 1 or args.gpus_per_node < 1:
         raise ConfigError("--gpus and --gpus-per-node must be at least 1")
-    w, batch, bf16, source = _workload(args)
+    w, batch, bf16, source, backend = _workload(args)
     efficiency = Efficiency()
     if args.calibrate:
         from fmtrain.plan.calibrate import fit_gemm_efficiency
@@ -82,6 +87,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         overlap_tp=args.overlap_tp,
         overlap_dp=not args.no_overlap_dp,
         overlap_pp=args.overlap_pp,
+        backend=backend,
     )
     try:
         ranked, considered = plan(w, args.gpus, settings, fixed)
@@ -95,6 +101,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{source}: {w.layers} layers, hidden {w.hidden}, {w.tokens:,} tokens/sample, global batch {batch}, "
         f"{args.gpus} x {gpu.name} ({args.gpus_per_node}/node, {gpu.memory_bytes / GIB:.0f} GiB)"
     )
+    if backend == "deepspeed":
+        print("backend deepspeed: ZeRO stage 1-3 over the data-parallel ranks, TP without SP, no PP or CP")
     print(
         f"{considered} layouts considered, {len(ranked)} fit; GEMM efficiency {efficiency.gemm:.2f}; memory includes "
         "a 2 GiB + 5% allowance for the CUDA context, NCCL and fragmentation"
@@ -108,8 +116,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             "interleaves), DP the global batch"
         )
         return 1
+    zero = backend == "deepspeed"
     header = (
-        f"{'tp':>3} {'pp':>3} {'vpp':>3} {'cp':>3} {'dp':>5} {'mbs':>3} {'recompute':>9} {'mem GiB':>8} "
+        f"{'tp':>3} {'pp':>3} {'vpp':>3} {'cp':>3} {'dp':>5} {'mbs':>3} {'recompute':>9} "
+        + (f"{'zero':>4} " if zero else "")
+        + f"{'mem GiB':>8} "
         f"{'step s':>8} {'compute':>8} {'tp comm':>8} {'cp comm':>8} {'pp comm':>8} {'bubble':>8} {'dp comm':>8} "
         f"{'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6}"
     )
@@ -118,7 +129,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         lay, t = p.layout, p.time
         print(
             f"{lay.tp:>3} {lay.pp:>3} {lay.vpp:>3} {lay.cp:>3} {lay.dp:>5} {lay.mbs:>3} {lay.recompute:>9} "
-            f"{p.memory.total_bytes / GIB:>8.1f} {t.total_s:>8.3f} {t.compute_s:>8.3f} {t.tp_comm_s:>8.3f} "
+            + (f"{lay.zero_stage:>4} " if zero else "")
+            + f"{p.memory.total_bytes / GIB:>8.1f} {t.total_s:>8.3f} {t.compute_s:>8.3f} {t.tp_comm_s:>8.3f} "
             f"{t.cp_comm_s:>8.3f} {t.pp_comm_s:>8.3f} {t.bubble_s:>8.3f} {t.dp_comm_s:>8.3f} "
             f"{p.units_per_s_per_gpu:>10,.0f} {p.tflops_per_gpu:>8.1f} {p.mfu:>6.1%}"
         )
@@ -135,7 +147,15 @@ def register_plan(sub) -> None:
     plan.add_argument("--gpu", default="h100", help="h100 | h200 | h800 | a100 | b200 (default h100)")
     plan.add_argument("--top", type=int, default=10)
     plan.add_argument("--json", action="store_true")
-    plan.add_argument("--layout", default="", help="fix fields: tp=8,pp=2,vpp=1,cp=1,mbs=1,recompute=selective,sp=1")
+    plan.add_argument(
+        "--layout", default="", help="fix fields: tp=8,pp=2,vpp=1,cp=1,mbs=1,recompute=selective,sp=1,distopt=1,zero=3"
+    )
+    plan.add_argument(
+        "--backend",
+        choices=["megatron", "deepspeed"],
+        default=None,
+        help="engine backend whose layouts to plan (default: the recipe's engine.backend; megatron for --arch)",
+    )
     plan.add_argument("--calibrate", default="", help="a run directory whose metrics.jsonl sets the GEMM efficiency")
     plan.add_argument("--overlap-tp", type=float, default=0.0, help="share of TP collectives hidden (TE comm overlap)")
     plan.add_argument("--overlap-pp", action="store_true", help="point-to-point sends overlapped with compute")

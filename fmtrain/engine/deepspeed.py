@@ -43,6 +43,7 @@ from fmtrain.engine import StepResult
 from fmtrain.engine.parts import build_part_chunks, family_module, initialize_part, megatron_config_of
 from fmtrain.engine.steps import StorageBytes, gradients_only_for, nan_loss, primary_spec, reduce_reports
 from fmtrain.models.registry import ForwardStep, ModelFamily, PartSpec, Progress
+from fmtrain.models.workload import ZERO3_LIVE_PARAMETERS
 from fmtrain.parallel import Topology
 
 CHECKPOINT_TAG = "deepspeed"
@@ -69,7 +70,7 @@ def deepspeed_config(cfg: Config, train: TrainConfig, dp: int, bf16: bool) -> di
     if e.zero_stage == 3:
         # Gather every parameter on use and release it after (no prefetch cache): what ZeRO-3
         # promises, "no rank holds the whole model", holds between uses too.
-        zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=int(1e9))
+        zero.update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=ZERO3_LIVE_PARAMETERS)
     if e.offload in ("optimizer", "optimizer+params"):
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if e.offload == "optimizer+params":
@@ -766,6 +767,9 @@ class DeepSpeedEngine:
                 held.add(param.data)
                 held.add(getattr(param, "ds_tensor", None))
                 held.add(param.grad)
+            # ZeRO-3 accumulates each rank's gradient partition in one flat buffer it allocates at
+            # start and keeps
+            held.add(getattr(opt, "grad_partitions_flat_buffer", None))
             for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "averaged_gradients"):
                 value = getattr(opt, name, None)
                 for tensor in value.values() if isinstance(value, dict) else value or []:

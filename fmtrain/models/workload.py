@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fmtrain.models.sizes import in_flight_layer_microbatches, state_bytes_per_param
+from fmtrain.models.sizes import in_flight_layer_microbatches, state_bytes_per_param, zero_state_bytes_per_param
 
 
 @dataclass(frozen=True)
@@ -400,6 +400,7 @@ def family_workload(cfg, on_gpu: bool) -> Workload | None:
 def layout_of(cfg, dp: int) -> Layout:
     """The layout a config trains with at data-parallel size ``dp``."""
     p = cfg.parallel
+    deepspeed = cfg.engine.backend == "deepspeed"
     return Layout(
         tp=p.tp,
         pp=p.pp,
@@ -409,7 +410,8 @@ def layout_of(cfg, dp: int) -> Layout:
         mbs=cfg.train.micro_batch_size,
         recompute=getattr(cfg.model, "recompute", "none"),
         sequence_parallel=p.sequence_parallel,
-        distributed_optimizer=p.distributed_optimizer,
+        distributed_optimizer=p.distributed_optimizer and not deepspeed,
+        zero_stage=cfg.engine.zero_stage if deepspeed else 0,
     )
 
 
@@ -435,6 +437,9 @@ class Layout:
     recompute: str = "none"
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
+    zero_stage: int = 0
+    """0: the megatron backend (DDP, ``distributed_optimizer``); 1-3: the deepspeed backend's
+    ZeRO stage (TP without SP, no PP or CP)."""
 
     @property
     def gpus(self) -> int:
@@ -444,7 +449,7 @@ class Layout:
         sp = " sp" if self.sequence_parallel else ""
         return (
             f"tp={self.tp} pp={self.pp} vpp={self.vpp} cp={self.cp} dp={self.dp} mbs={self.mbs} "
-            f"recompute={self.recompute}{sp}"
+            f"recompute={self.recompute}{sp}" + (f" zero={self.zero_stage}" if self.zero_stage else "")
         )
 
 
@@ -454,15 +459,24 @@ class StageMemory:
     state_bytes: float
     activation_bytes: float
     workspace_bytes: float
+    gathered_bytes: float = 0.0
+    """ZeRO-3: the 16-bit weights gathered for use (``ZERO3_LIVE_PARAMETERS`` at most)."""
 
     @property
     def allocated_bytes(self) -> float:
-        return self.state_bytes + self.activation_bytes + self.workspace_bytes
+        return self.state_bytes + self.activation_bytes + self.workspace_bytes + self.gathered_bytes
 
     @property
     def total_bytes(self) -> float:
         """With the allowance for the CUDA context, NCCL and fragmentation."""
         return self.allocated_bytes * (1 + ALLOWANCE_FRACTION) + ALLOWANCE_BYTES
+
+
+ZERO3_LIVE_PARAMETERS = 10**9
+"""``stage3_max_live_parameters`` of the DeepSpeed config fmtrain writes: ZeRO-3 gathers a
+module's weights when it runs and keeps gathered up to this many parameters (whole for the
+forward and the backward of a model below it, measured), so a rank holds that many 16-bit
+weights beside its 16/d bytes per parameter."""
 
 
 def microbatches(layout: Layout, global_batch: int) -> int:
@@ -513,7 +527,13 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
     (``bf16``) or fp32 activations and weights."""
     act_bytes = 2 if bf16 else 4
     params = stage_params(w, lay, rank)
-    state = params * state_bytes_per_param(bf16, lay.distributed_optimizer, lay.dp * lay.cp)
+    gathered = 0.0
+    if lay.zero_stage:
+        state = params * zero_state_bytes_per_param(lay.zero_stage, lay.dp, bf16).device
+        if lay.zero_stage == 3:
+            gathered = min(params, ZERO3_LIVE_PARAMETERS) * act_bytes
+    else:
+        state = params * state_bytes_per_param(bf16, lay.distributed_optimizer, lay.dp * lay.cp)
     if w.frozen_copy:
         state += params * act_bytes
     m = microbatches(lay, global_batch)
@@ -566,7 +586,7 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
         if tower is not None:
             saved = t.saved_for(lay.recompute, lay.tp)
             activations += tower.layers * _block_bytes(t, saved, w, lay, act_bytes, tower.tokens) + entry
-    return StageMemory(params, state, activations, workspace_bytes=workspace)
+    return StageMemory(params, state, activations, workspace_bytes=workspace, gathered_bytes=gathered)
 
 
 def peak_memory(w: Workload, lay: Layout, *, global_batch: int, bf16: bool) -> StageMemory:

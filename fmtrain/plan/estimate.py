@@ -32,6 +32,10 @@ Step time (one optimizer step):
   microbatch's backward and the first one's forward where ``overlap_dp`` is set;
 - the optimizer's update, memory-bound over the rank's shard.
 
+On the deepspeed backend (``Layout.zero_stage``) the model state is ZeRO's split (ZeRO-3 also
+holds its gathered weights) and the data-parallel collectives are DeepSpeed's
+(:func:`zero_collectives`), exposed.
+
 The FLOP counts come from the workload; MFU and TFLOP/s/GPU divide the family's model FLOPs
 (``Workload.model_flops_per_sample``), as the training metrics do.
 """
@@ -70,6 +74,8 @@ class Settings:
     overlap_pp: bool = False
     grad_reduce_bytes: int = 4
     """Bytes per gradient value in the data-parallel reduction (fp32 main gradients)."""
+    backend: str = "megatron"
+    """``megatron`` or ``deepspeed`` (``engine.backend``): which layouts exist."""
 
     @property
     def act_bytes(self) -> int:
@@ -121,6 +127,7 @@ class Prediction:
             "recompute": lay.recompute,
             "sequence_parallel": lay.sequence_parallel,
             "distributed_optimizer": lay.distributed_optimizer,
+            "zero_stage": lay.zero_stage,
             "memory_gib": round(mem.total_bytes / GIB, 3),
             "allocated_gib": round(mem.allocated_bytes / GIB, 3),
             "state_gib": round(mem.state_bytes / GIB, 3),
@@ -313,8 +320,45 @@ def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Com
     dp = 0.0
     if lay.dp * lay.cp > 1:
         params = stage_params(w, lay, rank)
-        dp = params * s.grad_reduce_bytes + (params * s.act_bytes if lay.distributed_optimizer else 0)
+        if lay.zero_stage:
+            dp = sum(nbytes for _, nbytes in zero_collectives(params, m, lay, s))
+        else:
+            dp = params * s.grad_reduce_bytes + (params * s.act_bytes if lay.distributed_optimizer else 0)
     return Communication(tp=tp, cp=cp, pp=pp, dp=dp)
+
+
+def _zero_dp_time(params: int, m: int, lay: Layout, s: Settings) -> float:
+    """Exposed: fmtrain's DeepSpeed config does not overlap communication with compute."""
+    total = 0.0
+    for kind, nbytes in zero_collectives(params, m, lay, s):
+        if kind == "all_reduce":
+            total += _all_reduce_time(nbytes, lay.dp, lay.tp, s)
+        else:
+            total += _half_collective_time(nbytes, lay.dp, lay.tp, s)
+    return total
+
+
+def zero_collectives(params: int, m: int, lay: Layout, s: Settings) -> list[tuple[str, float]]:
+    """The data-parallel collectives of one step on the deepspeed backend, as (kind, bytes handed
+    over), from what DeepSpeed runs with fmtrain's config (counted on gloo, tests/test_plan.py):
+    16-bit gradients (fp32 in fp32 training), no communication overlap (``overlap_comm`` off).
+
+    - ZeRO-1: the whole gradient all-reduced once, at the last microbatch; the updated weights
+      all-gathered after the step;
+    - ZeRO-2: the gradient all-reduced after every microbatch's backward (each rank keeps only
+      its partition's sum); the weights all-gathered after the step;
+    - ZeRO-3: per microbatch, the weights all-gathered for the forward (and again for the
+      backward beyond the live-parameter budget, which releases them in between) and the
+      gradient reduce-scattered.
+    """
+    grads = params * s.act_bytes
+    weights = params * s.act_bytes
+    if lay.zero_stage == 1:
+        return [("all_reduce", grads), ("all_gather", weights)]
+    if lay.zero_stage == 2:
+        return [("all_reduce", grads)] * m + [("all_gather", weights)]
+    regathered = max(0.0, 1.0 - memory.ZERO3_LIVE_PARAMETERS / params) if params else 0.0
+    return [("all_gather", weights * (1 + regathered)), ("reduce_scatter", grads)] * m
 
 
 def _stage_send_bytes(w: Workload, lay: Layout, s: Settings) -> float:
@@ -383,23 +427,26 @@ def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
 
     params = stage_params(w, lay, 0 if lay.pp == 1 else lay.pp - 1)
     shards = lay.dp * lay.cp
-    if lay.distributed_optimizer:
-        reduce = _half_collective_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
-        gather = _half_collective_time(params * s.act_bytes, shards, lay.tp, s)
+    if lay.zero_stage:
+        dp_comm = _zero_dp_time(params, m, lay, s) if shards > 1 else 0.0
     else:
-        reduce = _all_reduce_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
-        gather = 0.0
-    if s.overlap_dp and shards > 1:
-        last_backward = layers * (backward + recompute)
-        first_forward = layers * forward
-        buckets = max(1, layers)
-        dp_comm = max(0.0, reduce - last_backward) + reduce / buckets
-        dp_comm += max(0.0, gather - first_forward) + gather / buckets
-    else:
-        dp_comm = reduce + gather
+        if lay.distributed_optimizer:
+            reduce = _half_collective_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
+            gather = _half_collective_time(params * s.act_bytes, shards, lay.tp, s)
+        else:
+            reduce = _all_reduce_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
+            gather = 0.0
+        if s.overlap_dp and shards > 1:
+            last_backward = layers * (backward + recompute)
+            first_forward = layers * forward
+            buckets = max(1, layers)
+            dp_comm = max(0.0, reduce - last_backward) + reduce / buckets
+            dp_comm += max(0.0, gather - first_forward) + gather / buckets
+        else:
+            dp_comm = reduce + gather
     # Adam over the shard: fp32 master, m and v read and written, the gradient read, the
     # 16-bit weight written; the gradient norm reads the gradients once more
-    shard = params / (shards if lay.distributed_optimizer else 1)
+    shard = params / (shards if lay.distributed_optimizer or lay.zero_stage else 1)
     optimizer = (shard * (24 + 4 + s.act_bytes) + params * s.grad_reduce_bytes) / (dev.hbm_bytes_per_s * e.hbm)
 
     return StepTime(

@@ -11,12 +11,14 @@ from fmtrain.plan.estimate import Layout, Prediction, Settings, predict
 FIELDS = {f.name for f in fields(Layout)}
 RECOMPUTE = ("none", "selective", "full")
 MICRO_BATCHES = (1, 2, 4, 8, 16)
+ZERO_STAGES = (1, 2, 3)
 
 
 def parse_layout(text: str) -> dict:
-    """``tp=8,pp=2,vpp=1,cp=1,mbs=1,recompute=selective,sp=1,distopt=1`` -> fixed Layout fields."""
+    """``tp=8,pp=2,vpp=1,cp=1,mbs=1,recompute=selective,sp=1,distopt=1,zero=3`` -> fixed Layout
+    fields."""
     fixed: dict = {}
-    aliases = {"sp": "sequence_parallel", "distopt": "distributed_optimizer"}
+    aliases = {"sp": "sequence_parallel", "distopt": "distributed_optimizer", "zero": "zero_stage"}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = item.partition("=")
         key = aliases.get(key.strip(), key.strip())
@@ -37,6 +39,8 @@ def parse_layout(text: str) -> dict:
                 fixed[key] = int(value)
             except ValueError:
                 raise ValueError(f"--layout {key}={value!r}: expected an integer") from None
+            if key == "zero_stage" and fixed[key] not in ZERO_STAGES:
+                raise ValueError(f"--layout zero={value}: the ZeRO stage is 1, 2 or 3")
             if fixed[key] < 1:
                 raise ValueError(f"--layout {key}={value}: must be at least 1")
     return fixed
@@ -52,8 +56,12 @@ def layouts(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> I
     dividing a stage's layers (at PP > 1, with the microbatches a multiple of PP), CP dividing
     the tokens and the heads per TP rank (families that support it), DP the rest; micro-batches
     dividing a replica's share of the global batch. Sequence parallelism is on whenever TP > 1
-    (it only saves memory), the distributed optimizer always, unless ``fixed`` says otherwise."""
+    (it only saves memory), the distributed optimizer always, unless ``fixed`` says otherwise.
+    On the deepspeed backend (``Settings.backend``): TP without SP, DP the rest, ZeRO stage 1,
+    2 or 3 (what fmtrain's deepspeed engine runs: no pipeline or context parallelism)."""
     fixed = fixed or {}
+    deepspeed = s.backend == "deepspeed"
+    zero_stages = ZERO_STAGES if deepspeed else (0,)
     recomputes = [r for r in RECOMPUTE if r != "selective" or w.block.saved_selective is not None]
     for tp in _divisors(min(gpus, s.gpus_per_node)):
         # megatron runs fewer key/value heads than TP ranks by repeating them (a generic --arch
@@ -63,10 +71,10 @@ def layouts(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> I
             continue
         if w.last_tower is not None and any(core.heads % tp for core in w.last_tower.block.attention):
             continue  # a tower's heads split over TP too
-        for cp in _divisors(gpus // tp) if w.context_parallel else [1]:
+        for cp in _divisors(gpus // tp) if w.context_parallel and not deepspeed else [1]:
             if cp > 1 and (w.tokens % cp or w.heads % (tp * cp)):
                 continue
-            for pp in _divisors(gpus // (tp * cp)):
+            for pp in _divisors(gpus // (tp * cp)) if not deepspeed else [1]:
                 if w.layers % pp:
                     continue
                 dp = gpus // (tp * cp * pp)
@@ -80,27 +88,33 @@ def layouts(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> I
                         if vpp > 1 and (per_replica // mbs) % pp:
                             continue
                         for recompute in recomputes:
-                            lay = Layout(
-                                tp=tp,
-                                pp=pp,
-                                vpp=vpp,
-                                cp=cp,
-                                dp=dp,
-                                mbs=mbs,
-                                recompute=recompute,
-                                sequence_parallel=fixed.get("sequence_parallel", tp > 1),
-                                distributed_optimizer=fixed.get("distributed_optimizer", True),
-                            )
-                            if lay.sequence_parallel and tp == 1:
-                                continue
-                            if all(getattr(lay, key) == value for key, value in fixed.items()):
-                                yield lay
+                            for zero in zero_stages:
+                                lay = Layout(
+                                    tp=tp,
+                                    pp=pp,
+                                    vpp=vpp,
+                                    cp=cp,
+                                    dp=dp,
+                                    mbs=mbs,
+                                    recompute=recompute,
+                                    sequence_parallel=fixed.get("sequence_parallel", tp > 1 and not deepspeed),
+                                    distributed_optimizer=fixed.get("distributed_optimizer", not deepspeed),
+                                    zero_stage=zero,
+                                )
+                                if lay.sequence_parallel and (tp == 1 or deepspeed):
+                                    continue
+                                if deepspeed and lay.distributed_optimizer:
+                                    continue
+                                if all(getattr(lay, key) == value for key, value in fixed.items()):
+                                    yield lay
 
 
 def plan(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> tuple[list[Prediction], int]:
     """(the layouts that fit, fastest first; how many layouts were considered)."""
     if fixed and fixed.get("sequence_parallel") and fixed.get("tp", 2) == 1:
         raise ValueError("--layout sp=1 needs tp > 1")
+    if fixed and "zero_stage" in fixed and s.backend != "deepspeed":
+        raise ValueError("--layout zero=N: the ZeRO stage is the deepspeed backend's (engine.backend=deepspeed)")
     considered = 0
     fitting = []
     for lay in layouts(w, gpus, s, fixed):
