@@ -1,10 +1,11 @@
 """The Step-Video-T2V Video-VAE family: architecture against the release, causality, chunking
 and tiling, the release file round trip, DP=2 against DP=1 with the discriminator, exact
-resume of both optimizers after SIGKILL, and learning on moving-shape videos."""
+resume of both optimizers after SIGKILL, learning on moving-shape videos, the loss's terms."""
 
 from __future__ import annotations
 
 import json
+import math
 import signal
 
 import pytest
@@ -215,6 +216,56 @@ def test_dp2_equals_dp1_with_the_discriminator_and_resumes_exactly(tmp_path):
             assert resumed[step][name] == ref[step][name], (step, name)
 
 
+LEARN_STEPS = 200
+LEARN_RUN = [
+    "data.video_frames=9",
+    "model.z_channels=16",
+    "objective.gan_weight=0",
+    "objective.ssim_weight=0",
+    "objective.mse_weight=1.0",
+    "objective.sample_posterior=false",
+    "train.lr=3e-3",
+    "train.min_lr=3e-4",
+    f"train.max_steps={LEARN_STEPS}",
+    "train.log_interval=50",
+    f"eval.interval={LEARN_STEPS}",
+    "eval.steps=4",
+    "logging.tensorboard=false",
+    "checkpoint.interval=0",
+]
+
+
+def test_tiny_recipe_learns_moving_shapes_beyond_each_clips_mean_colour(tmp_path):
+    """200 steps of the tiny recipe on moving-shape clips (9 frames of 32 x 32, no discriminator,
+    L1 + MSE, about 2.5 minutes here): on 16 held-out clips the validation PSNR is at least 1 dB
+    above filling every frame with the clip's mean colour (computed here on the same clips).
+    Measured: +1.3 to +1.5 dB at 120-300 steps; the decoder has the scene's background and the
+    shapes as faint blobs at their places. The 3 dB the Video-VAE issue asks for takes more steps
+    than a CPU test affords (README: +2.4 dB after 600 steps)."""
+    from fmtrain.data.video import SyntheticClipSampler
+
+    run_dir = tmp_path / "run"
+    finish_ok(Run(LEARN_RUN + [f"run.dir={run_dir}"], 1, tmp_path, "learn", recipe=TINY))
+    cfg = load_config(TINY, LEARN_RUN)
+    d, t = cfg.data, cfg.train
+    held_out = SyntheticClipSampler(
+        samples=d.synthetic_samples,
+        frames=d.video_frames,
+        size=d.video_size,
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size,
+        dp_size=1,
+        seed=cfg.run.seed,
+        tag=1,
+    )
+    clips = torch.cat([mb["video"] for step in range(cfg.eval.steps) for mb in held_out.microbatches(step, 0)])
+    mean_colour = clips.mean(dim=(2, 3, 4), keepdim=True).expand_as(clips)
+    baseline = (10 * torch.log10(4 / (mean_colour - clips).pow(2).flatten(1).mean(1))).mean()
+    assert len(clips) == 16
+    val_psnr = read_metrics(run_dir)[LEARN_STEPS]["val_psnr"]
+    assert val_psnr >= float(baseline) + 1.0, (val_psnr, float(baseline))
+
+
 def check_reconstruction_video(run_dir, *, step: int, frames: int, size: int) -> None:
     """RUN_DIR/videos holds the first validation clip beside its reconstruction as an mp4, and
     TensorBoard the same as an animated image (what SummaryWriter.add_video writes)."""
@@ -249,3 +300,32 @@ def test_image_microbatches_are_drawn_from_the_clip_seeds():
     assert 10 <= len(shapes) <= 30  # about half of the microbatches
     assert len(set(shapes)) > 1
     assert training_pixels(load_config(TINY), batch, "cpu").shape[2] == 9  # image_ratio 0: clips
+
+
+def test_vae_loss_terms_follow_their_formulas():
+    """The vae objective's per-sample loss, against the formulas written out here: mean |x - x_hat|
+    and mean (x - x_hat)^2 over the sample's pixels, and KL(N(mu, sigma^2) || N(0, I)) summed over
+    the latent and divided by the pixel count (LDM's weighting), each times its weight; summed
+    over the microbatch (the engine divides by the global sample count)."""
+    from fmtrain.models.vae_family import _vae_loss
+    from fmtrain.objectives.sections import VAEConfig
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 5, 8, 8, generator=g) * 2 - 1
+    recon = x + 0.3 * torch.randn(x.shape, generator=g)
+    mean, logvar = torch.randn(2, 4, 2, 1, 1, generator=g), torch.randn(2, 4, 2, 1, 1, generator=g)
+    o = VAEConfig(l1_weight=1.0, mse_weight=0.5, kl_weight=1e-3, ssim_weight=0.0)
+    loss, count, reports = _vae_loss(x, o, None, True, (recon, mean, logvar, None))
+    expected = 0.0
+    for i in range(2):
+        l1 = sum(abs(float(a) - float(b)) for a, b in zip(x[i].flatten(), recon[i].flatten())) / x[i].numel()
+        mse = sum((float(a) - float(b)) ** 2 for a, b in zip(x[i].flatten(), recon[i].flatten())) / x[i].numel()
+        kl = 0.5 * sum(
+            float(m) ** 2 + math.exp(float(v)) - 1 - float(v) for m, v in zip(mean[i].flatten(), logvar[i].flatten())
+        )
+        expected += l1 + 0.5 * mse + 1e-3 * kl / x[i].numel()
+    assert int(count) == 2
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    without_mse, _, _ = _vae_loss(x, VAEConfig(kl_weight=1e-3), None, True, (recon, mean, logvar, None))
+    mse_sum = float((recon - x).pow(2).flatten(1).mean(1).sum())
+    assert float(loss - without_mse) == pytest.approx(0.5 * mse_sum, rel=1e-5)

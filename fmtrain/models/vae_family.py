@@ -5,11 +5,11 @@ gives its module builder and converter to :func:`vae_family`.
 
 A training step: the VAE's forward step encodes each clip, decodes a posterior sample (its
 noise drawn from the clip's ``sample_seed``, so every layout and a resumed run draw the same),
-and sums ``objective.l1_weight * L1 + kl_weight * KL + ssim_weight * (1 - SSIM)`` and, once the
-GAN has started, ``gan_weight * adaptive * g`` with the discriminator frozen for this part; then
-the discriminator's forward step scores the clips against their reconstructions by the updated
-VAE (hinge loss). Both are plain torch modules: data parallel (megatron DDP + the distributed
-optimizer), with activation checkpointing (``model.recompute=full``).
+and sums ``objective.l1_weight * L1 + mse_weight * MSE + kl_weight * KL + ssim_weight *
+(1 - SSIM)`` and, once the GAN has started, ``gan_weight * adaptive * g`` with the
+discriminator frozen for this part; then the discriminator's forward step scores the clips
+against their reconstructions by the updated VAE (hinge loss). Both are plain torch modules:
+data parallel (megatron DDP + the distributed optimizer), with activation checkpointing (``model.recompute=full``).
 
 The model section of a VAE family has ``in_channels``, ``z_channels``, ``spatial_compression``,
 ``temporal_compression``, ``recompute``, ``init_gain``, ``discriminator_channels``,
@@ -111,6 +111,8 @@ def _vae_loss(x, o, last_layer, training: bool, output):
     l1 = objective.l1_per_sample(x, recon)
     kl = objective.kl_per_sample(mean, logvar, x[0].numel())
     nll = o.l1_weight * l1
+    if o.mse_weight > 0:
+        nll = nll + o.mse_weight * objective.mse_per_sample(x, recon)
     ssim = None
     if o.ssim_weight > 0 or not training:
         ssim = objective.ssim_per_sample(x, recon)

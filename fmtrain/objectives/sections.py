@@ -69,12 +69,16 @@ class FlowMatchingConfig(ObjectiveConfig):
 
 @dataclass
 class VAEConfig(ObjectiveConfig):
-    """``objective.name=vae``: per sample, ``l1_weight * mean |x - x_hat| + kl_weight * KL +
-    ssim_weight * (1 - SSIM)`` and, with ``gan_weight``, an adaptive-weighted PatchGAN generator term
-    (Esser et al. 2021, "Taming Transformers", eq. 7; the discriminator is a part of its own,
-    trained with the hinge loss). Pixels are in [-1, 1]."""
+    """``objective.name=vae``: per sample, ``l1_weight * mean |x - x_hat| + mse_weight *
+    mean (x - x_hat)^2 + kl_weight * KL + ssim_weight * (1 - SSIM)`` and, with ``gan_weight``,
+    an adaptive-weighted PatchGAN generator term (Esser et al. 2021, "Taming Transformers",
+    eq. 7; the discriminator is a part of its own, trained with the hinge loss). Pixels are in [-1, 1]."""
 
     l1_weight: float = 1.0
+    mse_weight: float = 0.0
+    """Adds the mean squared error (the loss PSNR measures; diffusers' VAE fine-tuning trains on it
+    alone): L1 keeps edges sharp, the squared error pulls hardest on large errors, such as
+    objects the decoder does not place yet."""
     kl_weight: float = 1e-6
     """Multiplies the KL divergence to N(0, I) summed over a sample's latent elements and divided by
     its pixel values (the reconstruction's normalisation): 1e-6 weighs it as LDM and Open-Sora do."""
@@ -102,7 +106,7 @@ class VAEConfig(ObjectiveConfig):
     def check(self, cfg: Config) -> None:
         if not 0.0 <= self.image_ratio <= 1.0:
             raise ConfigError(f"objective.image_ratio={self.image_ratio} must be in [0, 1]")
-        for name in ("l1_weight", "kl_weight", "ssim_weight", "lpips_weight", "gan_weight", "disc_lr"):
+        for name in ("l1_weight", "mse_weight", "kl_weight", "ssim_weight", "lpips_weight", "gan_weight", "disc_lr"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"objective.{name}={getattr(self, name)} must be >= 0")
         if self.gan_start_step < 0 or self.adaptive_weight_max <= 0:

@@ -4,7 +4,8 @@ Pixels are in [-1, 1], videos [B, C, T, H, W] (an image is a clip of one frame).
 per sample, so a microbatch's loss is a sum of per-sample terms the engine divides by the
 global sample count: the exact mean of the global batch whatever the layout.
 
-- reconstruction: ``mean |x - x_hat|`` (L1, as Open-Sora and CV-VAE train video VAEs);
+- reconstruction: ``mean |x - x_hat|`` (L1, as Open-Sora and CV-VAE train video VAEs) and,
+  optionally, ``mean (x - x_hat)^2``;
 - KL to N(0, I) of the diagonal Gaussian posterior, summed over the latent and divided by the
   sample's pixel values (LDM's weighting of it, Rombach et al. 2022);
 - SSIM (Wang et al. 2004) per frame, from pytorch-msssim (differentiable, no weights to download);
@@ -31,6 +32,11 @@ PIXEL_RANGE = 2.0
 def l1_per_sample(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """[B] mean absolute error."""
     return (recon.float() - x.float()).abs().flatten(1).mean(1)
+
+
+def mse_per_sample(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """[B] mean squared error."""
+    return (recon.float() - x.float()).pow(2).flatten(1).mean(1)
 
 
 def kl_per_sample(mean: torch.Tensor, logvar: torch.Tensor, pixels: int) -> torch.Tensor:
