@@ -2,7 +2,7 @@
 
 ``python -m torch.distributed.run --nproc_per_node 4 tests/plan_memory_worker.py OUT FAMILY LAYOUTS``
 runs, in one process group, one training step of ``FAMILY`` (yi | step_video | lavin_dit |
-videomae_v2, tiny shapes, fp32 or with ``bf16`` bf16) for each layout of LAYOUTS
+videomae_v2 | video_vae, tiny shapes, fp32 or with ``bf16`` bf16) for each layout of LAYOUTS
 (``tp,pp,vpp,recompute[,sp][,bf16][,zeroN];...``; DP is the rest of the world; ``zeroN``: on the
 deepspeed backend at ZeRO stage N) and records per rank:
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import weakref
 from pathlib import Path
 
 import torch
@@ -53,15 +52,24 @@ SHAPES = {
     # encoder (mask ratio 0.75: 64 tokens), 32 per slice reconstructed (decoder mask ratio 0.5):
     # the decoder sees 64 + 128 = 192 tokens
     "videomae_v2": ["data.video_size=64"],
+    # 9 frames of 32 x 32 through the tiny Video-VAE (z 16), L1 + MSE + KL, no GAN
+    "video_vae": [
+        "data.video_frames=9",
+        "model.z_channels=16",
+        "objective.gan_weight=0",
+        "objective.ssim_weight=0",
+        "objective.mse_weight=1.0",
+    ],
 }
 RECIPES = {
     "yi": "yi/tiny.yaml",
     "step_video": "step_video/dit_tiny.yaml",
     "lavin_dit": "lavin_dit/tiny.yaml",
     "videomae_v2": "videomae_v2/tiny.yaml",
+    "video_vae": "step_video/vae_tiny.yaml",
 }
 MICROBATCHES = 4
-MICRO_BATCH_SIZE = {"lavin_dit": 2, "videomae_v2": 2}
+MICRO_BATCH_SIZE = {"lavin_dit": 2, "videomae_v2": 2, "video_vae": 2}
 """Samples per microbatch (default 1); the J-DiT's and VideoMAE's recipes train several per
 microbatch (VideoMAE's attention output is then copied into the projection's layout)."""
 
@@ -130,41 +138,6 @@ class CollectiveBytes:
 COLLECTIVES = CollectiveBytes()
 
 
-class LiveSavedBytes:
-    """Peak bytes of the distinct storages autograd holds for backward."""
-
-    def __init__(self, exclude: set[int]):
-        self.exclude = exclude
-        self.refs: dict[int, int] = {}
-        self.sizes: dict[int, int] = {}
-        self.live = 0
-        self.peak = 0
-
-    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
-        # a ZeRO-3 weight is a Parameter whose storage is gathered anew for each use
-        if tensor.numel() and tensor.data_ptr() not in self.exclude and not isinstance(tensor, torch.nn.Parameter):
-            storage = tensor.untyped_storage()
-            key = storage.data_ptr()
-            if key not in self.refs:
-                self.refs[key] = 0
-                self.sizes[key] = storage.nbytes()
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-            self.refs[key] += 1
-            # autograd keeps what pack returns: a detached alias lives exactly as long as the
-            # saved value (the tensor itself may outlive it, and an op's own output handed back
-            # would hold its node in a reference cycle)
-            tensor = tensor.detach()
-            weakref.finalize(tensor, self._release, key)
-        return tensor
-
-    def _release(self, key: int) -> None:
-        self.refs[key] -= 1
-        if not self.refs[key]:
-            del self.refs[key]
-            self.live -= self.sizes.pop(key)
-
-
 def microbatch(cfg, index: int) -> dict:
     g = torch.Generator().manual_seed(index)
     m = cfg.model
@@ -180,7 +153,7 @@ def microbatch(cfg, index: int) -> dict:
             "pairs": pairs,
             "sample_seed": torch.arange(b) + b * index,
         }
-    if m.family == "videomae_v2":
+    if m.family in ("videomae_v2", "video_vae"):
         b, d = cfg.train.micro_batch_size, cfg.data
         return {
             "video": torch.randn(b, m.in_channels, d.video_frames, d.video_size, d.video_size, generator=g),
@@ -245,6 +218,7 @@ def measure(
     from fmtrain.config import load_config
     from fmtrain.engine.megatron import MegatronEngine
     from fmtrain.models.registry import get_family
+    from fmtrain.models.saved_tensors import SavedStorageBytes
 
     dp = world // (tp * pp)
     mbs = MICRO_BATCH_SIZE.get(family, 1)
@@ -271,7 +245,7 @@ def measure(
     else:
         engine = MegatronEngine(cfg, topo, get_family(cfg.model.family))
         params = {p.data_ptr() for chunk in engine.primary.chunks for p in chunk.parameters()}
-    counter = LiveSavedBytes(params)
+    counter = SavedStorageBytes(params)
     batches = [microbatch(cfg, topo.dp_rank * MICROBATCHES + i) for i in range(MICROBATCHES)]
     if zero:
         # DeepSpeed creates Adam's moments in its first step: measure the second
@@ -280,7 +254,7 @@ def measure(
         COLLECTIVES.dp_ranks = dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
     COLLECTIVES.bytes = {}
     COLLECTIVES.counting = True
-    with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
         engine.train_step(batches, lr=1e-3)
     COLLECTIVES.counting = False
     result = {

@@ -180,6 +180,60 @@ def test_plan_deepspeed_backend_ranks_zero_stages(capsys):
     assert "does not model offloading" in capsys.readouterr().err
 
 
+def test_planner_traces_the_video_vae_and_matches_measured_bytes(tmp_path):
+    """The Video-VAE, a conv net the planner traces on the meta device (``traced_workload``: its
+    training step with saved-tensor hooks and FlopCounterMode): the tiny recipe (9 frames of
+    32 x 32, z 16, L1 + MSE + KL) at DP 2, micro-batch 2, without and with full recompute, in
+    bf16, and on the deepspeed backend at ZeRO-2. Every rank of the real runs: activation bytes,
+    model state and the bytes handed to the DP collectives against the planner, within 5%."""
+    from fmtrain.models.registry import get_family
+    from fmtrain.plan import traced
+
+    layouts = "1,1,1,none;1,1,1,full;1,1,1,full,bf16;1,1,1,none,zero2"
+    measured = _run_worker(tmp_path, "video_vae", layouts, 2)
+    cfg = load_config(REPO / "recipes" / RECIPES["video_vae"], SHAPES["video_vae"])
+    errors = []
+    for key, ranks in measured.items():
+        fields = key.split(",")
+        recompute, bf16 = fields[3], "bf16" in fields[4:]
+        zero = int(fields[4].removeprefix("zero")) if fields[4:] and fields[4].startswith("zero") else 0
+        workload = get_family("video_vae").traced_workload(cfg, bf16)
+        dp, mbs = ranks[0]["dp"], MICRO_BATCH_SIZE["video_vae"]
+        settings = Settings(
+            global_batch=MICROBATCHES * dp * mbs,
+            device=DEVICES["h100"],
+            bf16=bf16,
+            backend="deepspeed" if zero else "megatron",
+        )
+        layout = Layout(dp=dp, mbs=mbs, recompute=recompute, distributed_optimizer=not zero, zero_stage=zero)
+        predicted = traced.memory(workload, layout, bf16)
+        for rank in ranks:
+            for what, value, count in (
+                ("activation", predicted.activation_bytes, rank["activation_bytes"]),
+                ("state", predicted.state_bytes + predicted.gathered_bytes, rank["state_bytes"]),
+                ("dp bytes", traced.dp_bytes(workload, layout, settings), rank["comm_bytes"]["dp"]),
+            ):
+                if abs(value / count - 1) > 0.05:
+                    errors.append(f"{key}: {what} {value / count:.3f}x measured")
+    assert not errors, "\n".join(errors)
+
+
+def test_plan_covers_the_vae_families(capsys):
+    """`fmtrain plan` on the released Video-VAE: data-parallel layouts only, full recompute keeping
+    less than none; a TP layout is refused, and a GPU count DP cannot divide the batch by says so."""
+    recipe = str(REPO / "recipes/step_video/vae.yaml")
+    assert fmtrain_main(["plan", recipe, "--gpus", "32", "--json", "--top", "100"]) == 0
+    layouts = json.loads(capsys.readouterr().out)["layouts"]
+    assert {(e["tp"], e["pp"], e["cp"], e["dp"]) for e in layouts} == {(1, 1, 1, 32)}
+    by_recompute = {e["recompute"]: e for e in layouts if e["mbs"] == 1}
+    assert by_recompute["full"]["activation_gib"] < by_recompute["none"]["activation_gib"] / 2
+    assert by_recompute["full"]["compute_s"] > by_recompute["none"]["compute_s"]
+    assert fmtrain_main(["plan", recipe, "--gpus", "32", "--layout", "tp=2"]) == 2
+    assert "data parallel only" in capsys.readouterr().err
+    assert fmtrain_main(["plan", str(REPO / "recipes/lavin_dit/st_vae.yaml"), "--gpus", "64"]) == 1
+    assert "must divide the global batch" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- published numbers
 
 # Megatron-LM PR #482 (tools/get_training_info/README.md): Llama2-7B, bf16, flash attention, the

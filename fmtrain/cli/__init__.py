@@ -105,10 +105,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     if cfg.engine.backend == "deepspeed":
         _print_zero_memory(cfg, params, dp)
     workload = family_workload(cfg, True)
+    bf16 = cfg.train.precision != "fp32"
+    memory = None
     if workload is not None:
-        gib = 2**30
-        bf16 = cfg.train.precision != "fp32"
         memory = peak_memory(workload, layout_of(cfg, dp), global_batch=t.global_batch_size, bf16=bf16)
+    elif family.traced_workload is not None:
+        from fmtrain.plan.traced import memory as traced_memory
+
+        memory = traced_memory(family.traced_workload(cfg, bf16), layout_of(cfg, dp), bf16)
+    if memory is not None:
+        gib = 2**30
         print(
             f"memory/GPU    {memory.params / 1e6:,.1f}M params | weights+grads+optimizer "
             f"{memory.state_bytes / gib:.2f} GiB | activations {memory.activation_bytes / gib:.2f} GiB | "

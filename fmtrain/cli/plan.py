@@ -46,10 +46,15 @@ def _workload(args: argparse.Namespace):
     cfg = load_config(args.recipe, args.overrides)
     workload = family_workload(cfg, True)
     if workload is None:
-        raise ConfigError(
-            f"model.family={cfg.model.family!r} has no planner description yet (ModelFamily.workload); "
-            "fmtrain plan covers the families that define one (yi, step_video, lavin_dit, videomae_v2)"
-        )
+        from fmtrain.models.registry import get_family
+
+        traced = get_family(cfg.model.family).traced_workload
+        if traced is None:
+            raise ConfigError(
+                f"model.family={cfg.model.family!r} has no planner description yet (ModelFamily.workload "
+                "or traced_workload)"
+            )
+        workload = traced(cfg, cfg.train.precision != "fp32")
     batch = args.global_batch or cfg.train.global_batch_size
     if cfg.engine.backend == "deepspeed" and cfg.engine.offload != "none":
         raise ConfigError(
@@ -89,18 +94,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
         overlap_pp=args.overlap_pp,
         backend=backend,
     )
+    from fmtrain.models.workload import TracedWorkload
+
+    traced = isinstance(w, TracedWorkload)
+    if traced:
+        from fmtrain.plan.traced import plan as plan_traced
+
+        if any(fixed.get(key, 1) != 1 for key in ("tp", "pp", "vpp", "cp")) or fixed.get("sequence_parallel"):
+            raise ConfigError(f"--layout {args.layout}: {source}'s family trains data parallel only (tp=pp=vpp=cp=1)")
+        fixed = {key: value for key, value in fixed.items() if key not in ("tp", "pp", "vpp", "cp")}
     try:
-        ranked, considered = plan(w, args.gpus, settings, fixed)
+        ranked, considered = (plan_traced if traced else plan)(w, args.gpus, settings, fixed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     top = ranked[: args.top]
     if args.json:
         print(json.dumps({"source": source, "gpus": args.gpus, "gpu": gpu.name, "layouts": [p.as_json() for p in top]}))
         return 0 if top else 1
-    print(
-        f"{source}: {w.layers} layers, hidden {w.hidden}, {w.tokens:,} tokens/sample, global batch {batch}, "
-        f"{args.gpus} x {gpu.name} ({args.gpus_per_node}/node, {gpu.memory_bytes / GIB:.0f} GiB)"
-    )
+    machine = f"{args.gpus} x {gpu.name} ({args.gpus_per_node}/node, {gpu.memory_bytes / GIB:.0f} GiB)"
+    if traced:
+        print(
+            f"{source}: {w.params:,} trainable parameters, a conv net traced on the meta device "
+            f"({w.saved_bytes['none'] / GIB:.2f} GiB kept per sample without recompute, "
+            f"{w.saved_bytes['full'] / GIB:.2f} with), global batch {batch}, {machine}; data parallel only"
+        )
+    else:
+        print(
+            f"{source}: {w.layers} layers, hidden {w.hidden}, {w.tokens:,} tokens/sample, global batch {batch}, "
+            + machine
+        )
     if backend == "deepspeed":
         print("backend deepspeed: ZeRO stage 1-3 over the data-parallel ranks, TP without SP, no PP or CP")
     print(
@@ -108,6 +130,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "a 2 GiB + 5% allowance for the CUDA context, NCCL and fragmentation"
     )
     if not top:
+        if not considered and traced:
+            print(f"no valid layout on {args.gpus} GPUs: data parallel over all of them must divide the global batch")
+            return 1
         print(
             "no layout fits: more GPUs, a smaller micro-batch or recompute, or a larger device"
             if considered
@@ -122,7 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         + (f"{'zero':>4} " if zero else "")
         + f"{'mem GiB':>8} "
         f"{'step s':>8} {'compute':>8} {'tp comm':>8} {'cp comm':>8} {'pp comm':>8} {'bubble':>8} {'dp comm':>8} "
-        f"{'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6}"
+        f"{'samples/s/GPU' if traced else 'tok/s/GPU':>10} {'TFLOP/s':>8} {'MFU':>6}"
     )
     print(header)
     for p in top:
@@ -132,7 +157,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             + (f"{lay.zero_stage:>4} " if zero else "")
             + f"{p.memory.total_bytes / GIB:>8.1f} {t.total_s:>8.3f} {t.compute_s:>8.3f} {t.tp_comm_s:>8.3f} "
             f"{t.cp_comm_s:>8.3f} {t.pp_comm_s:>8.3f} {t.bubble_s:>8.3f} {t.dp_comm_s:>8.3f} "
-            f"{p.units_per_s_per_gpu:>10,.0f} {p.tflops_per_gpu:>8.1f} {p.mfu:>6.1%}"
+            + (f"{p.units_per_s_per_gpu:>13,.2f}" if traced else f"{p.units_per_s_per_gpu:>10,.0f}")
+            + f" {p.tflops_per_gpu:>8.1f} {p.mfu:>6.1%}"
         )
     print(f"({time.perf_counter() - start:.1f} s)")
     return 0

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from fmtrain.models.init import InitRuleFn
     from fmtrain.models.sizes import MemoryEstimate
-from fmtrain.models.workload import Workload
+from fmtrain.models.workload import TracedWorkload, Workload
 
 
 class MakeMegatronConfig(Protocol):
@@ -250,6 +250,10 @@ class ModelFamily:
     """(cfg, on a GPU) -> what one training sample asks of a GPU (:mod:`fmtrain.models.workload`;
     on a GPU fused kernels change what is saved): ``fmtrain info``'s memory estimate and
     ``fmtrain plan``'s layouts."""
+
+    traced_workload: Callable[[Config, bool], TracedWorkload] | None = None
+    """Families that are no stack of token blocks (the VAEs): (cfg, bf16) -> their training step
+    traced on the meta device, for ``fmtrain plan`` and ``fmtrain info``."""
 
     memory_estimate: Callable[[Config, int, int | None], MemoryEstimate] | None = None
     """Families without a ``workload``: (cfg, dp, microbatches per step) -> the estimated peak

@@ -27,8 +27,9 @@ import torch
 from fmtrain.config import Config
 from fmtrain.models.init import InitRule
 from fmtrain.models.registry import Converter, LatentCodec, ModelFamily, PartSpec, RunData
-from fmtrain.models.sizes import MemoryEstimate, state_bytes_per_param
+from fmtrain.models.saved_tensors import SavedStorageBytes
 from fmtrain.models.vae_modules import LatentVAE, PatchDiscriminator3D
+from fmtrain.models.workload import TracedWorkload
 from fmtrain.objectives import vae as objective
 from fmtrain.objectives.flow_matching import seeded_generators
 
@@ -227,14 +228,13 @@ def vae_family(
     build_vae: BuildVAE,
     converter: Converter,
     latent_codec: LatentCodec,
-    recompute_units: Callable[[Config], int],
     init: Callable[[Config], Callable[[str], InitRule]] = init_rule,
     parameter_breakdown: Callable[[Config], dict[str, int]] | None = None,
 ) -> ModelFamily:
     """The registry entry of a VAE family whose autoencoder ``build_vae(cfg)`` builds (a
-    :class:`~fmtrain.models.vae_modules.LatentVAE`); ``recompute_units(cfg)``: the blocks
-    ``model.recompute=full`` checkpoints, which divide the stored activations in the memory
-    estimate; ``init``: the autoencoder's init rule."""
+    :class:`~fmtrain.models.vae_modules.LatentVAE`); ``init``: the autoencoder's init rule. Its
+    memory and FLOPs come from tracing its training step on the meta device
+    (``traced_workload``: ``fmtrain info`` and ``fmtrain plan``)."""
 
     def parts(cfg: Config) -> list[PartSpec]:
         o = cfg.objective
@@ -259,50 +259,63 @@ def vae_family(
             modules = [build_vae(cfg)] + ([build_discriminator(cfg)] if with_discriminator else [])
         return sum(p.numel() for module in modules for p in module.parameters())
 
-    costs: dict[tuple, tuple[float, float]] = {}
+    forward_flops: dict[tuple, float] = {}
 
-    def cost(cfg: Config) -> tuple[float, float]:
-        """(forward FLOPs, activation values the leaf modules output) of one clip, counted on meta
-        tensors (once per model section and clip shape)."""
+    def flops_per_sample(cfg: Config) -> float:
+        """Training FLOPs of one clip: 3 x the forward (autoencoder, plus the discriminator's pass
+        with the GAN on), counted by torch's FlopCounterMode on meta tensors (once per model
+        section and clip shape)."""
         from torch.utils.flop_counter import FlopCounterMode
 
         d = cfg.data
         key = (repr(cfg.model), d.video_frames, d.video_size, cfg.objective.gan_weight > 0)
-        if key in costs:
-            return costs[key]
-        stored = [0]
-
-        def count(module, inputs, output):
-            if isinstance(output, torch.Tensor) and not list(module.children()):
-                stored[0] += output.numel()
-
-        with torch.device("meta"):
-            vae = build_vae(cfg)
-            hooks = [m.register_forward_hook(count) for m in vae.modules()]
-            with FlopCounterMode(display=False) as counter:
+        if key not in forward_flops:
+            with torch.device("meta"), FlopCounterMode(display=False) as counter:
+                vae = build_vae(cfg)
                 recon = vae(torch.empty(1, cfg.model.in_channels, d.video_frames, d.video_size, d.video_size))[0]
                 if cfg.objective.gan_weight > 0:
                     build_discriminator(cfg)(recon)
-            for hook in hooks:
-                hook.remove()
-        costs[key] = (float(counter.get_total_flops()), float(stored[0]))
-        return costs[key]
+            forward_flops[key] = float(counter.get_total_flops())
+        return 3.0 * forward_flops[key]
 
-    def flops_per_sample(cfg: Config) -> float:
-        """Training FLOPs of one clip: 3 x the forward (autoencoder, plus the discriminator's pass
-        with the GAN on), counted by torch's FlopCounterMode on meta tensors."""
-        return 3.0 * cost(cfg)[0]
+    traces: dict[tuple, TracedWorkload] = {}
 
-    def memory_estimate(cfg: Config, dp: int, num_microbatches: int | None = None) -> MemoryEstimate:
-        """Weights, gradients and Adam state exactly; activations as the leaf modules' outputs of one
-        microbatch (a lower bound: the GroupNorm and activation intermediates come on top)."""
-        bf16 = cfg.train.precision != "fp32"
-        params = param_count(cfg, with_discriminator=cfg.objective.gan_weight > 0)
-        state = params * state_bytes_per_param(bf16, cfg.parallel.distributed_optimizer, dp)
-        stored = cost(cfg)[1] * cfg.train.micro_batch_size * (2 if bf16 else 4)
-        if cfg.model.recompute == "full":
-            stored = stored / max(1, recompute_units(cfg))
-        return MemoryEstimate(params, state, stored, state + stored)
+    def traced_workload(cfg: Config, bf16: bool) -> TracedWorkload:
+        """One clip's training step, the autoencoder's forward and loss (``_vae_loss``, as the
+        engine runs it: the posterior sample, L1 / MSE / KL / SSIM and, with the GAN, the
+        discriminator's generator term with its adaptive weight) and its backward, on meta
+        tensors (16-bit weights and pixels with ``bf16``, as the engine casts the part)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        d, o = cfg.data, cfg.objective
+        key = (repr(cfg.model), repr(o), d.video_frames, d.video_size, bf16)
+        if key in traces:
+            return traces[key]
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        with torch.device("meta"):
+            vae = build_vae(cfg).to(dtype)
+            discriminator = build_discriminator(cfg).to(dtype) if o.gan_weight > 0 else None
+        parts = [vae] + ([discriminator] if discriminator is not None else [])
+        saved, flops, largest = {}, {}, 0.0
+        for recompute in ("none", "full"):
+            vae.set_recompute(recompute == "full")
+            counter = SavedStorageBytes()
+            x = torch.empty(1, cfg.model.in_channels, d.video_frames, d.video_size, d.video_size, dtype=dtype)
+            x = x.to("meta")
+            with (
+                FlopCounterMode(display=False) as flop_counter,
+                torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack),
+            ):
+                noise = torch.zeros(1, *latent_shape(cfg, x.shape[1:]), device="meta", dtype=dtype)
+                recon, mean, logvar = vae(x, noise if o.sample_posterior else None)
+                logits = discriminator(recon) if discriminator is not None else None
+                loss, _, _ = _vae_loss(x, o, vae.last_layer(), True, (recon, mean, logvar, logits))
+                loss.backward()
+            saved[recompute], flops[recompute] = counter.peak, float(flop_counter.get_total_flops())
+            largest = max(largest, counter.largest)
+        params = sum(p.numel() for part in parts for p in part.parameters())
+        traces[key] = TracedWorkload(params, saved, flops, flops_per_sample(cfg), largest)
+        return traces[key]
 
     return ModelFamily(
         name=name,
@@ -311,7 +324,7 @@ def vae_family(
         param_count=param_count,
         flops_per_sample=flops_per_sample,
         units_per_sample=lambda cfg: 1,
-        memory_estimate=memory_estimate,
+        traced_workload=traced_workload,
         throughput_unit="clips",
         converter=converter,
         eval_videos=eval_videos,

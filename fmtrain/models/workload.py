@@ -382,6 +382,29 @@ def _dense_flops_per_token(layers, hidden, q, kv, ffn, vocab, seq, swiglu, causa
     return layers * (proj + mlp + core) + 6 * hidden * vocab
 
 
+@dataclass(frozen=True)
+class TracedWorkload:
+    """A family that is no stack of identical token blocks (the VAEs' conv nets), as the planner
+    sees it: its training step run once on the meta device (no memory, no GPU) with autograd's
+    saved-tensor hooks counting the distinct storages kept for backward and torch's
+    FlopCounterMode counting FLOPs, per sample, for each recompute setting. Such a family trains
+    data parallel only (no TP, PP or CP)."""
+
+    params: int
+    """Trainable parameters (the autoencoder, and the discriminator with the GAN on)."""
+    saved_bytes: dict[str, float]
+    """Recompute setting (``none``, ``full``) -> peak bytes autograd keeps for one sample's
+    backward (full: every checkpointed block's input, and one block's activations again while
+    its backward runs)."""
+    flops: dict[str, float]
+    """Recompute setting -> FLOPs of one sample's forward and backward (full: the forward again)."""
+    model_flops_per_sample: float
+    """What training reports (recompute not counted)."""
+    largest_saved_bytes: float
+    """The largest single tensor kept (per sample): the backward's working memory is taken as
+    twice it (its gradient and the gradient flowing in)."""
+
+
 def family_workload(cfg, on_gpu: bool) -> Workload | None:
     """The workload of ``cfg``'s family, or None when it describes none. Looked up in the
     family's ``sizes`` module first (plain arithmetic: no model code to import), else on its
@@ -608,6 +631,7 @@ __all__ = [
     "SavedValues",
     "StageMemory",
     "Tower",
+    "TracedWorkload",
     "Workload",
     "dense_transformer",
     "family_workload",

@@ -43,12 +43,6 @@ def init_rule(cfg: Config):
     return rule
 
 
-def recompute_units(cfg: Config) -> int:
-    """ResNet blocks ``model.recompute=full`` checkpoints: the encoder's and decoder's levels and mids."""
-    m = cfg.model
-    return len(m.block_channels) * (2 * m.layers_per_block + 1) + 4
-
-
 def parameter_breakdown(cfg: Config) -> dict[str, int]:
     import torch
 
@@ -62,10 +56,9 @@ FAMILY = vae_family(
     build_vae=build_vae,
     converter=convert,
     latent_codec=codec.LATENT_CODEC,
-    recompute_units=recompute_units,
     init=init_rule,
     parameter_breakdown=parameter_breakdown,
 )
 """Parameters: the released model has 215,583,907 (encoder 92,215,456, decoder 123,368,451)."""
 
-__all__ = ["FAMILY", "build_vae", "init_rule", "parameter_breakdown", "recompute_units"]
+__all__ = ["FAMILY", "build_vae", "init_rule", "parameter_breakdown"]

@@ -45,7 +45,6 @@ FAMILY = vae_family(
     build_vae=build_vae,
     converter=convert,
     latent_codec=codec.LATENT_CODEC,
-    recompute_units=lambda cfg: cfg.model.num_res_blocks * 2 * len(cfg.model.encoder_channel_mult),
 )
 """Parameters: the released v2 model has 498,818,819."""
 
