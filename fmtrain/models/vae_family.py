@@ -300,8 +300,8 @@ def vae_family(
         for recompute in ("none", "full"):
             vae.set_recompute(recompute == "full")
             counter = SavedStorageBytes()
-            x = torch.empty(1, cfg.model.in_channels, d.video_frames, d.video_size, d.video_size, dtype=dtype)
-            x = x.to("meta")
+            shape = (1, cfg.model.in_channels, d.video_frames, d.video_size, d.video_size)
+            x = torch.empty(shape, device="meta", dtype=dtype)
             with (
                 FlopCounterMode(display=False) as flop_counter,
                 torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack),

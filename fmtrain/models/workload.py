@@ -502,6 +502,16 @@ forward and the backward of a model below it, measured), so a rank holds that ma
 weights beside its 16/d bytes per parameter."""
 
 
+def model_state_bytes(params: int, lay: Layout, bf16: bool) -> tuple[float, float]:
+    """(weights + gradients + optimizer state, ZeRO-3's gathered 16-bit weights) one rank holds
+    for ``params`` parameters: megatron's distributed optimizer over DP x CP, or ZeRO's split."""
+    if not lay.zero_stage:
+        return params * state_bytes_per_param(bf16, lay.distributed_optimizer, lay.dp * lay.cp), 0.0
+    state = params * zero_state_bytes_per_param(lay.zero_stage, lay.dp, bf16).device
+    gathered = min(params, ZERO3_LIVE_PARAMETERS) * (2 if bf16 else 4) if lay.zero_stage == 3 else 0.0
+    return state, gathered
+
+
 def microbatches(layout: Layout, global_batch: int) -> int:
     return max(1, global_batch // layout.dp // layout.mbs)
 
@@ -550,13 +560,7 @@ def stage_memory(w: Workload, lay: Layout, rank: int, *, global_batch: int, bf16
     (``bf16``) or fp32 activations and weights."""
     act_bytes = 2 if bf16 else 4
     params = stage_params(w, lay, rank)
-    gathered = 0.0
-    if lay.zero_stage:
-        state = params * zero_state_bytes_per_param(lay.zero_stage, lay.dp, bf16).device
-        if lay.zero_stage == 3:
-            gathered = min(params, ZERO3_LIVE_PARAMETERS) * act_bytes
-    else:
-        state = params * state_bytes_per_param(bf16, lay.distributed_optimizer, lay.dp * lay.cp)
+    state, gathered = model_state_bytes(params, lay, bf16)
     if w.frozen_copy:
         state += params * act_bytes
     m = microbatches(lay, global_batch)
@@ -638,6 +642,7 @@ __all__ = [
     "first_chunk_microbatches",
     "layout_of",
     "microbatches",
+    "model_state_bytes",
     "peak_memory",
     "stage_memory",
     "stage_params",

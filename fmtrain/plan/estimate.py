@@ -317,14 +317,53 @@ def communication_bytes(w: Workload, lay: Layout, s: Settings, rank: int) -> Com
         forward_sends = m * lay.vpp - (m if rank == lay.pp - 1 else 0)
         backward_sends = m * lay.vpp - (m if rank == 0 else 0)
         pp = (forward_sends + backward_sends) * sent
-    dp = 0.0
-    if lay.dp * lay.cp > 1:
-        params = stage_params(w, lay, rank)
-        if lay.zero_stage:
-            dp = sum(nbytes for _, nbytes in zero_collectives(params, m, lay, s))
-        else:
-            dp = params * s.grad_reduce_bytes + (params * s.act_bytes if lay.distributed_optimizer else 0)
+    dp = dp_collective_bytes(stage_params(w, lay, rank), m, lay, s)
     return Communication(tp=tp, cp=cp, pp=pp, dp=dp)
+
+
+def dp_collective_bytes(params: int, m: int, lay: Layout, s: Settings) -> float:
+    """Bytes one rank holding ``params`` parameters hands to the data-parallel (x CP)
+    collectives in a step of ``m`` microbatches: the distributed optimizer's gradient
+    reduce-scatter and weight all-gather (or one all-reduce), or DeepSpeed's."""
+    if lay.dp * lay.cp == 1:
+        return 0.0
+    if lay.zero_stage:
+        return sum(nbytes for _, nbytes in zero_collectives(params, m, lay, s))
+    return params * s.grad_reduce_bytes + (params * s.act_bytes if lay.distributed_optimizer else 0)
+
+
+def dp_time(
+    params: int, m: int, lay: Layout, s: Settings, *, last_backward: float, first_forward: float, buckets: int = 0
+) -> float:
+    """Exposed seconds of the data-parallel collectives of one step. Megatron: with
+    ``overlap_dp`` the gradient reduce-scatter hides behind the last microbatch's backward and
+    the weight all-gather behind the first one's forward, ``1 / buckets`` of each exposed (the
+    last bucket; 0: none). DeepSpeed: all of it (``_zero_dp_time``)."""
+    shards = lay.dp * lay.cp
+    if shards == 1:
+        return 0.0
+    if lay.zero_stage:
+        return _zero_dp_time(params, m, lay, s)
+    if lay.distributed_optimizer:
+        reduce = _half_collective_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
+        gather = _half_collective_time(params * s.act_bytes, shards, lay.tp, s)
+    else:
+        reduce = _all_reduce_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
+        gather = 0.0
+    if not s.overlap_dp:
+        return reduce + gather
+    tail = (reduce + gather) / buckets if buckets else 0.0
+    return max(0.0, reduce - last_backward) + max(0.0, gather - first_forward) + tail
+
+
+def optimizer_time(params: int, lay: Layout, s: Settings) -> float:
+    """Adam over the rank's shard: fp32 master, m and v read and written, the gradient read, the
+    16-bit weight written; the gradient norm reads the gradients once more."""
+    sharded = lay.distributed_optimizer or lay.zero_stage
+    shard = params / (lay.dp * lay.cp if sharded else 1)
+    return (shard * (24 + 4 + s.act_bytes) + params * s.grad_reduce_bytes) / (
+        s.device.hbm_bytes_per_s * s.efficiency.hbm
+    )
 
 
 def _zero_dp_time(params: int, m: int, lay: Layout, s: Settings) -> float:
@@ -426,28 +465,16 @@ def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
         pp_comm = 2 * m * lay.vpp * one * (0.2 if s.overlap_pp else 1.0)
 
     params = stage_params(w, lay, 0 if lay.pp == 1 else lay.pp - 1)
-    shards = lay.dp * lay.cp
-    if lay.zero_stage:
-        dp_comm = _zero_dp_time(params, m, lay, s) if shards > 1 else 0.0
-    else:
-        if lay.distributed_optimizer:
-            reduce = _half_collective_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
-            gather = _half_collective_time(params * s.act_bytes, shards, lay.tp, s)
-        else:
-            reduce = _all_reduce_time(params * s.grad_reduce_bytes, shards, lay.tp, s)
-            gather = 0.0
-        if s.overlap_dp and shards > 1:
-            last_backward = layers * (backward + recompute)
-            first_forward = layers * forward
-            buckets = max(1, layers)
-            dp_comm = max(0.0, reduce - last_backward) + reduce / buckets
-            dp_comm += max(0.0, gather - first_forward) + gather / buckets
-        else:
-            dp_comm = reduce + gather
-    # Adam over the shard: fp32 master, m and v read and written, the gradient read, the
-    # 16-bit weight written; the gradient norm reads the gradients once more
-    shard = params / (shards if lay.distributed_optimizer or lay.zero_stage else 1)
-    optimizer = (shard * (24 + 4 + s.act_bytes) + params * s.grad_reduce_bytes) / (dev.hbm_bytes_per_s * e.hbm)
+    dp_comm = dp_time(
+        params,
+        m,
+        lay,
+        s,
+        last_backward=layers * (backward + recompute),
+        first_forward=layers * forward,
+        buckets=max(1, layers),
+    )
+    optimizer = optimizer_time(params, lay, s)
 
     return StepTime(
         compute_s=m * compute_mb,
@@ -461,18 +488,24 @@ def step_time(w: Workload, lay: Layout, s: Settings) -> StepTime:
 
 
 def predict(w: Workload, lay: Layout, s: Settings) -> Prediction:
-    memory = peak_memory(w, lay, s)
-    time = step_time(w, lay, s)
-    gpus = lay.gpus
+    return prediction(
+        lay, peak_memory(w, lay, s), step_time(w, lay, s), s, w.tokens * w.rows_per_sample, w.model_flops_per_sample
+    )
+
+
+def prediction(
+    lay: Layout, mem: StageMemory, time: StepTime, s: Settings, units_per_sample: float, model_flops_per_sample: float
+) -> Prediction:
+    """A layout's memory and step time with what follows from them: whether it fits, units
+    (tokens, samples) and model TFLOP/s per GPU, MFU."""
     samples_per_s = s.global_batch / time.total_s
-    units = samples_per_s * w.tokens * w.rows_per_sample / gpus
-    flops = samples_per_s * w.model_flops_per_sample / gpus
+    flops = samples_per_s * model_flops_per_sample / lay.gpus
     return Prediction(
         layout=lay,
-        memory=memory,
+        memory=mem,
         time=time,
-        fits=memory.total_bytes <= s.device.memory_bytes,
-        units_per_s_per_gpu=units,
+        fits=mem.total_bytes <= s.device.memory_bytes,
+        units_per_s_per_gpu=samples_per_s * units_per_sample / lay.gpus,
         tflops_per_gpu=flops / 1e12,
         mfu=flops / s.device.peak_flops,
     )
@@ -488,8 +521,13 @@ __all__ = [
     "StepTime",
     "Communication",
     "communication_bytes",
+    "dp_collective_bytes",
+    "dp_time",
+    "optimizer_time",
     "peak_memory",
     "predict",
+    "prediction",
     "stage_memory",
     "step_time",
+    "zero_collectives",
 ]

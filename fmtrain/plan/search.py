@@ -109,12 +109,16 @@ def layouts(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> I
                                     yield lay
 
 
+def check_backend(fixed: dict | None, s: Settings) -> None:
+    if fixed and "zero_stage" in fixed and s.backend != "deepspeed":
+        raise ValueError("--layout zero=N: the ZeRO stage is the deepspeed backend's (engine.backend=deepspeed)")
+
+
 def plan(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> tuple[list[Prediction], int]:
     """(the layouts that fit, fastest first; how many layouts were considered)."""
     if fixed and fixed.get("sequence_parallel") and fixed.get("tp", 2) == 1:
         raise ValueError("--layout sp=1 needs tp > 1")
-    if fixed and "zero_stage" in fixed and s.backend != "deepspeed":
-        raise ValueError("--layout zero=N: the ZeRO stage is the deepspeed backend's (engine.backend=deepspeed)")
+    check_backend(fixed, s)
     considered = 0
     fitting = []
     for lay in layouts(w, gpus, s, fixed):
@@ -126,4 +130,4 @@ def plan(w: Workload, gpus: int, s: Settings, fixed: dict | None = None) -> tupl
     return fitting, considered
 
 
-__all__ = ["layouts", "parse_layout", "plan"]
+__all__ = ["check_backend", "layouts", "parse_layout", "plan"]

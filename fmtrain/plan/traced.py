@@ -14,17 +14,17 @@ data-parallel collectives as for the transformer families, and the optimizer.
 
 from __future__ import annotations
 
-from fmtrain.models.sizes import state_bytes_per_param, zero_state_bytes_per_param
-from fmtrain.models.workload import ZERO3_LIVE_PARAMETERS, Layout, StageMemory, TracedWorkload
+from fmtrain.models.workload import Layout, StageMemory, TracedWorkload, microbatches, model_state_bytes
 from fmtrain.plan.estimate import (
     Prediction,
     Settings,
     StepTime,
-    _half_collective_time,
-    _zero_dp_time,
-    zero_collectives,
+    dp_collective_bytes,
+    dp_time,
+    optimizer_time,
+    prediction,
 )
-from fmtrain.plan.search import MICRO_BATCHES, ZERO_STAGES
+from fmtrain.plan.search import MICRO_BATCHES, ZERO_STAGES, check_backend
 
 ELEMENTWISE_PASSES = {"none": 4, "full": 6}
 """Passes of the memory-bound kernels over the maps a forward produces (the bytes kept without
@@ -33,14 +33,7 @@ forward again."""
 
 
 def memory(w: TracedWorkload, lay: Layout, bf16: bool) -> StageMemory:
-    act_bytes = 2 if bf16 else 4
-    gathered = 0.0
-    if lay.zero_stage:
-        state = w.params * zero_state_bytes_per_param(lay.zero_stage, lay.dp, bf16).device
-        if lay.zero_stage == 3:
-            gathered = min(w.params, ZERO3_LIVE_PARAMETERS) * act_bytes
-    else:
-        state = w.params * state_bytes_per_param(bf16, lay.distributed_optimizer, lay.dp)
+    state, gathered = model_state_bytes(w.params, lay, bf16)
     return StageMemory(
         w.params,
         state,
@@ -53,58 +46,31 @@ def memory(w: TracedWorkload, lay: Layout, bf16: bool) -> StageMemory:
 def dp_bytes(w: TracedWorkload, lay: Layout, s: Settings) -> float:
     """Bytes one rank hands to the data-parallel collectives per step (as
     :func:`fmtrain.plan.estimate.communication_bytes` counts them)."""
-    if lay.dp == 1:
-        return 0.0
-    if lay.zero_stage:
-        m = max(1, s.global_batch // lay.dp // lay.mbs)
-        return sum(nbytes for _, nbytes in zero_collectives(w.params, m, lay, s))
-    return w.params * s.grad_reduce_bytes + (w.params * s.act_bytes if lay.distributed_optimizer else 0)
+    return dp_collective_bytes(w.params, microbatches(lay, s.global_batch), lay, s)
 
 
 def step_time(w: TracedWorkload, lay: Layout, s: Settings) -> StepTime:
     e, dev = s.efficiency, s.device
-    m = max(1, s.global_batch // lay.dp // lay.mbs)
+    m = microbatches(lay, s.global_batch)
     per_sample = w.flops[lay.recompute] / (dev.peak_flops * e.gemm)
     per_sample += ELEMENTWISE_PASSES[lay.recompute] * w.saved_bytes["none"] / (dev.hbm_bytes_per_s * e.hbm)
-    compute = m * lay.mbs * per_sample
-    dp_comm = 0.0
-    if lay.dp > 1 and lay.zero_stage:
-        dp_comm = _zero_dp_time(w.params, m, lay, s)
-    elif lay.dp > 1:
-        reduce = _half_collective_time(w.params * s.grad_reduce_bytes, lay.dp, 1, s)
-        gather = _half_collective_time(w.params * s.act_bytes, lay.dp, 1, s) if lay.distributed_optimizer else 0.0
-        if s.overlap_dp:  # behind the last microbatch's backward and the first one's forward
-            backward, forward = 2 / 3 * lay.mbs * per_sample, 1 / 3 * lay.mbs * per_sample
-            dp_comm = max(0.0, reduce - backward) + max(0.0, gather - forward)
-        else:
-            dp_comm = reduce + gather
-    shard = w.params / (lay.dp if lay.distributed_optimizer or lay.zero_stage else 1)
-    optimizer = (shard * (24 + 4 + s.act_bytes) + w.params * s.grad_reduce_bytes) / (dev.hbm_bytes_per_s * e.hbm)
+    # the gradient reduction behind the last microbatch's backward (2/3 of its compute), the
+    # weights' gather behind the first one's forward; no per-layer buckets to expose
+    microbatch = lay.mbs * per_sample
+    dp_comm = dp_time(w.params, m, lay, s, last_backward=2 / 3 * microbatch, first_forward=1 / 3 * microbatch)
     return StepTime(
-        compute_s=compute,
+        compute_s=m * microbatch,
         tp_comm_s=0.0,
         cp_comm_s=0.0,
         pp_comm_s=0.0,
         bubble_s=0.0,
         dp_comm_s=dp_comm,
-        optimizer_s=optimizer,
+        optimizer_s=optimizer_time(w.params, lay, s),
     )
 
 
 def predict(w: TracedWorkload, lay: Layout, s: Settings) -> Prediction:
-    mem = memory(w, lay, s.bf16)
-    time = step_time(w, lay, s)
-    samples_per_s = s.global_batch / time.total_s
-    flops = samples_per_s * w.model_flops_per_sample / lay.dp
-    return Prediction(
-        layout=lay,
-        memory=mem,
-        time=time,
-        fits=mem.total_bytes <= s.device.memory_bytes,
-        units_per_s_per_gpu=samples_per_s / lay.dp,
-        tflops_per_gpu=flops / 1e12,
-        mfu=flops / s.device.peak_flops,
-    )
+    return prediction(lay, memory(w, lay, s.bf16), step_time(w, lay, s), s, 1, w.model_flops_per_sample)
 
 
 def layouts(w: TracedWorkload, gpus: int, s: Settings, fixed: dict | None = None) -> list[Layout]:
@@ -135,8 +101,7 @@ def layouts(w: TracedWorkload, gpus: int, s: Settings, fixed: dict | None = None
 
 def plan(w: TracedWorkload, gpus: int, s: Settings, fixed: dict | None = None) -> tuple[list[Prediction], int]:
     """(the layouts that fit, fastest first; how many were considered)."""
-    if fixed and "zero_stage" in fixed and s.backend != "deepspeed":
-        raise ValueError("--layout zero=N: the ZeRO stage is the deepspeed backend's (engine.backend=deepspeed)")
+    check_backend(fixed, s)
     candidates = layouts(w, gpus, s, fixed)
     fitting = [p for p in (predict(w, lay, s) for lay in candidates) if p.fits]
     fitting.sort(key=lambda p: (p.time.total_s, p.memory.total_bytes))
